@@ -1,0 +1,53 @@
+"""Typed engine configuration, validated at the edge.
+
+`EngineArgs` is what a user passes (`LLM(**engine_args)`, CLI flags, the Serve
+config's `engine_args:`); pydantic rejects unknown keys and out-of-range values
+with a message that names the field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class EngineArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # --- model ---
+    model: Optional[str] = Field(
+        None,
+        description="Local HF directory, a .gguf file, a hub id, a preset name "
+        "(with load_format='dummy'), or None for the default SmolLM2-135M-Instruct.",
+    )
+    tokenizer: Optional[str] = Field(None, description="Tokenizer directory; defaults to the model's.")
+    load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, ge=0, description="Seed for dummy weights and unseeded sampling.")
+    max_model_len: Optional[int] = Field(None, ge=1, description="Context window; defaults to the model's.")
+    revision: Optional[str] = None
+
+    # --- KV cache ---
+    block_size: int = Field(16, ge=1, le=1024)
+    kv_cache_memory: Optional[int] = Field(
+        None, ge=1, description="Bytes for the KV cache on CPU (default 2 GiB)."
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    num_kv_blocks: Optional[int] = Field(None, ge=1, description="Override the computed block count.")
+    enable_prefix_caching: bool = True
+
+    # --- scheduler ---
+    max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one engine step.")
+    max_num_seqs: int = Field(256, ge=1, description="Most sequences in one engine step.")
+
+    @field_validator("model")
+    @classmethod
+    def _non_empty(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not v.strip():
+            raise ValueError("model must be a non-empty path or name, or None for the default model")
+        return v
+
+
+DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3

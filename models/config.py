@@ -1,0 +1,134 @@
+"""The shape of a model, read from an HF `config.json` (transformers 4.x or 5.x style)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# HF architectures our Llama-family code implements, and what differs between them.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": {},
+    "MistralForCausalLM": {},
+    "Qwen2ForCausalLM": {"attention_bias": True},
+    "Qwen3ForCausalLM": {"qk_norm": True},
+}
+MODEL_TYPE_TO_ARCH = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+@dataclass
+class ModelArchConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Optional[dict[str, Any]]
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    torch_dtype: Optional[str] = None
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelArchConfig":
+        archs = d.get("architectures") or []
+        arch = archs[0] if archs else MODEL_TYPE_TO_ARCH.get(d.get("model_type", ""), "")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {arch or d.get('model_type')!r}; "
+                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        traits = SUPPORTED_ARCHITECTURES[arch]
+        hidden_act = d.get("hidden_act", "silu")
+        if hidden_act not in ("silu", "swish"):
+            raise ValueError(f"unsupported hidden_act {hidden_act!r}; only silu is implemented")
+
+        # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
+        rope_params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_theta = float(d.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
+        rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
+        rope_scaling = None if rope_type in (None, "default") else {**rope_params, "rope_type": rope_type}
+
+        heads = d["num_attention_heads"]
+        eos = d.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        sliding_window = d.get("sliding_window")
+        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not d.get("use_sliding_window", False):
+            sliding_window = None
+        return cls(
+            architecture=arch,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(traits.get("attention_bias", d.get("attention_bias", False))),
+            qk_norm=bool(traits.get("qk_norm", False)),
+            sliding_window=sliding_window,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+            hidden_act=hidden_act,
+        )
+
+    @classmethod
+    def from_dir(cls, path: str) -> "ModelArchConfig":
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = cls.from_dict(json.load(f))
+        gen_path = os.path.join(path, "generation_config.json")
+        if os.path.exists(gen_path):
+            with open(gen_path) as f:
+                eos = json.load(f).get("eos_token_id")
+            extra = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+            cfg.eos_token_ids = list(dict.fromkeys(cfg.eos_token_ids + extra))
+        return cfg
+
+
+# Real model shapes for benchmarks with random ("dummy") weights.
+PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": dict(
+        architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
+        rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16",
+    ),
+    "llama-3.2-1b": dict(
+        architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+        rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192),
+        bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16",
+    ),
+    "llama-3.1-8b": dict(
+        architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+        rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192),
+        bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16",
+    ),
+}

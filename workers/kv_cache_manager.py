@@ -1,0 +1,128 @@
+"""Per-request block tables over a `BlockPool`, with automatic prefix caching.
+
+Full blocks are identified by a chained hash: hash(parent hash, the block's token ids,
+extra keys); the first block's extra key is the request's cache salt, so different
+salts never share blocks. A prefix hit is a run of leading block hashes found in the pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from typing import Optional
+
+from raylight.workers.block_pool import BlockPool, KVCacheBlock
+from raylight.workers.request import Request
+
+
+def hash_block(parent: Optional[bytes], token_ids: list[int], extra: Optional[str] = None) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(parent or b"root")
+    h.update(array("q", token_ids).tobytes())
+    if extra is not None:
+        h.update(b"\x00salt:" + extra.encode())
+    return h.digest()
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.req_block_ids: dict[str, list[int]] = {}  # the block table, as plain ints for the runner
+        self.num_cached_blocks: dict[str, int] = {}  # how many leading blocks are registered in the cache
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def update_block_hashes(self, req: Request) -> None:
+        bs = self.block_size
+        hashes = req.block_hashes
+        tokens = req.all_token_ids
+        while (len(hashes) + 1) * bs <= len(tokens):
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs], req.cache_salt if i == 0 else None))
+
+    def get_computed_blocks(self, req: Request) -> tuple[list[KVCacheBlock], int]:
+        """Longest cached prefix of a request that has no blocks yet. Leaves at least one token
+        to compute, since the last prompt position must run through the model to be sampled."""
+        if not self.enable_caching:
+            return [], 0
+        self.update_block_hashes(req)
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        hits: list[KVCacheBlock] = []
+        for block_hash in req.block_hashes[:max_blocks]:
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(self, req: Request, num_new_tokens: int,
+                       computed_blocks: Optional[list[KVCacheBlock]] = None) -> bool:
+        """Makes room for `num_new_tokens` more tokens of KV after what `req` has computed
+        (and after `computed_blocks`, a prefix hit for a request being scheduled fresh).
+        Returns False, changing nothing, when the pool cannot supply the blocks."""
+        computed_blocks = computed_blocks or []
+        blocks = self.req_blocks.setdefault(req.request_id, [])
+        block_ids = self.req_block_ids.setdefault(req.request_id, [])
+        num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
+        total = num_computed + num_new_tokens
+        num_new_blocks = self.blocks_needed(total) - len(blocks) - len(computed_blocks)
+        # Hits that sit in the free queue stop being free once we take them.
+        num_hits_in_free_queue = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if num_new_blocks + num_hits_in_free_queue > self.pool.num_free_blocks:
+            if not blocks:
+                self._drop(req.request_id)
+            return False
+        if computed_blocks:
+            self.pool.touch(computed_blocks)
+            blocks.extend(computed_blocks)
+            block_ids.extend(b.block_id for b in computed_blocks)
+            self.num_cached_blocks[req.request_id] = len(computed_blocks)
+        if num_new_blocks > 0:
+            new = self.pool.get_new_blocks(num_new_blocks)
+            blocks.extend(new)
+            block_ids.extend(b.block_id for b in new)
+        self._cache_full_blocks(req, total)
+        return True
+
+    def _cache_full_blocks(self, req: Request, num_tokens: int) -> None:
+        """Registers the blocks that will be full once this step's tokens are written. Safe within
+        the step: every layer writes all new K/V before any attention reads them."""
+        if not self.enable_caching:
+            return
+        num_full = min(num_tokens, req.num_tokens) // self.block_size
+        start = self.num_cached_blocks.get(req.request_id, 0)
+        if num_full <= start:
+            return
+        self.update_block_hashes(req)
+        blocks = self.req_blocks[req.request_id]
+        for i in range(start, num_full):
+            self.pool.cache_block(blocks[i], req.block_hashes[i])
+        self.num_cached_blocks[req.request_id] = num_full
+
+    def free(self, req: Request) -> None:
+        blocks = self.req_blocks.get(req.request_id)
+        if blocks:
+            # Tail blocks first into the free queue, so they are evicted before the shared prefix.
+            self.pool.free_blocks(reversed(blocks))
+        self._drop(req.request_id)
+
+    def _drop(self, request_id: str) -> None:
+        self.req_blocks.pop(request_id, None)
+        self.req_block_ids.pop(request_id, None)
+        self.num_cached_blocks.pop(request_id, None)
+
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks

@@ -1,0 +1,158 @@
+"""One token budget per step: no prefill or decode phases.
+
+Every request has tokens whose KV is known (`num_computed_tokens`) and tokens that are
+not yet (`num_tokens - num_computed_tokens`): a fresh prompt has many, a decoding request
+one. Each step hands out the budget to running requests first, then to waiting ones,
+which gives continuous batching, chunked prefill and prefix caching from one rule.
+When the pool runs dry the newest running request is preempted and later recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from raylight.workers.kv_cache_manager import KVCacheManager
+from raylight.workers.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerOutput:
+    requests: list[Request] = field(default_factory=list)  # in the order they run
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_num_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
+
+
+@dataclass
+class SchedulerStats:
+    preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hit_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int):
+        self.kv = kv
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.stats = SchedulerStats()
+
+    def add_request(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+
+        # 1. Running requests, oldest first; preempt the newest when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                out.requests.append(req)
+                out.num_scheduled_tokens.append(num_new)
+                budget -= num_new
+                i += 1
+                continue
+            break  # req itself was preempted: nothing after it can be scheduled either
+
+        # 2. Waiting requests, in arrival order (preempted ones at the front), unless we just preempted.
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            hits, num_cached = self.kv.get_computed_blocks(req)
+            num_new = min(req.num_tokens - num_cached, budget)
+            if not self.kv.allocate_slots(req, num_new, hits):
+                break
+            self.waiting.popleft()
+            if req.status == RequestStatus.WAITING:  # first admission, not a resumption
+                req.num_cached_tokens = num_cached
+                self.stats.prefix_cache_queries += req.num_tokens
+                self.stats.prefix_cache_hit_tokens += num_cached
+            req.num_computed_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.requests.append(req)
+            out.num_scheduled_tokens.append(num_new)
+            budget -= num_new
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(req)
+        self.stats.preemptions += 1
+        logger.debug("preempted %s (%d tokens to recompute)", req.request_id, req.num_tokens)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advances each scheduled request past the tokens it computed and appends the sampled
+        token of those that reached the end of what they knew. Returns the requests that got a
+        token or finished."""
+        changed = []
+        for req, n in zip(out.requests, out.num_scheduled_tokens):
+            if req.is_finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += n
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue  # a chunk of a prompt; no token yet
+            req.append_output_token(token)
+            status = req.check_stop(self.max_model_len)
+            if status is not None:
+                self.finish(req, status)
+            changed.append(req)
+        return changed
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)
+
+    def abort(self, request_ids: Iterable[str]) -> list[Request]:
+        aborted = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is not None and not req.is_finished:
+                self.finish(req, RequestStatus.FINISHED_ABORTED)
+                aborted.append(req)
+        return aborted
+
+    def unschedulable(self) -> list[Request]:
+        """Requests that can never run: alone in the engine and still no room for their next
+        tokens (the pool is smaller than the sequence grew). They end with 'length'."""
+        stuck = []
+        if not self.running and self.waiting:
+            req = self.waiting[0]
+            if self.kv.blocks_needed(req.num_tokens) > self.kv.num_blocks:
+                stuck.append(req)
+        return stuck
