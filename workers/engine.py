@@ -48,8 +48,7 @@ class LLMEngine:
         if self.max_model_len > arch.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={arch.max_position_embeddings}")
-        tok_path = args.tokenizer or resolved.path
-        self.tokenizer = load_tokenizer(tok_path) if tok_path else None
+        self.tokenizer = load_tokenizer(args.tokenizer or resolved.path)
         self.eos_token_ids = frozenset(arch.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer is not None and self.tokenizer.eos_token_id is not None
             else set())

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 
-def load_tokenizer(path: str):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(path: Optional[str]):
+    """The tokenizer in `path`, or None where there is none (random-weight test models, presets):
+    such models take token-id prompts and return token ids without text."""
+    if path is None or (os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f))
+                                                          for f in TOKENIZER_FILES)):
+        return None
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,108 @@
+"""Shared fixtures: the real SmolLM2 weights, small random HF models, and HF greedy references."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+SMOLLM2_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "To be or not to be,",
+    "List three benefits of exercise:\n1.",
+]
+SMOLLM2_CHAT = [{"role": "user", "content": "Write one sentence about the ocean."}]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    from raylight.models.default_model import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt_ids: list[list[int]], max_new_tokens: int, stop_at_eos: bool = True) -> list[list[int]]:
+    """HF transformers greedy continuations, one prompt at a time (no padding in the reference)."""
+    outs = []
+    for ids in prompt_ids:
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        if not stop_at_eos:
+            kwargs.update(eos_token_id=None, min_new_tokens=max_new_tokens)
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             pad_token_id=0, **kwargs)
+        outs.append(out[0, len(ids):].tolist())
+    return outs
+
+
+def make_random_hf_model(kind: str, path: str, seed: int = 0):
+    """A small random HF model saved as safetensors, with weights large enough that greedy picks
+    are not near-ties (HF's default init makes logits almost flat)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=None, bos_token_id=None)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**common, rope_theta=10000.0, rope_scaling=dict(
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=64))
+    elif kind == "llama-tied":
+        cfg = transformers.LlamaConfig(**{**common, "tie_word_embeddings": True, "num_key_value_heads": 4})
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+    elif kind == "qwen3":
+        cfg = transformers.Qwen3Config(**common, head_dim=32)
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(**common, sliding_window=16)  # exercises the window mask
+    else:
+        raise ValueError(kind)
+    cls = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+           "mistral": transformers.MistralForCausalLM}.get(kind, transformers.LlamaForCausalLM)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, 0.3 if "embed" in name else 0.15)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lens]
+
+
+def assert_no_leaks(llm) -> None:
+    m = llm.get_metrics()
+    assert m["kv_blocks_free"] == m["kv_blocks_total"], m
+    assert m["num_running"] == 0 and m["num_waiting"] == 0, m
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
