@@ -42,6 +42,7 @@ class LLMEngine:
         self.device = _resolve_device(args.device)
         resolved = resolve_model(args.model, args.load_format, args.revision)
         self.model_name = resolved.name
+        self.model_path = resolved.path
         arch = self.arch = resolved.arch
         self.dtype = _resolve_dtype(args.dtype, arch.torch_dtype, self.device)
         self.max_model_len = args.max_model_len or arch.max_position_embeddings

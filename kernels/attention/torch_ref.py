@@ -86,19 +86,26 @@ class TorchAttentionBackend:
         kv_cache[meta.slot_block, 0, meta.slot_offset] = k
         kv_cache[meta.slot_block, 1, meta.slot_offset] = v
         out = torch.empty_like(q)
+        num_heads = q.shape[1]
         _, kv_heads, head_dim = k.shape
+        group = num_heads // kv_heads
         nd = meta.num_decodes
         if nd:
-            ctx = kv_cache[meta.decode_block_tables]  # [Bd, nb, 2, bs, KVH, D]
+            # One gather of whole blocks; K and V are strided views into it (no further copies).
+            tables = meta.decode_block_tables
+            ctx = kv_cache.index_select(0, tables.flatten()).view(nd, tables.shape[1], *kv_cache.shape[1:])
             keys = ctx[:, :, 0].reshape(nd, -1, kv_heads, head_dim).transpose(1, 2)
             values = ctx[:, :, 1].reshape(nd, -1, kv_heads, head_dim).transpose(1, 2)
-            o = _sdpa(q[:nd].unsqueeze(2), keys, values, meta.decode_mask, scale)
-            out[:nd] = o.squeeze(2)
+            # GQA for one query token: a group's query heads play the role of query positions,
+            # so K/V are never repeated per head.
+            o = F.scaled_dot_product_attention(
+                q[:nd].view(nd, kv_heads, group, head_dim), keys, values, attn_mask=meta.decode_mask, scale=scale)
+            out[:nd] = o.reshape(nd, num_heads, head_dim)
         for p in meta.prefills:
             if p.block_ids is None:
                 keys, values = k[p.q_start : p.q_end], v[p.q_start : p.q_end]
             else:
-                ctx = kv_cache[p.block_ids]  # [nb, 2, bs, KVH, D]
+                ctx = kv_cache.index_select(0, p.block_ids)  # [nb, 2, bs, KVH, D]
                 keys = ctx[:, 0].reshape(-1, kv_heads, head_dim)[: p.seq_len]
                 values = ctx[:, 1].reshape(-1, kv_heads, head_dim)[: p.seq_len]
             o = _sdpa(
