@@ -293,7 +293,8 @@ def test_allocate_slots_counts_free_queue_prefix_hits():
     admit(kv, a)
     kv.free(a)  # blocks 0,1 cached and free
     blocker = make_req("x", list(range(500, 504)))
-    admit(kv, blocker)  # takes one free (uncached, or the least valuable) block
+    admit(kv, blocker)  # takes block 3, the never-used one at the front of the free queue
+    assert kv.req_block_ids["x"] == [3]
     assert kv.num_free_blocks == 3
     b = make_req("b", list(range(8)) + [70, 71, 72, 73, 74])  # 13 tokens: 4 blocks
     hits, n = kv.get_computed_blocks(b)

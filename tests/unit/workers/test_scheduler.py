@@ -825,6 +825,18 @@ def test_unschedulable_empty_when_request_fits_or_others_run():
     big = make_req("big", 17, max_tokens=1)
     sched2.add_request(big)
     assert sched2.unschedulable() == [big]
+    # with something running, nothing is reported: the big request is not alone in the engine
+    sched3 = make_sched(num_blocks=4, block_size=4, max_seqs=1)
+    model3 = FakeModel(sched3)
+    small = make_req("small", 3, max_tokens=3)
+    sched3.add_request(small)
+    step(sched3, model3)
+    big3 = make_req("big", 17, max_tokens=1)
+    sched3.add_request(big3)
+    assert sched3.running == [small] and list(sched3.waiting) == [big3]
+    assert sched3.unschedulable() == []
+    sched3.abort(["big"])
+    run_all(sched3, model3)
 
 
 # --------------------------------------------------------------------------- randomized
