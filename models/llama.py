@@ -122,6 +122,10 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, attn_meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.device.type == "cpu":
+            # [vocab, hidden] @ [hidden, S]: with few rows S, MKL runs this orientation ~1.5x faster
+            # than linear()'s (measured on SmolLM2's 49152 x 576 head at S=32).
+            return (self.lm_head_weight @ hidden.t()).t().float()
         return torch.nn.functional.linear(hidden, self.lm_head_weight).float()
 
     def _shard_sizes(self, merged: str) -> list[int]:

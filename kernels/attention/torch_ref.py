@@ -91,11 +91,10 @@ class TorchAttentionBackend:
         group = num_heads // kv_heads
         nd = meta.num_decodes
         if nd:
-            # One gather of whole blocks; K and V are strided views into it (no further copies).
-            tables = meta.decode_block_tables
-            ctx = kv_cache.index_select(0, tables.flatten()).view(nd, tables.shape[1], *kv_cache.shape[1:])
-            keys = ctx[:, :, 0].reshape(nd, -1, kv_heads, head_dim).transpose(1, 2)
-            values = ctx[:, :, 1].reshape(nd, -1, kv_heads, head_dim).transpose(1, 2)
+            # Gather K and V blocks straight into contiguous [Bd, L, KVH, D] buffers (no second copy).
+            flat = meta.decode_block_tables.flatten()
+            keys = kv_cache[:, 0].index_select(0, flat).view(nd, -1, kv_heads, head_dim).transpose(1, 2)
+            values = kv_cache[:, 1].index_select(0, flat).view(nd, -1, kv_heads, head_dim).transpose(1, 2)
             # GQA for one query token: a group's query heads play the role of query positions,
             # so K/V are never repeated per head.
             o = F.scaled_dot_product_attention(
@@ -105,9 +104,8 @@ class TorchAttentionBackend:
             if p.block_ids is None:
                 keys, values = k[p.q_start : p.q_end], v[p.q_start : p.q_end]
             else:
-                ctx = kv_cache.index_select(0, p.block_ids)  # [nb, 2, bs, KVH, D]
-                keys = ctx[:, 0].reshape(-1, kv_heads, head_dim)[: p.seq_len]
-                values = ctx[:, 1].reshape(-1, kv_heads, head_dim)[: p.seq_len]
+                keys = kv_cache[:, 0].index_select(0, p.block_ids).view(-1, kv_heads, head_dim)[: p.seq_len]
+                values = kv_cache[:, 1].index_select(0, p.block_ids).view(-1, kv_heads, head_dim)[: p.seq_len]
             o = _sdpa(
                 q[p.q_start : p.q_end].transpose(0, 1)[None],
                 keys.transpose(0, 1)[None],
