@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,17 +26,24 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    rows: torch.Tensor  # which decode rows (= flat token indices) this group holds
+    block_tables: torch.Tensor  # [g, nb]: padded to the group's longest sequence only
+    mask: torch.Tensor  # [g, 1, 1, nb * block_size] bool
+
+
+@dataclass
 class TorchAttentionMetadata:
     slot_block: torch.Tensor  # [T]
     slot_offset: torch.Tensor  # [T]
     num_decodes: int
-    decode_block_tables: Optional[torch.Tensor]  # [Bd, nb]
-    decode_mask: Optional[torch.Tensor]  # [Bd, 1, 1, nb * block_size]
+    decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
 
 
 class TorchAttentionBackend:
     name = "torch"
+    DECODE_GROUP = 16  # decode sequences per attention call
 
     def __init__(self, block_size: int, sliding_window: Optional[int], device: torch.device):
         self.block_size = block_size
@@ -48,16 +56,22 @@ class TorchAttentionBackend:
         nd = common.num_decodes
         qsl, seq_lens, tables = common.query_start_loc, common.seq_lens, common.block_tables
 
-        decode_tables = decode_mask = None
-        if nd:
-            nb = -(-int(seq_lens[:nd].max()) // bs)
-            decode_tables = torch.from_numpy(tables[:nd, :nb]).to(dev)
-            lens = torch.from_numpy(seq_lens[:nd]).to(dev)[:, None]
+        # Decode rows sorted by length and batched in small groups: each group pads only to its own
+        # longest sequence, which on mixed lengths gathers and attends over far fewer empty slots.
+        groups = []
+        order = np.argsort(seq_lens[:nd], kind="stable")
+        for start in range(0, nd, self.DECODE_GROUP):
+            rows = order[start : start + self.DECODE_GROUP]
+            lens = seq_lens[rows]
+            nb = -(-int(lens.max()) // bs)
+            lens_t = torch.from_numpy(lens).to(dev)[:, None]
             key_pos = torch.arange(nb * bs, device=dev)[None, :]
-            decode_mask = key_pos < lens
+            mask = key_pos < lens_t
             if window is not None:
-                decode_mask &= key_pos > lens - 1 - window
-            decode_mask = decode_mask[:, None, None, :]
+                mask &= key_pos > lens_t - 1 - window
+            groups.append(DecodeGroup(torch.from_numpy(rows).to(dev),
+                                      torch.from_numpy(np.ascontiguousarray(tables[rows, :nb])).to(dev),
+                                      mask[:, None, None, :]))
 
         prefills = []
         for i in range(nd, common.num_reqs):
@@ -76,7 +90,7 @@ class TorchAttentionBackend:
             prefills.append(PrefillChunk(q_start, q_end, seq_len, block_ids, mask))
         return TorchAttentionMetadata(
             slot_block=slot // bs, slot_offset=slot % bs, num_decodes=nd,
-            decode_block_tables=decode_tables, decode_mask=decode_mask, prefills=prefills,
+            decode_groups=groups, prefills=prefills,
         )
 
     def forward(self, q, k, v, kv_cache: torch.Tensor, meta: TorchAttentionMetadata, scale: float):
@@ -89,17 +103,17 @@ class TorchAttentionBackend:
         num_heads = q.shape[1]
         _, kv_heads, head_dim = k.shape
         group = num_heads // kv_heads
-        nd = meta.num_decodes
-        if nd:
-            # Gather K and V blocks straight into contiguous [Bd, L, KVH, D] buffers (no second copy).
-            flat = meta.decode_block_tables.flatten()
-            keys = kv_cache[:, 0].index_select(0, flat).view(nd, -1, kv_heads, head_dim).transpose(1, 2)
-            values = kv_cache[:, 1].index_select(0, flat).view(nd, -1, kv_heads, head_dim).transpose(1, 2)
+        for g in meta.decode_groups:
+            n = len(g.rows)
+            # Gather K and V blocks straight into contiguous [g, L, KVH, D] buffers (no second copy).
+            flat = g.block_tables.flatten()
+            keys = kv_cache[:, 0].index_select(0, flat).view(n, -1, kv_heads, head_dim).transpose(1, 2)
+            values = kv_cache[:, 1].index_select(0, flat).view(n, -1, kv_heads, head_dim).transpose(1, 2)
             # GQA for one query token: a group's query heads play the role of query positions,
             # so K/V are never repeated per head.
             o = F.scaled_dot_product_attention(
-                q[:nd].view(nd, kv_heads, group, head_dim), keys, values, attn_mask=meta.decode_mask, scale=scale)
-            out[:nd] = o.reshape(nd, num_heads, head_dim)
+                q[g.rows].view(n, kv_heads, group, head_dim), keys, values, attn_mask=g.mask, scale=scale)
+            out[g.rows] = o.reshape(n, num_heads, head_dim)
         for p in meta.prefills:
             if p.block_ids is None:
                 keys, values = k[p.q_start : p.q_end], v[p.q_start : p.q_end]
