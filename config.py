@@ -41,6 +41,7 @@ class EngineArgs(BaseModel):
     # --- scheduler ---
     max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one engine step.")
     max_num_seqs: int = Field(256, ge=1, description="Most sequences in one engine step.")
+    max_n: int = Field(64, ge=1, description="Largest n (parallel samples) one request may ask for.")
 
     @field_validator("model")
     @classmethod

@@ -81,7 +81,7 @@ class LLM:
         try:
             while pending:
                 for out in self.engine.step():
-                    out_tokens += len(out.new_token_ids)
+                    out_tokens += sum(len(c.delta_token_ids) for c in out.outputs)
                     if out.finished and out.request_id in pending:
                         pending.discard(out.request_id)
                         finished[out.request_id] = out

@@ -7,13 +7,29 @@ from typing import Optional
 
 
 @dataclass
+class Logprob:
+    logprob: float
+    rank: Optional[int] = None  # 1 = the most likely token
+    decoded_token: Optional[str] = None
+
+
+# One position: {token id: Logprob} holding the chosen token and the top alternatives.
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: Optional[str] = None  # "stop", "length", "abort"; None while running
-    stop_reason: Optional[int | str] = None  # the stop token id or string that ended it
+    stop_reason: Optional[int | str] = None  # the stop token id or stop string that ended it
     cumulative_logprob: Optional[float] = None
+    logprobs: Optional[list[PositionLogprobs]] = None
+    # What is new since the previous RequestOutput for this request (for streaming).
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    delta_logprobs: Optional[list[PositionLogprobs]] = None
 
     @property
     def finished(self) -> bool:
@@ -28,6 +44,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
-    # Incremental pieces since the previous output for this request (for streaming).
-    new_token_ids: list[int] = field(default_factory=list)
-    new_text: str = ""
+    prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None

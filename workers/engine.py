@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -13,10 +14,10 @@ import torch
 from raylight.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineArgs
 from raylight.kernels.attention import get_attention_backend
 from raylight.models.loader import build_model, resolve_model
-from raylight.outputs import CompletionOutput, RequestOutput
+from raylight.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from raylight.sampling_params import SamplingParams
 from raylight.workers.kv_cache_manager import KVCacheManager
-from raylight.workers.model_runner import ModelRunner
+from raylight.workers.model_runner import ModelRunner, SampledToken
 from raylight.workers.request import Request, RequestStatus
 from raylight.workers.scheduler import Scheduler
 from raylight.workers.tokenizer import IncrementalDetokenizer, load_tokenizer
@@ -28,11 +29,42 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 @dataclass
-class _Tracked:
-    """Output-side state of a live request."""
+class _Sequence:
+    """Output-side state of one of a request's n sequences."""
 
-    request: Request
+    index: int
     detokenizer: IncrementalDetokenizer
+    logprobs: Optional[list[PositionLogprobs]] = None
+    cumulative_logprob: float = 0.0
+    text_end: Optional[int] = None  # text is cut here (a stop string, or a stop token's text)
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[int | str] = None
+    sent_tokens: int = 0  # how much previous outputs already carried (for deltas)
+    sent_chars: int = 0
+    sent_logprobs: int = 0
+
+    @property
+    def text(self) -> str:
+        return self.detokenizer.text[: self.text_end]
+
+
+@dataclass
+class _Group:
+    """A user request: its n sequences (ids: request_id, then request_id#1, ...)."""
+
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seq_ids: list[str]
+    seqs: list[_Sequence]
+    requests: list[Optional[Request]]
+    prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
 
 
 class LLMEngine:
@@ -66,7 +98,8 @@ class LLMEngine:
         self.kv = KVCacheManager(self.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, args.max_num_batched_tokens, args.max_num_seqs, self.max_model_len)
         self.runner = ModelRunner(self.model, self.attn_backend, self.kv_caches, self.kv, self.device, args.seed)
-        self._tracked: dict[str, _Tracked] = {}
+        self._groups: dict[str, _Group] = {}
+        self._seq_owner: dict[str, tuple[_Group, int]] = {}  # sequence id -> (its request, index)
         self._ids = itertools.count()
         self.num_steps = 0
         self.prompt_tokens_total = 0
@@ -152,6 +185,7 @@ class LLMEngine:
                      request_id: Optional[str] = None, cache_salt: Optional[str] = None) -> Request:
         """Validates and tokenizes; raises ValueError naming the problem. Queues nothing."""
         params = params or SamplingParams()
+        params.verify(self.arch.vocab_size, self.args.max_n)
         text, ids = self.tokenize_prompt(prompt)
         if not ids:
             raise ValueError("prompt is empty (it has no tokens)")
@@ -159,9 +193,6 @@ class LLMEngine:
         bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token id {ids[bad]} at position {bad} is outside the vocabulary [0, {vocab})")
-        for t in params.stop_token_ids:
-            if not 0 <= t < vocab:
-                raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab})")
         if len(ids) > self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens, longer than the context window "
                              f"(max_model_len={self.max_model_len})")
@@ -172,13 +203,27 @@ class LLMEngine:
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, max(room, 1))
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self._tracked:
+        if rid in self._groups:
             raise ValueError(f"request_id {rid!r} is already in use")
-        return Request(rid, ids, params, max_tokens, self.eos_token_ids, text, cache_salt)
+        req = Request(rid, ids, params, max_tokens, self.eos_token_ids, text, cache_salt)
+        for i in range(1, params.n):
+            # Each of the n sequences samples on its own; seeded ones from seed + index.
+            child_seed = None if params.seed is None else (params.seed + i) % 2**64
+            req.fork_ids.append(f"{rid}#{i}")
+            req.fork_params.append(dataclasses.replace(params, n=1, seed=child_seed))
+        return req
 
     def enqueue(self, req: Request) -> None:
-        skip = req.sampling_params.skip_special_tokens
-        self._tracked[req.request_id] = _Tracked(req, IncrementalDetokenizer(self.tokenizer, skip))
+        params = req.sampling_params
+        seq_ids = [req.request_id] + list(req.fork_ids)
+        seqs = [_Sequence(i, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
+                          [] if params.logprobs is not None else None) for i in range(len(seq_ids))]
+        group = _Group(req.request_id, req.prompt, req.prompt_token_ids, params, seq_ids, seqs,
+                       [req] + [None] * (len(seq_ids) - 1),
+                       [None] if params.prompt_logprobs is not None else None)
+        self._groups[req.request_id] = group
+        for i, sid in enumerate(seq_ids):
+            self._seq_owner[sid] = (group, i)
         self.scheduler.add_request(req)
         self.prompt_tokens_total += req.num_prompt_tokens
 
@@ -189,8 +234,19 @@ class LLMEngine:
         return req.request_id
 
     def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:
-        aborted = self.scheduler.abort(request_ids)
-        return [self._finish_output(r, [], "") for r in aborted]
+        """Aborts whole requests (all n sequences); their blocks are free when this returns."""
+        outputs = []
+        for rid in request_ids:
+            group = self._groups.get(rid)
+            if group is None:
+                continue
+            self.scheduler.abort(group.seq_ids)
+            for seq in group.seqs:
+                if seq.finish_reason is None:
+                    seq.finish_reason = RequestStatus.FINISHED_ABORTED.value
+            outputs.append(self._group_output(group))
+            self._drop_group(group)
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -200,41 +256,106 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.requests:
             # Nothing fits even alone: the sequence outgrew the whole pool. End it rather than spin.
-            outs = []
+            changed = []
             for req in self.scheduler.unschedulable():
                 logger.warning("request %s needs more KV blocks than the cache has; ending it", req.request_id)
                 self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
-                outs.append(self._finish_output(req, [], ""))
-            return outs
-        sampled = self.runner.execute(sched)
+                changed.append((req, None))
+            return self._process(changed)
+        result = self.runner.execute(sched)
         self.num_steps += 1
+        for rid, plps in result.prompt_logprobs.items():
+            group = self._seq_owner[rid][0]
+            group.prompt_logprobs.extend(self._position_logprobs(p.token_id, p.logprob, p.rank, p.top)
+                                         for p in plps)
+        return self._process(self.scheduler.update(sched, result))
+
+    def _process(self, changed: list[tuple[Request, Optional[SampledToken]]]) -> list[RequestOutput]:
+        touched: dict[str, _Group] = {}
+        for req, tok in changed:
+            group, index = self._seq_owner[req.request_id]
+            group.requests[index] = req
+            group.num_cached_tokens = max(group.num_cached_tokens, req.num_cached_tokens)
+            seq = group.seqs[index]
+            if tok is not None:
+                self.generation_tokens_total += 1
+                self._append(group, seq, req, tok)
+            if req.is_finished and seq.finish_reason is None:
+                seq.finish_reason, seq.stop_reason = req.status.value, req.stop_reason
+                self.runner.release(req.request_id)
+            touched[group.request_id] = group
         outputs = []
-        for req in self.scheduler.update(sched, sampled):
-            tracked = self._tracked[req.request_id]
-            token = req.output_token_ids[-1]
-            delta = tracked.detokenizer.step(token)
-            self.generation_tokens_total += 1
-            outputs.append(self._output(req, [token], delta))
-            if req.is_finished:
-                self._untrack(req.request_id)
+        for group in touched.values():
+            outputs.append(self._group_output(group))
+            if group.finished:
+                self._drop_group(group)
         return outputs
 
-    def _untrack(self, request_id: str) -> None:
-        self._tracked.pop(request_id, None)
-        self.runner.release(request_id)
+    def _append(self, group: _Group, seq: _Sequence, req: Request, tok: SampledToken) -> None:
+        params = group.params
+        delta = seq.detokenizer.step(tok.token_id)
+        if seq.logprobs is not None and tok.logprob is not None:
+            seq.logprobs.append(self._position_logprobs(tok.token_id, tok.logprob, tok.rank, tok.top))
+            seq.cumulative_logprob += tok.logprob
+        if req.is_finished and req.status == RequestStatus.FINISHED_STOPPED and not params.include_stop_str_in_output:
+            # Finished on EOS or a stop token: its text (if any survived decoding) is not output.
+            seq.text_end = len(seq.detokenizer.text) - len(delta)
+        elif params.stop and len(req.output_token_ids) >= params.min_tokens:
+            hit = self._find_stop_string(seq.detokenizer.text, len(delta), params)
+            if hit is not None:
+                stop, at = hit
+                seq.text_end = at + (len(stop) if params.include_stop_str_in_output else 0)
+                if not req.is_finished:
+                    self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
 
-    def _finish_output(self, req: Request, new_ids: list[int], delta: str) -> RequestOutput:
-        out = self._output(req, new_ids, delta)
-        self._untrack(req.request_id)
-        return out
+    @staticmethod
+    def _find_stop_string(text: str, delta_len: int, params: SamplingParams) -> Optional[tuple[str, int]]:
+        """The earliest stop string that the newest text completes (it may span several tokens)."""
+        best = None
+        for stop in params.stop:
+            at = text.find(stop, max(0, len(text) - delta_len - len(stop) + 1))
+            if at != -1 and (best is None or at < best[1]):
+                best = (stop, at)
+        return best
 
-    def _output(self, req: Request, new_ids: list[int], delta: str) -> RequestOutput:
-        tracked = self._tracked.get(req.request_id)
-        text = tracked.detokenizer.text if tracked else ""
-        finish = req.status.value if req.is_finished else None
-        completion = CompletionOutput(0, text, list(req.output_token_ids), finish, req.stop_reason)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.is_finished,
-                             req.num_cached_tokens, new_ids, delta)
+    def _position_logprobs(self, token_id: int, logprob: float, rank: Optional[int],
+                           top: list[tuple[int, float]]) -> PositionLogprobs:
+        entries = {token_id: Logprob(logprob, rank, self._decode_token(token_id))}
+        for r, (tid, lp) in enumerate(top, start=1):
+            if tid not in entries:
+                entries[tid] = Logprob(lp, r, self._decode_token(tid))
+        return entries
+
+    def _decode_token(self, token_id: int) -> Optional[str]:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+    def _group_output(self, group: _Group) -> RequestOutput:
+        completions = []
+        for seq, req in zip(group.seqs, group.requests):
+            token_ids = list(req.output_token_ids) if req is not None else []
+            text = seq.text
+            # While running, hold back what could still turn out to be the start of a stop string.
+            hold = 0 if seq.finish_reason is not None or not group.params.stop else \
+                max(len(s) for s in group.params.stop) - 1
+            visible = max(len(text) - hold, seq.sent_chars)
+            c = CompletionOutput(
+                seq.index, text, token_ids, seq.finish_reason, seq.stop_reason,
+                seq.cumulative_logprob if seq.logprobs is not None else None, seq.logprobs,
+                delta_text=text[seq.sent_chars : visible], delta_token_ids=token_ids[seq.sent_tokens :],
+                delta_logprobs=seq.logprobs[seq.sent_logprobs :] if seq.logprobs is not None else None,
+            )
+            seq.sent_chars, seq.sent_tokens = visible, len(token_ids)
+            seq.sent_logprobs = len(seq.logprobs) if seq.logprobs is not None else 0
+            completions.append(c)
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions, group.finished,
+                             group.num_cached_tokens, group.prompt_logprobs)
+
+    def _drop_group(self, group: _Group) -> None:
+        self._groups.pop(group.request_id, None)
+        for sid in group.seq_ids:
+            self._seq_owner.pop(sid, None)
+            self.runner.release(sid)
 
     def get_metrics(self) -> dict[str, Any]:
         s = self.scheduler.stats

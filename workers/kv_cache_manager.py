@@ -32,6 +32,9 @@ class KVCacheManager:
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
         self.req_block_ids: dict[str, list[int]] = {}  # the block table, as plain ints for the runner
         self.num_cached_blocks: dict[str, int] = {}  # how many leading blocks are registered in the cache
+        # (src, dst) block copies the runner must do before the next forward: a forked
+        # sequence's own copy of its parent's partly filled last block.
+        self.pending_copies: list[tuple[int, int]] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -111,6 +114,32 @@ class KVCacheManager:
         for i in range(start, num_full):
             self.pool.cache_block(blocks[i], req.block_hashes[i])
         self.num_cached_blocks[req.request_id] = num_full
+
+    def fork(self, parent: Request, child: Request) -> bool:
+        """Gives `child` the KV of `parent`'s first `parent.num_computed_tokens` tokens: full blocks
+        are shared by reference, a partly filled last block is copied (the two sequences will write
+        different tokens into it). Returns False, changing nothing, when no block is free for the copy."""
+        bs = self.block_size
+        blocks = self.req_blocks[parent.request_id]
+        num_full, partial = divmod(parent.num_computed_tokens, bs)
+        if partial and self.pool.num_free_blocks < 1:
+            return False
+        shared = blocks[:num_full]
+        self.pool.touch(shared)
+        child_blocks = list(shared)
+        if partial:
+            copy = self.pool.get_new_blocks(1)[0]
+            self.pending_copies.append((blocks[num_full].block_id, copy.block_id))
+            child_blocks.append(copy)
+        self.req_blocks[child.request_id] = child_blocks
+        self.req_block_ids[child.request_id] = [b.block_id for b in child_blocks]
+        self.num_cached_blocks[child.request_id] = min(self.num_cached_blocks.get(parent.request_id, 0), num_full)
+        child.block_hashes = parent.block_hashes[: min(num_full, parent.num_prompt_tokens // bs)]
+        return True
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
 
     def free(self, req: Request) -> None:
         blocks = self.req_blocks.get(req.request_id)

@@ -51,6 +51,12 @@ class Request:
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of all_token_ids
         self.status = RequestStatus.WAITING
         self.stop_reason: Optional[int | str] = None
+        # n > 1: the request runs as one sequence until its first token, then forks into the
+        # other n - 1 sequences (sharing the prompt's KV blocks). Emptied once forked.
+        self.fork_ids: list[str] = []
+        self.fork_params: list[SamplingParams] = []
+        # prompt_logprobs: prompt positions whose logprob is known (position 0 has none).
+        self.num_prompt_logprobs = 1
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +65,15 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        return self.sampling_params.prompt_logprobs is not None and self.num_prompt_logprobs < self.num_prompt_tokens
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences this request will occupy once running (n before its fork, else 1)."""
+        return 1 + len(self.fork_ids)
 
     @property
     def is_finished(self) -> bool:

@@ -1,60 +1,114 @@
-"""Batched sampling on the device: greedy rows by argmax, the rest by the exponential race.
+"""Batched sampling on the device for the whole step.
 
-For probabilities p and i.i.d. E_i ~ Exp(1), argmax(p_i / E_i) is distributed as p, so
-sampling is one argmax for the whole batch; seeded requests draw their noise from their
-own generator so their tokens do not depend on what else is in the batch.
+Order (as vLLM V1): logit_bias and min_tokens bans, then penalties (repetition, frequency,
+presence), then greedy rows take the argmax; random rows go through temperature, min_p,
+top_k and top_p, and are sampled by the exponential race: for probabilities p and i.i.d.
+E_i ~ Exp(1), argmax(p_i / E_i) is distributed as p. Seeded rows draw their noise from their
+own generator, so their tokens do not depend on what else is in the batch.
+Logprobs are those of the raw model distribution (before any of the processing above).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from raylight.sampling_params import SamplingParams
+
+@dataclass
+class SamplingMetadata:
+    temperature: torch.Tensor  # [S] (1.0 on greedy rows)
+    greedy: torch.Tensor  # [S] bool
+    all_greedy: bool
+    generators: list[Optional[torch.Generator]]
+    top_k: Optional[torch.Tensor] = None  # [S] long, vocab size where disabled
+    top_p: Optional[torch.Tensor] = None  # [S]
+    min_p: Optional[torch.Tensor] = None  # [S]
+    presence_penalty: Optional[torch.Tensor] = None  # [S]; set with frequency/repetition together
+    frequency_penalty: Optional[torch.Tensor] = None
+    repetition_penalty: Optional[torch.Tensor] = None
+    output_counts: Optional[torch.Tensor] = None  # [S, V] float: how often each token was generated
+    prompt_mask: Optional[torch.Tensor] = None  # [S, V] bool: token occurs in the prompt
+    bias: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # rows, token ids, values
+    banned: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # rows, token ids (min_tokens)
+    max_num_logprobs: int = -1  # -1: no row wants logprobs
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [S]
+    logprobs: Optional[torch.Tensor] = None  # [S] raw logprob of the chosen token
+    ranks: Optional[torch.Tensor] = None  # [S] 1 + how many tokens were more likely
+    top_ids: Optional[torch.Tensor] = None  # [S, k]
+    top_logprobs: Optional[torch.Tensor] = None  # [S, k]
 
 
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
-        self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[Optional[torch.Generator]]) -> torch.Tensor:
-        """logits: [S, V] float32. Returns [S] token ids on the device."""
-        greedy = logits.argmax(dim=-1)
-        if all(p.greedy for p in params):
-            return greedy
-        dev = logits.device
-        temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
-        logits = logits / temps[:, None]
-        top_ks = [p.top_k for p in params]
-        if any(k > 0 for k in top_ks):
-            logits = _apply_top_k(logits, top_ks)
-        top_ps = [p.top_p for p in params]
-        probs = logits.softmax(dim=-1)
-        if any(p < 1.0 for p in top_ps):
-            probs = _apply_top_p(probs, torch.tensor(top_ps, device=dev))
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for i, g in enumerate(generators):
-            if g is not None:
-                noise[i].exponential_(generator=g)
-        sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor([p.greedy for p in params], device=dev)
-        return torch.where(is_greedy, greedy, sampled)
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """logits: [S, V] float32 raw model logits."""
+        raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs >= 0 else None
+        logits = apply_logit_processors(logits, meta)
+        token_ids = logits.argmax(dim=-1)
+        if not meta.all_greedy:
+            probs = processed_probs(logits, meta)
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
+            for i, g in enumerate(meta.generators):
+                if g is not None:
+                    noise[i].exponential_(generator=g)
+            sampled = (probs / noise).argmax(dim=-1)
+            token_ids = torch.where(meta.greedy, token_ids, sampled)
+        out = SamplerOutput(token_ids)
+        if raw_logprobs is not None:
+            chosen = raw_logprobs.gather(1, token_ids[:, None])
+            out.logprobs = chosen[:, 0]
+            out.ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
+            if meta.max_num_logprobs > 0:
+                out.top_logprobs, out.top_ids = raw_logprobs.topk(meta.max_num_logprobs, dim=-1)
+        return out
 
 
-def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
-    vocab = logits.shape[-1]
-    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=logits.device)
-    kth = logits.sort(dim=-1, descending=True).values.gather(1, (ks - 1)[:, None])
-    return logits.masked_fill(logits < kth, float("-inf"))
+def apply_logit_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Bias, min_tokens bans and penalties; returns a new tensor when anything applies."""
+    if meta.bias is None and meta.banned is None and meta.repetition_penalty is None:
+        return logits
+    logits = logits.clone()
+    if meta.bias is not None:
+        rows, toks, vals = meta.bias
+        logits.index_put_((rows, toks), vals, accumulate=True)
+    if meta.banned is not None:
+        rows, toks = meta.banned
+        logits[rows, toks] = float("-inf")
+    if meta.repetition_penalty is not None:
+        counts = meta.output_counts
+        seen = meta.prompt_mask | (counts > 0)
+        rep = meta.repetition_penalty[:, None]
+        # HF/vLLM semantics: shrink positive logits, push negative ones further down.
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+        logits -= meta.frequency_penalty[:, None] * counts
+        logits -= meta.presence_penalty[:, None] * (counts > 0).to(logits.dtype)
+    return logits
 
 
-def _apply_top_p(probs: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+def processed_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Temperature, then min_p, top_k and top_p; returns unnormalised probabilities."""
+    probs = (logits / meta.temperature[:, None]).softmax(dim=-1)
+    if meta.min_p is not None:
+        threshold = meta.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    if meta.top_k is None and meta.top_p is None:
+        return probs
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_ps[:, None], 0.0)
-    kept = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
-    return kept / kept.sum(dim=-1, keepdim=True)
+    if meta.top_k is not None:
+        rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+        sorted_probs = sorted_probs.masked_fill(rank >= meta.top_k[:, None], 0.0)
+    if meta.top_p is not None:
+        sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= meta.top_p[:, None], 0.0)
+    return torch.zeros_like(probs).scatter_(1, order, sorted_probs)

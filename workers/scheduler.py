@@ -80,9 +80,12 @@ class Scheduler:
             break  # req itself was preempted: nothing after it can be scheduled either
 
         # 2. Waiting requests, in arrival order (preempted ones at the front), unless we just preempted.
-        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and not out.preempted:
             req = self.waiting[0]
-            hits, num_cached = self.kv.get_computed_blocks(req)
+            if len(self.running) + req.num_seqs > self.max_num_seqs and self.running:
+                break
+            # Prompt logprobs need every prompt position computed, so such requests skip the cache.
+            hits, num_cached = ([], 0) if req.needs_prompt_logprobs else self.kv.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_cached, budget)
             if not self.kv.allocate_slots(req, num_new, hits):
                 break
@@ -107,24 +110,43 @@ class Scheduler:
         self.stats.preemptions += 1
         logger.debug("preempted %s (%d tokens to recompute)", req.request_id, req.num_tokens)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update(self, out: SchedulerOutput, result) -> list[tuple[Request, object]]:
         """Advances each scheduled request past the tokens it computed and appends the sampled
-        token of those that reached the end of what they knew. Returns the requests that got a
-        token or finished."""
+        token of those that reached the end of what they knew (forking n-way requests on their
+        first token). Returns (sequence, its SampledToken) for every sequence that got a token."""
         changed = []
         for req, n in zip(out.requests, out.num_scheduled_tokens):
             if req.is_finished:  # aborted while the step ran
                 continue
             req.num_computed_tokens += n
-            token = sampled.get(req.request_id)
-            if token is None:
+            tokens = result.sampled.get(req.request_id)
+            if not tokens:
                 continue  # a chunk of a prompt; no token yet
-            req.append_output_token(token)
-            status = req.check_stop(self.max_model_len)
-            if status is not None:
-                self.finish(req, status)
-            changed.append(req)
+            seqs = [req] + (self._fork(req) if req.fork_ids else [])
+            for seq, tok in zip(seqs, tokens):
+                seq.append_output_token(tok.token_id)
+                status = seq.check_stop(self.max_model_len)
+                if status is not None:
+                    self.finish(seq, status)
+                changed.append((seq, tok))
         return changed
+
+    def _fork(self, req: Request) -> list[Request]:
+        children = []
+        for fid, params in zip(req.fork_ids, req.fork_params):
+            child = Request(fid, req.prompt_token_ids, params, req.max_tokens, req.eos_token_ids,
+                            req.prompt, req.cache_salt, req.arrival_time)
+            child.num_cached_tokens = req.num_cached_tokens
+            self.requests[fid] = child
+            if self.kv.fork(req, child):
+                child.num_computed_tokens = req.num_computed_tokens
+                child.status = RequestStatus.RUNNING
+                self.running.append(child)
+            else:  # no block for its copy of the last prompt block: it recomputes later instead
+                self.waiting.appendleft(child)
+            children.append(child)
+        req.fork_ids, req.fork_params = [], []
+        return children
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status

@@ -18,6 +18,7 @@ import pytest
 
 from raylight.sampling_params import SamplingParams
 from raylight.workers.kv_cache_manager import KVCacheManager
+from raylight.workers.model_runner import ModelRunnerOutput, SampledToken
 from raylight.workers.request import Request, RequestStatus
 from raylight.workers.scheduler import Scheduler, SchedulerOutput
 
@@ -84,6 +85,10 @@ class FakeModel:
             for req, n in zip(out.requests, out.num_scheduled_tokens)
             if req.num_computed_tokens + n == req.num_tokens
         }
+
+
+def as_runner_output(sampled: dict[str, int]) -> ModelRunnerOutput:
+    return ModelRunnerOutput(sampled={rid: [SampledToken(t)] for rid, t in sampled.items()})
 
 
 def make_sched(num_blocks=64, block_size=4, budget=64, max_seqs=16, max_model_len=4096, caching=True) -> Scheduler:
@@ -155,7 +160,7 @@ def step(sched: Scheduler, model: FakeModel) -> SchedulerOutput:
         check_blocks(sched)
         return out
     sampled = model.execute(out)
-    changed = sched.update(out, sampled)
+    changed = [r for r, _ in sched.update(out, as_runner_output(sampled))]
     assert {r.request_id for r in changed} == set(sampled)
     for r in changed:
         if r.is_finished:
@@ -649,7 +654,7 @@ def test_abort_between_schedule_and_update():
     sampled = model.execute(out)
     assert "a" in sampled
     sched.abort(["a"])
-    changed = sched.update(out, sampled)
+    changed = sched.update(out, as_runner_output(sampled))
     assert changed == []
     assert len(a.output_token_ids) == 1  # the in-flight token is dropped
     assert a.status == RequestStatus.FINISHED_ABORTED

@@ -1,0 +1,143 @@
+"""The batched sampler: exact distributions, seeds, penalties, bias, bans, logprobs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raylight.sampling_params import SamplingParams
+from raylight.workers.request import Request
+from raylight.workers.sampler import Sampler
+from raylight.workers.sampling_state import SampleRow, SamplingState
+
+LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+V = len(LOGITS)
+DRAWS = 20_000
+
+
+def expected(params: SamplingParams) -> np.ndarray:
+    """The exact distribution, computed independently: temperature, min_p, top_k, top_p."""
+    p = np.exp(LOGITS.double().numpy() / params.temperature)
+    p /= p.sum()
+    if params.min_p > 0:
+        p = np.where(p < params.min_p * p.max(), 0.0, p)
+    order = np.argsort(-p, kind="stable")
+    keep = np.zeros(V, dtype=bool)
+    k = params.top_k if params.top_k > 0 else V
+    kept = p[order][:k] / p[order][:k].sum()
+    mass = 0.0
+    for rank, tok in enumerate(order[:k]):
+        if mass >= params.top_p:
+            break
+        keep[tok] = kept[rank] > 0
+        mass += kept[rank]
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+def rows_for(params_list: list[SamplingParams]) -> list[SampleRow]:
+    rows = []
+    for i, p in enumerate(params_list):
+        req = Request(f"r{i}", [0], p, 16)
+        rows.append(SampleRow(req, req.request_id, p, 0))
+    return rows
+
+
+def draw(params: SamplingParams, n: int = DRAWS, seed: int = 0) -> np.ndarray:
+    state = SamplingState(V, torch.device("cpu"))
+    rows = rows_for([params] * n)
+    tokens = Sampler(torch.device("cpu"), seed)(LOGITS.repeat(n, 1), state.metadata(rows)).token_ids
+    return np.bincount(tokens.numpy(), minlength=V)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.5),
+    SamplingParams(temperature=1.7),
+    SamplingParams(temperature=1.0, top_k=3),
+    SamplingParams(temperature=1.0, top_p=0.8),
+    SamplingParams(temperature=1.0, min_p=0.2),
+    SamplingParams(temperature=1.3, top_k=5, top_p=0.9),
+    SamplingParams(temperature=0.8, min_p=0.1, top_k=4),
+    SamplingParams(temperature=2.0, min_p=0.05, top_k=6, top_p=0.7),
+], ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}")
+def test_empirical_frequencies_match_the_exact_distribution(params):
+    counts = draw(params)
+    probs = expected(params)
+    assert counts[probs == 0].sum() == 0, (counts, probs)  # excluded tokens never appear
+    support = probs > 0
+    exp_counts = probs[support] * DRAWS
+    chi2 = float((((counts[support] - exp_counts) ** 2) / exp_counts).sum())
+    # Critical chi-square values at p = 0.001 for 1..7 degrees of freedom.
+    critical = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32][max(support.sum() - 2, 0)]
+    assert chi2 < critical, (chi2, counts, exp_counts)
+
+
+def test_greedy_rows_take_the_argmax_beside_random_rows():
+    state = SamplingState(V, torch.device("cpu"))
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0), SamplingParams(temperature=0.0)]
+    logits = torch.stack([LOGITS, LOGITS, LOGITS.flip(0)])
+    out = Sampler(torch.device("cpu"))(logits, state.metadata(rows_for(params))).token_ids.tolist()
+    assert out[0] == 0 and out[2] == V - 1
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    p = SamplingParams(temperature=1.0, seed=1234)
+    alone = []
+    state = SamplingState(V, torch.device("cpu"))
+    rows = rows_for([p])
+    for _ in range(10):
+        alone.append(Sampler(torch.device("cpu"), 0)(LOGITS[None], state.metadata(rows)).token_ids.item())
+    # The same request in a batch with unseeded and other-seeded neighbours, another global seed.
+    state = SamplingState(V, torch.device("cpu"))
+    rows = rows_for([SamplingParams(temperature=1.0), p, SamplingParams(temperature=0.7, seed=9)])
+    rows[1].seq_id = "r0-again"
+    batched = []
+    for _ in range(10):
+        out = Sampler(torch.device("cpu"), 77)(LOGITS.repeat(3, 1), state.metadata(rows)).token_ids
+        batched.append(out[1].item())
+    assert alone == batched
+    assert len(set(alone)) > 1  # really sampling
+
+
+def test_logit_bias_and_min_tokens_ban():
+    state = SamplingState(V, torch.device("cpu"))
+    p_bias = SamplingParams(temperature=0.0, logit_bias={5: 100.0})
+    p_ban = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[0])
+    rows = rows_for([p_bias, p_ban])
+    out = Sampler(torch.device("cpu"))(LOGITS.repeat(2, 1), state.metadata(rows)).token_ids.tolist()
+    assert out == [5, 1]  # token 0 (the argmax) is banned until min_tokens are out
+    rows[1].num_output_tokens = 2
+    out = Sampler(torch.device("cpu"))(LOGITS.repeat(2, 1), state.metadata(rows)).token_ids.tolist()
+    assert out[1] == 0
+
+
+def test_penalties_follow_their_definitions():
+    dev = torch.device("cpu")
+    logits = torch.tensor([[1.0, 0.9, -0.5, 0.0]])
+    req = Request("r", [2], SamplingParams(), 16)  # token 2 in the prompt
+    req.append_output_token(0)
+    req.append_output_token(0)  # token 0 generated twice
+    from raylight.workers.sampler import apply_logit_processors
+
+    def processed(params):
+        state = SamplingState(4, dev)
+        meta = state.metadata([SampleRow(req, "r", params, 2)])
+        return apply_logit_processors(logits, meta)[0].tolist()
+
+    assert processed(SamplingParams(repetition_penalty=2.0)) == pytest.approx([0.5, 0.9, -1.0, 0.0])
+    assert processed(SamplingParams(frequency_penalty=0.3)) == pytest.approx([0.4, 0.9, -0.5, 0.0])
+    assert processed(SamplingParams(presence_penalty=0.3)) == pytest.approx([0.7, 0.9, -0.5, 0.0])
+
+
+def test_logprobs_are_raw_and_ranked():
+    state = SamplingState(V, torch.device("cpu"))
+    params = SamplingParams(temperature=0.0, logprobs=3, logit_bias={4: 50.0})
+    out = Sampler(torch.device("cpu"))(LOGITS[None], state.metadata(rows_for([params])))
+    raw = LOGITS.log_softmax(-1)
+    assert out.token_ids.item() == 4  # chosen after the bias ...
+    assert out.logprobs.item() == pytest.approx(raw[4].item())  # ... but reported from the raw distribution
+    assert out.ranks.item() == 5
+    assert out.top_ids[0].tolist() == [0, 1, 2]
+    assert out.top_logprobs[0].tolist() == pytest.approx(raw[:3].tolist())
