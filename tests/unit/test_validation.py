@@ -108,10 +108,43 @@ def test_kv_memory_too_small_for_one_block(model_dir):
     (dict(max_tokens=0), "max_tokens"),
     (dict(min_tokens=5, max_tokens=2), "min_tokens"),
     (dict(seed=2**64), "seed"),
+    (dict(seed=-(2**63) - 1), "seed"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(n=0), "n must be"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(min_p=-0.1), "min_p"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3.0), "frequency_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(logprobs=21), "logprobs"),
+    (dict(logprobs=-1), "logprobs"),
+    (dict(prompt_logprobs=21), "prompt_logprobs"),
+    (dict(logit_bias={5: 101.0}), "logit_bias"),
+    (dict(stop=[3]), "stop"),
 ])
 def test_sampling_params_validation(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=field) as err:
         SamplingParams(**kwargs)
+    assert "must be" in str(err.value)  # the allowed range is named too
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n=65), r"n must be in \[1, 64\]"),
+    (dict(logit_bias={512: 1.0}), "logit_bias: token id 512 is outside the vocabulary"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids: -1 is outside the vocabulary"),
+])
+def test_model_dependent_sampling_checks_run_before_queueing(llm, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate([[1, 2, 3]], SamplingParams(**kwargs), use_tqdm=False)
+    assert_no_leaks(llm)
+
+
+def test_max_n_is_configurable(model_dir):
+    llm = LLM(model_dir, max_n=2, num_kv_blocks=16)
+    with pytest.raises(ValueError, match=r"n must be in \[1, 2\]"):
+        llm.generate([[1, 2]], SamplingParams(n=3), use_tqdm=False)
+    out = llm.generate([[1, 2]], SamplingParams(n=2, max_tokens=3), use_tqdm=False)[0]
+    assert len(out.outputs) == 2
 
 
 def test_stop_token_ids_outside_vocab(llm):
