@@ -55,6 +55,25 @@ def _generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(ns: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from raylight.cluster.app import AppConfig, build_app
+
+    engine_args = engine_args_from(ns)
+    cfg = AppConfig(
+        model=engine_args.pop("model", None), served_model_name=ns.served_model_name, engine_args=engine_args,
+        num_replicas=ns.num_replicas, ray_actor_options={"num_cpus": ns.num_cpus, "num_gpus": ns.num_gpus},
+        max_queued_requests=ns.max_queued_requests, api_key=ns.api_key, default_max_tokens=ns.default_max_tokens,
+    )
+    ray.init(address=ns.address, ignore_reinit_error=True)  # starts a local Ray when there is no cluster
+    serve.start(http_options={"host": ns.host, "port": ns.port})
+    print(f"raylight serving {cfg.model or 'SmolLM2-135M-Instruct'} on http://{ns.host}:{ns.port}/v1", flush=True)
+    serve.run(build_app(cfg), name="raylight", route_prefix="/", blocking=True)
+    return 0
+
+
 def _prepare_model(ns: argparse.Namespace) -> int:
     from raylight.models.default_model import default_model_dir
 
@@ -76,6 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None)
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser("serve", help="serve an OpenAI-compatible API on Ray Serve")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require this bearer key on every route but /health")
+    srv.add_argument("--served-model-name", default=None)
+    srv.add_argument("--num-replicas", type=int, default=1)
+    srv.add_argument("--num-cpus", type=float, default=2, help="CPUs of one engine replica")
+    srv.add_argument("--num-gpus", type=float, default=0, help="GPUs of one engine replica")
+    srv.add_argument("--max-queued-requests", type=int, default=256)
+    srv.add_argument("--default-max-tokens", type=int, default=256)
+    srv.add_argument("--address", default=None, help="Ray cluster address (default: start or join a local one)")
+    add_engine_args(srv)
+    srv.set_defaults(func=_serve)
 
     prep = sub.add_parser("prepare-model", help="fetch and convert the default model into the cache; print its path")
     prep.set_defaults(func=_prepare_model)

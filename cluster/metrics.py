@@ -1,0 +1,69 @@
+"""Prometheus metrics of the server, names prefixed `raylight:`.
+
+Latencies and token counts are observed in the ingress (what clients see); engine gauges
+and counters (queue lengths, KV usage, prefix cache, preemptions) come from snapshots the
+replicas attach to their last message of each request, summed over replicas.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class _ReplicaCollector:
+    def __init__(self):
+        self.snapshots: dict[str, dict[str, Any]] = {}
+
+    def _sum(self, key: str) -> float:
+        return float(sum(s.get(key, 0) for s in self.snapshots.values()))
+
+    def collect(self):
+        gauges = {
+            "raylight:num_requests_running": ("Requests running in the engines", self._sum("num_running")),
+            "raylight:num_requests_waiting": ("Requests waiting in the engines", self._sum("num_waiting")),
+        }
+        total = self._sum("kv_blocks_total")
+        gauges["raylight:kv_cache_usage_perc"] = (
+            "Fraction of KV cache blocks in use", (total - self._sum("kv_blocks_free")) / total if total else 0.0)
+        queries = self._sum("prefix_cache_queries")
+        gauges["raylight:prefix_cache_hit_rate"] = (
+            "Prompt tokens found in the prefix cache / looked up", self._sum("prefix_cache_hit_tokens") / queries
+            if queries else 0.0)
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=value)
+        counters = {
+            "raylight:num_preemptions": ("Requests preempted for lack of KV blocks", "preemptions"),
+            "raylight:prefix_cache_queries": ("Prompt tokens looked up in the prefix cache", "prefix_cache_queries"),
+            "raylight:prefix_cache_hits": ("Prompt tokens found in the prefix cache", "prefix_cache_hit_tokens"),
+        }
+        for name, (doc, key) in counters.items():
+            yield CounterMetricFamily(name, doc, value=self._sum(key))
+
+
+class ServerMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("raylight:time_to_first_token_seconds", "Time to first token", registry=r,
+                              buckets=_LATENCY_BUCKETS)
+        self.itl = Histogram("raylight:inter_token_latency_seconds", "Time between streamed tokens", registry=r,
+                             buckets=_LATENCY_BUCKETS)
+        self.e2e = Histogram("raylight:e2e_request_latency_seconds", "End-to-end request latency", registry=r,
+                             buckets=_LATENCY_BUCKETS)
+        self.prompt_tokens = Counter("raylight:prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("raylight:generation_tokens", "Tokens generated", registry=r)
+        self.requests = Counter("raylight:request_success", "Finished requests", ["finished_reason"], registry=r)
+        self._replicas = _ReplicaCollector()
+        r.register(self._replicas)
+
+    def update_replica(self, replica_id: str, stats: dict[str, Any]) -> None:
+        self._replicas.snapshots[replica_id] = stats
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), "text/plain; version=0.0.4; charset=utf-8"

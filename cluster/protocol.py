@@ -1,0 +1,188 @@
+"""OpenAI-compatible request bodies (pydantic) and their mapping onto `SamplingParams`.
+
+Unknown fields are ignored (clients send many optional ones); the fields we take are
+validated here or by `SamplingParams`, and every error names its field (`param`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from raylight.sampling_params import SamplingParams
+
+
+class APIError(Exception):
+    """An error with OpenAI's shape and an HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    n: int = 1
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    stop: Union[None, str, list[str]] = None
+    seed: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[dict[str, float]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    # vLLM extensions
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: Optional[list[int]] = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    cache_salt: Optional[str] = None
+    request_id: Optional[str] = None
+
+    def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int], default_max: int) -> SamplingParams:
+        bias = None
+        if self.logit_bias:
+            try:
+                bias = {int(k): v for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise APIError(400, "logit_bias keys must be token ids", param="logit_bias") from None
+        kwargs = dict(
+            n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k, min_p=self.min_p,
+            seed=self.seed, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, logit_bias=bias, stop=self.stop,
+            stop_token_ids=self.stop_token_ids or [], include_stop_str_in_output=self.include_stop_str_in_output,
+            ignore_eos=self.ignore_eos, max_tokens=default_max if max_tokens is None else max_tokens,
+            min_tokens=self.min_tokens, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+        )
+        return to_sampling_params(kwargs)
+
+
+def to_sampling_params(kwargs: dict[str, Any]) -> SamplingParams:
+    """SamplingParams(**kwargs), with its ValueError turned into a 400 naming the field."""
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as e:
+        raise APIError(400, str(e), param=param_of(str(e))) from None
+
+
+def param_of(message: str) -> Optional[str]:
+    """The field a validation message is about: our messages start with the field's name."""
+    head = message.split(" ", 1)[0].rstrip(":")
+    known = set(SamplingParams.__dataclass_fields__) | {"prompt", "messages", "max_tokens", "max_completion_tokens"}
+    if head in known:
+        return head
+    return "prompt" if message.startswith("prompt") else None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: Optional[int] = None
+    echo: bool = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+
+    def sampling_params(self, default_max: int) -> SamplingParams:
+        if self.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, "best_of must equal n (beam-style best_of is not supported)", param="best_of")
+        if self.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        params = self._sampling_params(self.max_tokens, self.logprobs, default_max)
+        if self.prompt_logprobs is not None:
+            params = to_sampling_params({**params.__dict__, "prompt_logprobs": self.prompt_logprobs})
+        return params
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if all(isinstance(t, int) for t in p):
+            return [p]  # one prompt of token ids
+        return list(p)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: Union[None, str, list[dict[str, Any]]] = None
+    name: Optional[str] = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+    def sampling_params(self, default_max: int) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if max_tokens is not None and max_tokens < 1:
+            field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+            raise APIError(400, f"{field} must be an integer >= 1, got {max_tokens}", param=field)
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens, logprobs, default_max)
+
+    def conversation(self) -> list[dict[str, Any]]:
+        out = []
+        for m in self.messages:
+            content = m.content
+            if isinstance(content, list):  # OpenAI content parts: keep the text ones
+                parts = []
+                for part in content:
+                    if part.get("type") != "text":
+                        raise APIError(400, f"content part type {part.get('type')!r} is not supported",
+                                       param="messages")
+                    parts.append(part.get("text", ""))
+                content = "".join(parts)
+            out.append({"role": m.role, "content": content or ""})
+        return out
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    tokens: list[int]
+
+
+FinishReason = Literal["stop", "length", "abort"]
