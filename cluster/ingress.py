@@ -6,7 +6,7 @@ with the fewest requests in flight, of two sampled). A client that disconnects c
 stream, which aborts the request on its replica.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
 
 import asyncio
 import hmac
@@ -51,6 +51,51 @@ async def _validation_error(_: Request, exc: RequestValidationError):
 async def _internal_error(_: Request, exc: Exception):
     logger.exception("unhandled error")
     return JSONResponse(APIError(500, "internal server error", "internal_error").body(), status_code=500)
+
+
+# Defined before the class: Serve pickles the ingress class with the globals it sees.
+class _Timing:
+    """Latency as the client sees it: TTFT, gaps between tokens, end to end."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+        self.start = time.perf_counter()
+        self.last: Optional[float] = None
+        self.generated = 0
+        self.prompt = 0
+        self.finish_reasons: list[str] = []
+
+    def token(self, out: Optional[RequestOutput]) -> None:
+        if out is None:
+            return
+        now = time.perf_counter()
+        new = sum(len(c.delta_token_ids) for c in out.outputs)
+        if new:
+            if self.last is None:
+                self.metrics.ttft.observe(now - self.start)
+            else:
+                self.metrics.itl.observe(now - self.last)
+            self.last = now
+            self.generated += new
+        self.prompt = len(out.prompt_token_ids)
+        if out.finished:
+            self.finish_reasons = [c.finish_reason or "abort" for c in out.outputs]
+
+    def done(self) -> None:
+        self.metrics.e2e.observe(time.perf_counter() - self.start)
+        self.metrics.prompt_tokens.inc(self.prompt)
+        self.metrics.generation_tokens.inc(self.generated)
+        for reason in self.finish_reasons:
+            self.metrics.requests.labels(finished_reason=reason).inc()
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _usage_opt(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
 
 
 @serve.ingress(app)
@@ -134,7 +179,7 @@ class OpenAIServer:
             raise APIError(429, text, "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
         raise APIError(status, "the engine is unavailable; retry shortly", "service_unavailable")
 
-    async def _run_to_end(self, request: Request, call: GenerateCall, timing: "_Timing") -> RequestOutput:
+    async def _run_to_end(self, request: Request, call: GenerateCall, timing) -> RequestOutput:
         stream = self._stream(call)
         first, it = await self._first(stream)
         final = first.output if first is not None else None
@@ -360,47 +405,3 @@ class OpenAIServer:
             pos += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
                 "text_offset": offsets}
-
-
-class _Timing:
-    """Latency as the client sees it: TTFT, gaps between tokens, end to end."""
-
-    def __init__(self, metrics: ServerMetrics):
-        self.metrics = metrics
-        self.start = time.perf_counter()
-        self.last: Optional[float] = None
-        self.generated = 0
-        self.prompt = 0
-        self.finish_reasons: list[str] = []
-
-    def token(self, out: Optional[RequestOutput]) -> None:
-        if out is None:
-            return
-        now = time.perf_counter()
-        new = sum(len(c.delta_token_ids) for c in out.outputs)
-        if new:
-            if self.last is None:
-                self.metrics.ttft.observe(now - self.start)
-            else:
-                self.metrics.itl.observe(now - self.last)
-            self.last = now
-            self.generated += new
-        self.prompt = len(out.prompt_token_ids)
-        if out.finished:
-            self.finish_reasons = [c.finish_reason or "abort" for c in out.outputs]
-
-    def done(self) -> None:
-        self.metrics.e2e.observe(time.perf_counter() - self.start)
-        self.metrics.prompt_tokens.inc(self.prompt)
-        self.metrics.generation_tokens.inc(self.generated)
-        for reason in self.finish_reasons:
-            self.metrics.requests.labels(finished_reason=reason).inc()
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _usage_opt(body) -> bool:
-    return bool(body.stream_options and body.stream_options.include_usage)
