@@ -33,6 +33,19 @@ logger = logging.getLogger("raylight.ingress")
 app = FastAPI(title="raylight", version=__version__)
 
 
+@app.middleware("http")
+async def _require_api_key(request: Request, call_next):
+    """Runs before body validation, so an unauthenticated client learns nothing else."""
+    key = getattr(request.app.state, "api_key", None)
+    if key is not None and request.url.path != "/health":
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            err = APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+            return JSONResponse(err.body(), status_code=401)
+    return await call_next(request)
+
+
 @app.exception_handler(APIError)
 async def _api_error(_: Request, exc: APIError):
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -113,20 +126,12 @@ class OpenAIServer:
         self.served_model_name = served_model_name
         self.tokenizer = load_tokenizer(resolved.path)
         self.max_model_len = max_model_len or resolved.arch.max_position_embeddings
-        self.api_key = api_key
+        app.state.api_key = api_key  # read by the auth middleware of this process's app
         self.default_max_tokens = default_max_tokens
         self.metrics = ServerMetrics()
         self.created = int(time.time())
 
     # ---- helpers ----
-    def _auth(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-            raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
-
     def _check_model(self, model: Optional[str]) -> None:
         if model is not None and model != self.served_model_name:
             raise APIError(404, f"model {model!r} does not exist; this server serves {self.served_model_name!r}",
@@ -215,12 +220,10 @@ class OpenAIServer:
 
     @app.get("/version")
     async def version(self, request: Request):
-        self._auth(request)
         return {"version": __version__}
 
     @app.get("/metrics")
     async def metrics(self, request: Request):
-        self._auth(request)
         try:
             stats = await asyncio.wait_for(self.engine.stats.remote(), timeout=2)
             self.metrics.update_replica(stats.replica_id, stats.metrics)
@@ -231,14 +234,12 @@ class OpenAIServer:
 
     @app.get("/v1/models")
     async def models(self, request: Request):
-        self._auth(request)
         return {"object": "list", "data": [{
             "id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "raylight",
             "max_model_len": self.max_model_len}]}
 
     @app.post("/tokenize")
     async def tokenize(self, body: TokenizeRequest, request: Request):
-        self._auth(request)
         self._check_model(body.model)
         if body.messages is not None:
             ids = self._chat_ids([m.model_dump() for m in body.messages], body.add_generation_prompt)
@@ -250,7 +251,6 @@ class OpenAIServer:
 
     @app.post("/detokenize")
     async def detokenize(self, body: DetokenizeRequest, request: Request):
-        self._auth(request)
         self._check_model(body.model)
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer", param="tokens")
@@ -261,7 +261,6 @@ class OpenAIServer:
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
-        self._auth(request)
         self._check_model(body.model)
         params = body.sampling_params(self.default_max_tokens)
         prompts = [self._tokenize(p) for p in body.prompts()]
@@ -288,7 +287,6 @@ class OpenAIServer:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        self._auth(request)
         self._check_model(body.model)
         params = body.sampling_params(self.default_max_tokens)
         ids = self._chat_ids(body.conversation(), body.add_generation_prompt, body.chat_template_kwargs)

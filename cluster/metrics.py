@@ -35,6 +35,13 @@ class _ReplicaCollector:
         gauges["raylight:prefix_cache_hit_rate"] = (
             "Prompt tokens found in the prefix cache / looked up", self._sum("prefix_cache_hit_tokens") / queries
             if queries else 0.0)
+        steps = [s.get("step_time_p50_s", 0.0) for s in self.snapshots.values()]
+        gauges["raylight:engine_step_time_p50_seconds"] = (
+            "Median engine step time (recent steps; the slowest replica)", max(steps) if steps else 0.0)
+        periods = [s.get("step_period_p50_s", 0.0) for s in self.snapshots.values()]
+        gauges["raylight:engine_step_period_p50_seconds"] = (
+            "Median start-to-start time of consecutive busy engine steps (the slowest replica)",
+            max(periods) if periods else 0.0)
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
         counters = {

@@ -69,7 +69,7 @@ class EngineReplica:
             async for out in self.async_engine.generate(call.prompt, call.params, call.request_id, call.cache_salt):
                 msg = ReplicaMessage(output=out, replica_id=self.replica_id)
                 if out.finished:
-                    msg.stats = self.engine.get_metrics()
+                    msg.stats = self._metrics()
                 yield msg
         except ValueError as e:
             yield self._error(400, str(e))
@@ -79,11 +79,17 @@ class EngineReplica:
             yield self._error(503, str(e))
 
     def _error(self, status: int, message: str) -> ReplicaMessage:
-        return ReplicaMessage(error_status=status, error_message=message, stats=self.engine.get_metrics(),
+        return ReplicaMessage(error_status=status, error_message=message, stats=self._metrics(),
                               replica_id=self.replica_id)
 
+    def _metrics(self) -> dict[str, Any]:
+        m = self.engine.get_metrics()
+        periods = sorted(self.async_engine.step_periods)
+        m["step_period_p50_s"] = periods[len(periods) // 2] if periods else 0.0
+        return m
+
     async def stats(self) -> ReplicaStats:
-        return ReplicaStats(self.replica_id, self.engine.get_metrics(), self.async_engine.last_step_time,
+        return ReplicaStats(self.replica_id, self._metrics(), self.async_engine.last_step_time,
                             self.async_engine.healthy())
 
     async def health(self) -> bool:

@@ -9,6 +9,7 @@ step, so streaming, aborts and health checks stay responsive while the model com
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -61,6 +62,9 @@ class AsyncLLMEngine:
         self.last_progress = time.monotonic()  # last step end, or last idle check
         self.last_step_time = 0.0
         self.num_pending = 0  # accepted but not finished (queued, waiting or running)
+        # Start-to-start times of consecutive busy steps: the cadence tokens come out at.
+        self.step_periods: collections.deque[float] = collections.deque(maxlen=1024)
+        self._last_step_start: Optional[float] = None
         self._thread = threading.Thread(target=self._run, name="raylight-engine-loop", daemon=True)
         self._thread.start()
 
@@ -131,11 +135,15 @@ class AsyncLLMEngine:
             while not self._stopped:
                 self._drain_inbox()
                 if not self.engine.has_unfinished_requests():
+                    self._last_step_start = None  # idle gaps are not step periods
                     self.last_progress = time.monotonic()
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
                     continue
                 t0 = time.perf_counter()
+                if self._last_step_start is not None:
+                    self.step_periods.append(t0 - self._last_step_start)
+                self._last_step_start = t0
                 outputs = self.engine.step()
                 self.last_step_time = time.perf_counter() - t0
                 self.last_progress = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -9,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 from raylight.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineArgs
@@ -102,6 +104,7 @@ class LLMEngine:
         self._seq_owner: dict[str, tuple[_Group, int]] = {}  # sequence id -> (its request, index)
         self._ids = itertools.count()
         self.num_steps = 0
+        self.step_times: collections.deque[float] = collections.deque(maxlen=1024)  # recent step times
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         logger.info(
@@ -253,6 +256,7 @@ class LLMEngine:
 
     # ---- the step ----
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if not sched.requests:
             # Nothing fits even alone: the sequence outgrew the whole pool. End it rather than spin.
@@ -268,7 +272,9 @@ class LLMEngine:
             group = self._seq_owner[rid][0]
             group.prompt_logprobs.extend(self._position_logprobs(p.token_id, p.logprob, p.rank, p.top)
                                          for p in plps)
-        return self._process(self.scheduler.update(sched, result))
+        outputs = self._process(self.scheduler.update(sched, result))
+        self.step_times.append(time.perf_counter() - t0)  # the whole step, as a streaming client paces it
+        return outputs
 
     def _process(self, changed: list[tuple[Request, Optional[SampledToken]]]) -> list[RequestOutput]:
         touched: dict[str, _Group] = {}
@@ -372,6 +378,7 @@ class LLMEngine:
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "num_steps": self.num_steps,
+            "step_time_p50_s": float(np.median(self.step_times)) if self.step_times else 0.0,
         }
 
 
