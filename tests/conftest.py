@@ -96,6 +96,31 @@ def assert_no_leaks(llm) -> None:
     assert m["num_running"] == 0 and m["num_waiting"] == 0, m
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, timeout_s: float, still_running=lambda: True) -> bool:
+    """Polls GET {base}/health until it answers 200; False on timeout or when still_running() fails."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and still_running():
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    return False
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -16,15 +14,15 @@ import yaml
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
+from ..conftest import free_port, wait_healthy
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_serve_run_cluster_yaml(smollm2_dir, tmp_path):
     with open(os.path.join(REPO, "configs", "cluster.yaml")) as f:
         config = yaml.safe_load(f)
-    with socket.socket() as s:  # the shipped file, on a free port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # the shipped file, on a free port
     config["http_options"]["port"] = port
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -34,16 +32,7 @@ def test_serve_run_cluster_yaml(smollm2_dir, tmp_path):
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        else:
+        if not wait_healthy(base, 300, still_running=lambda: proc.poll() is None):
             pytest.fail("serve run did not become healthy:\n" + (tmp_path / "serve.log").read_text()[-3000:])
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
         chat = client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=12, temperature=0,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
 import time
 
 import httpx
@@ -13,14 +11,10 @@ import pytest
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
+from ..conftest import free_port, wait_healthy
+
 API_KEY = "sk-raylight-test"
 MODEL = "SmolLM2-135M-Instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +32,7 @@ def server(smollm2_dir):
                     default_max_tokens=32)
     serve.run(build_app(cfg), name="raylight", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
+    if not wait_healthy(base, 180):
         pytest.fail("server did not become healthy")
     yield base
     serve.shutdown()
