@@ -63,7 +63,7 @@ def run_ours(args, prompts, out_lens):
 
     t0 = time.perf_counter()
     engine_args = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       device=args.device)
+                       device=args.device, attention_backend=args.attention_backend)
     if args.dummy:
         engine_args["load_format"] = "dummy"
     llm = LLM(args.model_config if args.dummy and args.model_config else args.model, **engine_args)
@@ -117,6 +117,7 @@ def main(argv=None):
     p.add_argument("--dummy", action="store_true", help="random weights with the model's (or preset's) shapes")
     p.add_argument("--model-config", default=None, help="preset shape for --dummy, e.g. llama-3.2-1b")
     p.add_argument("--device", default="auto")
+    p.add_argument("--attention-backend", default="auto")
     p.add_argument("--fixed", action="store_true", help="fixed lengths: 32 x 128 in x 128 out")
     p.add_argument("--num-requests", type=int, default=None)
     p.add_argument("--min-input", type=int, default=16)
@@ -156,6 +157,7 @@ def main(argv=None):
         benchmark="bench_throughput", date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         commit=git_commit(), device=device_name(str(llm.engine.device)), torch=torch.__version__,
         model=llm.engine.model_name, dtype=str(llm.engine.dtype).replace("torch.", ""),
+        attention_backend=llm.engine.attn_backend.name,
         workload=dict(name=workload, num_requests=args.num_requests, seed=args.seed,
                       input_lens=[args.input_len] * 2 if args.fixed else [args.min_input, args.max_input],
                       output_lens=[args.output_len] * 2 if args.fixed else [args.min_output, args.max_output],
@@ -168,7 +170,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     dev = "gpu" if llm.engine.device.type == "cuda" else "cpu"
-    path = os.path.join(args.out, f"throughput-{dev}-{workload}-{stamp}.json")
+    path = os.path.join(args.out, f"throughput-{dev}-{workload}-{llm.engine.attn_backend.name}-{stamp}.json")
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
     print(f"wrote {path}")

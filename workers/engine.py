@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from raylight.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineArgs
-from raylight.kernels.attention import get_attention_backend
+from raylight.kernels.attention import AttentionSpec, get_attention_backend
 from raylight.models.loader import build_model, resolve_model
 from raylight.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from raylight.sampling_params import SamplingParams
@@ -89,8 +89,9 @@ class LLMEngine:
             else set())
 
         self.block_size = args.block_size
-        self.attn_backend = get_attention_backend("auto", self.device)(
-            args.block_size, arch.sliding_window, self.device)
+        self.attn_backend = get_attention_backend(args.attention_backend, AttentionSpec(
+            args.block_size, arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim, self.dtype,
+            self.device, arch.sliding_window))
         self.model = build_model(resolved, self.attn_backend, self.dtype, self.device,
                                  self.max_model_len, args.seed)
         self.num_blocks = self._num_kv_blocks()

@@ -8,10 +8,14 @@ turns that into its own metadata with `build()`, shared by all layers of the ste
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
+
+logger = logging.getLogger("raylight.attention")
 
 
 @dataclass
@@ -29,9 +33,41 @@ class CommonAttentionMetadata:
         return len(self.seq_lens)
 
 
-def get_attention_backend(name: str, device: torch.device):
-    if name not in ("auto", "torch"):
-        raise ValueError(f"attention_backend {name!r} is not available; supported: auto, torch")
-    from raylight.kernels.attention.torch_ref import TorchAttentionBackend
+@dataclass
+class AttentionSpec:
+    block_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    sliding_window: Optional[int] = None
 
-    return TorchAttentionBackend
+
+def _flashinfer_usable(spec: AttentionSpec) -> bool:
+    if spec.device.type != "cuda" or spec.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        import flashinfer  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def get_attention_backend(name: str, spec: AttentionSpec):
+    """`auto`: FlashInfer on CUDA in half precision when importable, else the torch reference."""
+    if name not in ("auto", "torch", "flashinfer"):
+        raise ValueError(f"attention_backend must be one of auto, torch, flashinfer; got {name!r}")
+    if name == "flashinfer" or (name == "auto" and _flashinfer_usable(spec)):
+        if not _flashinfer_usable(spec):
+            raise ValueError("attention_backend='flashinfer' needs a CUDA device, float16/bfloat16 and the "
+                             "flashinfer package (pip install 'raylight[flashinfer]')")
+        from raylight.kernels.attention.flashinfer_backend import FlashInferBackend
+
+        backend = FlashInferBackend(spec)
+    else:
+        from raylight.kernels.attention.torch_ref import TorchAttentionBackend
+
+        backend = TorchAttentionBackend(spec.block_size, spec.sliding_window, spec.device)
+    logger.info("attention backend: %s", backend.name)
+    return backend

@@ -20,12 +20,17 @@ def model_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("backend", ["torch", "flashinfer"])
 @torch.inference_mode()
-def test_bf16_greedy_agrees_with_hf(model_dir):
+def test_bf16_greedy_agrees_with_hf(model_dir, backend):
     from transformers import AutoModelForCausalLM
 
+    if backend != "torch":
+        pytest.importorskip(backend)
     prompts = random_prompts(8, 512, 5, 60, seed=2)
-    llm = LLM(model_dir, dtype="bfloat16", device="cuda", gpu_memory_utilization=0.3, max_num_batched_tokens=64)
+    llm = LLM(model_dir, dtype="bfloat16", device="cuda", gpu_memory_utilization=0.3, max_num_batched_tokens=64,
+              attention_backend=backend)
+    assert llm.engine.attn_backend.name == backend
     assert llm.engine.device.type == "cuda" and llm.engine.num_blocks > 0
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True), use_tqdm=False)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
