@@ -48,7 +48,7 @@ def hf_greedy(model, prompt_ids: list[list[int]], max_new_tokens: int, stop_at_e
     return outs
 
 
-def make_random_hf_model(kind: str, path: str, seed: int = 0):
+def make_random_hf_model(kind: str, path: str, seed: int = 0, **overrides):
     """A small random HF model saved as safetensors, with weights large enough that greedy picks
     are not near-ties (HF's default init makes logits almost flat)."""
     import transformers
@@ -57,6 +57,7 @@ def make_random_hf_model(kind: str, path: str, seed: int = 0):
     common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=None, bos_token_id=None)
+    common.update(overrides)
     if kind == "llama":
         cfg = transformers.LlamaConfig(**common, rope_theta=10000.0, rope_scaling=dict(
             rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

@@ -44,8 +44,13 @@ class AttentionSpec:
     sliding_window: Optional[int] = None
 
 
+FLASHINFER_HEAD_DIMS = (64, 128, 256)  # what its prebuilt and JIT kernels instantiate
+
+
 def _flashinfer_usable(spec: AttentionSpec) -> bool:
     if spec.device.type != "cuda" or spec.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if spec.head_dim not in FLASHINFER_HEAD_DIMS:
         return False
     try:
         import flashinfer  # noqa: F401
@@ -60,8 +65,8 @@ def get_attention_backend(name: str, spec: AttentionSpec):
         raise ValueError(f"attention_backend must be one of auto, torch, flashinfer; got {name!r}")
     if name == "flashinfer" or (name == "auto" and _flashinfer_usable(spec)):
         if not _flashinfer_usable(spec):
-            raise ValueError("attention_backend='flashinfer' needs a CUDA device, float16/bfloat16 and the "
-                             "flashinfer package (pip install 'raylight[flashinfer]')")
+            raise ValueError("attention_backend='flashinfer' needs a CUDA device, float16/bfloat16, a head_dim in "
+                             f"{FLASHINFER_HEAD_DIMS} and the flashinfer package (pip install 'raylight[flashinfer]')")
         from raylight.kernels.attention.flashinfer_backend import FlashInferBackend
 
         backend = FlashInferBackend(spec)

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("llama-gpu"))
-    make_random_hf_model("llama", path)
+    # head_dim 64 (256 / 4): a size every GPU backend supports
+    make_random_hf_model("llama", path, hidden_size=256, intermediate_size=512)
     return path
 
 
