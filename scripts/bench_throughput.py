@@ -69,7 +69,8 @@ def run_ours(args, prompts, out_lens):
     llm = LLM(args.model_config if args.dummy and args.model_config else args.model, **engine_args)
     ready_s = time.perf_counter() - t0
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in out_lens]
-    llm.generate(prompts[:2], [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)] * 2,
+    warm = prompts[:2]
+    llm.generate(warm, [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)] * len(warm),
                  use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=not args.quiet)
