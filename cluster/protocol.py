@@ -6,7 +6,7 @@ validated here or by `SamplingParams`, and every error names its field (`param`)
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -184,5 +184,3 @@ class DetokenizeRequest(BaseModel):
     model: Optional[str] = None
     tokens: list[int]
 
-
-FinishReason = Literal["stop", "length", "abort"]

@@ -61,6 +61,3 @@ class IncrementalDetokenizer:
         self.text += piece
         return piece
 
-
-def decode(tokenizer, token_ids: list[int], skip_special_tokens: bool = True) -> Optional[str]:
-    return None if tokenizer is None else tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)

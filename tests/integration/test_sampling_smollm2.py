@@ -80,7 +80,7 @@ def test_n4_shares_the_prompt_blocks_and_samples_distinct_completions(llm):
                 used_after_fork = total - engine.get_metrics()["kv_blocks_free"]
     # 2 shared full prompt blocks + 4 private copies of the partly filled third block, not 4 x 3.
     assert used_after_fork == 2 + 4
-    assert outs.finished and len(outs.outputs) == 4
+    assert outs.request_id == rid and outs.finished and len(outs.outputs) == 4
     assert [c.index for c in outs.outputs] == [0, 1, 2, 3]
     assert all(len(c.token_ids) == 6 for c in outs.outputs)
     assert len({tuple(c.token_ids) for c in outs.outputs}) == 4
