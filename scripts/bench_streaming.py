@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import socket
 import statistics
@@ -22,7 +21,7 @@ import httpx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
-from bench_throughput import device_name, git_commit  # noqa: E402
+from bench_throughput import device_name, git_commit, write_record  # noqa: E402
 
 
 def main(argv=None):
@@ -77,11 +76,7 @@ def main(argv=None):
                   workload=dict(requests=args.requests, max_tokens=args.max_tokens, sequential=True),
                   client_itl_p50_ms=itl_p50 * 1000, engine_step_p50_ms=step_p50 * 1000,
                   overhead_ms=overhead_ms, engine_step_period_p50_ms=period_p50 * 1000, num_gaps=len(gaps), command=" ".join(sys.argv))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"streaming-cpu-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"wrote {path}")
+    write_record(args.out, "streaming-cpu", record)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def write_record(out_dir: str, prefix: str, record: dict) -> str:
+    """One JSON file per benchmark run: {out_dir}/{prefix}-{timestamp}.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{prefix}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"wrote {path}")
+    return path
+
+
 def make_workload(args, vocab: int):
     rng = np.random.default_rng(args.seed)
     n = args.num_requests
@@ -168,13 +178,8 @@ def main(argv=None):
         ratio_vs_hf=(ours["output_tok_s"] / hf["output_tok_s"]) if hf else None,
         command=" ".join(sys.argv),
     )
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     dev = "gpu" if llm.engine.device.type == "cuda" else "cpu"
-    path = os.path.join(args.out, f"throughput-{dev}-{workload}-{llm.engine.attn_backend.name}-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"wrote {path}")
+    write_record(args.out, f"throughput-{dev}-{workload}-{llm.engine.attn_backend.name}", record)
 
 
 if __name__ == "__main__":

@@ -396,4 +396,5 @@ def _resolve_dtype(name: str, model_dtype: Optional[str], device: torch.device) 
         return _DTYPES[name]
     if device.type == "cpu":
         return torch.float32  # CPU matmuls in half precision are slow and inexact
-    return _DTYPES.get(str(model_dtype), torch.bfloat16) if model_dtype != "float32" else torch.bfloat16
+    # GPUs serve in half precision: the checkpoint's float16, else bfloat16 (float32 checkpoints included).
+    return torch.float16 if model_dtype == "float16" else torch.bfloat16
