@@ -45,6 +45,12 @@ class EngineArgs(BaseModel):
     max_num_seqs: int = Field(256, ge=1, description="Most sequences in one engine step.")
     max_n: int = Field(64, ge=1, description="Largest n (parallel samples) one request may ask for.")
 
+    # --- GPU execution ---
+    enforce_eager: bool = Field(False, description="Never use CUDA graphs (decode steps launch kernels eagerly).")
+    max_cuda_graph_batch_size: Optional[int] = Field(
+        None, ge=1, description="Largest decode batch replayed from a CUDA graph (default: min(max_num_seqs, 512)); "
+        "larger decode batches run eagerly.")
+
     @field_validator("model")
     @classmethod
     def _non_empty(cls, v: Optional[str]) -> Optional[str]:

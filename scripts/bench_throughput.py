@@ -54,6 +54,82 @@ def write_record(out_dir: str, prefix: str, record: dict) -> str:
     return path
 
 
+def measure_ceilings(device: torch.device) -> dict:
+    """The two rates a floor is counted against, measured here (METHOD.md): device-to-device copy
+    bandwidth (bytes read + written) and a large bf16 matrix product."""
+    def timed(fn, reps=10):
+        fn()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return float(np.median(times))
+
+    src = torch.randn(2**29, device=device, dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_s = timed(lambda: dst.copy_(src))
+    src = dst = None
+    n = 8192
+    x, y = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mm_s = timed(lambda: x @ y)
+    return dict(copy_bandwidth_GBps=2 * 2**30 / copy_s / 1e9, bf16_matmul_TFLOPs=2 * n**3 / mm_s / 1e12)
+
+
+def model_counts(engine) -> dict:
+    """Bytes a decode step must read (weights; the embedding table only when it is also the LM head)
+    and FLOPs per token of the dense layers, for the floors."""
+    a = engine.arch
+    elem = torch.tensor([], dtype=engine.dtype).element_size()
+    total = sum(p.numel() for p in engine.model.parameters())
+    embed = a.vocab_size * a.hidden_size
+    head = embed  # the LM head's matmul, tied or not
+    body = total - embed - (0 if a.tie_word_embeddings else head)  # layers + norms
+    kv_per_token = a.num_hidden_layers * 2 * a.num_key_value_heads * a.head_dim * elem
+    return dict(decode_weight_bytes=(body + head) * elem, body_params=body, head_params=head,
+                kv_bytes_per_token=kv_per_token, layers=a.num_hidden_layers, q_width=a.num_attention_heads * a.head_dim)
+
+
+def floors(counts: dict, ceil: dict, batch: int, in_len: int, out_len: int) -> dict:
+    """Fixed workload: prefill FLOPs over the matrix rate, plus every decode step's
+    max(bytes / bandwidth, FLOPs / matrix rate), summed over the steps."""
+    bw, peak = ceil["copy_bandwidth_GBps"] * 1e9, ceil["bf16_matmul_TFLOPs"] * 1e12
+    c = counts
+    attn_flops = lambda ctx: 4 * c["layers"] * c["q_width"] * ctx  # QK^T and PV for one query over ctx keys
+    prefill_flops = batch * (in_len * 2 * c["body_params"] + 2 * c["head_params"]
+                             + sum(attn_flops(t + 1) for t in range(0, in_len, 16)) * 16)
+    prefill_s = prefill_flops / peak
+    decode_s = 0.0
+    for step in range(out_len - 1):
+        ctx = in_len + step + 1
+        by = c["decode_weight_bytes"] + batch * ctx * c["kv_bytes_per_token"]
+        fl = batch * (2 * (c["body_params"] + c["head_params"]) + attn_flops(ctx))
+        decode_s += max(by / bw, fl / peak)
+    mid_ctx = in_len + out_len // 2
+    step_bytes = c["decode_weight_bytes"] + batch * mid_ctx * c["kv_bytes_per_token"]
+    return dict(prefill_flops=prefill_flops, prefill_floor_s=prefill_s, decode_floor_s=decode_s,
+                floor_s=prefill_s + decode_s, floor_output_tok_s=batch * out_len / (prefill_s + decode_s),
+                decode_step_bytes_mid=step_bytes, decode_step_floor_s_mid=step_bytes / bw, mid_context=mid_ctx)
+
+
+def measure_prefill(llm, vocab: int, num: int, length: int) -> dict:
+    """Prefill-only throughput: `num` prompts of `length` tokens, one output token each."""
+    from raylight import SamplingParams
+
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(100, vocab - 1, length).tolist() for _ in range(num)]
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    llm.generate(prompts[:2], one, use_tqdm=False)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    llm.generate(prompts, one, use_tqdm=False)
+    torch.cuda.synchronize()
+    return dict(prompts=num, prompt_len=length, seconds=time.perf_counter() - t0)
+
+
 def make_workload(args, vocab: int):
     rng = np.random.default_rng(args.seed)
     n = args.num_requests
@@ -73,33 +149,90 @@ def run_ours(args, prompts, out_lens):
 
     t0 = time.perf_counter()
     engine_args = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       device=args.device, attention_backend=args.attention_backend)
+                       device=args.device, attention_backend=args.attention_backend,
+                       enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
+                       gpu_memory_utilization=args.gpu_memory_utilization)
     if args.dummy:
         engine_args["load_format"] = "dummy"
     llm = LLM(args.model_config if args.dummy and args.model_config else args.model, **engine_args)
-    ready_s = time.perf_counter() - t0
+    ready_s = time.perf_counter() - t0  # time-to-ready: load, KV profiling, CUDA graph capture
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in out_lens]
     warm = prompts[:2]
     llm.generate(warm, [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)] * len(warm),
                  use_tqdm=False)  # warm-up
+    warm_steps = llm.get_metrics()["num_steps"]
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=not args.quiet)
     elapsed = time.perf_counter() - t0
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == sum(out_lens), (produced, sum(out_lens))
     m = llm.get_metrics()
+    e = llm.engine
+    steps = list(e.step_log)[len(e.step_log) - (m["num_steps"] - warm_steps):]
     return llm, dict(elapsed_s=elapsed, output_tokens=produced, output_tok_s=produced / elapsed,
                      total_tok_s=(produced + sum(map(len, prompts))) / elapsed, ready_s=ready_s,
-                     engine_steps=m["num_steps"], preemptions=m["preemptions"])
+                     cuda_graph_capture_s=e.graph_capture_s, cuda_graphs=e.runner.graphs is not None,
+                     engine_steps=m["num_steps"], preemptions=m["preemptions"], kv_blocks=e.num_blocks,
+                     phases=phase_times(steps))
+
+
+def phase_times(step_log) -> dict:
+    """Median wall time of decode-only steps per batch size, and of prefill-only steps (no decodes)."""
+    decode: dict[int, list[float]] = {}
+    prefill_tokens, prefill_s = 0, 0.0
+    for reqs, tokens, decodes, secs in step_log:
+        if decodes == reqs:
+            decode.setdefault(reqs, []).append(secs)
+        elif decodes == 0:
+            prefill_tokens += tokens
+            prefill_s += secs
+    top = sorted(decode, key=lambda b: -len(decode[b]))[:3]
+    return dict(decode_step_s_by_batch={b: float(np.median(decode[b])) for b in sorted(top)},
+                decode_steps_by_batch={b: len(decode[b]) for b in sorted(top)},
+                prefill_only_tokens=prefill_tokens, prefill_only_s=prefill_s)
+
+
+def hf_model_sharing_our_weights(llm):
+    """An HF `LlamaForCausalLM` whose parameters are views of our engine's (dummy or loaded) weights:
+    same numbers, no second copy in device memory. q/k/v and gate/up are slices of our merged ones."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raylight.models.config import PRESETS
+
+    engine = llm.engine
+    name = engine.model_name
+    if name in PRESETS:
+        cfg = LlamaConfig(**{k: v for k, v in PRESETS[name].items() if k not in ("architectures", "torch_dtype")})
+    else:
+        cfg = LlamaConfig.from_pretrained(engine.model_path)
+    with torch.device(engine.device):
+        hf = LlamaForCausalLM(cfg).to(engine.dtype).eval()
+    ours = dict(engine.model.named_parameters())
+    a = engine.arch
+    q, kv, inter = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim, a.intermediate_size
+    state = {}
+    for n, p in ours.items():
+        if ".qkv_proj." in n:
+            for part, (lo, hi) in zip("qkv", ((0, q), (q, q + kv), (q + kv, q + 2 * kv))):
+                state[n.replace(".qkv_proj.", f".{part}_proj.")] = p[lo:hi]
+        elif ".gate_up_proj." in n:
+            state[n.replace(".gate_up_proj.", ".gate_proj.")] = p[:inter]
+            state[n.replace(".gate_up_proj.", ".up_proj.")] = p[inter:]
+        else:
+            state[n] = p
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
+    assert not missing and not unexpected, (missing, unexpected)
+    if cfg.tie_word_embeddings:
+        hf.tie_weights()
+    torch.cuda.empty_cache() if engine.device.type == "cuda" else None
+    return hf
 
 
 @torch.inference_mode()
 def run_hf(args, llm, prompts, out_lens):
-    from transformers import AutoModelForCausalLM
-
-    path = llm.engine.model_path
     dev = llm.engine.device
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=llm.engine.dtype).to(dev).eval()
+    model = hf_model_sharing_our_weights(llm)
     pad = 0
 
     def batch_generate(batch_prompts, max_new):
@@ -141,6 +274,10 @@ def main(argv=None):
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="lower it to leave room for the HF peer on the same GPU")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
@@ -163,6 +300,36 @@ def main(argv=None):
               f"({hf['elapsed_s']:.1f}s)")
         print(f"ratio raylight / HF: {ours['output_tok_s'] / hf['output_tok_s']:.2f}x")
 
+    analysis = None
+    if llm.engine.device.type == "cuda":
+        # Floors and rates, measured and counted in the same run (after both engines, so neither is disturbed).
+        ceil = measure_ceilings(llm.engine.device)
+        counts = model_counts(llm.engine)
+        analysis = dict(ceilings=ceil, counts=counts)
+        if args.fixed:
+            fl = floors(counts, ceil, args.num_requests, args.input_len, args.output_len)
+            analysis["floors"] = fl
+            analysis["fraction_of_floor"] = ours["output_tok_s"] / fl["floor_output_tok_s"]
+            dec = ours["phases"]["decode_step_s_by_batch"]
+            if args.num_requests in dec:
+                analysis["decode_step_s_at_full_batch"] = dec[args.num_requests]
+                analysis["decode_step_floor_fraction"] = fl["decode_step_floor_s_mid"] / dec[args.num_requests]
+        pf = measure_prefill(llm, vocab, num=min(args.num_requests, 32), length=args.input_len)
+        pf_flops = pf["prompts"] * (pf["prompt_len"] * 2 * counts["body_params"] + 2 * counts["head_params"]
+                                    + 2 * counts["layers"] * counts["q_width"] * pf["prompt_len"] ** 2)
+        pf["mfu"] = pf_flops / pf["seconds"] / (ceil["bf16_matmul_TFLOPs"] * 1e12)
+        pf["tokens_per_s"] = pf["prompts"] * pf["prompt_len"] / pf["seconds"]
+        analysis["prefill"] = pf
+        print(f"ceilings: copy {ceil['copy_bandwidth_GBps']:.0f} GB/s, bf16 matmul {ceil['bf16_matmul_TFLOPs']:.0f} "
+              f"TFLOP/s; prefill MFU {pf['mfu']:.1%}; ready in {ours['ready_s']:.1f}s")
+        if "floors" in analysis:
+            print(f"floor {analysis['floors']['floor_output_tok_s']:.0f} output tok/s; we reach "
+                  f"{analysis['fraction_of_floor']:.1%}")
+        if "decode_step_s_at_full_batch" in analysis:
+            print(f"decode step at batch {args.num_requests}: {analysis['decode_step_s_at_full_batch'] * 1e3:.2f} ms, "
+                  f"floor {analysis['floors']['decode_step_floor_s_mid'] * 1e3:.2f} ms "
+                  f"({analysis['decode_step_floor_fraction']:.1%})")
+
     workload = ("fixed" if args.fixed else "mixed")
     record = dict(
         benchmark="bench_throughput", date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -174,7 +341,7 @@ def main(argv=None):
                       output_lens=[args.output_len] * 2 if args.fixed else [args.min_output, args.max_output],
                       total_prompt_tokens=sum(map(len, prompts)), total_output_tokens=sum(out_lens),
                       ignore_eos=True),
-        raylight=ours, peer_hf_generate=hf,
+        raylight=ours, peer_hf_generate=hf, analysis=analysis,
         ratio_vs_hf=(ours["output_tok_s"] / hf["output_tok_s"]) if hf else None,
         command=" ".join(sys.argv),
     )

@@ -95,25 +95,42 @@ class LLMEngine:
         self.model = build_model(resolved, self.attn_backend, self.dtype, self.device,
                                  self.max_model_len, args.seed)
         self.num_blocks = self._num_kv_blocks()
-        shape = (self.num_blocks, 2, args.block_size, arch.num_key_value_heads, arch.head_dim)
+        use_graphs = (self.device.type == "cuda" and not args.enforce_eager
+                      and getattr(self.attn_backend, "supports_cuda_graphs", False))
+        # Under CUDA graphs one extra block, never handed out by the pool, absorbs the padding rows' writes.
+        shape = (self.num_blocks + use_graphs, 2, args.block_size, arch.num_key_value_heads, arch.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(arch.num_hidden_layers)]
         self.kv = KVCacheManager(self.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, args.max_num_batched_tokens, args.max_num_seqs, self.max_model_len)
-        self.runner = ModelRunner(self.model, self.attn_backend, self.kv_caches, self.kv, self.device, args.seed)
+        self.graph_capture_s = 0.0
+        graphs = None
+        if use_graphs:
+            from raylight.workers.cuda_graphs import CudaGraphRunner
+
+            max_bs = args.max_cuda_graph_batch_size or min(args.max_num_seqs, 512)
+            max_blocks = min(-(-self.max_model_len // args.block_size), self.num_blocks)
+            graphs = CudaGraphRunner(self.model, self.attn_backend, self.kv_caches, max_bs, max_blocks,
+                                     scratch_block=self.num_blocks, block_size=args.block_size, device=self.device)
+            self.graph_capture_s = graphs.capture()
+        self.runner = ModelRunner(self.model, self.attn_backend, self.kv_caches, self.kv, self.device, args.seed,
+                                  graphs=graphs)
         self._groups: dict[str, _Group] = {}
         self._seq_owner: dict[str, tuple[_Group, int]] = {}  # sequence id -> (its request, index)
         self._ids = itertools.count()
         self.num_steps = 0
         self.step_times: collections.deque[float] = collections.deque(maxlen=1024)  # recent step times
+        # (requests, tokens, decode requests, seconds) of recent steps, for benchmarks' per-phase timings
+        self.step_log: collections.deque[tuple[int, int, int, float]] = collections.deque(maxlen=65536)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.ready_s = time.monotonic() - t0
         logger.info(
-            "engine ready in %.1fs: model=%s dtype=%s device=%s attention=%s KV cache: %d blocks x %d tokens "
-            "= %d tokens, %.2f GiB; max_model_len=%d",
-            time.monotonic() - t0, self.model_name, str(self.dtype).replace("torch.", ""), self.device,
-            self.attn_backend.name, self.num_blocks, args.block_size, self.num_blocks * args.block_size,
-            self.kv_cache_bytes / 2**30, self.max_model_len)
+            "engine ready in %.1fs: model=%s dtype=%s device=%s attention=%s cuda_graphs=%s KV cache: %d blocks x "
+            "%d tokens = %d tokens, %.2f GiB; max_model_len=%d",
+            self.ready_s, self.model_name, str(self.dtype).replace("torch.", ""), self.device,
+            self.attn_backend.name, graphs is not None, self.num_blocks, args.block_size,
+            self.num_blocks * args.block_size, self.kv_cache_bytes / 2**30, self.max_model_len)
 
     # ---- sizing ----
     @property
@@ -274,7 +291,10 @@ class LLMEngine:
             group.prompt_logprobs.extend(self._position_logprobs(p.token_id, p.logprob, p.rank, p.top)
                                          for p in plps)
         outputs = self._process(self.scheduler.update(sched, result))
-        self.step_times.append(time.perf_counter() - t0)  # the whole step, as a streaming client paces it
+        elapsed = time.perf_counter() - t0  # the whole step, as a streaming client paces it
+        self.step_times.append(elapsed)
+        n = sched.num_scheduled_tokens
+        self.step_log.append((len(n), sum(n), sum(1 for t in n if t == 1), elapsed))
         return outputs
 
     def _process(self, changed: list[tuple[Request, Optional[SampledToken]]]) -> list[RequestOutput]:

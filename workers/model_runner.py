@@ -44,8 +44,9 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, attn_backend, kv_caches: list[torch.Tensor],
-                 kv: KVCacheManager, device: torch.device, seed: int = 0):
+                 kv: KVCacheManager, device: torch.device, seed: int = 0, graphs=None):
         self.model = model
+        self.graphs = graphs  # a CudaGraphRunner for decode-only steps, or None (eager)
         self.attn_backend = attn_backend
         self.kv_caches = kv_caches
         self.kv = kv
@@ -92,13 +93,18 @@ class ModelRunner:
         slot_mapping = block_tables[req_idx, positions // bs] * bs + positions % bs
 
         dev = self.device
-        common = CommonAttentionMetadata(
-            num_decodes=num_decodes, query_start_loc=query_start_loc, seq_lens=seq_lens,
-            block_tables=block_tables, slot_mapping=torch.from_numpy(slot_mapping).to(dev),
-        )
-        attn_meta = self.attn_backend.build(common)
-        input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
-        hidden = self.model(input_ids, torch.from_numpy(positions).to(dev), self.kv_caches, attn_meta)
+        if (self.graphs is not None and num_decodes == len(reqs)
+                and self.graphs.can_run(len(reqs), block_tables.shape[1])):
+            hidden = self.graphs.run(np.array(token_ids, dtype=np.int64), positions, seq_lens, block_tables,
+                                     slot_mapping)
+        else:
+            common = CommonAttentionMetadata(
+                num_decodes=num_decodes, query_start_loc=query_start_loc, seq_lens=seq_lens,
+                block_tables=block_tables, slot_mapping=torch.from_numpy(slot_mapping).to(dev),
+            )
+            attn_meta = self.attn_backend.build(common)
+            input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
+            hidden = self.model(input_ids, torch.from_numpy(positions).to(dev), self.kv_caches, attn_meta)
 
         out = ModelRunnerOutput()
         for i, r in enumerate(reqs):

@@ -1,5 +1,6 @@
-"""The engine on a CUDA GPU with the torch reference attention: bf16 logprobs agree with HF's,
-and the KV cache is sized from gpu_memory_utilization after a profiling pass."""
+"""The engine on a CUDA GPU, every attention backend, with and without CUDA graphs: greedy bf16
+output agrees with HF's (teacher-forced: HF's top-1 given our prefix), and the KV cache is sized
+from gpu_memory_utilization after a profiling pass."""
 
 from __future__ import annotations
 
@@ -21,19 +22,30 @@ def model_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("backend", ["torch", "flashinfer"])
+NEAR_TIE = 1e-2  # the issue's bound on HF's top-1 minus our token's logit, for any mismatch
+
+
+@pytest.mark.parametrize("backend,eager", [("torch", True), ("triton", False), ("triton", True),
+                                           ("flashinfer", False), ("flashinfer", True)])
 @torch.inference_mode()
-def test_bf16_greedy_agrees_with_hf(model_dir, backend):
+def test_bf16_greedy_agrees_with_hf(model_dir, backend, eager):
     from transformers import AutoModelForCausalLM
 
     if backend != "torch":
         pytest.importorskip(backend)
-    prompts = random_prompts(8, 512, 5, 60, seed=2)
+    # 13 prompts: decode batches 13, then fewer as they finish, pad to the captured sizes 16, 8, 4...
+    prompts = random_prompts(13, 512, 5, 60, seed=2)
+    max_tokens = [64 - 3 * (i % 4) for i in range(len(prompts))]
     llm = LLM(model_dir, dtype="bfloat16", device="cuda", gpu_memory_utilization=0.3, max_num_batched_tokens=64,
-              attention_backend=backend)
+              attention_backend=backend, enforce_eager=eager, max_cuda_graph_batch_size=16)
     assert llm.engine.attn_backend.name == backend
     assert llm.engine.device.type == "cuda" and llm.engine.num_blocks > 0
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    graphs = llm.engine.runner.graphs
+    assert (graphs is None) == (eager or backend == "torch")
+    outs = llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens],
+                        use_tqdm=False)
+    if graphs is not None:
+        assert graphs.num_replays > 0
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
     matched = total = 0
     for prompt, out in zip(prompts, outs):
@@ -46,7 +58,7 @@ def test_bf16_greedy_agrees_with_hf(model_dir, backend):
                 matched += 1
             else:  # a mismatch must be a near-tie under HF's own logits
                 gap = float(hf_top2.values[step, 0] - logits[step, token])
-                assert gap < 0.15, (step, gap)
+                assert gap < NEAR_TIE, (step, gap)
     assert matched / total >= 0.95, matched / total
     m = llm.get_metrics()
     assert m["kv_blocks_free"] == m["kv_blocks_total"]
