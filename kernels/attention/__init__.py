@@ -9,6 +9,7 @@ turns that into its own metadata with `build()`, shared by all layers of the ste
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -59,10 +60,26 @@ def _flashinfer_usable(spec: AttentionSpec) -> bool:
     return True
 
 
+def _triton_usable(spec: AttentionSpec, allow_interpreter: bool) -> bool:
+    # The interpreter runs the kernels on CPU tensors: far too slow to serve, fine for tests.
+    on_device = spec.device.type == "cuda" or (allow_interpreter and os.environ.get("TRITON_INTERPRET") == "1")
+    if not on_device:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+BACKENDS = ("auto", "torch", "triton", "flashinfer")
+
+
 def get_attention_backend(name: str, spec: AttentionSpec):
-    """`auto`: FlashInfer on CUDA in half precision when importable, else the torch reference."""
-    if name not in ("auto", "torch", "flashinfer"):
-        raise ValueError(f"attention_backend must be one of auto, torch, flashinfer; got {name!r}")
+    """`auto`: FlashInfer on CUDA in half precision when importable, else our Triton kernels on CUDA
+    when triton is importable, else the torch reference."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}; got {name!r}")
     if name == "flashinfer" or (name == "auto" and _flashinfer_usable(spec)):
         if not _flashinfer_usable(spec):
             raise ValueError("attention_backend='flashinfer' needs a CUDA device, float16/bfloat16, a head_dim in "
@@ -70,6 +87,13 @@ def get_attention_backend(name: str, spec: AttentionSpec):
         from raylight.kernels.attention.flashinfer_backend import FlashInferBackend
 
         backend = FlashInferBackend(spec)
+    elif name == "triton" or (name == "auto" and _triton_usable(spec, allow_interpreter=False)):
+        if not _triton_usable(spec, allow_interpreter=True):
+            raise ValueError("attention_backend='triton' needs a CUDA device and the triton package "
+                             f"(got device {spec.device}; TRITON_INTERPRET=1 allows CPU, for tests only)")
+        from raylight.kernels.attention.triton_backend import TritonAttentionBackend
+
+        backend = TritonAttentionBackend(spec)
     else:
         from raylight.kernels.attention.torch_ref import TorchAttentionBackend
 
