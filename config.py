@@ -28,8 +28,9 @@ class EngineArgs(BaseModel):
     seed: int = Field(0, ge=0, description="Seed for dummy weights and unseeded sampling.")
     max_model_len: Optional[int] = Field(None, ge=1, description="Context window; defaults to the model's.")
     revision: Optional[str] = None
-    attention_backend: Literal["auto", "torch", "flashinfer"] = Field(
-        "auto", description="auto: FlashInfer on CUDA in half precision when installed, else torch.")
+    attention_backend: Literal["auto", "torch", "triton", "flashinfer"] = Field(
+        "auto", description="auto: FlashInfer on CUDA in half precision when installed, else our Triton kernels "
+        "on CUDA when triton is installed, else the torch reference.")
 
     # --- KV cache ---
     block_size: int = Field(16, ge=1, le=1024)
