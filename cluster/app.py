@@ -12,6 +12,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from raylight.config import EngineArgs
+from raylight.placement import ClusterTopology, PlacementPlan, check_fits, deployment_options, plan_for_replica
 
 logger = logging.getLogger("raylight.app")
 
@@ -53,6 +54,7 @@ def build_app(args: dict[str, Any]):
         pool_opts["autoscaling_config"] = cfg.autoscaling_config
     else:
         pool_opts["num_replicas"] = cfg.num_replicas
+    pool_opts.update(placement_options(cfg, engine_args))
     cpu_threads = int(cfg.ray_actor_options.get("num_cpus", 1) or 1)
     pool = serve.deployment(EngineReplica, name="EngineReplica", **pool_opts).bind(
         engine_args.model_dump(exclude_none=True), cfg.max_queued_requests, cpu_threads)
@@ -60,3 +62,38 @@ def build_app(args: dict[str, Any]):
                                max_ongoing_requests=4096)
     return ingress.bind(pool, name, cfg.model, engine_args.load_format, engine_args.max_model_len, cfg.api_key,
                         cfg.default_max_tokens)
+
+
+def placement_options(cfg: AppConfig, engine_args: EngineArgs) -> dict[str, Any]:
+    """Placement-group options for the engine pool: none for a single-rank replica; for
+    TP x PP > 1, the planner's bundles and strategy, with `ray_actor_options` read as one
+    rank's share (the replica actor is rank 0)."""
+    # getattr: the parallel sizes are engine args that may not exist in every version.
+    tp = int(getattr(engine_args, "tensor_parallel_size", 1) or 1)
+    pp = int(getattr(engine_args, "pipeline_parallel_size", 1) or 1)
+    if tp * pp == 1:
+        return {}
+    plan = plan_for_replica(cfg.ray_actor_options, tp, pp, device=engine_args.device)
+    logger.info("engine replicas are %s placement groups: bundles %s, strategy %s", plan.name,
+                plan.bundle_list(), plan.strategy)
+    _warn_if_cluster_too_small(plan, cfg)
+    return deployment_options(plan, cfg.ray_actor_options)
+
+
+def _warn_if_cluster_too_small(plan: PlacementPlan, cfg: AppConfig) -> None:
+    """A placement group that does not fit waits silently, so say so now. Only a warning:
+    an autoscaling Ray cluster may still add the nodes."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        replicas = cfg.num_replicas or 1
+        if cfg.autoscaling_config:
+            replicas = cfg.autoscaling_config.get("min_replicas", 1)
+        check_fits(plan, ClusterTopology.from_ray(), max(1, int(replicas)))
+    except ValueError as e:
+        logger.warning("the Ray cluster cannot hold the engine pool as it is now (%s); replicas will wait "
+                       "for nodes", e)
+    except Exception:  # topology is advisory; never fail the build over it
+        logger.debug("could not read the Ray cluster's topology", exc_info=True)
