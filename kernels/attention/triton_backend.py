@@ -40,7 +40,7 @@ class TritonAttentionBackend:
 
     def __init__(self, spec: AttentionSpec):
         self.spec = spec
-        self.group, _ = tk.group_rows(spec.num_heads, spec.num_kv_heads)
+        tk.group_rows(spec.num_heads, spec.num_kv_heads)  # rejects a head count that is not a GQA multiple
         self.block_q = tk.prefill_block_q(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.dtype)
         # Split decode until about this many programs are in flight (a few per SM).
         sms = torch.cuda.get_device_properties(spec.device).multi_processor_count if spec.device.type == "cuda" else 16

@@ -255,17 +255,23 @@ def _prefill_kernel(out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, q
 LOG2E = 1.4426950408889634
 
 
-def group_rows(num_heads: int, num_kv_heads: int) -> tuple[int, int]:
-    """(GQA group size, its padded height): at least 16 rows, which tl.dot needs on a GPU."""
+def group_rows(num_heads: int, num_kv_heads: int, min_rows: int = 1) -> tuple[int, int]:
+    """(GQA group size, its padded height: a power of two, at least min_rows)."""
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     group = num_heads // num_kv_heads
-    return group, max(16, next_pow2(group))
+    return group, max(min_rows, next_pow2(group))
+
+
+# A decode tile is one GQA group; tl.dot needs M >= 16 on a GPU, so small groups are padded
+# (decode is bound by K/V bandwidth, the idle rows cost little). Prefill tiles stack query tokens
+# instead and pad the group only to a power of two: compute-bound, they must not waste rows.
+DECODE_MIN_ROWS = 16
 
 
 def prefill_block_q(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Query tokens per prefill program: about 64 rows (tokens x group heads) per tile, fewer for
-    fp32 and the widest heads to stay within registers and shared memory."""
+    """Query tokens per prefill program: 64 rows (tokens x group heads) per tile, 32 for fp32 and
+    the widest heads to stay within registers and shared memory; always at least 16 rows."""
     _, group_p = group_rows(num_heads, num_kv_heads)
     target_rows = 32 if dtype == torch.float32 or head_dim > 128 else 64
     return max(1, target_rows // group_p)
@@ -282,6 +288,8 @@ def _common_args(q, kv_cache, scale):
         stride_ch=kv_cache.stride(3),
         BLOCK_SIZE=kv_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
         TILE=32 if fp32 or head_dim > 128 else 64, DOT_PRECISION="ieee" if fp32 else None,
+        # Fewer pipeline stages where K/V tiles are widest, to stay inside shared memory.
+        num_warps=4, num_stages=2 if fp32 or head_dim > 128 else 3,
     )
 
 
@@ -296,7 +304,7 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor,
     if num_seqs == 0:
         return
     num_heads, kv_heads = q.shape[1], kv_cache.shape[3]
-    group, group_p = group_rows(num_heads, kv_heads)
+    group, group_p = group_rows(num_heads, kv_heads, DECODE_MIN_ROWS)
     if num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two, got {num_splits}")
     common = _common_args(q, kv_cache, scale)
@@ -305,7 +313,7 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor,
         out, part_o, part_m, part_l, q, kv_cache, block_tables, seq_lens, num_heads, common.pop("qk_scale"),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         common.pop("stride_cb"), common.pop("stride_ckv"), common.pop("stride_cp"), common.pop("stride_ch"),
-        GROUP=group, GROUP_P=group_p, NUM_SPLITS=num_splits, WINDOW=window or 0, num_warps=4, **common)
+        GROUP=group, GROUP_P=group_p, NUM_SPLITS=num_splits, WINDOW=window or 0, **common)
     if num_splits > 1:
         head_dim = q.shape[2]
         _combine_splits_kernel[(num_seqs, num_heads)](
@@ -329,9 +337,11 @@ def prefill_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor
         return
     num_heads, kv_heads = q.shape[1], kv_cache.shape[3]
     group, group_p = group_rows(num_heads, kv_heads)
+    if block_q * group_p < 16:
+        raise ValueError(f"prefill tiles need at least 16 rows; block_q={block_q} x group {group_p}")
     common = _common_args(q, kv_cache, scale)
     _prefill_kernel[(num_work, kv_heads)](
         out, q, kv_cache, block_tables, seq_lens, query_start_loc, work_seq, work_qblock, common.pop("qk_scale"),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         common.pop("stride_cb"), common.pop("stride_ckv"), common.pop("stride_cp"), common.pop("stride_ch"),
-        GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, WINDOW=window or 0, num_warps=4, **common)
+        GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, WINDOW=window or 0, **common)

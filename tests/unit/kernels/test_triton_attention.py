@@ -38,17 +38,17 @@ DECODE_CTX = [1, 16, 17, 100]  # block-boundary cases for block size 16
 PREFILLS = [(0, 33), (40, 7), (31, 17)]  # (cached context, chunk length): fresh prompt, chunks on a prefix
 
 
-def make_step(decode_ctx, prefills, *, bs, heads, kv_heads, dim, dtype, device, spare_blocks=3, seed=0):
+def make_step(decode_ctx, prefills, *, bs, heads, kv_heads, dim, dtype, device, num_blocks=None, seed=0):
     """One flattened step: decodes (cached context each, one new token) then prefill chunks.
 
-    Blocks come from a random permutation, so tables are scattered; the cache starts random
-    (the new tokens' slots are overwritten by the backend's KV write).
-    Returns (common, cache, q, k, v)."""
+    Blocks come from a random permutation of `num_blocks` (default: what the step needs plus 3),
+    so tables are scattered; the cache starts random (the new tokens' slots are overwritten by
+    the backend's KV write). Returns (common, cache, q, k, v)."""
     g = torch.Generator().manual_seed(seed)
     seq_lens = [c + 1 for c in decode_ctx] + [c + n for c, n in prefills]
     q_lens = [1] * len(decode_ctx) + [n for _, n in prefills]
     per_seq = [-(-L // bs) for L in seq_lens]
-    num_blocks = sum(per_seq) + spare_blocks
+    num_blocks = num_blocks or sum(per_seq) + 3
     perm = torch.randperm(num_blocks, generator=g).tolist()
     block_tables = np.zeros((len(seq_lens), max(per_seq)), dtype=np.int64)
     cursor = 0
