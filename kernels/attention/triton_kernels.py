@@ -277,8 +277,17 @@ def prefill_block_q(num_heads: int, num_kv_heads: int, head_dim: int, dtype: tor
     return max(1, target_rows // group_p)
 
 
+def _tile(head_dim: int, fp32: bool) -> int:
+    """Keys per inner-loop step: K and V tiles of TILE x head_dim, kept to ~16-32 KiB each."""
+    if not fp32:
+        return 64 if head_dim <= 128 else 32
+    return 32 if head_dim <= 128 else 16
+
+
 def _common_args(q, kv_cache, scale):
     _check_last_dim_contiguous(q, kv_cache)
+    if q.dtype != kv_cache.dtype:
+        raise ValueError(f"query dtype {q.dtype} differs from the KV cache's {kv_cache.dtype}")
     head_dim = q.shape[2]
     fp32 = q.dtype == torch.float32
     # fp32 dots default to TF32 on tensor cores; fp32 is our accuracy mode, so ask for real fp32.
@@ -287,7 +296,7 @@ def _common_args(q, kv_cache, scale):
         stride_cb=kv_cache.stride(0), stride_ckv=kv_cache.stride(1), stride_cp=kv_cache.stride(2),
         stride_ch=kv_cache.stride(3),
         BLOCK_SIZE=kv_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
-        TILE=32 if fp32 or head_dim > 128 else 64, DOT_PRECISION="ieee" if fp32 else None,
+        TILE=_tile(head_dim, fp32), DOT_PRECISION="ieee" if fp32 else None,
         # Fewer pipeline stages where K/V tiles are widest, to stay inside shared memory.
         num_warps=4, num_stages=2 if fp32 or head_dim > 128 else 3,
     )

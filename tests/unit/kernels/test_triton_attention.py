@@ -117,14 +117,14 @@ def test_write_kv_matches_indexing_and_skips_padding():
 
 
 @interpreted
-@pytest.mark.parametrize("heads, kv_heads, dim, window", [
-    (8, 2, 64, None),  # GQA group of 4
-    (4, 4, 128, None),  # MHA
-    (8, 2, 64, 24),  # sliding window, shorter than most sequences
-    (6, 2, 80, None),  # head dim that is not a power of two, group of 3
+@pytest.mark.parametrize("bs, heads, kv_heads, dim, window", [
+    (16, 8, 2, 64, None),  # GQA group of 4
+    (16, 4, 4, 128, None),  # MHA
+    (16, 8, 2, 64, 24),  # sliding window, shorter than most sequences
+    (16, 6, 2, 80, None),  # head dim that is not a power of two, group of 3
+    (32, 4, 2, 256, 40),  # widest heads, larger blocks, window
 ])
-def test_mixed_batch_matches_reference(heads, kv_heads, dim, window):
-    bs = 16
+def test_mixed_batch_matches_reference(bs, heads, kv_heads, dim, window):
     step = make_step(DECODE_CTX, PREFILLS, bs=bs, heads=heads, kv_heads=kv_heads, dim=dim,
                      dtype=torch.float32, device="cpu")
     check_against_reference(triton_backend(bs, heads, kv_heads, dim, window), *step, tol=1e-4)
