@@ -1,12 +1,21 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) over the paged KV cache.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) over the paged KV cache,
+sharded over tensor- and pipeline-parallel ranks by the `ParallelGroups` it is given.
 
 Parameter names follow HF checkpoints, except that q/k/v are merged into `qkv_proj`
-and gate/up into `gate_up_proj` (one matmul each instead of three and two).
+and gate/up into `gate_up_proj` (one matmul each instead of three and two). With the
+default single-process groups every parameter has its full shape and the model is the
+plain single-device one.
+
+Under TP each rank holds its heads (`local_head_counts`), its slice of the MLP and of the
+vocabulary. Under PP a rank builds only its stage's layers [start, end) (the others are
+parameterless placeholders, so names keep their global layer index); the first stage owns
+the embedding, the last one the final norm and the LM head.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import re
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -15,18 +24,34 @@ from raylight.kernels.activation import silu_and_mul
 from raylight.kernels.norm import RMSNorm
 from raylight.kernels.rotary import RotaryEmbedding, apply_rotary
 from raylight.models.config import ModelArchConfig
+from raylight.parallel.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
+                                      VocabParallelEmbedding, default_weight_loader, head_shard)
+from raylight.parallel.state import ParallelGroups
+
+Intermediate = tuple[torch.Tensor, torch.Tensor]  # (hidden, residual) between PP stages
+
+
+def local_head_counts(cfg: ModelArchConfig, tp_size: int, tp_rank: int = 0) -> tuple[int, int]:
+    """(num_heads, num_kv_heads) that TP rank `tp_rank` runs attention over: what its
+    `AttentionSpec` and its KV cache must use. Ranks differ only when the KV heads do not divide
+    evenly over tp (e.g. 3 over 2); rank 0 then has the most, so it sizes the KV budget."""
+    h = head_shard(cfg.num_attention_heads, cfg.num_key_value_heads, tp_size, tp_rank)
+    return h.num_heads, h.num_kv_heads
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, attn_backend):
+    def __init__(self, cfg: ModelArchConfig, attn_backend, groups: ParallelGroups):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
+        self.head_dim = cfg.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, cfg.attention_bias, groups)
+        heads = self.qkv_proj.heads  # this rank's heads
+        self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        # o_proj's input is the concatenated head outputs, so its columns split with the heads.
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, False, groups,
+                                        input_shard=(heads.q_start * cfg.head_dim, self.q_size))
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -47,20 +72,21 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelArchConfig):
+    def __init__(self, cfg: ModelArchConfig, groups: ParallelGroups):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        # Gate and up are split the same way, so silu(gate) * up pairs matching features locally.
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, False, groups)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, groups)
 
     def forward(self, x):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, attn_backend):
+    def __init__(self, cfg: ModelArchConfig, attn_backend, groups: ParallelGroups):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, attn_backend)
-        self.mlp = LlamaMLP(cfg)
+        self.self_attn = LlamaAttention(cfg, attn_backend, groups)
+        self.mlp = LlamaMLP(cfg, groups)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -76,102 +102,140 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, attn_backend, max_positions: int):
+    def __init__(self, cfg: ModelArchConfig, attn_backend, max_positions: int, groups: ParallelGroups):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, attn_backend) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.start_layer, self.end_layer = groups.layer_range(cfg.num_hidden_layers)
+        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, groups)
+                             if groups.is_first_stage else None)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, attn_backend, groups) if self.start_layer <= i < self.end_layer else nn.Identity()
+            for i in range(cfg.num_hidden_layers))
+        self.local_layers = list(self.layers)[self.start_layer : self.end_layer]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if groups.is_last_stage else None
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
 
-    def forward(self, input_ids, positions, kv_caches, attn_meta):
-        x = self.embed_tokens(input_ids)
+    def forward(self, input_ids, positions, kv_caches, attn_meta, intermediate: Optional[Intermediate] = None):
+        if self.embed_tokens is not None:
+            x, residual = self.embed_tokens(input_ids), None
+        else:
+            x, residual = intermediate
         # cos/sin gathered once per step, shared by every layer.
         cos = self.rotary_emb.cos[positions].to(x.dtype)[:, None, :]
         sin = self.rotary_emb.sin[positions].to(x.dtype)[:, None, :]
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for layer, kv_cache in zip(self.local_layers, kv_caches):
             x, residual = layer(x, residual, cos, sin, kv_cache, attn_meta)
+        if self.norm is None:
+            return x, residual  # the next stage continues the residual stream
         x, _ = self.norm(x, residual)
         return x
 
 
 class LlamaForCausalLM(nn.Module):
-    # HF checkpoint name fragment -> (our merged parameter fragment, shard index)
+    # HF checkpoint name fragment -> (our merged parameter fragment, shard id)
     stacked_params = {
-        ".q_proj.": (".qkv_proj.", 0),
-        ".k_proj.": (".qkv_proj.", 1),
-        ".v_proj.": (".qkv_proj.", 2),
+        ".q_proj.": (".qkv_proj.", "q"),
+        ".k_proj.": (".qkv_proj.", "k"),
+        ".v_proj.": (".qkv_proj.", "v"),
         ".gate_proj.": (".gate_up_proj.", 0),
         ".up_proj.": (".gate_up_proj.", 1),
     }
+    merged_shards = {".qkv_proj.": ("q", "k", "v"), ".gate_up_proj.": (0, 1)}
 
-    def __init__(self, cfg: ModelArchConfig, attn_backend, max_positions: int):
+    def __init__(self, cfg: ModelArchConfig, attn_backend, max_positions: int,
+                 groups: Optional[ParallelGroups] = None):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, attn_backend, max_positions)
-        if cfg.tie_word_embeddings:
+        self.groups = groups = groups or ParallelGroups.single()
+        self.model = LlamaModel(cfg, attn_backend, max_positions, groups)
+        if not groups.is_last_stage:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            # Tied on a model whose first stage is also its last: one weight. Tied across stages:
+            # the last stage keeps its own copy, filled from the checkpoint's embedding.
+            tie_to = self.model.embed_tokens if cfg.tie_word_embeddings else None
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, groups, tie_to=tie_to)
+
+    # ---- what an executor needs to size and drive this rank ----
+    @property
+    def layer_range(self) -> tuple[int, int]:
+        return self.model.start_layer, self.model.end_layer
 
     @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+    def num_local_layers(self) -> int:
+        return self.model.end_layer - self.model.start_layer
 
-    def forward(self, input_ids, positions, kv_caches, attn_meta):
-        return self.model(input_ids, positions, kv_caches, attn_meta)
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """Shape of each of this rank's `num_local_layers` KV cache tensors (local KV heads)."""
+        return (num_blocks, 2, block_size, self.model.local_layers[0].self_attn.num_kv_heads, self.config.head_dim)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.device.type == "cpu":
-            # [vocab, hidden] @ [hidden, S]: with few rows S, MKL runs this orientation ~1.5x faster
-            # than linear()'s (measured on SmolLM2's 49152 x 576 head at S=32).
-            return (self.lm_head_weight @ hidden.t()).t().float()
-        return torch.nn.functional.linear(hidden, self.lm_head_weight).float()
+    def forward(self, input_ids, positions, kv_caches, attn_meta, intermediate: Optional[Intermediate] = None):
+        """First stage: from `input_ids`; later stages: from the previous stage's (hidden, residual).
+        Last stage: returns the final hidden states; earlier stages: (hidden, residual) to send on.
+        `kv_caches` holds one tensor per local layer."""
+        return self.model(input_ids, positions, kv_caches, attn_meta, intermediate)
 
-    def _shard_sizes(self, merged: str) -> list[int]:
-        c = self.config
-        if merged == ".qkv_proj.":
-            kv = c.num_key_value_heads * c.head_dim
-            return [c.num_attention_heads * c.head_dim, kv, kv]
-        return [c.intermediate_size, c.intermediate_size]
+    def compute_logits(self, hidden: torch.Tensor, gather_all: bool = False) -> Optional[torch.Tensor]:
+        """Full-vocabulary float logits. Last stage only; under TP every rank of the stage must call it
+        (it gathers the vocabulary slices): TP rank 0 gets the logits, the others None unless gather_all."""
+        return self.lm_head(hidden, gather_all)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copies checkpoint tensors into our parameters as they stream in; returns the names filled."""
+    # ---- weights ----
+    _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+    def _elsewhere(self, name: str) -> bool:
+        """Is this checkpoint tensor owned by another PP stage?"""
+        m = self._LAYER.match(name)
+        if m:
+            return not self.model.start_layer <= int(m.group(1)) < self.model.end_layer
+        if name.startswith("model.embed_tokens."):
+            return self.model.embed_tokens is None
+        if name.startswith(("model.norm.", "lm_head.")):
+            return self.lm_head is None
+        return False
+
+    def load_weights(self, weights: Iterable[tuple[str, object]]) -> set[str]:
+        """Copies checkpoint tensors into our parameters as they stream in; returns the names filled.
+
+        Each tensor may be lazy (see `parallel.layers`): parameters narrow it to this rank's slice
+        before reading, and tensors of other PP stages are skipped without being read."""
         params = dict(self.named_parameters())
+        tied = self.config.tie_word_embeddings
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
-            if name == "lm_head.weight" and self.lm_head is None:
+            if name == "lm_head.weight" and tied:
                 continue  # tied: the embedding is the head
-            for frag, (merged, shard) in self.stacked_params.items():
-                if frag in name:
-                    target = name.replace(frag, merged)
-                    sizes = self._shard_sizes(merged)
-                    start = sum(sizes[:shard])
-                    param = params[target]
-                    with torch.no_grad():
-                        param[start : start + sizes[shard]].copy_(tensor)
-                    loaded.add(f"{target}#{shard}")
-                    break
-            else:
-                if name not in params:
+            targets = [name]
+            if (tied and name == "model.embed_tokens.weight" and self.lm_head is not None
+                    and (self.model.embed_tokens is None or self.lm_head.weight is not self.model.embed_tokens.weight)):
+                # Tied across PP stages: the last stage's head is filled from the embedding tensor.
+                targets = ([name] if self.model.embed_tokens is not None else []) + ["lm_head.weight"]
+            for target in targets:
+                shard = None
+                for frag, (merged, shard_id) in self.stacked_params.items():
+                    if frag in target:
+                        target, shard = target.replace(frag, merged), shard_id
+                        break
+                if target not in params:
+                    if self._elsewhere(target):
+                        continue
                     raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-                param = params[name]
-                if param.shape != tensor.shape:
-                    raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
-                                     f"model {tuple(param.shape)}")
-                with torch.no_grad():
-                    param.copy_(tensor)
-                loaded.add(name)
+                param = params[target]
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                try:
+                    loader(param, tensor) if shard is None else loader(param, tensor, shard)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
+                loaded.add(target if shard is None else f"{target}#{shard}")
         return loaded
 
     def expected_weights(self) -> set[str]:
         names = set()
         for name, _ in self.named_parameters():
-            for merged, n in ((".qkv_proj.", 3), (".gate_up_proj.", 2)):
+            for merged, shards in self.merged_shards.items():
                 if merged in name:
-                    names.update(f"{name}#{i}" for i in range(n))
+                    names.update(f"{name}#{s}" for s in shards)
                     break
             else:
                 names.add(name)

@@ -14,6 +14,7 @@ import torch
 
 from raylight.models.config import PRESETS, ModelArchConfig
 from raylight.models.llama import LlamaForCausalLM
+from raylight.parallel.state import ParallelGroups
 
 logger = logging.getLogger(__name__)
 
@@ -96,20 +97,41 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def iter_safetensors(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+class LazyTensor:
+    """A checkpoint tensor not read yet. A tensor-parallel rank narrows it to its own slice, and only
+    that slice is read from the (memory-mapped) file; `read()` reads all of it."""
+
+    def __init__(self, file_slice, dtype: torch.dtype):
+        self._slice, self.dtype = file_slice, dtype
+        self.shape = torch.Size(file_slice.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        if not 0 <= start <= start + length <= self.shape[dim]:
+            raise ValueError(f"slice [{start}, {start + length}) out of range for dim {dim} of {tuple(self.shape)}")
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        return self._slice[index].to(self.dtype)
+
+    def read(self) -> torch.Tensor:
+        return self._slice[:].to(self.dtype)
+
+
+def iter_safetensors(path: str, dtype: torch.dtype) -> Iterator[tuple[str, LazyTensor]]:
+    """Every tensor of the checkpoint, lazily, one file open at a time (use each before the next)."""
     from safetensors import safe_open
 
     for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name).to(dtype)
+                yield name, LazyTensor(f.get_slice(name), dtype)
 
 
 def build_model(resolved: ResolvedModel, attn_backend, dtype: torch.dtype, device: torch.device,
-                max_positions: int, seed: int = 0) -> torch.nn.Module:
+                max_positions: int, seed: int = 0, groups: Optional[ParallelGroups] = None) -> torch.nn.Module:
+    """This rank's part of the model (all of it with the default single-process groups), filled
+    from the checkpoint one tensor slice at a time."""
     cls = MODEL_CLASSES[resolved.arch.architecture]
     with torch.device(device), _default_dtype(dtype):
-        model = cls(resolved.arch, attn_backend, max_positions)
+        model = cls(resolved.arch, attn_backend, max_positions, groups)
     if resolved.load_format == "dummy":
         _init_dummy(model, seed)
     else:

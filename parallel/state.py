@@ -1,0 +1,213 @@
+"""Who this process is inside a replica: its TP and PP coordinates and the groups it talks over.
+
+There is no global state. A `ParallelGroups` is built once per process and passed
+explicitly to the model and its layers; `ParallelGroups.single()` is the trivial
+one-process instance (tp=1, pp=1) that needs no torch.distributed at all, so the
+single-device engine runs exactly the code it always ran.
+
+Rank layout inside a replica of tp x pp processes: rank = pp_rank * tp + tp_rank.
+The TP ranks of a stage are consecutive (one node, STRICT_PACK), and TP rank t of
+stage s talks point-to-point to TP rank t of stages s - 1 and s + 1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("raylight.parallel")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # Layers per PP stage, first stage first; None splits them evenly.
+    pipeline_layer_split: Optional[tuple[int, ...]] = None
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
+        split = self.pipeline_layer_split
+        if split is not None:
+            object.__setattr__(self, "pipeline_layer_split", tuple(int(n) for n in split))
+            if len(split) != self.pipeline_parallel_size or any(n < 1 for n in split):
+                raise ValueError(f"pipeline_layer_split must give each of the {self.pipeline_parallel_size} "
+                                 f"stages at least one layer, got {list(split)}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def layer_ranges(self, num_layers: int) -> list[tuple[int, int]]:
+        """[start, end) of each stage's layers: contiguous; balanced unless a split is given.
+
+        Balanced gives the extra layers of an uneven division to the first stages: the last
+        stage also runs the final norm, the LM head and sampling.
+        """
+        pp = self.pipeline_parallel_size
+        if self.pipeline_layer_split is not None:
+            counts = list(self.pipeline_layer_split)
+            if sum(counts) != num_layers:
+                raise ValueError(f"pipeline_layer_split {counts} covers {sum(counts)} layers; "
+                                 f"the model has {num_layers}")
+        else:
+            if pp > num_layers:
+                raise ValueError(f"pipeline_parallel_size={pp} exceeds the model's {num_layers} layers")
+            counts = [num_layers // pp + (i < num_layers % pp) for i in range(pp)]
+        starts = [sum(counts[:i]) for i in range(pp)]
+        return [(s, s + n) for s, n in zip(starts, counts)]
+
+
+def backend_for(device: torch.device | str) -> str:
+    """NCCL for CUDA tensors, gloo for everything else."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init_distributed(rank: int, world_size: int, init_method: str, device: torch.device | str,
+                     timeout_s: float = 600.0) -> None:
+    """Joins this process to the replica's world (one process per TP x PP rank).
+
+    `init_method` is a torch.distributed URL, e.g. `tcp://10.0.0.1:29500`. On CUDA, `device`
+    names the GPU this rank owns; it becomes the current device before NCCL starts.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+@dataclass
+class ParallelGroups:
+    config: ParallelConfig
+    rank: int = 0  # in the replica's world
+    tp_rank: int = 0
+    pp_rank: int = 0
+    tp_group: Optional[dist.ProcessGroup] = None  # None when tp == 1
+    tp_ranks: list[int] = field(default_factory=lambda: [0])  # global ranks of this stage's TP group
+    # A gloo group over the whole world, for host-side control data (step inputs as small CPU
+    # tensors) even when the device groups are NCCL. None in a single process.
+    cpu_group: Optional[dist.ProcessGroup] = None
+
+    @classmethod
+    def single(cls) -> "ParallelGroups":
+        return cls(ParallelConfig())
+
+    @classmethod
+    def from_world(cls, config: ParallelConfig) -> "ParallelGroups":
+        """Builds the groups over an initialised world; every rank must call this, in the same order
+        relative to other group creations (torch.distributed.new_group is collective)."""
+        if config.world_size == 1 and not dist.is_initialized():
+            return cls.single()
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call init_distributed first")
+        if dist.get_world_size() != config.world_size:
+            raise ValueError(f"the world has {dist.get_world_size()} ranks but tensor_parallel_size x "
+                             f"pipeline_parallel_size = {config.world_size}")
+        tp, rank = config.tensor_parallel_size, dist.get_rank()
+        tp_group, tp_ranks = None, [rank]
+        for stage in range(config.pipeline_parallel_size):
+            ranks = list(range(stage * tp, (stage + 1) * tp))
+            # new_group must be called by all ranks for every group, even those they are not in.
+            group = dist.new_group(ranks) if tp > 1 else None
+            if rank in ranks:
+                tp_group, tp_ranks = group, ranks
+        cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        return cls(config, rank, rank % tp, rank // tp, tp_group, tp_ranks, cpu_group)
+
+    # ---- coordinates ----
+    @property
+    def tp_size(self) -> int:
+        return self.config.tensor_parallel_size
+
+    @property
+    def pp_size(self) -> int:
+        return self.config.pipeline_parallel_size
+
+    @property
+    def world_size(self) -> int:
+        return self.config.world_size
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def prev_rank(self) -> Optional[int]:
+        """Global rank this process receives (hidden, residual) from; None on the first stage."""
+        return None if self.is_first_stage else self.rank - self.tp_size
+
+    @property
+    def next_rank(self) -> Optional[int]:
+        """Global rank this process sends (hidden, residual) to; None on the last stage."""
+        return None if self.is_last_stage else self.rank + self.tp_size
+
+    @property
+    def is_driver(self) -> bool:
+        """Rank 0: runs the scheduler and broadcasts each step's inputs."""
+        return self.rank == 0
+
+    @property
+    def samples(self) -> bool:
+        """TP rank 0 of the last stage: the one rank that holds full logits and samples."""
+        return self.is_last_stage and self.tp_rank == 0
+
+    @property
+    def sampler_rank(self) -> int:
+        return (self.pp_size - 1) * self.tp_size
+
+    def layer_range(self, num_layers: int) -> tuple[int, int]:
+        return self.config.layer_ranges(num_layers)[self.pp_rank]
+
+    # ---- TP collectives (identity when tp == 1, so layers call them unconditionally) ----
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenates equal-shaped shards from every TP rank along `dim`, on every TP rank."""
+        if self.tp_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.tp_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.tp_group)
+        return torch.cat(parts, dim=dim)
+
+    def gather(self, x: torch.Tensor, dim: int = -1) -> Optional[torch.Tensor]:
+        """Concatenates equal-shaped shards along `dim` on TP rank 0 only; other ranks get None."""
+        if self.tp_size == 1:
+            return x
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
+        dist.gather(x, parts, dst=self.tp_ranks[0], group=self.tp_group)
+        return torch.cat(parts, dim=dim) if parts is not None else None
+
+
+def shard_range(size: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """(start, length) of rank `tp_rank`'s contiguous share of `size`, as even as possible
+    (the first `size % tp_size` ranks take one more)."""
+    base, extra = divmod(size, tp_size)
+    start = tp_rank * base + min(tp_rank, extra)
+    return start, base + (tp_rank < extra)
+
+
+def balanced_counts(size: int, parts: int) -> list[int]:
+    return [shard_range(size, parts, r)[1] for r in range(parts)]
+
+
+def check_split(name: str, sizes: Sequence[int], tp_size: int) -> None:
+    for s in sizes:
+        if s % tp_size:
+            raise ValueError(f"{name} of size {s} does not split over tensor_parallel_size={tp_size}")
