@@ -130,9 +130,8 @@ def _attend_range(q, q_pos, acc, m_i, l_i, cache_ptr, table_ptr, kv_head, seq_le
 
 @triton.jit
 def _decode_kernel(out_ptr, part_o_ptr, part_m_ptr, part_l_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr,
-                   num_heads, qk_scale,
-                   stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-                   stride_cb, stride_ckv, stride_cp, stride_ch,
+                   num_heads, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                   qk_scale, stride_cb, stride_ckv, stride_cp, stride_ch,
                    GROUP: tl.constexpr, GROUP_P: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    TILE: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -205,9 +204,8 @@ def _combine_splits_kernel(out_ptr, part_o_ptr, part_m_ptr, part_l_ptr, num_head
 
 @triton.jit
 def _prefill_kernel(out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-                    work_seq_ptr, work_qblock_ptr, qk_scale,
-                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-                    stride_cb, stride_ckv, stride_cp, stride_ch,
+                    work_seq_ptr, work_qblock_ptr, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                    qk_scale, stride_cb, stride_ckv, stride_cp, stride_ch,
                     GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     TILE: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -284,17 +282,16 @@ def _tile(head_dim: int, fp32: bool) -> int:
     return 32 if head_dim <= 128 else 16
 
 
-def _common_args(q, kv_cache, scale):
+def _shared_args(q, kv_cache, scale) -> tuple[tuple, dict]:
+    """Both attention kernels' trailing runtime arguments (qk_scale, cache strides), and their
+    shared compile-time constants and launch options."""
     _check_last_dim_contiguous(q, kv_cache)
     if q.dtype != kv_cache.dtype:
         raise ValueError(f"query dtype {q.dtype} differs from the KV cache's {kv_cache.dtype}")
     head_dim = q.shape[2]
     fp32 = q.dtype == torch.float32
     # fp32 dots default to TF32 on tensor cores; fp32 is our accuracy mode, so ask for real fp32.
-    return dict(
-        qk_scale=scale * LOG2E,
-        stride_cb=kv_cache.stride(0), stride_ckv=kv_cache.stride(1), stride_cp=kv_cache.stride(2),
-        stride_ch=kv_cache.stride(3),
+    return (scale * LOG2E, *kv_cache.stride()[:4]), dict(
         BLOCK_SIZE=kv_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
         TILE=_tile(head_dim, fp32), DOT_PRECISION="ieee" if fp32 else None,
         # Fewer pipeline stages where K/V tiles are widest, to stay inside shared memory.
@@ -316,13 +313,12 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor,
     group, group_p = group_rows(num_heads, kv_heads, DECODE_MIN_ROWS)
     if num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two, got {num_splits}")
-    common = _common_args(q, kv_cache, scale)
+    shared, consts = _shared_args(q, kv_cache, scale)
     part_o, part_m, part_l = partials if num_splits > 1 else (out, out, out)  # unused when not splitting
     _decode_kernel[(num_seqs, kv_heads, num_splits)](
-        out, part_o, part_m, part_l, q, kv_cache, block_tables, seq_lens, num_heads, common.pop("qk_scale"),
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        common.pop("stride_cb"), common.pop("stride_ckv"), common.pop("stride_cp"), common.pop("stride_ch"),
-        GROUP=group, GROUP_P=group_p, NUM_SPLITS=num_splits, WINDOW=window or 0, **common)
+        out, part_o, part_m, part_l, q, kv_cache, block_tables, seq_lens,
+        num_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *shared,
+        GROUP=group, GROUP_P=group_p, NUM_SPLITS=num_splits, WINDOW=window or 0, **consts)
     if num_splits > 1:
         head_dim = q.shape[2]
         _combine_splits_kernel[(num_seqs, num_heads)](
@@ -348,9 +344,8 @@ def prefill_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor
     group, group_p = group_rows(num_heads, kv_heads)
     if block_q * group_p < 16:
         raise ValueError(f"prefill tiles need at least 16 rows; block_q={block_q} x group {group_p}")
-    common = _common_args(q, kv_cache, scale)
+    shared, consts = _shared_args(q, kv_cache, scale)
     _prefill_kernel[(num_work, kv_heads)](
-        out, q, kv_cache, block_tables, seq_lens, query_start_loc, work_seq, work_qblock, common.pop("qk_scale"),
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        common.pop("stride_cb"), common.pop("stride_ckv"), common.pop("stride_cp"), common.pop("stride_ch"),
-        GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, WINDOW=window or 0, **common)
+        out, q, kv_cache, block_tables, seq_lens, query_start_loc, work_seq, work_qblock,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *shared,
+        GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, WINDOW=window or 0, **consts)
