@@ -7,6 +7,7 @@ that a fresh process cannot import).
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing as mp
 import queue
@@ -222,10 +223,8 @@ class _CountingTensor:
         return out
 
 
-def _counting_iter(path, dtype):
-    from raylight.models.loader import iter_safetensors
-
-    for name, t in iter_safetensors(path, dtype):
+def _counting_iter(real_iter, path, dtype):
+    for name, t in real_iter(path, dtype):
         yield name, _CountingTensor(t)
 
 
@@ -235,7 +234,8 @@ def build_rank_model(path: str, groups: ParallelGroups, block_size: int):
     resolved = loader.resolve_model(path)
     backend = TorchAttentionBackend(block_size, resolved.arch.sliding_window, torch.device("cpu"))
     _CountingTensor.read_elements = 0
-    real_iter, loader.iter_safetensors = loader.iter_safetensors, _counting_iter
+    real_iter = loader.iter_safetensors
+    loader.iter_safetensors = functools.partial(_counting_iter, real_iter)
     try:
         model = loader.build_model(resolved, backend, torch.float32, torch.device("cpu"), 256, groups=groups)
     finally:
