@@ -26,9 +26,8 @@ from raylight.kernels.rotary import RotaryEmbedding, apply_rotary
 from raylight.models.config import ModelArchConfig
 from raylight.parallel.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
                                       VocabParallelEmbedding, default_weight_loader, head_shard)
+from raylight.parallel.pipeline import Intermediate
 from raylight.parallel.state import ParallelGroups
-
-Intermediate = tuple[torch.Tensor, torch.Tensor]  # (hidden, residual) between PP stages
 
 
 def local_head_counts(cfg: ModelArchConfig, tp_size: int, tp_rank: int = 0) -> tuple[int, int]:

@@ -269,5 +269,6 @@ class ParallelLMHead(VocabParallelEmbedding):
             logits = self.groups.all_gather(logits) if gather_all else self.groups.gather(logits)
             if logits is None:
                 return None
-            logits = logits[:, : self.num_embeddings]  # drop the last rank's padding rows
+            if logits.shape[-1] != self.num_embeddings:
+                logits = logits[:, : self.num_embeddings].contiguous()  # drop the last rank's padding rows
         return logits.float()

@@ -13,14 +13,11 @@ stage s talks point-to-point to TP rank t of stages s - 1 and s + 1.
 from __future__ import annotations
 
 import datetime
-import logging
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-
-logger = logging.getLogger("raylight.parallel")
 
 
 @dataclass(frozen=True)
@@ -202,12 +199,3 @@ def shard_range(size: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
     start = tp_rank * base + min(tp_rank, extra)
     return start, base + (tp_rank < extra)
 
-
-def balanced_counts(size: int, parts: int) -> list[int]:
-    return [shard_range(size, parts, r)[1] for r in range(parts)]
-
-
-def check_split(name: str, sizes: Sequence[int], tp_size: int) -> None:
-    for s in sizes:
-        if s % tp_size:
-            raise ValueError(f"{name} of size {s} does not split over tensor_parallel_size={tp_size}")

@@ -5,7 +5,6 @@ the checkpoint."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from raylight.parallel.state import ParallelConfig, ParallelGroups
 from raylight.tests.unit.parallel import workers
