@@ -48,6 +48,9 @@ class EngineArgs(BaseModel):
 
     # --- GPU execution ---
     enforce_eager: bool = Field(False, description="Never use CUDA graphs (decode steps launch kernels eagerly).")
+    overlap_host_work: Optional[bool] = Field(
+        None, description="Turn the previous step's tokens into outputs while the device runs the next step "
+        "(default: on for CUDA).")
     max_cuda_graph_batch_size: Optional[int] = Field(
         None, ge=1, description="Largest decode batch replayed from a CUDA graph (default: min(max_num_seqs, 512)); "
         "larger decode batches run eagerly.")

@@ -130,6 +130,14 @@ class AsyncLLMEngine:
                 self._sinks.pop(rid, None)
                 self.engine.abort_request([rid])
 
+    def _deliver(self, outputs) -> None:
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if sink is not None:
+                sink.put(out)
+                if out.finished:
+                    del self._sinks[out.request_id]
+
     def _run(self) -> None:
         try:
             while not self._stopped:
@@ -144,15 +152,9 @@ class AsyncLLMEngine:
                 if self._last_step_start is not None:
                     self.step_periods.append(t0 - self._last_step_start)
                 self._last_step_start = t0
-                outputs = self.engine.step()
+                self._deliver(self.engine.step(emit=self._deliver))
                 self.last_step_time = time.perf_counter() - t0
                 self.last_progress = time.monotonic()
-                for out in outputs:
-                    sink = self._sinks.get(out.request_id)
-                    if sink is not None:
-                        sink.put(out)
-                        if out.finished:
-                            del self._sinks[out.request_id]
         except BaseException as e:  # the replica is broken: fail every waiter loudly
             logger.exception("engine loop crashed")
             self.dead = e

@@ -8,7 +8,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -115,6 +115,9 @@ class LLMEngine:
             self.graph_capture_s = graphs.capture()
         self.runner = ModelRunner(self.model, self.attn_backend, self.kv_caches, self.kv, self.device, args.seed,
                                   graphs=graphs)
+        # Build outputs while the GPU runs the next step (CUDA); on CPU nothing runs concurrently.
+        self.overlap = args.overlap_host_work if args.overlap_host_work is not None else self.device.type == "cuda"
+        self._pending: list[tuple[Request, Optional[SampledToken]]] = []  # sampled, not yet turned into outputs
         self._groups: dict[str, _Group] = {}
         self._seq_owner: dict[str, tuple[_Group, int]] = {}  # sequence id -> (its request, index)
         self._ids = itertools.count()
@@ -270,37 +273,57 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._pending)
 
     # ---- the step ----
-    def step(self) -> list[RequestOutput]:
+    def step(self, emit: Optional[Callable[[list[RequestOutput]], None]] = None) -> list[RequestOutput]:
+        """One engine step. With overlap on, the outputs of the previous step's tokens (detokenizing,
+        stop strings, RequestOutputs) are built while the GPU runs this step; `emit`, when given,
+        receives them as soon as they are ready instead of when the step returns."""
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if not sched.requests:
+            outputs = self._process(self._take_pending())
             # Nothing fits even alone: the sequence outgrew the whole pool. End it rather than spin.
             changed = []
             for req in self.scheduler.unschedulable():
                 logger.warning("request %s needs more KV blocks than the cache has; ending it", req.request_id)
                 self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
                 changed.append((req, None))
-            return self._process(changed)
-        result = self.runner.execute(sched)
+            return outputs + self._process(changed)
+        handle = self.runner.launch(sched)
+        outputs = self._process(self._take_pending())
+        if emit is not None and outputs:
+            emit(outputs)
+            outputs = []
+        result = self.runner.collect(handle)
         self.num_steps += 1
         for rid, plps in result.prompt_logprobs.items():
-            group = self._seq_owner[rid][0]
-            group.prompt_logprobs.extend(self._position_logprobs(p.token_id, p.logprob, p.rank, p.top)
-                                         for p in plps)
-        outputs = self._process(self.scheduler.update(sched, result))
+            owner = self._seq_owner.get(rid)
+            if owner is not None:
+                owner[0].prompt_logprobs.extend(self._position_logprobs(p.token_id, p.logprob, p.rank, p.top)
+                                                for p in plps)
+        # A request that a stop string ended above was already in this step: update() skips it.
+        self._pending = self.scheduler.update(sched, result)
+        if not self.overlap:
+            outputs += self._process(self._take_pending())
         elapsed = time.perf_counter() - t0  # the whole step, as a streaming client paces it
         self.step_times.append(elapsed)
         n = sched.num_scheduled_tokens
         self.step_log.append((len(n), sum(n), sum(1 for t in n if t == 1), elapsed))
         return outputs
 
+    def _take_pending(self) -> list[tuple[Request, Optional[SampledToken]]]:
+        pending, self._pending = self._pending, []
+        return pending
+
     def _process(self, changed: list[tuple[Request, Optional[SampledToken]]]) -> list[RequestOutput]:
         touched: dict[str, _Group] = {}
         for req, tok in changed:
-            group, index = self._seq_owner[req.request_id]
+            owner = self._seq_owner.get(req.request_id)
+            if owner is None:
+                continue  # aborted after its token was sampled
+            group, index = owner
             group.requests[index] = req
             group.num_cached_tokens = max(group.num_cached_tokens, req.num_cached_tokens)
             seq = group.seqs[index]

@@ -33,6 +33,12 @@ class PromptLogprob:
     top: list[tuple[int, float]]
 
 
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array to device without a stream sync: pageable memory is staged at once, so the
+    source may go away as soon as this returns."""
+    return torch.from_numpy(a).to(device, non_blocking=True)
+
+
 @dataclass
 class ModelRunnerOutput:
     # request id -> its sampled token; n tokens (the request's own, then its forks') on a fork step
@@ -40,6 +46,38 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[PromptLogprob]] = field(default_factory=dict)
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInputs:
+    """Everything a rank needs to run one step's forward, as host arrays: what rank 0 sends to the
+    other ranks of a TP/PP replica. Rows are ordered decodes first."""
+
+    input_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    num_decodes: int
+    query_start_loc: np.ndarray  # [B + 1]
+    seq_lens: np.ndarray  # [B]
+    block_tables: np.ndarray  # [B, max_blocks]
+    slot_mapping: np.ndarray  # [T]
+    logits_rows: np.ndarray  # [S] flat rows whose logits are sampled (a forking request's row repeats)
+    kv_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks to copy first
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.num_decodes == len(self.seq_lens)
+
+
+@dataclass
+class StepHandle:
+    """A launched step: its device work is queued; `collect` waits for the sampled ids."""
+
+    reqs: list[Request]
+    rows: list[SampleRow]
+    prompt_logprobs: dict[str, list[PromptLogprob]]
+    sampled: Optional[object] = None  # SamplerOutput
+    host_ids: Optional[torch.Tensor] = None  # pinned copy of the sampled ids, valid after `ready`
+    ready: Optional[torch.cuda.Event] = None
 
 
 class ModelRunner:
@@ -60,14 +98,11 @@ class ModelRunner:
 
     PROMPT_LOGPROBS_CHUNK = 256  # rows of [rows, vocab] logits materialised at once
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        copies = self.kv.take_pending_copies()
-        if copies:  # forked sequences' private copies of a shared, partly filled block
-            src = torch.tensor([c[0] for c in copies], device=self.device)
-            dst = torch.tensor([c[1] for c in copies], device=self.device)
-            for cache in self.kv_caches:
-                cache[dst] = cache[src]
+        return self.collect(self.launch(sched))
+
+    def prepare(self, sched: SchedulerOutput) -> tuple[list[Request], StepInputs, list[SampleRow]]:
+        """The step's flat inputs on the host, and the rows that sample."""
         # Decodes (one query token) first: attention batches them in one call.
         order = sorted(range(len(sched.requests)), key=lambda i: sched.num_scheduled_tokens[i] != 1)
         reqs = [sched.requests[i] for i in order]
@@ -77,57 +112,103 @@ class ModelRunner:
 
         token_ids: list[int] = []
         for r, c, n in zip(reqs, num_computed.tolist(), num_new.tolist()):
-            token_ids.extend(r.all_token_ids[c : c + n])
+            if n == 1:
+                token_ids.append(r.all_token_ids[c])
+            else:
+                token_ids.extend(r.all_token_ids[c : c + n])
         query_start_loc = np.zeros(len(reqs) + 1, dtype=np.int64)
         np.cumsum(num_new, out=query_start_loc[1:])
         seq_lens = num_computed + num_new
         total = int(query_start_loc[-1])
-        req_idx = np.repeat(np.arange(len(reqs)), num_new)
-        positions = num_computed[req_idx] + (np.arange(total) - query_start_loc[req_idx])
+        if num_decodes == len(reqs):
+            positions = num_computed
+            req_idx = np.arange(len(reqs))
+        else:
+            req_idx = np.repeat(np.arange(len(reqs)), num_new)
+            positions = num_computed[req_idx] + (np.arange(total) - query_start_loc[req_idx])
 
         tables = [self.kv.req_block_ids[r.request_id] for r in reqs]
-        block_tables = np.zeros((len(reqs), max(len(t) for t in tables)), dtype=np.int64)
+        width = max(len(t) for t in tables)
+        block_tables = np.zeros((len(reqs), width), dtype=np.int64)
         for i, t in enumerate(tables):
             block_tables[i, : len(t)] = t
         bs = self.block_size
         slot_mapping = block_tables[req_idx, positions // bs] * bs + positions % bs
 
-        dev = self.device
-        if (self.graphs is not None and num_decodes == len(reqs)
-                and self.graphs.can_run(len(reqs), block_tables.shape[1])):
-            hidden = self.graphs.run(np.array(token_ids, dtype=np.int64), positions, seq_lens, block_tables,
-                                     slot_mapping)
-        else:
-            common = CommonAttentionMetadata(
-                num_decodes=num_decodes, query_start_loc=query_start_loc, seq_lens=seq_lens,
-                block_tables=block_tables, slot_mapping=torch.from_numpy(slot_mapping).to(dev),
-            )
-            attn_meta = self.attn_backend.build(common)
-            input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
-            hidden = self.model(input_ids, torch.from_numpy(positions).to(dev), self.kv_caches, attn_meta)
-
-        out = ModelRunnerOutput()
-        for i, r in enumerate(reqs):
-            if r.needs_prompt_logprobs:
-                out.prompt_logprobs[r.request_id] = self._prompt_logprobs(
-                    r, hidden, int(query_start_loc[i]), int(num_computed[i]), int(num_new[i]))
-
         # Requests that reach the end of their known tokens sample; a request about to fork
         # samples its n first tokens from the same logits row.
         rows: list[SampleRow] = []
-        hidden_rows: list[int] = []
+        logits_rows: list[int] = []
         for i, r in enumerate(reqs):
             if seq_lens[i] != r.num_tokens:
                 continue  # a chunk of a prompt: nothing to sample yet
             n_out = len(r.output_token_ids)
             rows.append(SampleRow(r, r.request_id, r.sampling_params, n_out))
             rows.extend(SampleRow(r, fid, fp, n_out) for fid, fp in zip(r.fork_ids, r.fork_params))
-            hidden_rows.extend([int(query_start_loc[i + 1]) - 1] * r.num_seqs)
+            logits_rows.extend([int(query_start_loc[i + 1]) - 1] * r.num_seqs)
+        inputs = StepInputs(np.array(token_ids, dtype=np.int64), positions, num_decodes, query_start_loc,
+                            seq_lens, block_tables, slot_mapping, np.array(logits_rows, dtype=np.int64),
+                            self.kv.take_pending_copies())
+        return reqs, inputs, rows
+
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """The model over the step's tokens (a CUDA graph replay for decode-only steps that fit one)."""
+        dev = self.device
+        if inputs.kv_copies:  # forked sequences' private copies of a shared, partly filled block
+            src = torch.tensor([c[0] for c in inputs.kv_copies]).to(dev, non_blocking=True)
+            dst = torch.tensor([c[1] for c in inputs.kv_copies]).to(dev, non_blocking=True)
+            for cache in self.kv_caches:
+                cache[dst] = cache[src]
+        if (self.graphs is not None and inputs.is_decode_only
+                and self.graphs.can_run(len(inputs.seq_lens), inputs.block_tables.shape[1])):
+            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.seq_lens, inputs.block_tables,
+                                   inputs.slot_mapping)
+        common = CommonAttentionMetadata(
+            num_decodes=inputs.num_decodes, query_start_loc=inputs.query_start_loc, seq_lens=inputs.seq_lens,
+            block_tables=inputs.block_tables, slot_mapping=to_device(inputs.slot_mapping, dev),
+        )
+        attn_meta = self.attn_backend.build(common)
+        return self.model(to_device(inputs.input_ids, dev), to_device(inputs.positions, dev), self.kv_caches,
+                          attn_meta)
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> StepHandle:
+        """Queues the step's device work and returns without waiting for it. Every host-to-device
+        copy is issued before the forward, so nothing here waits for the GPU (the prompt-logprob
+        path, which reads values back, excepted)."""
+        reqs, inputs, rows = self.prepare(sched)
+        meta = self.sampling.metadata(rows) if rows else None
+        hidden = self.forward(inputs)
+        handle = StepHandle(reqs, rows, {})
+        qsl, seq_lens = inputs.query_start_loc, inputs.seq_lens
+        for i, r in enumerate(reqs):
+            if r.needs_prompt_logprobs:
+                n = int(qsl[i + 1] - qsl[i])
+                handle.prompt_logprobs[r.request_id] = self._prompt_logprobs(
+                    r, hidden, int(qsl[i]), int(seq_lens[i]) - n, n)
+        if not rows:
+            return handle
+        logits = self.model.compute_logits(hidden[to_device(inputs.logits_rows, self.device)])
+        handle.sampled = self.sampler(logits, meta)
+        if self.device.type == "cuda":
+            handle.host_ids = torch.empty(len(rows), dtype=torch.long, pin_memory=True)
+            handle.host_ids.copy_(handle.sampled.token_ids, non_blocking=True)
+            handle.ready = torch.cuda.Event()
+            handle.ready.record()
+        return handle
+
+    @torch.inference_mode()
+    def collect(self, handle: StepHandle) -> ModelRunnerOutput:
+        """Waits for the launched step's sampled ids (the step's one host sync) and returns them."""
+        out = ModelRunnerOutput(prompt_logprobs=handle.prompt_logprobs)
+        rows, sampled = handle.rows, handle.sampled
         if not rows:
             return out
-        logits = self.model.compute_logits(hidden[torch.tensor(hidden_rows, device=dev)])
-        sampled = self.sampler(logits, self.sampling.metadata(rows))
-        token_ids = sampled.token_ids.tolist()  # the step's host sync
+        if handle.ready is not None:
+            handle.ready.synchronize()
+            token_ids = handle.host_ids.tolist()
+        else:
+            token_ids = sampled.token_ids.tolist()
         self.sampling.record(rows, token_ids)
         lps = ranks = top_ids = top_lps = None
         if sampled.logprobs is not None:

@@ -116,7 +116,7 @@ class SamplingState:
     def record(self, rows: list[SampleRow], token_ids: list[int]) -> None:
         """After the step: count each sampled token for the rows that use penalties."""
         for r, tok in zip(rows, token_ids):
-            if r.params.uses_penalties:
+            if r.params.uses_penalties and not r.request.is_finished:  # ended (stop string) while in flight
                 # A forked sequence has no state yet: it starts from the request's (pre-token) state.
                 counts, _ = self._penalty_tensors(r)
                 counts[tok] += 1

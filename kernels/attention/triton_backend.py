@@ -69,7 +69,7 @@ class TritonAttentionBackend:
         # One int32 host buffer, one copy: per-step latency is dominated by transfers, not bytes.
         parts = [seq_lens, qsl, tables.reshape(-1), work_seq, work_qblock]
         host = np.concatenate([p.astype(np.int32, copy=False) for p in parts])
-        dev = torch.from_numpy(host).to(self.spec.device)
+        dev = torch.from_numpy(host).to(self.spec.device, non_blocking=True)  # no stream sync
         sizes = [len(p) for p in parts]
         seq_lens_t, qsl_t, tables_t, work_seq_t, work_qblock_t = torch.split(dev, sizes)
         splits = self.num_splits(nd, int(seq_lens[:nd].max())) if nd else 1
@@ -115,10 +115,11 @@ class TritonAttentionBackend:
         if width > max_blocks:
             raise ValueError(f"block tables are {width} wide; the graph was captured for {max_blocks}")
         tables = torch.from_numpy(np.asarray(common.block_tables).astype(np.int32, copy=False))
-        meta.block_tables[:, :width].copy_(tables)
+        meta.block_tables[:, :width].copy_(tables, non_blocking=True)
         if width < max_blocks:
             meta.block_tables[:, width:].zero_()
-        meta.seq_lens.copy_(torch.from_numpy(np.asarray(common.seq_lens).astype(np.int32, copy=False)))
+        meta.seq_lens.copy_(torch.from_numpy(np.asarray(common.seq_lens).astype(np.int32, copy=False)),
+                           non_blocking=True)
         meta.slot_mapping.copy_(common.slot_mapping, non_blocking=True)
 
     # ---- every layer ----

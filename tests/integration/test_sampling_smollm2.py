@@ -186,3 +186,37 @@ def test_incremental_detokenization_equals_full_decode(smollm2_hf, text, skip_sp
     full = tok.decode(ids, skip_special_tokens=skip_special)
     assert "".join(deltas) == full
     assert all("\ufffd" not in d for d in deltas)  # never a half character
+
+
+def test_overlapped_output_processing_gives_identical_results(llm, smollm2_dir):
+    """Outputs built while the next step runs (the CUDA default) equal the in-step ones: a request
+    ended by a stop string mid-flight drops its extra token, seeded sampling, n=2 and logprobs stay
+    identical, and nothing leaks."""
+    prompts = [PROMPT, "Write a list of three fruits:", "Once upon a time", "def f(x):", "Hello there"]
+    params = [SamplingParams(temperature=0.0, max_tokens=30, stop=["\n\n", "capital", " the"]),
+              SamplingParams(temperature=0.0, max_tokens=25, stop=[","]),
+              SamplingParams(temperature=0.8, seed=5, max_tokens=20, n=2, logprobs=2),
+              SamplingParams(temperature=0.0, max_tokens=12, presence_penalty=0.5),
+              SamplingParams(temperature=0.0, max_tokens=3, min_tokens=2)]
+    overlapped = LLM(smollm2_dir, overlap_host_work=True)
+    assert overlapped.engine.overlap and not llm.engine.overlap
+    got = overlapped.generate(prompts, params, use_tqdm=False)
+    want = llm.generate(prompts, params, use_tqdm=False)
+    assert any(c.finish_reason == "stop" for o in want for c in o.outputs)
+    for g, w in zip(got, want):
+        assert [(c.text, c.token_ids, c.finish_reason, c.stop_reason) for c in g.outputs] == \
+            [(c.text, c.token_ids, c.finish_reason, c.stop_reason) for c in w.outputs]
+        for gc, wc in zip(g.outputs, w.outputs):
+            if wc.logprobs is not None:
+                assert [list(p) for p in gc.logprobs] == [list(p) for p in wc.logprobs]
+    # Streaming: the concatenated deltas still equal the final text.
+    engine = overlapped.engine
+    rid = engine.add_request("Write a list of three fruits:", SamplingParams(temperature=0.0, max_tokens=30,
+                                                                            stop=["\n\n", "capital"]))
+    deltas, final = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            deltas.append(out.outputs[0].delta_text)
+            final = out
+    assert final.request_id == rid and final.finished and "".join(deltas) == final.outputs[0].text
+    assert_no_leaks(overlapped)

@@ -1,0 +1,11 @@
+# Sourced on a lent GPU: carried wheels and the project installed offline; FlashInfer's JIT cache in
+# .ficache, so a warm machine reuses it and a copy can travel to the next machine.
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site || return 1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || return 1
+export FLASHINFER_WORKSPACE_BASE=$PWD/.ficache
+mkdir -p "$FLASHINFER_WORKSPACE_BASE"
+if ls .ficache-carry/ficache.tar.gz.* >/dev/null 2>&1 && [ ! -f .ficache/.restored ]; then
+  cat .ficache-carry/ficache.tar.gz.* | tar xzf - && touch .ficache/.restored
+fi
