@@ -49,7 +49,7 @@ class LLM:
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         for req in requests:
-            self.engine.enqueue(req)
+            self.engine.enqueue(req, final_only=True)
         return self._run([r.request_id for r in requests], use_tqdm)
 
     def chat(

@@ -63,6 +63,7 @@ class _Group:
     requests: list[Optional[Request]]
     prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
     num_cached_tokens: int = 0
+    final_only: bool = False  # the caller wants one output, at the end (offline batch use)
 
     @property
     def finished(self) -> bool:
@@ -237,14 +238,16 @@ class LLMEngine:
             req.fork_params.append(dataclasses.replace(params, n=1, seed=child_seed))
         return req
 
-    def enqueue(self, req: Request) -> None:
+    def enqueue(self, req: Request, final_only: bool = False) -> None:
+        """Queues a request from make_request. `final_only`: no per-step outputs, only the finished one
+        (saves building a RequestOutput per request per step in offline batches)."""
         params = req.sampling_params
         seq_ids = [req.request_id] + list(req.fork_ids)
         seqs = [_Sequence(i, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
                           [] if params.logprobs is not None else None) for i in range(len(seq_ids))]
         group = _Group(req.request_id, req.prompt, req.prompt_token_ids, params, seq_ids, seqs,
                        [req] + [None] * (len(seq_ids) - 1),
-                       [None] if params.prompt_logprobs is not None else None)
+                       [None] if params.prompt_logprobs is not None else None, final_only=final_only)
         self._groups[req.request_id] = group
         for i, sid in enumerate(seq_ids):
             self._seq_owner[sid] = (group, i)
@@ -336,8 +339,10 @@ class LLMEngine:
             touched[group.request_id] = group
         outputs = []
         for group in touched.values():
-            outputs.append(self._group_output(group))
-            if group.finished:
+            finished = group.finished
+            if finished or not group.final_only:
+                outputs.append(self._group_output(group, finished))
+            if finished:
                 self._drop_group(group)
         return outputs
 
@@ -380,7 +385,7 @@ class LLMEngine:
     def _decode_token(self, token_id: int) -> Optional[str]:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
-    def _group_output(self, group: _Group) -> RequestOutput:
+    def _group_output(self, group: _Group, finished: Optional[bool] = None) -> RequestOutput:
         completions = []
         for seq, req in zip(group.seqs, group.requests):
             token_ids = list(req.output_token_ids) if req is not None else []
@@ -398,8 +403,9 @@ class LLMEngine:
             seq.sent_chars, seq.sent_tokens = visible, len(token_ids)
             seq.sent_logprobs = len(seq.logprobs) if seq.logprobs is not None else 0
             completions.append(c)
-        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions, group.finished,
-                             group.num_cached_tokens, group.prompt_logprobs)
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
+                             group.finished if finished is None else finished, group.num_cached_tokens,
+                             group.prompt_logprobs)
 
     def _drop_group(self, group: _Group) -> None:
         self._groups.pop(group.request_id, None)

@@ -76,6 +76,12 @@ class KVCacheManager:
         """Makes room for `num_new_tokens` more tokens of KV after what `req` has computed
         (and after `computed_blocks`, a prefix hit for a request being scheduled fresh).
         Returns False, changing nothing, when the pool cannot supply the blocks."""
+        if not computed_blocks:
+            # The common case, a decode step inside its last block: nothing to allocate.
+            blocks = self.req_blocks.get(req.request_id)
+            if blocks and req.num_computed_tokens + num_new_tokens <= len(blocks) * self.block_size:
+                self._cache_full_blocks(req, req.num_computed_tokens + num_new_tokens)
+                return True
         computed_blocks = computed_blocks or []
         blocks = self.req_blocks.setdefault(req.request_id, [])
         block_ids = self.req_block_ids.setdefault(req.request_id, [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -128,10 +129,11 @@ class ModelRunner:
             positions = num_computed[req_idx] + (np.arange(total) - query_start_loc[req_idx])
 
         tables = [self.kv.req_block_ids[r.request_id] for r in reqs]
-        width = max(len(t) for t in tables)
-        block_tables = np.zeros((len(reqs), width), dtype=np.int64)
-        for i, t in enumerate(tables):
-            block_tables[i, : len(t)] = t
+        lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+        flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int64, count=int(lens.sum()))
+        block_tables = np.zeros((len(reqs), int(lens.max())), dtype=np.int64)
+        rows_of = np.repeat(np.arange(len(reqs)), lens)
+        block_tables[rows_of, np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)] = flat
         bs = self.block_size
         slot_mapping = block_tables[req_idx, positions // bs] * bs + positions % bs
 
