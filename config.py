@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class EngineArgs(BaseModel):
@@ -55,12 +55,37 @@ class EngineArgs(BaseModel):
         None, ge=1, description="Largest decode batch replayed from a CUDA graph (default: min(max_num_seqs, 512)); "
         "larger decode batches run eagerly.")
 
+    # --- parallelism (one replica over tensor_parallel_size x pipeline_parallel_size processes) ---
+    tensor_parallel_size: int = Field(1, ge=1, description="Ranks each layer's weights are split over (one GPU each).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages the layers are split into.")
+    pipeline_layer_split: Optional[list[int]] = Field(
+        None, description="Layers of each pipeline stage, first stage first (default: as even as possible, the "
+        "extra layers on the first stages); must sum to the model's layer count.")
+    distributed_timeout_s: float = Field(
+        300.0, gt=0, description="Seconds a rank waits on another (a collective, a stage hand-off, startup) before "
+        "the replica fails instead of hanging.")
+
     @field_validator("model")
     @classmethod
     def _non_empty(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and not v.strip():
             raise ValueError("model must be a non-empty path or name, or None for the default model")
         return v
+
+    @field_validator("pipeline_layer_split")
+    @classmethod
+    def _split_positive(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is not None and (not v or any(n < 1 for n in v)):
+            raise ValueError(f"pipeline_layer_split must list at least one layer per stage, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _split_matches_stages(self) -> "EngineArgs":
+        split = self.pipeline_layer_split
+        if split is not None and len(split) != self.pipeline_parallel_size:
+            raise ValueError(f"pipeline_layer_split has {len(split)} entries but pipeline_parallel_size="
+                             f"{self.pipeline_parallel_size}")
+        return self
 
 
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3

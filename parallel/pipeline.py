@@ -50,3 +50,43 @@ def recv_intermediate(groups: ParallelGroups, num_tokens: int, hidden_size: int,
     msg = torch.empty((2, num_tokens, hidden_size), dtype=dtype, device=device)
     dist.recv(msg, src=groups.prev_rank)
     return msg[0], msg[1]
+
+
+class StageModel:
+    """This rank's part of a pipelined model, called like the model itself: receives the previous
+    stage's (hidden, residual) before running its layers and sends its own to the next stage after.
+
+    Returns the final hidden states on the last stage and None on the others. The send is
+    asynchronous so a stage is free to take the next step's inputs at once; it is waited on
+    before the next send (a stage's sends complete in order anyway), which bounds the buffers
+    in flight to one.
+    """
+
+    def __init__(self, model, groups: ParallelGroups):
+        self.model, self.groups = model, groups
+        self.config = model.config
+        p = next(model.parameters())
+        self.dtype, self.device = p.dtype, p.device  # of the activations received
+        self._pending: Optional[PendingSend] = None
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, attn_meta):
+        g = self.groups
+        intermediate = None
+        if not g.is_first_stage:
+            intermediate = recv_intermediate(g, positions.shape[0], self.config.hidden_size, self.dtype,
+                                             self.device)
+        out = self.model(input_ids, positions, kv_caches, attn_meta, intermediate)
+        if g.is_last_stage:
+            return out
+        self.wait()
+        self._pending = send_intermediate(g, *out, async_op=True)
+        return None
+
+    def compute_logits(self, hidden: torch.Tensor, gather_all: bool = False) -> Optional[torch.Tensor]:
+        return self.model.compute_logits(hidden, gather_all)
+
+    def wait(self) -> None:
+        """Until this stage's last send has completed."""
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None

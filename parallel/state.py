@@ -5,9 +5,16 @@ explicitly to the model and its layers; `ParallelGroups.single()` is the trivial
 one-process instance (tp=1, pp=1) that needs no torch.distributed at all, so the
 single-device engine runs exactly the code it always ran.
 
-Rank layout inside a replica of tp x pp processes: rank = pp_rank * tp + tp_rank.
-The TP ranks of a stage are consecutive (one node, STRICT_PACK), and TP rank t of
+Rank layout inside a replica of tp x pp processes: rank = (pp - 1 - pp_rank) * tp + tp_rank.
+The TP ranks of a stage are consecutive (one placement bundle, one node), and TP rank t of
 stage s talks point-to-point to TP rank t of stages s - 1 and s + 1.
+
+Stages run in descending rank order so that rank 0, the engine's own process (it holds the
+scheduler and broadcasts each step), is TP rank 0 of the LAST stage: the one rank that gets
+full logits. Sampling, its per-request state (seeded generators, penalty counts) and prompt
+logprobs therefore stay in the engine's process, and the last stage's hand-off to rank 0 is
+the regular stage-to-stage one: no logits or sampled ids travel back. The first stage (the
+embedding) is the highest ranks; the cost is nothing but a different numbering.
 """
 
 from __future__ import annotations
@@ -42,6 +49,15 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def global_rank(self, tp_rank: int, pp_rank: int) -> int:
+        """The rank of (tp_rank, pp_rank): stages in descending rank order, rank 0 in the last one."""
+        return (self.pipeline_parallel_size - 1 - pp_rank) * self.tensor_parallel_size + tp_rank
+
+    def coordinates(self, rank: int) -> tuple[int, int]:
+        """(tp_rank, pp_rank) of `rank`; the inverse of `global_rank`."""
+        tp = self.tensor_parallel_size
+        return rank % tp, self.pipeline_parallel_size - 1 - rank // tp
 
     def layer_ranges(self, num_layers: int) -> list[tuple[int, int]]:
         """[start, end) of each stage's layers: contiguous; balanced unless a split is given.
@@ -111,14 +127,15 @@ class ParallelGroups:
                              f"pipeline_parallel_size = {config.world_size}")
         tp, rank = config.tensor_parallel_size, dist.get_rank()
         tp_group, tp_ranks = None, [rank]
-        for stage in range(config.pipeline_parallel_size):
-            ranks = list(range(stage * tp, (stage + 1) * tp))
+        for first in range(0, config.world_size, tp):
+            ranks = list(range(first, first + tp))  # one stage's TP group
             # new_group must be called by all ranks for every group, even those they are not in.
             group = dist.new_group(ranks) if tp > 1 else None
             if rank in ranks:
                 tp_group, tp_ranks = group, ranks
         cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-        return cls(config, rank, rank % tp, rank // tp, tp_group, tp_ranks, cpu_group)
+        tp_rank, pp_rank = config.coordinates(rank)
+        return cls(config, rank, tp_rank, pp_rank, tp_group, tp_ranks, cpu_group)
 
     # ---- coordinates ----
     @property
@@ -144,12 +161,12 @@ class ParallelGroups:
     @property
     def prev_rank(self) -> Optional[int]:
         """Global rank this process receives (hidden, residual) from; None on the first stage."""
-        return None if self.is_first_stage else self.rank - self.tp_size
+        return None if self.is_first_stage else self.rank + self.tp_size
 
     @property
     def next_rank(self) -> Optional[int]:
         """Global rank this process sends (hidden, residual) to; None on the last stage."""
-        return None if self.is_last_stage else self.rank + self.tp_size
+        return None if self.is_last_stage else self.rank - self.tp_size
 
     @property
     def is_driver(self) -> bool:
@@ -158,12 +175,12 @@ class ParallelGroups:
 
     @property
     def samples(self) -> bool:
-        """TP rank 0 of the last stage: the one rank that holds full logits and samples."""
+        """TP rank 0 of the last stage: the one rank that holds full logits and samples (rank 0)."""
         return self.is_last_stage and self.tp_rank == 0
 
     @property
     def sampler_rank(self) -> int:
-        return (self.pp_size - 1) * self.tp_size
+        return self.config.global_rank(0, self.pp_size - 1)
 
     def layer_range(self, num_layers: int) -> tuple[int, int]:
         return self.config.layer_ranges(num_layers)[self.pp_rank]

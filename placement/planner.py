@@ -10,11 +10,14 @@ How the layout follows from Ray's rules:
   micro-batch, cheap enough to cross nodes). With one stage the whole replica is one bundle,
   placed STRICT_PACK.
 * Serve schedules the replica actor in bundle 0, and the replica is rank 0 (tp_rank 0 of
-  stage 0); its ray_actor_options are one rank's share, so they always fit bundle 0.
-  Every other rank is an actor scheduled into its stage's bundle.
+  the LAST stage, the one that samples: see raylight.parallel.state); its ray_actor_options
+  are one rank's share, so they always fit bundle 0. Every other rank is an actor scheduled
+  into its stage's bundle.
 
-Global rank order is TP fastest: rank = pp_rank * tensor_parallel_size + tp_rank, so the
-ranks of one TP group are consecutive (the order torch.distributed groups are built in).
+Global rank order is TP fastest, stages in descending order:
+rank = (pipeline_parallel_size - 1 - pp_rank) * tensor_parallel_size + tp_rank, and bundle
+b holds ranks [b * tp, (b + 1) * tp): the ranks of one TP group are consecutive (the order
+torch.distributed groups are built in) and share a bundle.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ class PlacementPlan:
         if not (0 <= tp_rank < self.tensor_parallel_size and 0 <= pp_rank < self.pipeline_parallel_size):
             raise ValueError(f"(tp_rank={tp_rank}, pp_rank={pp_rank}) is outside tensor_parallel_size="
                              f"{self.tensor_parallel_size} x pipeline_parallel_size={self.pipeline_parallel_size}")
-        return self.ranks[pp_rank * self.tensor_parallel_size + tp_rank]
+        return self.ranks[(self.pipeline_parallel_size - 1 - pp_rank) * self.tensor_parallel_size + tp_rank]
 
     def placement(self, rank: int) -> RankPlacement:
         if not 0 <= rank < self.world_size:
@@ -172,8 +175,9 @@ def plan_placement(
 
     stage_bundle = {k: v * tp for k, v in per_rank.bundle_share().items()}
     bundles = tuple(dict(stage_bundle) for _ in range(pp))
-    ranks = tuple(RankPlacement(rank=p * tp + t, tp_rank=t, pp_rank=p, bundle_index=p)
-                  for p in range(pp) for t in range(tp))
+    # The same layout as ParallelConfig.global_rank (not imported: placement stays free of torch).
+    ranks = tuple(RankPlacement(rank=b * tp + t, tp_rank=t, pp_rank=pp - 1 - b, bundle_index=b)
+                  for b in range(pp) for t in range(tp))
     plan = PlacementPlan(tensor_parallel_size=tp, pipeline_parallel_size=pp, role=role,
                          rank_resources=per_rank, bundles=bundles,
                          strategy=STRICT_PACK if pp == 1 else PACK, ranks=ranks)

@@ -13,11 +13,11 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
-from raylight.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineArgs
-from raylight.kernels.attention import AttentionSpec, get_attention_backend
-from raylight.models.loader import build_model, resolve_model
+from raylight.config import EngineArgs
+from raylight.models.loader import resolve_model
 from raylight.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from raylight.sampling_params import SamplingParams
+from raylight.workers.executor import Executor
 from raylight.workers.kv_cache_manager import KVCacheManager
 from raylight.workers.model_runner import ModelRunner, SampledToken
 from raylight.workers.request import Request, RequestStatus
@@ -71,7 +71,9 @@ class _Group:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs):
+    def __init__(self, args: EngineArgs, placement=None):
+        """`placement`: under Serve with tensor/pipeline parallelism, the replica's PlacementPlan (its
+        other ranks become Ray actors in its placement group); otherwise they are child processes."""
         t0 = time.monotonic()
         self.args = args
         self.device = _resolve_device(args.device)
@@ -90,32 +92,19 @@ class LLMEngine:
             else set())
 
         self.block_size = args.block_size
-        self.attn_backend = get_attention_backend(args.attention_backend, AttentionSpec(
-            args.block_size, arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim, self.dtype,
-            self.device, arch.sliding_window))
-        self.model = build_model(resolved, self.attn_backend, self.dtype, self.device,
-                                 self.max_model_len, args.seed)
-        self.num_blocks = self._num_kv_blocks()
-        use_graphs = (self.device.type == "cuda" and not args.enforce_eager
-                      and getattr(self.attn_backend, "supports_cuda_graphs", False))
-        # Under CUDA graphs one extra block, never handed out by the pool, absorbs the padding rows' writes.
-        shape = (self.num_blocks + use_graphs, 2, args.block_size, arch.num_key_value_heads, arch.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                          for _ in range(arch.num_hidden_layers)]
+        # This process is rank 0 of tensor_parallel_size x pipeline_parallel_size ranks (just itself by
+        # default). The executor starts the others and builds this rank's model, KV cache and CUDA graphs.
+        self.executor = Executor(args, resolved, self.device, self.dtype, self.max_model_len, placement)
+        rank = self.executor.rank
+        self.model, self.attn_backend, self.kv_caches = rank.model, rank.attn_backend, rank.kv_caches
+        self.num_blocks = rank.num_blocks
         self.kv = KVCacheManager(self.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, args.max_num_batched_tokens, args.max_num_seqs, self.max_model_len)
-        self.graph_capture_s = 0.0
-        graphs = None
-        if use_graphs:
-            from raylight.workers.cuda_graphs import CudaGraphRunner
-
-            max_bs = args.max_cuda_graph_batch_size or min(args.max_num_seqs, 512)
-            max_blocks = min(-(-self.max_model_len // args.block_size), self.num_blocks)
-            graphs = CudaGraphRunner(self.model, self.attn_backend, self.kv_caches, max_bs, max_blocks,
-                                     scratch_block=self.num_blocks, block_size=args.block_size, device=self.device)
-            self.graph_capture_s = graphs.capture()
-        self.runner = ModelRunner(self.model, self.attn_backend, self.kv_caches, self.kv, self.device, args.seed,
-                                  graphs=graphs)
+        self.graph_capture_s = rank.graph_capture_s
+        graphs = rank.graphs
+        self.runner = ModelRunner(rank.stage_model, self.attn_backend, self.kv_caches, self.kv, self.device,
+                                  args.seed, graphs=graphs,
+                                  dispatch=self.executor.dispatch if self.executor.world_size > 1 else None)
         # Build outputs while the GPU runs the next step (CUDA); on CPU nothing runs concurrently.
         self.overlap = args.overlap_host_work if args.overlap_host_work is not None else self.device.type == "cuda"
         self._pending: list[tuple[Request, Optional[SampledToken]]] = []  # sampled, not yet turned into outputs
@@ -130,65 +119,26 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.ready_s = time.monotonic() - t0
         logger.info(
-            "engine ready in %.1fs: model=%s dtype=%s device=%s attention=%s cuda_graphs=%s KV cache: %d blocks x "
-            "%d tokens = %d tokens, %.2f GiB; max_model_len=%d",
+            "engine ready in %.1fs: model=%s dtype=%s device=%s tp=%d pp=%d attention=%s cuda_graphs=%s KV cache: "
+            "%d blocks x %d tokens = %d tokens, %.2f GiB; max_model_len=%d",
             self.ready_s, self.model_name, str(self.dtype).replace("torch.", ""), self.device,
+            args.tensor_parallel_size, args.pipeline_parallel_size,
             self.attn_backend.name, graphs is not None, self.num_blocks, args.block_size,
             self.num_blocks * args.block_size, self.kv_cache_bytes / 2**30, self.max_model_len)
 
     # ---- sizing ----
     @property
     def bytes_per_block(self) -> int:
-        a = self.arch
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return a.num_hidden_layers * 2 * self.block_size * a.num_key_value_heads * a.head_dim * elem
+        """KV bytes of one block on this rank (its layers and KV heads)."""
+        return self.executor.rank.bytes_per_block
 
     @property
     def kv_cache_bytes(self) -> int:
         return self.num_blocks * self.bytes_per_block
 
-    def _num_kv_blocks(self) -> int:
-        if self.args.num_kv_blocks is not None:
-            return self.args.num_kv_blocks
-        if self.device.type == "cuda":
-            budget = self._profile_gpu_kv_budget()
-        else:
-            budget = self.args.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
-        blocks = budget // self.bytes_per_block
-        if blocks < 1:
-            raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of "
-                             f"{self.bytes_per_block} bytes; raise kv_cache_memory / gpu_memory_utilization")
-        return int(blocks)
-
-    @torch.inference_mode()
-    def _profile_gpu_kv_budget(self) -> int:
-        """Runs one forward at the full token budget; what remains under the utilization cap is KV."""
-        n = min(self.args.max_num_batched_tokens, self.max_model_len)
-        nb = -(-n // self.block_size)
-        a = self.arch
-        scratch = [torch.zeros((nb, 2, self.block_size, a.num_key_value_heads, a.head_dim), dtype=self.dtype,
-                               device=self.device) for _ in range(a.num_hidden_layers)]
-        import numpy as np
-
-        from raylight.kernels.attention import CommonAttentionMetadata
-
-        common = CommonAttentionMetadata(
-            num_decodes=0, query_start_loc=np.array([0, n]), seq_lens=np.array([n]),
-            block_tables=np.arange(nb, dtype=np.int64)[None], slot_mapping=torch.arange(n, device=self.device))
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, torch.arange(n, device=self.device), scratch, self.attn_backend.build(common))
-        self.model.compute_logits(hidden[-min(n, self.args.max_num_seqs):])
-        torch.cuda.synchronize()
-        peak_extra = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
-        del scratch, hidden
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info()
-        budget = int(total * self.args.gpu_memory_utilization) - (total - free) - peak_extra
-        logger.info("GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB -> KV budget %.1f GiB",
-                    total / 2**30, (total - free) / 2**30, peak_extra / 2**30, budget / 2**30)
-        return max(budget, 0)
+    def shutdown(self) -> None:
+        """Stops the replica's other ranks (tensor/pipeline parallel); a no-op for a single rank."""
+        self.executor.shutdown()
 
     # ---- requests ----
     def tokenize_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -63,6 +63,9 @@ class StepInputs:
     slot_mapping: np.ndarray  # [T]
     logits_rows: np.ndarray  # [S] flat rows whose logits are sampled (a forking request's row repeats)
     kv_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks to copy first
+    # [start, end) flat rows of each prompt-logprob logits call, in launch()'s order: filled only for a
+    # TP/PP replica, whose other last-stage ranks make the same compute_logits calls (see workers/worker.py).
+    prompt_logit_spans: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_decode_only(self) -> bool:
@@ -83,13 +86,16 @@ class StepHandle:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, attn_backend, kv_caches: list[torch.Tensor],
-                 kv: KVCacheManager, device: torch.device, seed: int = 0, graphs=None):
+                 kv: Optional[KVCacheManager], device: torch.device, seed: int = 0, graphs=None,
+                 dispatch: Optional[Callable[[StepInputs], None]] = None):
         self.model = model
         self.graphs = graphs  # a CudaGraphRunner for decode-only steps, or None (eager)
         self.attn_backend = attn_backend
         self.kv_caches = kv_caches
-        self.kv = kv
-        self.block_size = kv.block_size
+        self.kv = kv  # None on a TP/PP rank other than 0: it only runs `forward` on broadcast inputs
+        self.block_size = kv.block_size if kv is not None else None
+        # TP/PP: sends each step's inputs to the other ranks before this rank runs it (workers/executor.py).
+        self.dispatch = dispatch
         self.device = device
         self.sampler = Sampler(device, seed)
         self.sampling = SamplingState(model.config.vocab_size, device)
@@ -179,6 +185,9 @@ class ModelRunner:
         copy is issued before the forward, so nothing here waits for the GPU (the prompt-logprob
         path, which reads values back, excepted)."""
         reqs, inputs, rows = self.prepare(sched)
+        if self.dispatch is not None:  # a TP/PP replica: every rank runs this step with us
+            inputs.prompt_logit_spans = self.prompt_logit_spans(reqs, inputs)
+            self.dispatch(inputs)
         meta = self.sampling.metadata(rows) if rows else None
         hidden = self.forward(inputs)
         handle = StepHandle(reqs, rows, {})
@@ -229,11 +238,9 @@ class ModelRunner:
     def _prompt_logprobs(self, r: Request, hidden: torch.Tensor, q_start: int, computed: int, n: int):
         """Logprob of each prompt token given the ones before it, for this chunk's positions."""
         k = r.sampling_params.prompt_logprobs
-        first = max(computed, r.num_prompt_logprobs - 1)  # position p predicts token p + 1
         last = min(computed + n, r.num_prompt_tokens - 1)
         results: list[PromptLogprob] = []
-        for lo in range(first, last, self.PROMPT_LOGPROBS_CHUNK):
-            hi = min(lo + self.PROMPT_LOGPROBS_CHUNK, last)
+        for lo, hi in self._prompt_logprob_chunks(r, computed, n):
             rows = torch.arange(q_start + lo - computed, q_start + hi - computed, device=self.device)
             logprobs = self.model.compute_logits(hidden[rows]).log_softmax(dim=-1)
             targets = torch.tensor(r.prompt_token_ids[lo + 1 : hi + 1], device=self.device)
@@ -246,3 +253,22 @@ class ModelRunner:
                 results.append(PromptLogprob(t, lp, rk, list(zip(ti, tl))))
         r.num_prompt_logprobs = max(r.num_prompt_logprobs, last + 1)
         return results
+
+    def _prompt_logprob_chunks(self, r: Request, computed: int, n: int) -> list[tuple[int, int]]:
+        """[lo, hi) prompt positions of each logits call for this chunk of `n` tokens after `computed`."""
+        first = max(computed, r.num_prompt_logprobs - 1)  # position p predicts token p + 1
+        last = min(computed + n, r.num_prompt_tokens - 1)
+        step = self.PROMPT_LOGPROBS_CHUNK
+        return [(lo, min(lo + step, last)) for lo in range(first, last, step)]
+
+    def prompt_logit_spans(self, reqs: list[Request], inputs: StepInputs) -> list[tuple[int, int]]:
+        """Flat row ranges of the step's prompt-logprob logits calls, in the order launch() makes them."""
+        qsl, seq_lens = inputs.query_start_loc, inputs.seq_lens
+        spans: list[tuple[int, int]] = []
+        for i, r in enumerate(reqs):
+            if r.needs_prompt_logprobs:
+                q, n = int(qsl[i]), int(qsl[i + 1] - qsl[i])
+                computed = int(seq_lens[i]) - n
+                chunks = self._prompt_logprob_chunks(r, computed, n)
+                spans.extend((q + lo - computed, q + hi - computed) for lo, hi in chunks)
+        return spans

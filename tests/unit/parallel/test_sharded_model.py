@@ -47,10 +47,11 @@ def random_models(tmp_path_factory):
 def _check_shards(ranks: list[dict], full_numel: dict[str, int], tp: int, pp: int, split, tied: bool):
     """Every rank holds (and read) about 1/tp of its stage's weights, and the stages cover the model."""
     num_layers = 1 + max(int(k.split(".")[2]) for k in full_numel if k.startswith("model.layers."))
-    ranges = ParallelConfig(tp, pp, split).layer_ranges(num_layers)
+    config = ParallelConfig(tp, pp, split)
+    ranges = config.layer_ranges(num_layers)
     stage_names = []
     for stage in range(pp):
-        stage_ranks = ranks[stage * tp : (stage + 1) * tp]
+        stage_ranks = [ranks[config.global_rank(t, stage)] for t in range(tp)]
         names = set(stage_ranks[0]["numel"])
         assert all(set(r["numel"]) == names for r in stage_ranks)
         assert all(r["layers"] == ranges[stage] for r in stage_ranks)

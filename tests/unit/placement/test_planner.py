@@ -36,11 +36,17 @@ def test_plan_table(tp, pp, nodes, gpus, bundles, strategy, error):
     assert plan.bundle_list() == bundles
     assert plan.strategy == strategy
     assert plan.world_size == tp * pp == len(plan.ranks)
-    # Every rank of stage p is in bundle p, global ranks are TP-fastest and dense.
-    assert plan.rank_to_bundle() == {(t, p): p for p in range(pp) for t in range(tp)}
+    # Every rank of stage p is in one bundle, global ranks are TP-fastest and dense, stages in
+    # descending rank order (rank 0, the replica, is in the last stage), the same layout as
+    # the torch.distributed groups.
+    from raylight.parallel.state import ParallelConfig
+
+    config = ParallelConfig(tp, pp)
+    assert plan.rank_to_bundle() == {(t, p): pp - 1 - p for p in range(pp) for t in range(tp)}
     assert [r.rank for r in plan.ranks] == list(range(tp * pp))
     for r in plan.ranks:
-        assert r.rank == r.pp_rank * tp + r.tp_rank
+        assert r.rank == config.global_rank(r.tp_rank, r.pp_rank) and r.bundle_index == r.rank // tp
+        assert config.coordinates(r.rank) == (r.tp_rank, r.pp_rank)
         assert plan.rank_of(r.tp_rank, r.pp_rank) == r == plan.placement(r.rank)
     # The ranks of each bundle exactly use it up: nothing idle, nothing oversubscribed.
     share = plan.rank_actor_options()
@@ -142,7 +148,7 @@ def test_rank_actor_options_pin_the_bundle():
         opts = rank_actor_options(plan, group, r.rank)
         strategy = opts.pop("scheduling_strategy")
         assert strategy.placement_group is group
-        assert strategy.placement_group_bundle_index == r.pp_rank
+        assert strategy.placement_group_bundle_index == r.bundle_index == plan.pipeline_parallel_size - 1 - r.pp_rank
         assert opts == {"num_cpus": 1.0, "num_gpus": 1.0}
     with pytest.raises(ValueError, match="not created from this plan"):
         rank_actor_options(plan, SimpleNamespace(bundle_specs=[{"GPU": 2}]), 1)

@@ -1,0 +1,95 @@
+"""Rank 0 -> every other rank: one step's `StepInputs` as one int64 tensor over the gloo group.
+
+A message is a fixed-size header (the step's shapes) followed by the arrays, concatenated.
+Receivers must post a buffer of known size, so every message is broadcast in a buffer of a
+fixed `capacity`: one collective per step whenever the step fits (every decode step of a few
+hundred sequences of moderate context, most prefill steps). A larger step sends the rest in a
+second broadcast whose size the header already announced.
+
+Why gloo on the host: every rank needs the step's shapes on the host anyway (attention
+metadata is planned there), so broadcasting host memory costs no device round trip.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raylight.workers.model_runner import StepInputs
+
+_STOP, _STEP = 0, 1
+# Header fields, in order.
+_OP, _LEN, _T, _B, _DECODES, _WIDTH, _S, _C, _K, _SEQ = range(10)
+HEADER = 16
+DEFAULT_CAPACITY = 16384  # int64 elements (128 KiB): a 256-sequence decode step with ~50 blocks each fits
+# Ranks other than 0 wait this long for the next step: an idle replica is not a failure. A dead
+# rank 0 still ends the wait at once (gloo reports the closed connection).
+IDLE_WAIT = datetime.timedelta(days=365)
+
+
+class StepChannel:
+    def __init__(self, group: dist.ProcessGroup, rank: int, capacity: int = DEFAULT_CAPACITY):
+        self.group, self.rank, self.capacity = group, rank, max(capacity, HEADER + 64)
+        self._buf = torch.zeros(self.capacity, dtype=torch.int64)
+        self._seq = 0  # steps sent / received: a cheap check that no rank skipped one
+
+    # ---- rank 0 ----
+    def send(self, x: StepInputs) -> None:
+        T, B = len(x.input_ids), len(x.seq_lens)
+        W = x.block_tables.shape[1] if B else 0
+        parts = [x.input_ids, x.positions, x.slot_mapping, x.query_start_loc, x.seq_lens, x.block_tables.reshape(-1),
+                 x.logits_rows, np.asarray(x.prompt_logit_spans, dtype=np.int64).reshape(-1),
+                 np.asarray(x.kv_copies, dtype=np.int64).reshape(-1)]
+        length = sum(len(p) for p in parts)
+        header = np.zeros(HEADER, dtype=np.int64)
+        header[[_OP, _LEN, _T, _B, _DECODES, _WIDTH, _S, _C, _K, _SEQ]] = (
+            _STEP, length, T, B, x.num_decodes, W, len(x.logits_rows), len(x.prompt_logit_spans), len(x.kv_copies),
+            self._seq)
+        self._seq += 1
+        payload = np.concatenate([header] + parts)
+        first = payload[: self.capacity]
+        buf = self._buf.numpy()
+        buf[: len(first)] = first
+        self._broadcast(self._buf)
+        if len(payload) > self.capacity:
+            self._broadcast(torch.from_numpy(payload[self.capacity :].copy()))
+
+    def send_stop(self) -> None:
+        self._buf.zero_()  # op 0: stop
+        self._broadcast(self._buf)
+
+    # ---- every other rank ----
+    def receive(self) -> Optional[StepInputs]:
+        """The next step's inputs; None when rank 0 shuts the replica down."""
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.timeout = 0, IDLE_WAIT
+        self.group.broadcast([self._buf], opts).wait()
+        buf = self._buf.numpy()
+        op, length, T, B, decodes, W, S, C, K, seq = (int(v) for v in buf[:10])
+        if op == _STOP:
+            return None
+        if seq != self._seq:
+            raise RuntimeError(f"step channel out of sync: got step {seq}, expected {self._seq}")
+        self._seq += 1
+        payload = buf[HEADER : HEADER + length].copy()  # the buffer is reused for the next step
+        if HEADER + length > self.capacity:
+            rest = torch.empty(HEADER + length - self.capacity, dtype=torch.int64)
+            self._broadcast(rest)
+            payload = np.concatenate([payload, rest.numpy()])
+        arrays = []
+        at = 0
+        for n in (T, T, T, B + 1, B, B * W, S, 2 * C, 2 * K):
+            arrays.append(payload[at : at + n])
+            at += n
+        ids, pos, slots, qsl, seq_lens, tables, rows, spans, copies = arrays
+        return StepInputs(input_ids=ids, positions=pos, num_decodes=decodes, query_start_loc=qsl, seq_lens=seq_lens,
+                          block_tables=tables.reshape(B, W), slot_mapping=slots, logits_rows=rows,
+                          kv_copies=[tuple(c) for c in copies.reshape(K, 2).tolist()],
+                          prompt_logit_spans=[tuple(s) for s in spans.reshape(C, 2).tolist()])
+
+    def _broadcast(self, t: torch.Tensor) -> None:
+        dist.broadcast(t, src=0, group=self.group)
