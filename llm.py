@@ -15,10 +15,25 @@ Messages = list[dict[str, Any]]
 
 
 class LLM:
-    """An engine in this process. `LLM()` serves the default SmolLM2-135M-Instruct."""
+    """An engine in this process. `LLM()` serves the default SmolLM2-135M-Instruct.
+
+    With tensor_parallel_size x pipeline_parallel_size > 1 this process is rank 0 and the other
+    ranks are child processes (spawned: guard a script's top level with `if __name__ ==
+    "__main__":`). They stop on `shutdown()`, at the end of a `with LLM(...) as llm:` block, when
+    the LLM is garbage collected, or when the interpreter exits."""
 
     def __init__(self, model: Optional[str] = None, **engine_args: Any):
         self.engine = LLMEngine(EngineArgs(model=model, **engine_args))
+
+    def shutdown(self) -> None:
+        """Stops the other ranks of a tensor/pipeline-parallel engine; nothing to do for one rank."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

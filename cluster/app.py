@@ -54,10 +54,12 @@ def build_app(args: dict[str, Any]):
         pool_opts["autoscaling_config"] = cfg.autoscaling_config
     else:
         pool_opts["num_replicas"] = cfg.num_replicas
-    pool_opts.update(placement_options(cfg, engine_args))
+    plan = replica_plan(cfg, engine_args)
+    if plan is not None:
+        pool_opts.update(deployment_options(plan, cfg.ray_actor_options))
     cpu_threads = int(cfg.ray_actor_options.get("num_cpus", 1) or 1)
     pool = serve.deployment(EngineReplica, name="EngineReplica", **pool_opts).bind(
-        engine_args.model_dump(exclude_none=True), cfg.max_queued_requests, cpu_threads)
+        engine_args.model_dump(exclude_none=True), cfg.max_queued_requests, cpu_threads, plan)
     ingress = serve.deployment(OpenAIServer, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=4096)
     return ingress.bind(pool, name, cfg.model, engine_args.load_format, engine_args.max_model_len, cfg.api_key,
@@ -68,16 +70,21 @@ def placement_options(cfg: AppConfig, engine_args: EngineArgs) -> dict[str, Any]
     """Placement-group options for the engine pool: none for a single-rank replica; for
     TP x PP > 1, the planner's bundles and strategy, with `ray_actor_options` read as one
     rank's share (the replica actor is rank 0)."""
-    # getattr: the parallel sizes are engine args that may not exist in every version.
-    tp = int(getattr(engine_args, "tensor_parallel_size", 1) or 1)
-    pp = int(getattr(engine_args, "pipeline_parallel_size", 1) or 1)
+    plan = replica_plan(cfg, engine_args)
+    return {} if plan is None else deployment_options(plan, cfg.ray_actor_options)
+
+
+def replica_plan(cfg: AppConfig, engine_args: EngineArgs) -> Optional[PlacementPlan]:
+    """The placement plan of each engine replica, None for a single-rank one. The replica gets it
+    too: it places its other ranks (Ray actors) into the bundles the plan says."""
+    tp, pp = engine_args.tensor_parallel_size, engine_args.pipeline_parallel_size
     if tp * pp == 1:
-        return {}
+        return None
     plan = plan_for_replica(cfg.ray_actor_options, tp, pp, device=engine_args.device)
     logger.info("engine replicas are %s placement groups: bundles %s, strategy %s", plan.name,
                 plan.bundle_list(), plan.strategy)
     _warn_if_cluster_too_small(plan, cfg)
-    return deployment_options(plan, cfg.ray_actor_options)
+    return plan
 
 
 def _warn_if_cluster_too_small(plan: PlacementPlan, cfg: AppConfig) -> None:

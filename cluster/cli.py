@@ -25,6 +25,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help_text = field.description or ""
         if base is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(base) is list:  # e.g. --pipeline-layer-split 15 15
+            group.add_argument(flag, dest=name, nargs="+", type=typing.get_args(base)[0], default=None,
+                               help=help_text)
         elif typing.get_origin(base) is typing.Literal:
             group.add_argument(flag, dest=name, choices=typing.get_args(base), default=None, help=help_text)
         else:
@@ -102,8 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require this bearer key on every route but /health")
     srv.add_argument("--served-model-name", default=None)
     srv.add_argument("--num-replicas", type=int, default=1)
-    srv.add_argument("--num-cpus", type=float, default=2, help="CPUs of one engine replica")
-    srv.add_argument("--num-gpus", type=float, default=0, help="GPUs of one engine replica")
+    srv.add_argument("--num-cpus", type=float, default=2,
+                     help="CPUs of one engine replica (with tensor/pipeline parallelism: of each of its ranks)")
+    srv.add_argument("--num-gpus", type=float, default=0,
+                     help="GPUs of one engine replica (with tensor/pipeline parallelism: of each of its ranks, "
+                     "so at most 1)")
     srv.add_argument("--max-queued-requests", type=int, default=256)
     srv.add_argument("--default-max-tokens", type=int, default=256)
     srv.add_argument("--address", default=None, help="Ray cluster address (default: start or join a local one)")

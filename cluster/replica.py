@@ -48,7 +48,9 @@ class EngineReplica:
     """Serve deployment class (wrapped by `serve.deployment` in cluster/app.py)."""
 
     def __init__(self, engine_args: dict[str, Any], max_queued_requests: Optional[int] = None,
-                 cpu_threads: Optional[int] = None):
+                 cpu_threads: Optional[int] = None, placement=None):
+        """`placement`: the PlacementPlan this replica's placement group was made from (TP x PP > 1):
+        this actor is rank 0 and starts the other ranks as Ray actors in their bundles."""
         import torch
 
         from raylight.workers.async_engine import AsyncLLMEngine
@@ -58,7 +60,7 @@ class EngineReplica:
         threads = cpu_threads or int(float(os.environ.get("OMP_NUM_THREADS", "0") or 0)) or os.cpu_count()
         torch.set_num_threads(max(1, threads))
         self.replica_id = _replica_id()
-        self.engine = LLMEngine(EngineArgs(**engine_args))
+        self.engine = LLMEngine(EngineArgs(**engine_args), placement=placement)
         self.async_engine = AsyncLLMEngine(self.engine, max_queued_requests)
         logger.info("replica %s ready (%d torch threads)", self.replica_id, torch.get_num_threads())
 
@@ -96,15 +98,18 @@ class EngineReplica:
         return self.async_engine.healthy()
 
     def check_health(self) -> None:
-        """Serve's health probe: a dead or stalled engine loop gets this replica replaced."""
+        """Serve's health probe: a dead or stalled engine loop, or a dead rank of a tensor/pipeline
+        parallel replica (even an idle one), gets this replica replaced."""
         if not self.async_engine.healthy():
             raise RuntimeError(f"engine loop unhealthy (dead={self.async_engine.dead!r}, "
                                f"last progress {time.monotonic() - self.async_engine.last_progress:.0f}s ago)")
+        self.engine.executor.check()
 
     def __del__(self):
         eng = getattr(self, "async_engine", None)
         if eng is not None:
             eng.shutdown()
+            eng.engine.shutdown()
 
 
 def _replica_id() -> str:

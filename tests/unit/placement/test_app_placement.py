@@ -6,10 +6,6 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raylight.config import EngineArgs
-
-HAS_PARALLEL_ARGS = "tensor_parallel_size" in EngineArgs.model_fields
-
 
 def _pool(app):
     """The EngineReplica deployment bound as the ingress's first argument."""
@@ -26,8 +22,6 @@ def test_single_rank_replica_has_no_placement_group():
     assert rc.ray_actor_options["num_cpus"] == 2
 
 
-@pytest.mark.skipif(not HAS_PARALLEL_ARGS, reason="EngineArgs has no tensor_parallel_size field yet "
-                    "(being added to config.py separately)")
 def test_tp2_replica_gets_bundles_and_strategy():
     from raylight.cluster.app import AppConfig, build_app
 
@@ -39,8 +33,6 @@ def test_tp2_replica_gets_bundles_and_strategy():
     assert rc.ray_actor_options["num_gpus"] == 1 and rc.ray_actor_options["num_cpus"] == 4
 
 
-@pytest.mark.skipif(not HAS_PARALLEL_ARGS, reason="EngineArgs has no tensor_parallel_size field yet "
-                    "(being added to config.py separately)")
 def test_tp2_pp2_cpu_replica_gets_one_bundle_per_stage():
     from raylight.cluster.app import AppConfig, build_app
 
@@ -51,8 +43,6 @@ def test_tp2_pp2_cpu_replica_gets_one_bundle_per_stage():
     assert rc.placement_group_strategy == "PACK"
 
 
-@pytest.mark.skipif(not HAS_PARALLEL_ARGS, reason="EngineArgs has no tensor_parallel_size field yet "
-                    "(being added to config.py separately)")
 def test_tp2_config_file_builds():
     import os
 

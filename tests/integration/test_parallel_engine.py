@@ -1,0 +1,133 @@
+"""`LLM(..., tensor_parallel_size=T, pipeline_parallel_size=P)` end to end on CPU (gloo): the
+ranks are child processes of the test's, and every output equals the single-process engine's
+in float32: greedy tokens and their logprobs, prompt logprobs, chunked prefill, n=2 seeded
+sampling. A rank that dies fails the engine quickly and leaves no process behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from raylight import LLM, SamplingParams
+
+from ..conftest import SMOLLM2_PROMPTS, make_random_hf_model, random_prompts
+
+# Small pool and token budget: prompts of up to 40 tokens prefill in chunks of 16 over several steps.
+ENGINE = dict(device="cpu", dtype="float32", max_num_batched_tokens=16, kv_cache_memory=2**22, block_size=4)
+LAYOUTS = {  # id: (tp, pp, layer split)
+    "tp2": (2, 1, None),
+    "pp2-split3+1": (1, 2, [3, 1]),  # the first stage (rank 1) holds 3 of the 4 layers
+    "tp2xpp2": (2, 2, None),
+}
+
+
+def _requests():
+    prompts = random_prompts(5, 512, 3, 40, seed=3)
+    params = [SamplingParams(max_tokens=6, temperature=0, logprobs=2) for _ in prompts]
+    params[1] = SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=3)  # a 30+-token prompt: 3 chunks
+    params[2] = SamplingParams(n=2, max_tokens=6, temperature=0.9, seed=7)
+    return prompts, params
+
+
+def _summary(outputs) -> list[dict]:
+    """Per request: token ids (must match exactly) and every logprob (to match closely), keyed by
+    (prompt or completion index, position, token)."""
+    out = []
+    for o in outputs:
+        lps = {("prompt", i, t): lp.logprob for i, pos in enumerate(o.prompt_logprobs or []) if pos
+               for t, lp in pos.items()}
+        for c in o.outputs:
+            lps.update({(c.index, i, t): lp.logprob for i, pos in enumerate(c.logprobs or []) for t, lp in pos.items()})
+        out.append(dict(tokens=[c.token_ids for c in o.outputs], logprobs=lps))
+    return out
+
+
+def _assert_close(got: list[dict], want: list[dict]) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g["tokens"] == w["tokens"]
+        assert g["logprobs"].keys() == w["logprobs"].keys()
+        for k, v in g["logprobs"].items():
+            assert v == pytest.approx(w["logprobs"][k], abs=1e-3), k
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    """A random 4-layer Qwen3 (qk-norm, 4 query / 2 KV heads) and the single-process outputs."""
+    path = str(tmp_path_factory.mktemp("qwen3-parallel"))
+    make_random_hf_model("qwen3", path, num_hidden_layers=4)
+    prompts, params = _requests()
+    with LLM(path, **ENGINE) as llm:
+        ref = _summary(llm.generate(prompts, params, use_tqdm=False))
+    return path, prompts, params, ref
+
+
+def _children_gone(llm) -> bool:
+    return all(not p.is_alive() for p in llm.engine.executor.launcher.procs)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parallel_engine_matches_single_process(qwen3, layout):
+    path, prompts, params, ref = qwen3
+    tp, pp, split = LAYOUTS[layout]
+    llm = LLM(path, tensor_parallel_size=tp, pipeline_parallel_size=pp, pipeline_layer_split=split, **ENGINE)
+    try:
+        assert llm.engine.executor.world_size == tp * pp
+        _assert_close(_summary(llm.generate(prompts, params, use_tqdm=False)), ref)
+        if split == [3, 1]:
+            # Rank 0 (1 layer) could hold 3x the blocks rank 1 (3 layers) can: the pool is rank 1's.
+            per_layer = 2 * ENGINE["block_size"] * 2 * 32 * 4  # K and V, block, KV heads, head_dim, fp32
+            assert llm.engine.num_blocks == ENGINE["kv_cache_memory"] // (3 * per_layer)
+        m = llm.get_metrics()
+        assert m["kv_blocks_free"] == m["kv_blocks_total"] and m["num_running"] == 0
+    finally:
+        llm.shutdown()
+    assert _children_gone(llm)
+
+
+def test_smollm2_tp2_matches_single_process(smollm2_dir):
+    """SmolLM2's 9 heads / 3 KV heads split unevenly (5 + 4, 2 + 1) over two TP ranks."""
+    params = SamplingParams(max_tokens=12, temperature=0)
+    kwargs = dict(device="cpu", dtype="float32", kv_cache_memory=2**26)
+    with LLM(smollm2_dir, **kwargs) as llm:
+        ref = [o.outputs[0].token_ids for o in llm.generate(SMOLLM2_PROMPTS, params, use_tqdm=False)]
+    with LLM(smollm2_dir, tensor_parallel_size=2, **kwargs) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(SMOLLM2_PROMPTS, params, use_tqdm=False)]
+    assert got == ref
+
+
+def test_dead_rank_fails_the_engine_and_leaves_no_process(qwen3):
+    """Rank 1 killed mid-generation: the step loop dies within seconds, waiting and new requests get
+    EngineDeadError, and shutdown leaves no child process."""
+    from raylight.workers.async_engine import AsyncLLMEngine, EngineDeadError
+
+    path, prompts, _, _ = qwen3
+    llm = LLM(path, tensor_parallel_size=2, **{**ENGINE, "max_num_batched_tokens": 64})
+    engine = AsyncLLMEngine(llm.engine)
+    victim = llm.engine.executor.launcher.procs[0]
+
+    async def run() -> float:
+        params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+        gen = engine.generate(prompts[0], params, "long")
+        await gen.__anext__()  # the ranks are running steps
+        os.kill(victim.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(EngineDeadError):
+            async for _ in gen:
+                pass
+        elapsed = time.monotonic() - t0
+        with pytest.raises(EngineDeadError):
+            await engine.generate(prompts[1], params, "after").__anext__()
+        return elapsed
+
+    try:
+        elapsed = asyncio.run(asyncio.wait_for(run(), timeout=60))
+        assert elapsed < 15, elapsed
+        assert not engine.healthy()
+    finally:
+        engine.shutdown()
+        llm.shutdown()
+    assert _children_gone(llm)
