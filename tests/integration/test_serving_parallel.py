@@ -1,0 +1,56 @@
+"""A tensor-parallel replica under Ray Serve on CPU: `build_app` with tensor_parallel_size=2 gets a
+placement group of one {CPU: 2} bundle, the replica (rank 0) starts rank 1 as a Ray actor in that
+bundle, and a chat request over HTTP answers what the single-process engine generates."""
+
+from __future__ import annotations
+
+import pytest
+
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+
+from raylight import LLM, SamplingParams
+
+from ..conftest import SMOLLM2_CHAT, free_port, wait_healthy
+
+MODEL = "SmolLM2-135M-Instruct"
+ENGINE = {"device": "cpu", "dtype": "float32", "max_model_len": 512, "max_num_seqs": 8, "kv_cache_memory": 2**26}
+
+
+@pytest.fixture(scope="module")
+def tp2_server(smollm2_dir):
+    from ray import serve
+
+    from raylight.cluster.app import AppConfig, build_app
+
+    if ray.is_initialized():
+        pytest.skip("another Ray session is connected in this process")
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        cfg = AppConfig(engine_args={**ENGINE, "tensor_parallel_size": 2}, ray_actor_options={"num_cpus": 1},
+                        default_max_tokens=16)
+        serve.run(build_app(cfg), name="raylight-tp2", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        if not wait_healthy(base, 240):
+            pytest.fail("the TP=2 server did not become healthy")
+        yield base
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_tp2_replica_over_http_matches_single_process(tp2_server, smollm2_dir):
+    client = openai.OpenAI(base_url=f"{tp2_server}/v1", api_key="unused", max_retries=0, timeout=120)
+    chat = client.chat.completions.create(model=MODEL, messages=SMOLLM2_CHAT, max_tokens=16, temperature=0)
+    # Rank 1 is a Ray actor beside the replica (rank 0) in bundle 0 of its placement group: the two
+    # ranks use up the bundle's 2 CPUs.
+    bundle_cpus = [k for k in ray.cluster_resources() if k.startswith("CPU_group_0_")]
+    assert len(bundle_cpus) == 1
+    assert ray.available_resources().get(bundle_cpus[0], 0.0) == 0.0
+
+    with LLM(smollm2_dir, **ENGINE) as llm:
+        want = llm.chat(SMOLLM2_CHAT, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)[0].outputs[0]
+    assert chat.choices[0].message.content == want.text
+    assert chat.usage.completion_tokens == len(want.token_ids)
