@@ -130,6 +130,29 @@ def measure_prefill(llm, vocab: int, num: int, length: int) -> dict:
     return dict(prompts=num, prompt_len=length, seconds=time.perf_counter() - t0)
 
 
+def graph_replay_times(engine, batch_sizes) -> dict:
+    """GPU time of one decode forward replayed from its CUDA graph (no host work), per batch size:
+    what a decode step would cost if the host kept up."""
+    graphs = engine.runner.graphs
+    if graphs is None:
+        return {}
+    out = {}
+    for b in batch_sizes:
+        size = next((s for s in graphs.sizes if s >= b), None)
+        if size is None:
+            continue
+        g = graphs.graphs[size].graph
+        g.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        out[size] = start.elapsed_time(end) / 20 / 1e3
+    return out
+
+
 def make_workload(args, vocab: int):
     rng = np.random.default_rng(args.seed)
     n = args.num_requests
@@ -314,6 +337,8 @@ def main(argv=None):
             if args.num_requests in dec:
                 analysis["decode_step_s_at_full_batch"] = dec[args.num_requests]
                 analysis["decode_step_floor_fraction"] = fl["decode_step_floor_s_mid"] / dec[args.num_requests]
+        # Replays run on whatever the KV holds now (contexts as the graph's metadata last saw them).
+        analysis["graph_replay_s"] = graph_replay_times(llm.engine, sorted({1, args.num_requests}))
         pf = measure_prefill(llm, vocab, num=min(args.num_requests, 32), length=args.input_len)
         pf_flops = pf["prompts"] * (pf["prompt_len"] * 2 * counts["body_params"] + 2 * counts["head_params"]
                                     + 2 * counts["layers"] * counts["q_width"] * pf["prompt_len"] ** 2)
@@ -325,6 +350,8 @@ def main(argv=None):
         if "floors" in analysis:
             print(f"floor {analysis['floors']['floor_output_tok_s']:.0f} output tok/s; we reach "
                   f"{analysis['fraction_of_floor']:.1%}")
+        for b, t in analysis["graph_replay_s"].items():
+            print(f"decode forward alone (graph replay) at batch {b}: {t * 1e3:.2f} ms")
         if "decode_step_s_at_full_batch" in analysis:
             print(f"decode step at batch {args.num_requests}: {analysis['decode_step_s_at_full_batch'] * 1e3:.2f} ms, "
                   f"floor {analysis['floors']['decode_step_floor_s_mid'] * 1e3:.2f} ms "

@@ -49,23 +49,28 @@ def test_bf16_greedy_agrees_with_hf(model_dir, backend, eager):
     if graphs is not None:
         assert graphs.num_replays > 0
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    hf32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
     matched = total = 0
+    worst = []
     for prompt, out in zip(prompts, outs):
         ids = torch.tensor([prompt + out.outputs[0].token_ids], device="cuda")
-        # HF's bf16 final hidden states through its LM head in fp32: bf16 logits themselves are
-        # rounded to 1/16 near 8, far coarser than the near-tie bound.
-        hidden = hf(ids, output_hidden_states=True).hidden_states[-1][0, len(prompt) - 1 : -1].float()
-        logits = hidden @ hf.lm_head.weight.float().t()
-        hf_top2 = logits.topk(2, dim=-1)
+        rows = slice(len(prompt) - 1, -1)
+        ref = hf32(ids).logits[0, rows].float()  # the exact order of the candidates
+        hf_bf16 = hf(ids).logits[0, rows].float()  # the peer we match: HF in the same precision
+        # How far HF's own bf16 run strays from fp32 at each step: bf16's resolution on this model.
+        noise = (hf_bf16 - ref).abs().max(dim=-1).values
+        hf_top = hf_bf16.argmax(dim=-1)
         for step, token in enumerate(out.outputs[0].token_ids):
             total += 1
-            if token == int(hf_top2.indices[step, 0]):
+            if token == int(hf_top[step]):
                 matched += 1
-            else:  # a mismatch must be a near-tie under HF's own logits
-                gap = float(hf_top2.values[step, 0] - logits[step, token])
-                assert gap < NEAR_TIE, (step, gap)
+            else:  # a near-tie: ours and HF's pick are closer in exact logits than 1e-2 or HF-bf16's own error
+                gap = abs(float(ref[step, hf_top[step]] - ref[step, token]))
+                worst.append((round(gap, 4), round(float(noise[step]), 4)))
+                assert gap < max(NEAR_TIE, float(noise[step])), (step, gap, float(noise[step]))
+    print(f"{backend} eager={eager}: matched {matched}/{total}; mismatches (gap, HF bf16 error): {worst}")
     assert matched / total >= 0.95, matched / total
     m = llm.get_metrics()
     assert m["kv_blocks_free"] == m["kv_blocks_total"]
-    del llm, hf
+    del llm, hf, hf32
     torch.cuda.empty_cache()
