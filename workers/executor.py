@@ -76,8 +76,13 @@ class Executor:
                 groups = ParallelGroups.from_world(config)
             self.rank: RankModel = build_rank(args, resolved, groups, device, dtype, max_model_len)
         except BaseException as e:
+            # A ValueError (a bad setting, raised by every rank alike) stands as it is; a collective's
+            # error is most likely a peer that died: name it before the shutdown reaps it.
+            err = e if isinstance(e, ValueError) else self._explain(e)
             self.shutdown()
-            raise self._explain(e) from e
+            if err is e:
+                raise
+            raise err from e
         if self.launcher is not None:
             self.channel = StepChannel(groups.cpu_group, 0)
             self._finalizer.detach()
