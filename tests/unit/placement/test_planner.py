@@ -188,13 +188,14 @@ def test_deployment_options_fit_serve_validation():
 
 
 def test_app_placement_options_follow_engine_parallel_sizes():
-    """Works before EngineArgs has the fields: the app reads them with getattr."""
-    from raylight.cluster.app import AppConfig, placement_options
+    from raylight.cluster.app import AppConfig, placement_options, replica_plan
+    from raylight.config import EngineArgs
 
     cfg = AppConfig(ray_actor_options={"num_cpus": 2, "num_gpus": 1})
-    assert placement_options(cfg, SimpleNamespace(device="cuda")) == {}
-    assert placement_options(cfg, SimpleNamespace(device="cuda", tensor_parallel_size=1,
-                                                  pipeline_parallel_size=1)) == {}
-    opts = placement_options(cfg, SimpleNamespace(device="cuda", tensor_parallel_size=2, pipeline_parallel_size=2))
+    assert placement_options(cfg, EngineArgs(device="cuda")) == {}
+    assert replica_plan(cfg, EngineArgs(device="cuda")) is None
+    engine = EngineArgs(device="cuda", tensor_parallel_size=2, pipeline_parallel_size=2)
+    assert replica_plan(cfg, engine).world_size == 4  # the plan the replica places its ranks with
+    opts = placement_options(cfg, engine)
     assert opts == {"ray_actor_options": {"num_cpus": 2.0, "num_gpus": 1.0},
                     "placement_group_bundles": [{"GPU": 2, "CPU": 4}] * 2, "placement_group_strategy": PACK}
