@@ -97,3 +97,9 @@ class SamplingParams:
     @property
     def uses_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits and nothing else: the sampler's fast path."""
+        return (self.greedy and not self.uses_penalties and not self.logit_bias and self.min_tokens == 0
+                and self.logprobs is None)

@@ -97,14 +97,15 @@ class Executor:
 
     def dispatch(self, inputs: StepInputs) -> None:
         """Sends a step to every other rank; rank 0 runs it right after."""
-        self.check()
+        if self._monitor.dead is not None:  # what the monitor last saw: no per-step query of the ranks
+            raise RankDiedError(f"{self._monitor.dead}: the replica cannot run further steps")
         try:
             self.channel.send(inputs)
         except Exception as e:
             raise self._explain(e) from e
 
     def check(self) -> None:
-        """Raises RankDiedError when a rank has exited."""
+        """Raises RankDiedError when a rank has exited (asks the ranks now: for health checks)."""
         if self._finalizer.alive is False:
             raise RankDiedError("the replica's ranks were shut down")
         dead = self._monitor.dead if self._monitor is not None else None

@@ -18,7 +18,7 @@ from raylight.workers.sampling_state import SampleRow, SamplingState
 from raylight.workers.scheduler import SchedulerOutput
 
 
-@dataclass
+@dataclass(slots=True)
 class SampledToken:
     token_id: int
     logprob: Optional[float] = None  # raw logprob of the token (when the request asked for logprobs)
@@ -111,14 +111,19 @@ class ModelRunner:
     def prepare(self, sched: SchedulerOutput) -> tuple[list[Request], StepInputs, list[SampleRow]]:
         """The step's flat inputs on the host, and the rows that sample."""
         # Decodes (one query token) first: attention batches them in one call.
-        order = sorted(range(len(sched.requests)), key=lambda i: sched.num_scheduled_tokens[i] != 1)
-        reqs = [sched.requests[i] for i in order]
-        num_new = np.array([sched.num_scheduled_tokens[i] for i in order], dtype=np.int64)
-        num_computed = np.array([r.num_computed_tokens for r in reqs], dtype=np.int64)
+        scheduled = sched.num_scheduled_tokens
+        if max(scheduled) == 1:
+            reqs, counts = sched.requests, scheduled
+        else:
+            order = sorted(range(len(sched.requests)), key=lambda i: scheduled[i] != 1)
+            reqs, counts = [sched.requests[i] for i in order], [scheduled[i] for i in order]
+        computed = [r.num_computed_tokens for r in reqs]
+        num_new = np.array(counts, dtype=np.int64)
+        num_computed = np.array(computed, dtype=np.int64)
         num_decodes = int((num_new == 1).sum())
 
         token_ids: list[int] = []
-        for r, c, n in zip(reqs, num_computed.tolist(), num_new.tolist()):
+        for r, c, n in zip(reqs, computed, counts):
             if n == 1:
                 token_ids.append(r.all_token_ids[c])
             else:
@@ -147,13 +152,16 @@ class ModelRunner:
         # samples its n first tokens from the same logits row.
         rows: list[SampleRow] = []
         logits_rows: list[int] = []
-        for i, r in enumerate(reqs):
-            if seq_lens[i] != r.num_tokens:
+        last_rows = (query_start_loc[1:] - 1).tolist()
+        for r, seq_len, last in zip(reqs, seq_lens.tolist(), last_rows):
+            if seq_len != len(r.all_token_ids):
                 continue  # a chunk of a prompt: nothing to sample yet
             n_out = len(r.output_token_ids)
             rows.append(SampleRow(r, r.request_id, r.sampling_params, n_out))
-            rows.extend(SampleRow(r, fid, fp, n_out) for fid, fp in zip(r.fork_ids, r.fork_params))
-            logits_rows.extend([int(query_start_loc[i + 1]) - 1] * r.num_seqs)
+            logits_rows.append(last)
+            if r.fork_ids:
+                rows.extend(SampleRow(r, fid, fp, n_out) for fid, fp in zip(r.fork_ids, r.fork_params))
+                logits_rows.extend([last] * len(r.fork_ids))
         inputs = StepInputs(np.array(token_ids, dtype=np.int64), positions, num_decodes, query_start_loc,
                             seq_lens, block_tables, slot_mapping, np.array(logits_rows, dtype=np.int64),
                             self.kv.take_pending_copies())

@@ -18,8 +18,8 @@ import torch
 
 @dataclass
 class SamplingMetadata:
-    temperature: torch.Tensor  # [S] (1.0 on greedy rows)
-    greedy: torch.Tensor  # [S] bool
+    temperature: Optional[torch.Tensor]  # [S] (1.0 on greedy rows); None when all rows are greedy
+    greedy: Optional[torch.Tensor]  # [S] bool; None when all rows are greedy
     all_greedy: bool
     generators: list[Optional[torch.Generator]]
     top_k: Optional[torch.Tensor] = None  # [S] long, vocab size where disabled

@@ -13,7 +13,7 @@ from raylight.workers.request import Request
 from raylight.workers.sampler import SamplingMetadata
 
 
-@dataclass
+@dataclass(slots=True)
 class SampleRow:
     """One row of the step's logits to sample from: a request, or one of the n sequences a
     request forks into on its first token (they share the prompt's logits row)."""
@@ -64,6 +64,8 @@ class SamplingState:
     def metadata(self, rows: list[SampleRow]) -> SamplingMetadata:
         dev = self.device
         params = [r.params for r in rows]
+        if all(p.plain_greedy for p in params):  # the common batch: no tensors to build or copy
+            return SamplingMetadata(temperature=None, greedy=None, all_greedy=True, generators=[])
         greedy = [p.greedy for p in params]
         meta = SamplingMetadata(
             temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev),
