@@ -22,7 +22,7 @@ import torch.distributed as dist
 from raylight.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineArgs
 from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata, get_attention_backend
 from raylight.models.llama import local_head_counts
-from raylight.models.loader import ResolvedModel, build_model
+from raylight.models.loader import ResolvedModel, build_model, resolve_model
 from raylight.parallel.pipeline import StageModel
 from raylight.parallel.state import ParallelConfig, ParallelGroups, init_distributed
 from raylight.workers.model_runner import ModelRunner, StepInputs, to_device
@@ -190,7 +190,11 @@ def run_rank(spec: RankSpec, rank: int, device: torch.device) -> int:
     init_distributed(rank, spec.world_size, spec.init_method, device, spec.args.distributed_timeout_s)
     try:
         groups = ParallelGroups.from_world(parallel_config(spec.args))
-        built = build_rank(spec.args, spec.resolved, groups, device, spec.dtype, spec.max_model_len)
+        resolved = spec.resolved
+        if resolved.path is not None and not os.path.isdir(resolved.path):
+            # Another node (a PP stage placed elsewhere): fetch or convert the model here too.
+            resolved = resolve_model(spec.args.model, spec.args.load_format, spec.args.revision)
+        built = build_rank(spec.args, resolved, groups, device, spec.dtype, spec.max_model_len)
         logger.info("rank %d (tp %d, pp %d) ready: layers %s, %d KV blocks", rank, groups.tp_rank, groups.pp_rank,
                     built.model.layer_range, built.num_blocks)
         return serve_steps(built, StepChannel(groups.cpu_group, rank, spec.channel_capacity))
