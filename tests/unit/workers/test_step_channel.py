@@ -1,0 +1,22 @@
+"""Rank 0's step inputs arrive intact at another rank: one fixed-size broadcast, or two when the
+step outgrows it; then the stop message ends the receiver's loop."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from raylight.tests.unit.parallel.workers import run_ranks
+from raylight.tests.unit.workers import channel_ranks
+
+
+def test_steps_round_trip_through_the_channel():
+    sent = channel_ranks.make_steps()
+    _, got = run_ranks(channel_ranks.exchange, 2, 256)  # 256 elements: the second step needs a second broadcast
+    assert len(got) == len(sent)
+    for a, b in zip(sent, got):
+        for field in ("input_ids", "positions", "query_start_loc", "seq_lens", "block_tables", "slot_mapping",
+                      "logits_rows"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert x.shape == y.shape and np.array_equal(x, y), field
+        assert (a.num_decodes, a.kv_copies, a.prompt_logit_spans) == (b.num_decodes, b.kv_copies,
+                                                                      b.prompt_logit_spans)
