@@ -48,6 +48,10 @@ class EngineArgs(BaseModel):
 
     # --- GPU execution ---
     enforce_eager: bool = Field(False, description="Never use CUDA graphs (decode steps launch kernels eagerly).")
+    num_microbatches: Optional[int] = Field(
+        None, ge=1, description="Steps in flight at once, over disjoint sets of requests (default: "
+        "pipeline_parallel_size, so every stage has work). 2 on one GPU overlaps the host's scheduling "
+        "and output work with the device's compute of the other micro-batch.")
     overlap_host_work: Optional[bool] = Field(
         None, description="Turn the previous step's tokens into outputs while the device runs the next step "
         "(default: on for CUDA).")

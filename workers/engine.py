@@ -19,9 +19,9 @@ from raylight.outputs import CompletionOutput, Logprob, PositionLogprobs, Reques
 from raylight.sampling_params import SamplingParams
 from raylight.workers.executor import Executor
 from raylight.workers.kv_cache_manager import KVCacheManager
-from raylight.workers.model_runner import ModelRunner, SampledToken
+from raylight.workers.model_runner import ModelRunner, SampledToken, StepHandle
 from raylight.workers.request import Request, RequestStatus
-from raylight.workers.scheduler import Scheduler
+from raylight.workers.scheduler import Scheduler, SchedulerOutput
 from raylight.workers.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 logger = logging.getLogger("raylight.engine")
@@ -108,6 +108,12 @@ class LLMEngine:
         # Build outputs while the GPU runs the next step (CUDA); on CPU nothing runs concurrently.
         self.overlap = args.overlap_host_work if args.overlap_host_work is not None else self.device.type == "cuda"
         self._pending: list[tuple[Request, Optional[SampledToken]]] = []  # sampled, not yet turned into outputs
+        # Micro-batches: up to this many steps in flight, each over requests the others do not hold.
+        self.num_microbatches = args.num_microbatches or args.pipeline_parallel_size
+        # Under PP we are the last stage: computing a step waits on the previous stage, so our share
+        # runs when the step is collected, after the next micro-batch was sent down the pipeline.
+        self._defer_compute = args.pipeline_parallel_size > 1
+        self._in_flight: collections.deque[tuple[SchedulerOutput, StepHandle, float]] = collections.deque()
         self._groups: dict[str, _Group] = {}
         self._seq_owner: dict[str, tuple[_Group, int]] = {}  # sequence id -> (its request, index)
         self._ids = itertools.count()
@@ -226,13 +232,15 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return self.scheduler.has_unfinished() or bool(self._pending) or bool(self._in_flight)
 
     # ---- the step ----
     def step(self, emit: Optional[Callable[[list[RequestOutput]], None]] = None) -> list[RequestOutput]:
         """One engine step. With overlap on, the outputs of the previous step's tokens (detokenizing,
         stop strings, RequestOutputs) are built while the GPU runs this step; `emit`, when given,
         receives them as soon as they are ready instead of when the step returns."""
+        if self.num_microbatches > 1:
+            return self._step_pipelined()
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if not sched.requests:
@@ -249,6 +257,14 @@ class LLMEngine:
         if emit is not None and outputs:
             emit(outputs)
             outputs = []
+        # A request that a stop string ended above was already in this step: update() skips it.
+        self._pending = self._finish_step(sched, handle, t0)
+        if not self.overlap:
+            outputs += self._process(self._take_pending())
+        return outputs
+
+    def _finish_step(self, sched: SchedulerOutput, handle: StepHandle, t0: float):
+        """Waits for a launched step's tokens and advances the scheduler; returns the new tokens."""
         result = self.runner.collect(handle)
         self.num_steps += 1
         for rid, plps in result.prompt_logprobs.items():
@@ -256,15 +272,35 @@ class LLMEngine:
             if owner is not None:
                 owner[0].prompt_logprobs.extend(self._position_logprobs(p.token_id, p.logprob, p.rank, p.top)
                                                 for p in plps)
-        # A request that a stop string ended above was already in this step: update() skips it.
-        self._pending = self.scheduler.update(sched, result)
-        if not self.overlap:
-            outputs += self._process(self._take_pending())
+        changed = self.scheduler.update(sched, result)
         elapsed = time.perf_counter() - t0  # the whole step, as a streaming client paces it
         self.step_times.append(elapsed)
         n = sched.num_scheduled_tokens
         self.step_log.append((len(n), sum(n), sum(1 for t in n if t == 1), elapsed))
-        return outputs
+        return changed
+
+    def _step_pipelined(self) -> list[RequestOutput]:
+        """Micro-batch pipelining: launch a step over the requests no step in flight holds, then
+        finish the oldest step in flight once `num_microbatches` are out (or nothing new could go).
+        On one GPU the device runs one micro-batch while the host finishes the other; under PP every
+        stage holds a different micro-batch."""
+        t0 = time.perf_counter()
+        busy = frozenset(r.request_id for s, _, _ in self._in_flight for r in s.requests)
+        sched = self.scheduler.schedule(in_flight=busy)
+        if sched.requests:
+            self._in_flight.append((sched, self.runner.launch(sched, defer_compute=self._defer_compute), t0))
+        if self._in_flight and (len(self._in_flight) >= self.num_microbatches or not sched.requests):
+            done, handle, started = self._in_flight.popleft()
+            return self._process(self._finish_step(done, handle, started))
+        if self._in_flight:
+            return []
+        # Nothing in flight and nothing fits even alone: the sequence outgrew the whole pool.
+        changed = []
+        for req in self.scheduler.unschedulable():
+            logger.warning("request %s needs more KV blocks than the cache has; ending it", req.request_id)
+            self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
+            changed.append((req, None))
+        return self._process(changed)
 
     def _take_pending(self) -> list[tuple[Request, Optional[SampledToken]]]:
         pending, self._pending = self._pending, []

@@ -79,6 +79,8 @@ class StepHandle:
     reqs: list[Request]
     rows: list[SampleRow]
     prompt_logprobs: dict[str, list[PromptLogprob]]
+    inputs: Optional[StepInputs] = None  # set until the step's compute has run on this rank
+    meta: Optional[object] = None  # SamplingMetadata
     sampled: Optional[object] = None  # SamplerOutput
     host_ids: Optional[torch.Tensor] = None  # pinned copy of the sampled ids, valid after `ready`
     ready: Optional[torch.cuda.Event] = None
@@ -188,17 +190,25 @@ class ModelRunner:
                           attn_meta)
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> StepHandle:
-        """Queues the step's device work and returns without waiting for it. Every host-to-device
-        copy is issued before the forward, so nothing here waits for the GPU (the prompt-logprob
-        path, which reads values back, excepted)."""
+    def launch(self, sched: SchedulerOutput, defer_compute: bool = False) -> StepHandle:
+        """Sends the step to the other ranks and queues its device work, without waiting for it.
+        Every host-to-device copy is issued before the forward, so nothing here waits for the GPU
+        (the prompt-logprob path, which reads values back, excepted). `defer_compute`: this rank's
+        share runs in `collect` instead (pipeline parallelism: the last stage, us, would block on the
+        previous stage here, while the next micro-batch could already be on its way to it)."""
         reqs, inputs, rows = self.prepare(sched)
         if self.dispatch is not None:  # a TP/PP replica: every rank runs this step with us
             inputs.prompt_logit_spans = self.prompt_logit_spans(reqs, inputs)
             self.dispatch(inputs)
-        meta = self.sampling.metadata(rows) if rows else None
+        handle = StepHandle(reqs, rows, {}, inputs, self.sampling.metadata(rows) if rows else None)
+        if not defer_compute:
+            self._compute(handle)
+        return handle
+
+    def _compute(self, handle: StepHandle) -> None:
+        inputs, rows, reqs = handle.inputs, handle.rows, handle.reqs
+        handle.inputs = None
         hidden = self.forward(inputs)
-        handle = StepHandle(reqs, rows, {})
         qsl, seq_lens = inputs.query_start_loc, inputs.seq_lens
         for i, r in enumerate(reqs):
             if r.needs_prompt_logprobs:
@@ -206,19 +216,20 @@ class ModelRunner:
                 handle.prompt_logprobs[r.request_id] = self._prompt_logprobs(
                     r, hidden, int(qsl[i]), int(seq_lens[i]) - n, n)
         if not rows:
-            return handle
+            return
         logits = self.model.compute_logits(hidden[to_device(inputs.logits_rows, self.device)])
-        handle.sampled = self.sampler(logits, meta)
+        handle.sampled = self.sampler(logits, handle.meta)
         if self.device.type == "cuda":
             handle.host_ids = torch.empty(len(rows), dtype=torch.long, pin_memory=True)
             handle.host_ids.copy_(handle.sampled.token_ids, non_blocking=True)
             handle.ready = torch.cuda.Event()
             handle.ready.record()
-        return handle
 
     @torch.inference_mode()
     def collect(self, handle: StepHandle) -> ModelRunnerOutput:
         """Waits for the launched step's sampled ids (the step's one host sync) and returns them."""
+        if handle.inputs is not None:
+            self._compute(handle)
         out = ModelRunnerOutput(prompt_logprobs=handle.prompt_logprobs)
         rows, sampled = handle.rows, handle.sampled
         if not rows:

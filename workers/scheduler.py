@@ -56,7 +56,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, in_flight: frozenset[str] = frozenset()) -> SchedulerOutput:
+        """The next step's requests. `in_flight`: requests of micro-batches still running (their next
+        token is unknown); they are skipped and never preempted: when blocks run out while some are
+        in flight, this step simply takes fewer requests."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
 
@@ -64,20 +67,16 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(req, num_new):
-                victim = self.running.pop()
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is req:
-                    break
-            else:
-                out.requests.append(req)
-                out.num_scheduled_tokens.append(num_new)
-                budget -= num_new
+            if req.request_id in in_flight:
                 i += 1
                 continue
-            break  # req itself was preempted: nothing after it can be scheduled either
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(req, num_new, out, may_preempt=not in_flight):
+                break  # req itself was preempted (or must wait): nothing after it can be scheduled either
+            out.requests.append(req)
+            out.num_scheduled_tokens.append(num_new)
+            budget -= num_new
+            i += 1
 
         # 2. Waiting requests, in arrival order (preempted ones at the front), unless we just preempted.
         while self.waiting and budget > 0 and not out.preempted:
@@ -101,6 +100,19 @@ class Scheduler:
             out.num_scheduled_tokens.append(num_new)
             budget -= num_new
         return out
+
+    def _allocate_or_preempt(self, req: Request, num_new: int, out: SchedulerOutput, may_preempt: bool) -> bool:
+        """Room for req's next tokens, preempting the newest running requests if allowed and needed.
+        False when req could not be given room (it may itself have been preempted)."""
+        while not self.kv.allocate_slots(req, num_new):
+            if not may_preempt:
+                return False
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is req:
+                return False
+        return True
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)

@@ -36,6 +36,11 @@ class StepChannel:
         self.group, self.rank, self.capacity = group, rank, max(capacity, HEADER + 64)
         self._buf = torch.zeros(self.capacity, dtype=torch.int64)
         self._seq = 0  # steps sent / received: a cheap check that no rank skipped one
+        # Rank 0's broadcasts still on their way, with the tensors they read. Sending asynchronously
+        # matters under PP with micro-batches: rank 0 sends the next step while its last-stage TP
+        # peers are still inside the previous one's collectives with it, and only reach this
+        # broadcast once rank 0 has joined those.
+        self._sending: list[tuple[object, torch.Tensor]] = []
 
     # ---- rank 0 ----
     def send(self, x: StepInputs) -> None:
@@ -52,15 +57,26 @@ class StepChannel:
         self._seq += 1
         payload = np.concatenate([header] + parts)
         first = payload[: self.capacity]
+        self.flush()  # the buffer is about to be rewritten
         buf = self._buf.numpy()
         buf[: len(first)] = first
-        self._broadcast(self._buf)
+        self._send_async(self._buf)
         if len(payload) > self.capacity:
-            self._broadcast(torch.from_numpy(payload[self.capacity :].copy()))
+            self._send_async(torch.from_numpy(payload[self.capacity :].copy()))
 
     def send_stop(self) -> None:
+        self.flush()
         self._buf.zero_()  # op 0: stop
         self._broadcast(self._buf)
+
+    def flush(self) -> None:
+        """Waits until every step sent so far has reached all ranks (raises what the sends raised)."""
+        sending, self._sending = self._sending, []
+        for work, _ in sending:
+            work.wait()
+
+    def _send_async(self, t: torch.Tensor) -> None:
+        self._sending.append((dist.broadcast(t, src=0, group=self.group, async_op=True), t))
 
     # ---- every other rank ----
     def receive(self) -> Optional[StepInputs]:

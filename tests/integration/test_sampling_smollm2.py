@@ -188,18 +188,19 @@ def test_incremental_detokenization_equals_full_decode(smollm2_hf, text, skip_sp
     assert all("\ufffd" not in d for d in deltas)  # never a half character
 
 
-def test_overlapped_output_processing_gives_identical_results(llm, smollm2_dir):
-    """Outputs built while the next step runs (the CUDA default) equal the in-step ones: a request
-    ended by a stop string mid-flight drops its extra token, seeded sampling, n=2 and logprobs stay
-    identical, and nothing leaks."""
+@pytest.mark.parametrize("mode", [dict(overlap_host_work=True), dict(num_microbatches=2, max_num_batched_tokens=24)])
+def test_overlapped_output_processing_gives_identical_results(llm, smollm2_dir, mode):
+    """Outputs built while the next step runs (the CUDA default), and two micro-batches in flight,
+    equal the in-step ones: a request ended by a stop string mid-flight drops its extra token,
+    seeded sampling, n=2, logprobs and prompt logprobs stay identical, and nothing leaks."""
     prompts = [PROMPT, "Write a list of three fruits:", "Once upon a time", "def f(x):", "Hello there"]
     params = [SamplingParams(temperature=0.0, max_tokens=30, stop=["\n\n", "capital", " the"]),
               SamplingParams(temperature=0.0, max_tokens=25, stop=[","]),
               SamplingParams(temperature=0.8, seed=5, max_tokens=20, n=2, logprobs=2),
               SamplingParams(temperature=0.0, max_tokens=12, presence_penalty=0.5),
-              SamplingParams(temperature=0.0, max_tokens=3, min_tokens=2)]
-    overlapped = LLM(smollm2_dir, overlap_host_work=True)
-    assert overlapped.engine.overlap and not llm.engine.overlap
+              SamplingParams(temperature=0.0, max_tokens=3, min_tokens=2, prompt_logprobs=2)]
+    overlapped = LLM(smollm2_dir, **mode)
+    assert (overlapped.engine.overlap or overlapped.engine.num_microbatches == 2) and not llm.engine.overlap
     got = overlapped.generate(prompts, params, use_tqdm=False)
     want = llm.generate(prompts, params, use_tqdm=False)
     assert any(c.finish_reason == "stop" for o in want for c in o.outputs)
@@ -209,6 +210,8 @@ def test_overlapped_output_processing_gives_identical_results(llm, smollm2_dir):
         for gc, wc in zip(g.outputs, w.outputs):
             if wc.logprobs is not None:
                 assert [list(p) for p in gc.logprobs] == [list(p) for p in wc.logprobs]
+        if w.prompt_logprobs is not None:
+            assert [p and list(p) for p in g.prompt_logprobs] == [p and list(p) for p in w.prompt_logprobs]
     # Streaming: the concatenated deltas still equal the final text.
     engine = overlapped.engine
     rid = engine.add_request("Write a list of three fruits:", SamplingParams(temperature=0.0, max_tokens=30,
@@ -220,3 +223,27 @@ def test_overlapped_output_processing_gives_identical_results(llm, smollm2_dir):
             final = out
     assert final.request_id == rid and final.finished and "".join(deltas) == final.outputs[0].text
     assert_no_leaks(overlapped)
+
+
+def test_microbatches_in_flight_hold_disjoint_requests(smollm2_dir):
+    llm = LLM(smollm2_dir, num_microbatches=2, max_num_batched_tokens=16, num_kv_blocks=24)
+    engine = llm.engine
+    prompts = ["The capital of France is", "Once upon a time", "def f(x):", "Hello there, how are", "1, 2, 3,"]
+    for p in prompts:
+        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    launch = engine.runner.launch
+    in_flight_at_launch = []
+
+    def checked_launch(sched, **kw):  # what is already out when a micro-batch goes: disjoint from it
+        held = {r.request_id for s, _, _ in engine._in_flight for r in s.requests}
+        assert not held & {r.request_id for r in sched.requests}
+        in_flight_at_launch.append(len(engine._in_flight))
+        return launch(sched, **kw)
+
+    engine.runner.launch = checked_launch
+    finished = 0
+    while engine.has_unfinished_requests():
+        finished += sum(o.finished for o in engine.step())
+        assert len(engine._in_flight) <= 1
+    assert max(in_flight_at_launch) == 1 and finished == len(prompts)
+    assert_no_leaks(llm)
