@@ -174,7 +174,8 @@ def run_ours(args, prompts, out_lens):
     engine_args = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        device=args.device, attention_backend=args.attention_backend,
                        enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
-                       gpu_memory_utilization=args.gpu_memory_utilization)
+                       gpu_memory_utilization=args.gpu_memory_utilization,
+                       num_microbatches=args.num_microbatches)
     if args.dummy:
         engine_args["load_format"] = "dummy"
     llm = LLM(args.model_config if args.dummy and args.model_config else args.model, **engine_args)
@@ -298,6 +299,7 @@ def main(argv=None):
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--num-microbatches", type=int, default=None, help="steps in flight over disjoint requests")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="lower it to leave room for the HF peer on the same GPU")

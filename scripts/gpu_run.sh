@@ -16,6 +16,9 @@ for stage in "$@"; do
     w1noHF-*) python3 scripts/bench_throughput.py --dummy --model-config llama-3.2-1b --fixed --num-requests 256 \
             --input-len 512 --output-len 256 --max-model-len 4096 --quiet --skip-hf \
             --attention-backend "${stage#w1noHF-}" --out "$OUT" 2>&1 | grep -v Warning ;;
+    w1mb-*) python3 scripts/bench_throughput.py --dummy --model-config llama-3.2-1b --fixed --num-requests 256 \
+            --input-len 512 --output-len 256 --hf-batch-size 256 --max-model-len 4096 --quiet --num-microbatches 2 \
+            --gpu-memory-utilization 0.45 --attention-backend "${stage#w1mb-}" --out "$OUT" 2>&1 | grep -v Warning ;;
     b1-*) python3 scripts/bench_throughput.py --dummy --model-config llama-3.1-8b --fixed --num-requests 1 \
             --input-len 128 --output-len 256 --hf-batch-size 1 --max-model-len 4096 --quiet \
             --gpu-memory-utilization 0.6 --attention-backend "${stage#b1-}" --out "$OUT" 2>&1 | grep -v Warning ;;
