@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 
 import pytest
@@ -103,6 +105,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(cfg, name: str, timeout_s: float = 180):
+    """A raylight app (an AppConfig) on a fresh local Ray + Serve on a free port; yields its base URL
+    and shuts both down afterwards."""
+    import ray
+    from ray import serve
+
+    from raylight.cluster.app import build_app
+
+    if ray.is_initialized():  # a session an earlier test left behind: ours must own its resources
+        ray.shutdown()
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg), name=name, route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        if not wait_healthy(base, timeout_s):
+            pytest.fail(f"the {name} server did not become healthy in {timeout_s:.0f}s")
+        yield base
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def wait_healthy(base: str, timeout_s: float, still_running=lambda: True) -> bool:

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
-from ..conftest import free_port, wait_healthy
+from ..conftest import serve_app
 
 API_KEY = "sk-raylight-test"
 MODEL = "SmolLM2-135M-Instruct"
@@ -19,24 +19,13 @@ MODEL = "SmolLM2-135M-Instruct"
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir):
-    import ray
-    from ray import serve
+    from raylight.cluster.app import AppConfig
 
-    from raylight.cluster.app import AppConfig, build_app
-
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = AppConfig(engine_args={"device": "cpu", "max_model_len": 2048, "max_num_seqs": 16},
                     ray_actor_options={"num_cpus": 2}, api_key=API_KEY, max_queued_requests=4,
                     default_max_tokens=32)
-    serve.run(build_app(cfg), name="raylight", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    if not wait_healthy(base, 180):
-        pytest.fail("server did not become healthy")
-    yield base
-    serve.shutdown()
-    ray.shutdown()
+    with serve_app(cfg, "raylight") as base:
+        yield base
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ openai = pytest.importorskip("openai")
 
 from raylight import LLM, SamplingParams
 
-from ..conftest import SMOLLM2_CHAT, free_port, wait_healthy
+from ..conftest import SMOLLM2_CHAT, serve_app
 
 MODEL = "SmolLM2-135M-Instruct"
 ENGINE = {"device": "cpu", "dtype": "float32", "max_model_len": 512, "max_num_seqs": 8, "kv_cache_memory": 2**26}
@@ -19,26 +19,12 @@ ENGINE = {"device": "cpu", "dtype": "float32", "max_model_len": 512, "max_num_se
 
 @pytest.fixture(scope="module")
 def tp2_server(smollm2_dir):
-    from ray import serve
+    from raylight.cluster.app import AppConfig
 
-    from raylight.cluster.app import AppConfig, build_app
-
-    if ray.is_initialized():
-        pytest.skip("another Ray session is connected in this process")
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        cfg = AppConfig(engine_args={**ENGINE, "tensor_parallel_size": 2}, ray_actor_options={"num_cpus": 1},
-                        default_max_tokens=16)
-        serve.run(build_app(cfg), name="raylight-tp2", route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
-        if not wait_healthy(base, 240):
-            pytest.fail("the TP=2 server did not become healthy")
+    cfg = AppConfig(engine_args={**ENGINE, "tensor_parallel_size": 2}, ray_actor_options={"num_cpus": 1},
+                    default_max_tokens=16)
+    with serve_app(cfg, "raylight-tp2", timeout_s=240) as base:
         yield base
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def test_tp2_replica_over_http_matches_single_process(tp2_server, smollm2_dir):
