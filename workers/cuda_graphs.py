@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -102,8 +103,9 @@ class CudaGraphRunner:
                                        seq_lens=lens, block_tables=tables, slot_mapping=torch.from_numpy(slots))
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, seq_lens: np.ndarray, block_tables: np.ndarray,
-            slot_mapping: np.ndarray) -> torch.Tensor:
-        """One decode step of len(seq_lens) rows; returns their final hidden states."""
+            slot_mapping: np.ndarray, staged: Optional[torch.cuda.Event] = None) -> torch.Tensor:
+        """One decode step of len(seq_lens) rows; returns their final hidden states. `staged` is
+        recorded once the step's inputs are queued for the device, before the replay."""
         n = len(seq_lens)
         bs = next(s for s in self.sizes if s >= n)
         g = self.graphs[bs]
@@ -114,6 +116,8 @@ class CudaGraphRunner:
         self.input_ids[:bs].copy_(ids, non_blocking=True)
         self.positions[:bs].copy_(pos, non_blocking=True)
         self.backend.fill_graph_metadata(g.meta, self._padded(seq_lens, block_tables, bs, slot_mapping))
+        if staged is not None:
+            staged.record()
         g.graph.replay()
         self.num_replays += 1
         return g.hidden[:n]

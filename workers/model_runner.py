@@ -92,6 +92,7 @@ class ModelRunner:
                  dispatch: Optional[Callable[[StepInputs], None]] = None):
         self.model = model
         self.graphs = graphs  # a CudaGraphRunner for decode-only steps, or None (eager)
+        self._staged: Optional[torch.cuda.Event] = None  # the last step's inputs were queued for the device
         self.attn_backend = attn_backend
         self.kv_caches = kv_caches
         self.kv = kv  # None on a TP/PP rank other than 0: it only runs `forward` on broadcast inputs
@@ -177,17 +178,26 @@ class ModelRunner:
             dst = torch.tensor([c[1] for c in inputs.kv_copies]).to(dev, non_blocking=True)
             for cache in self.kv_caches:
                 cache[dst] = cache[src]
+        if self._staged is not None:
+            # The previous step's inputs may not have reached the device yet (a micro-batch still in
+            # flight; a TP peer running ahead of its GPU), and attention planning (FlashInfer) refills
+            # the page-locked staging buffers they are copied from.
+            self._staged.synchronize()
+        staged = torch.cuda.Event() if dev.type == "cuda" else None
+        self._staged = staged
         if (self.graphs is not None and inputs.is_decode_only
                 and self.graphs.can_run(len(inputs.seq_lens), inputs.block_tables.shape[1])):
             return self.graphs.run(inputs.input_ids, inputs.positions, inputs.seq_lens, inputs.block_tables,
-                                   inputs.slot_mapping)
+                                   inputs.slot_mapping, staged)
         common = CommonAttentionMetadata(
             num_decodes=inputs.num_decodes, query_start_loc=inputs.query_start_loc, seq_lens=inputs.seq_lens,
             block_tables=inputs.block_tables, slot_mapping=to_device(inputs.slot_mapping, dev),
         )
         attn_meta = self.attn_backend.build(common)
-        return self.model(to_device(inputs.input_ids, dev), to_device(inputs.positions, dev), self.kv_caches,
-                          attn_meta)
+        ids, positions = to_device(inputs.input_ids, dev), to_device(inputs.positions, dev)
+        if staged is not None:
+            staged.record()
+        return self.model(ids, positions, self.kv_caches, attn_meta)
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, defer_compute: bool = False) -> StepHandle:
