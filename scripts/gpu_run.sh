@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One lent-GPU session: the stages named in $@ (tests, w1-<backend>, b1-<backend>, ficache, ...).
+# One lent-GPU session: the stages named in $@ (tests, w1-<backend>, w1mb-<backend>, b1-<backend>, k:<expr>,
+# ficache). BENCH_EXTRA adds flags to every benchmark, e.g. "--max-num-batched-tokens 8192".
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" || exit 1
 OUT=${OUT:-/tmp/out}
@@ -12,16 +13,16 @@ for stage in "$@"; do
     test-*) python3 -m pytest -q -m gpu "tests/gpu/${stage#test-}" 2>&1 | tail -30 ;;
     w1-*) python3 scripts/bench_throughput.py --dummy --model-config llama-3.2-1b --fixed --num-requests 256 \
             --input-len 512 --output-len 256 --hf-batch-size 256 --max-model-len 4096 --quiet \
-            --gpu-memory-utilization 0.45 --attention-backend "${stage#w1-}" --out "$OUT" 2>&1 | grep -v Warning ;;
+            --gpu-memory-utilization 0.45 --attention-backend "${stage#w1-}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | grep -v Warning ;;
     w1noHF-*) python3 scripts/bench_throughput.py --dummy --model-config llama-3.2-1b --fixed --num-requests 256 \
             --input-len 512 --output-len 256 --max-model-len 4096 --quiet --skip-hf \
             --attention-backend "${stage#w1noHF-}" --out "$OUT" 2>&1 | grep -v Warning ;;
     w1mb-*) python3 scripts/bench_throughput.py --dummy --model-config llama-3.2-1b --fixed --num-requests 256 \
             --input-len 512 --output-len 256 --hf-batch-size 256 --max-model-len 4096 --quiet --num-microbatches 2 \
-            --gpu-memory-utilization 0.45 --attention-backend "${stage#w1mb-}" --out "$OUT" 2>&1 | grep -v Warning ;;
+            --gpu-memory-utilization 0.45 --attention-backend "${stage#w1mb-}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | grep -v Warning ;;
     b1-*) python3 scripts/bench_throughput.py --dummy --model-config llama-3.1-8b --fixed --num-requests 1 \
             --input-len 128 --output-len 256 --hf-batch-size 1 --max-model-len 4096 --quiet \
-            --gpu-memory-utilization 0.6 --attention-backend "${stage#b1-}" --out "$OUT" 2>&1 | grep -v Warning ;;
+            --gpu-memory-utilization 0.6 --attention-backend "${stage#b1-}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | grep -v Warning ;;
     k:*) python3 -m pytest -q -m gpu tests/gpu -k "${stage#k:}" 2>&1 | tail -30 ;;
     ficache) tar czf - .ficache | split -b 15m - "$OUT/ficache.tar.gz." && ls -la "$OUT" ;;
     *) echo "unknown stage $stage" ;;
