@@ -4,7 +4,7 @@
 * batch-1 decode latency per token, llama-3.1-8b shapes (dummy weights), 128 prompt tokens, 256
   output tokens: TP=1 vs TP=2;
 * W1 throughput (256 requests x 512 prompt tokens x 256 output tokens, llama-3.2-1b shapes):
-  TP=1, TP=2, PP=2 (PP runs its stages one after the other: no micro-batching yet);
+  TP=1, TP=2, PP=2 (PP keeps pipeline_parallel_size micro-batches in flight);
 * NCCL all-reduce time at the activation sizes of those steps ([tokens, hidden] bf16, two per
   layer per step under TP) and at 256 MiB for the bus bandwidth, plus the gloo broadcast that
   carries each step's inputs to the other ranks, all measured on the same GPUs in the same run.
