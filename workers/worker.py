@@ -81,6 +81,8 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
     # Under CUDA graphs one extra block, never handed out by the pool, absorbs the padding rows' writes.
     shape = model.kv_cache_shape(num_blocks + use_graphs, bs)
     kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_local_layers)]
+    if device.type == "cuda" and hasattr(backend, "warmup"):
+        backend.warmup(kv_caches[0])  # compile kernels now, not during a live step
     graphs, capture_s = None, 0.0
     if use_graphs:
         from raylight.workers.cuda_graphs import CudaGraphRunner

@@ -47,6 +47,24 @@ class TritonAttentionBackend:
         self.target_programs = 4 * sms
         self.min_split_tokens = self.MIN_SPLIT_TOKENS
 
+    def warmup(self, kv_cache: torch.Tensor) -> None:
+        """Compiles every kernel variant a step can ask for (one per split count, and prefill) now,
+        rather than stalling a live step on Triton's compiler. Reads block 0; writes nothing to it."""
+        s = self.spec
+        dev = kv_cache.device
+        q = torch.zeros(1, s.num_heads, s.head_dim, dtype=s.dtype, device=dev)
+        out = torch.empty_like(q)
+        tables = torch.zeros(1, 1, dtype=torch.int32, device=dev)
+        seq_lens = torch.ones(1, dtype=torch.int32, device=dev)
+        splits = 1
+        while splits <= self.MAX_SPLITS:
+            tk.decode_attention(out, q, kv_cache, tables, seq_lens, 1, 1.0, s.sliding_window, splits,
+                                self._partials(1, splits))
+            splits *= 2
+        qsl = torch.tensor([0, 1], dtype=torch.int32, device=dev)
+        zero = torch.zeros(1, dtype=torch.int32, device=dev)
+        tk.prefill_attention(out, q, kv_cache, tables, seq_lens, qsl, zero, zero, self.block_q, 1.0, s.sliding_window)
+
     def num_splits(self, num_seqs: int, max_seq_len: int) -> int:
         """Power-of-two split-KV factor for a decode batch: 1 once the batch alone fills the GPU."""
         programs = max(1, num_seqs * self.spec.num_kv_heads)

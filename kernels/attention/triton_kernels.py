@@ -128,7 +128,9 @@ def _attend_range(q, q_pos, acc, m_i, l_i, cache_ptr, table_ptr, kv_head, seq_le
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Block-table widths change from step to step; specialising on them (==1, divisible by 16) would
+# compile new variants mid-serving. Every other integer argument is fixed per model.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(out_ptr, part_o_ptr, part_m_ptr, part_l_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr,
                    num_heads, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                    qk_scale, stride_cb, stride_ckv, stride_cp, stride_ch,
@@ -202,7 +204,7 @@ def _combine_splits_kernel(out_ptr, part_o_ptr, part_m_ptr, part_l_ptr, num_head
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
                     work_seq_ptr, work_qblock_ptr, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                     qk_scale, stride_cb, stride_ckv, stride_cp, stride_ch,
