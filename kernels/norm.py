@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from raylight.kernels import fused
+
 
 class RMSNorm(torch.nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -15,6 +17,8 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         """Without residual: returns norm(x). With residual: returns (norm(x + residual), x + residual)."""
+        if fused.fused_ops_enabled(x.device):  # opt-in: env RAYLIGHT_FUSED_KERNELS=1 on CUDA
+            return fused.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
             residual = x

@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 import torch
 
+from raylight.kernels import fused
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict[str, Any]]) -> torch.Tensor:
     # Computed exactly as transformers does, so float32 outputs match bit for bit.
@@ -42,8 +44,16 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
 
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 3 and fused.fused_ops_enabled(x.device):  # opt-in: env RAYLIGHT_FUSED_KERNELS=1 on CUDA
+        return fused.rotary_qk(x, None, cos, sin)[0]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """apply_rotary on q [T, H, D] and k [T, KVH, D]; one fused launch when the fused kernels are on."""
+    if fused.fused_ops_enabled(q.device):
+        return fused.rotary_qk(q, k, cos, sin)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
