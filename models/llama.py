@@ -22,7 +22,7 @@ from torch import nn
 
 from raylight.kernels.activation import silu_and_mul
 from raylight.kernels.norm import RMSNorm
-from raylight.kernels.rotary import RotaryEmbedding, apply_rotary
+from raylight.kernels.rotary import RotaryEmbedding, apply_rotary_qk
 from raylight.models.config import ModelArchConfig
 from raylight.parallel.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
                                       VocabParallelEmbedding, default_weight_loader, head_shard)
@@ -65,7 +65,7 @@ class LlamaAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary_qk(q, k, cos, sin)
         o = self.attn.forward(q, k, v, kv_cache, attn_meta, self.scale)
         return self.o_proj(o.reshape(T, self.q_size))
 
