@@ -144,6 +144,12 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stops the replica's other ranks (tensor/pipeline parallel); a no-op for a single rank."""
+        try:  # finish the micro-batches still in flight: the other stages are waiting to hand them over
+            while getattr(self, "_in_flight", None):
+                sched, handle, t0 = self._in_flight.popleft()
+                self._process(self._finish_step(sched, handle, t0))
+        except Exception:
+            logger.exception("could not finish the steps in flight at shutdown")
         self.executor.shutdown()
 
     # ---- requests ----

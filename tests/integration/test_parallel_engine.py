@@ -131,3 +131,21 @@ def test_dead_rank_fails_the_engine_and_leaves_no_process(qwen3):
         engine.shutdown()
         llm.shutdown()
     assert _children_gone(llm)
+
+
+def test_pp_shutdown_with_microbatches_in_flight(qwen3):
+    """Stopping a PP=2 engine mid-generation, with a micro-batch still in the pipeline, finishes
+    that step (the first stage is waiting to hand it over) and leaves no process behind."""
+    path, prompts, params, _ = qwen3
+    llm = LLM(path, pipeline_parallel_size=2, **ENGINE)
+    engine = llm.engine
+    for p in prompts:
+        engine.add_request({"prompt_token_ids": p}, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    while not engine._in_flight:
+        engine.step()
+    started = time.monotonic()
+    llm.shutdown()
+    assert not engine._in_flight and time.monotonic() - started < 30
+    assert _children_gone(llm)
