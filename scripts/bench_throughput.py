@@ -93,24 +93,34 @@ def model_counts(engine) -> dict:
                 kv_bytes_per_token=kv_per_token, layers=a.num_hidden_layers, q_width=a.num_attention_heads * a.head_dim)
 
 
+def attention_flops(counts: dict, ctx: int) -> int:
+    """QK^T and PV for one query over ctx keys, every layer."""
+    return 4 * counts["layers"] * counts["q_width"] * ctx
+
+
+def prefill_flops(counts: dict, num_prompts: int, length: int) -> int:
+    """Prefill of `num_prompts` fresh prompts of `length` tokens: the dense layers for every token,
+    causal attention (query t sees t + 1 keys), and the LM head for each prompt's last token."""
+    causal = 4 * counts["layers"] * counts["q_width"] * length * (length + 1) // 2
+    return num_prompts * (length * 2 * counts["body_params"] + 2 * counts["head_params"] + causal)
+
+
 def floors(counts: dict, ceil: dict, batch: int, in_len: int, out_len: int) -> dict:
     """Fixed workload: prefill FLOPs over the matrix rate, plus every decode step's
     max(bytes / bandwidth, FLOPs / matrix rate), summed over the steps."""
     bw, peak = ceil["copy_bandwidth_GBps"] * 1e9, ceil["bf16_matmul_TFLOPs"] * 1e12
     c = counts
-    attn_flops = lambda ctx: 4 * c["layers"] * c["q_width"] * ctx  # QK^T and PV for one query over ctx keys
-    prefill_flops = batch * (in_len * 2 * c["body_params"] + 2 * c["head_params"]
-                             + sum(attn_flops(t + 1) for t in range(0, in_len, 16)) * 16)
-    prefill_s = prefill_flops / peak
+    prefill = prefill_flops(c, batch, in_len)
+    prefill_s = prefill / peak
     decode_s = 0.0
     for step in range(out_len - 1):
         ctx = in_len + step + 1
         by = c["decode_weight_bytes"] + batch * ctx * c["kv_bytes_per_token"]
-        fl = batch * (2 * (c["body_params"] + c["head_params"]) + attn_flops(ctx))
+        fl = batch * (2 * (c["body_params"] + c["head_params"]) + attention_flops(c, ctx))
         decode_s += max(by / bw, fl / peak)
     mid_ctx = in_len + out_len // 2
     step_bytes = c["decode_weight_bytes"] + batch * mid_ctx * c["kv_bytes_per_token"]
-    return dict(prefill_flops=prefill_flops, prefill_floor_s=prefill_s, decode_floor_s=decode_s,
+    return dict(prefill_flops=prefill, prefill_floor_s=prefill_s, decode_floor_s=decode_s,
                 floor_s=prefill_s + decode_s, floor_output_tok_s=batch * out_len / (prefill_s + decode_s),
                 decode_step_bytes_mid=step_bytes, decode_step_floor_s_mid=step_bytes / bw, mid_context=mid_ctx)
 
@@ -343,9 +353,7 @@ def main(argv=None):
         # Replays run on whatever the KV holds now (contexts as the graph's metadata last saw them).
         analysis["graph_replay_s"] = graph_replay_times(llm.engine, sorted({1, args.num_requests}))
         pf = measure_prefill(llm, vocab, num=min(args.num_requests, 32), length=args.input_len)
-        pf_flops = pf["prompts"] * (pf["prompt_len"] * 2 * counts["body_params"] + 2 * counts["head_params"]
-                                    + 2 * counts["layers"] * counts["q_width"] * pf["prompt_len"] ** 2)
-        pf["mfu"] = pf_flops / pf["seconds"] / (ceil["bf16_matmul_TFLOPs"] * 1e12)
+        pf["mfu"] = prefill_flops(counts, pf["prompts"], pf["prompt_len"]) / pf["seconds"] / (ceil["bf16_matmul_TFLOPs"] * 1e12)
         pf["tokens_per_s"] = pf["prompts"] * pf["prompt_len"] / pf["seconds"]
         analysis["prefill"] = pf
         print(f"ceilings: copy {ceil['copy_bandwidth_GBps']:.0f} GB/s, bf16 matmul {ceil['bf16_matmul_TFLOPs']:.0f} "

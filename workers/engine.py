@@ -251,13 +251,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.requests:
             outputs = self._process(self._take_pending())
-            # Nothing fits even alone: the sequence outgrew the whole pool. End it rather than spin.
-            changed = []
-            for req in self.scheduler.unschedulable():
-                logger.warning("request %s needs more KV blocks than the cache has; ending it", req.request_id)
-                self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
-                changed.append((req, None))
-            return outputs + self._process(changed)
+            return outputs + self._end_unschedulable()
         handle = self.runner.launch(sched)
         outputs = self._process(self._take_pending())
         if emit is not None and outputs:
@@ -300,7 +294,11 @@ class LLMEngine:
             return self._process(self._finish_step(done, handle, started))
         if self._in_flight:
             return []
-        # Nothing in flight and nothing fits even alone: the sequence outgrew the whole pool.
+        return self._end_unschedulable()
+
+    def _end_unschedulable(self) -> list[RequestOutput]:
+        """Nothing fits even alone (and nothing is in flight): the sequence outgrew the whole pool.
+        End it with 'length' rather than spin."""
         changed = []
         for req in self.scheduler.unschedulable():
             logger.warning("request %s needs more KV blocks than the cache has; ending it", req.request_id)

@@ -108,9 +108,6 @@ class ModelRunner:
 
     PROMPT_LOGPROBS_CHUNK = 256  # rows of [rows, vocab] logits materialised at once
 
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return self.collect(self.launch(sched))
-
     def prepare(self, sched: SchedulerOutput) -> tuple[list[Request], StepInputs, list[SampleRow]]:
         """The step's flat inputs on the host, and the rows that sample."""
         # Decodes (one query token) first: attention batches them in one call.
