@@ -1,7 +1,6 @@
 """SiLU-and-mul over a merged gate/up projection."""
 
 import torch
-import torch.nn.functional as F
 
 from raylight.kernels import fused
 
@@ -9,5 +8,4 @@ from raylight.kernels import fused
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if fused.fused_ops_enabled(x.device):  # opt-in: env RAYLIGHT_FUSED_KERNELS=1 on CUDA
         return fused.silu_and_mul(x)
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return fused.torch_silu_and_mul(x)

@@ -67,7 +67,7 @@ def _warps(block: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Torch references (the exact code of the unfused layers)
+# The unfused ops: what the layers run with the switch off, and the kernels' references
 # ---------------------------------------------------------------------------------------------
 
 

@@ -19,11 +19,4 @@ class RMSNorm(torch.nn.Module):
         """Without residual: returns norm(x). With residual: returns (norm(x + residual), x + residual)."""
         if fused.fused_ops_enabled(x.device):  # opt-in: env RAYLIGHT_FUSED_KERNELS=1 on CUDA
             return fused.fused_add_rms_norm(x, residual, self.weight, self.eps)
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(dtype)
-        return out if residual is None else (out, residual)
+        return fused.torch_add_rms_norm(x, residual, self.weight, self.eps)

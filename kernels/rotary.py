@@ -47,9 +47,7 @@ class RotaryEmbedding(torch.nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if x.dim() == 3 and fused.fused_ops_enabled(x.device):  # opt-in: env RAYLIGHT_FUSED_KERNELS=1 on CUDA
         return fused.rotary_qk(x, None, cos, sin)[0]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return fused.torch_rotary(x, cos, sin)
 
 
 def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
