@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session: the stages named in $@ (tests, test-<file>, w1-<backend>, w1mb-<backend>, b1-<backend>,
-# par (bench_parallel, 2 GPUs), k:<expr>, ficache). BENCH_EXTRA adds flags to every benchmark, e.g. "--max-num-batched-tokens 8192".
+# par (bench_parallel, 2 GPUs), kbench (bench_kernels), k:<expr>, ficache). BENCH_EXTRA adds flags to every benchmark, e.g. "--max-num-batched-tokens 8192".
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" || exit 1
 OUT=${OUT:-/tmp/out}
@@ -24,6 +24,7 @@ for stage in "$@"; do
             --input-len 128 --output-len 256 --hf-batch-size 1 --max-model-len 4096 --quiet \
             --gpu-memory-utilization 0.6 --attention-backend "${stage#b1-}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | grep -v Warning ;;
     k:*) python3 -m pytest -q -m gpu tests/gpu -k "${stage#k:}" 2>&1 | tail -30 ;;
+    kbench) python3 scripts/bench_kernels.py --out "$OUT" 2>&1 | grep -v Warning ;;
     par) python3 scripts/bench_parallel.py ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | grep -v Warning ;;
     ficache) tar czf - .ficache | split -b 15m - "$OUT/ficache.tar.gz." && ls -la "$OUT" ;;
     *) echo "unknown stage $stage" ;;
