@@ -55,6 +55,11 @@ class EngineArgs(BaseModel):
     overlap_host_work: Optional[bool] = Field(
         None, description="Turn the previous step's tokens into outputs while the device runs the next step "
         "(default: on for CUDA).")
+    async_scheduling: Optional[bool] = Field(
+        None, description="Schedule and launch each step while the one before it still runs on the device, its "
+        "sampled tokens filled in on the device, so the device never waits for the host between steps (default: "
+        "on for CUDA with one rank and one micro-batch). A request that stops on a sampled token wastes one token "
+        "of compute.")
     max_cuda_graph_batch_size: Optional[int] = Field(
         None, ge=1, description="Largest decode batch replayed from a CUDA graph (default: min(max_num_seqs, 512)); "
         "larger decode batches run eagerly.")

@@ -103,9 +103,11 @@ class CudaGraphRunner:
                                        seq_lens=lens, block_tables=tables, slot_mapping=torch.from_numpy(slots))
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, seq_lens: np.ndarray, block_tables: np.ndarray,
-            slot_mapping: np.ndarray, staged: Optional[torch.cuda.Event] = None) -> torch.Tensor:
+            slot_mapping: np.ndarray, staged: Optional[torch.cuda.Event] = None,
+            fill_ids: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """One decode step of len(seq_lens) rows; returns their final hidden states. `staged` is
-        recorded once the step's inputs are queued for the device, before the replay."""
+        recorded once the step's inputs are queued for the device, before the replay; `fill_ids`
+        (positions, device ids) overwrite input ids on the device."""
         n = len(seq_lens)
         bs = next(s for s in self.sizes if s >= n)
         g = self.graphs[bs]
@@ -115,6 +117,8 @@ class CudaGraphRunner:
         pos[:n] = torch.from_numpy(positions)
         self.input_ids[:bs].copy_(ids, non_blocking=True)
         self.positions[:bs].copy_(pos, non_blocking=True)
+        if fill_ids is not None:  # placeholder tokens (async scheduling): sampled by the step before, on the device
+            self.input_ids[fill_ids[0]] = fill_ids[1]
         self.backend.fill_graph_metadata(g.meta, self._padded(seq_lens, block_tables, bs, slot_mapping))
         if staged is not None:
             staged.record()

@@ -113,6 +113,15 @@ class LLMEngine:
         # Under PP we are the last stage: computing a step waits on the previous stage, so our share
         # runs when the step is collected, after the next micro-batch was sent down the pipeline.
         self._defer_compute = args.pipeline_parallel_size > 1
+        # Async scheduling: step N+1 is scheduled and launched before step N's tokens are read back.
+        single = self.executor.world_size == 1 and self.num_microbatches == 1
+        if args.async_scheduling and not single:
+            raise ValueError("async_scheduling needs one rank and one micro-batch (tensor_parallel_size = "
+                             "pipeline_parallel_size = num_microbatches = 1)")
+        self.async_scheduling = single and (args.async_scheduling if args.async_scheduling is not None
+                                            else self.device.type == "cuda")
+        self._sync_next = False  # the last step ran ahead short of KV blocks: the next one may preempt
+        self._last_finish = 0.0
         self._in_flight: collections.deque[tuple[SchedulerOutput, StepHandle, float]] = collections.deque()
         self._groups: dict[str, _Group] = {}
         self._seq_owner: dict[str, tuple[_Group, int]] = {}  # sequence id -> (its request, index)
@@ -247,6 +256,8 @@ class LLMEngine:
         receives them as soon as they are ready instead of when the step returns."""
         if self.num_microbatches > 1:
             return self._step_pipelined()
+        if self.async_scheduling:
+            return self._step_async(emit)
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if not sched.requests:
@@ -273,11 +284,46 @@ class LLMEngine:
                 owner[0].prompt_logprobs.extend(self._position_logprobs(p.token_id, p.logprob, p.rank, p.top)
                                                 for p in plps)
         changed = self.scheduler.update(sched, result)
-        elapsed = time.perf_counter() - t0  # the whole step, as a streaming client paces it
+        # The whole step as a streaming client paces it: from its scheduling, or from the previous
+        # step's end when steps overlap (async scheduling, micro-batches).
+        now = time.perf_counter()
+        elapsed = now - max(t0, self._last_finish)
+        self._last_finish = now
         self.step_times.append(elapsed)
         n = sched.num_scheduled_tokens
         self.step_log.append((len(n), sum(n), sum(1 for t in n if t == 1), elapsed))
         return changed
+
+    def _step_async(self, emit: Optional[Callable[[list[RequestOutput]], None]]) -> list[RequestOutput]:
+        """Async scheduling: schedule and launch step N+1 while step N runs, then wait for N's tokens
+        and turn them into outputs while N+1 runs. Requests N samples for run on in N+1 on a
+        placeholder token the device fills in. A request that N ends (EOS, stop) wastes its N+1 row,
+        whose token is dropped; one that N ends by length is not run ahead."""
+        t0 = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        prev = self._in_flight[0] if self._in_flight else None
+        sched = None
+        if prev is not None and not self._sync_next:
+            sched = self.scheduler.schedule(ahead=True)
+        if prev is not None and not (sched and sched.requests):
+            # Nothing can run ahead (or blocks ran short and preemption may be needed): finish N first.
+            self._in_flight.popleft()
+            outputs = self._process(self._finish_step(*prev))
+            prev = sched = None
+        if sched is None:
+            sched = self.scheduler.schedule()
+            if not sched.requests:
+                return outputs + self._end_unschedulable()
+        self._sync_next = sched.out_of_blocks
+        handle = self.runner.launch(sched, ahead_of=prev[1] if prev is not None else None)
+        self._in_flight.append((sched, handle, t0))
+        if prev is not None:
+            self._in_flight.popleft()
+            outputs += self._process(self._finish_step(*prev))
+        if emit is not None and outputs:
+            emit(outputs)
+            outputs = []
+        return outputs
 
     def _step_pipelined(self) -> list[RequestOutput]:
         """Micro-batch pipelining: launch a step over the requests no step in flight holds, then

@@ -82,6 +82,7 @@ class StepHandle:
     inputs: Optional[StepInputs] = None  # set until the step's compute has run on this rank
     meta: Optional[object] = None  # SamplingMetadata
     sampled: Optional[object] = None  # SamplerOutput
+    fill_ids: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # placeholder tokens: (positions, ids)
     host_ids: Optional[torch.Tensor] = None  # pinned copy of the sampled ids, valid after `ready`
     ready: Optional[torch.cuda.Event] = None
 
@@ -108,23 +109,31 @@ class ModelRunner:
 
     PROMPT_LOGPROBS_CHUNK = 256  # rows of [rows, vocab] logits materialised at once
 
-    def prepare(self, sched: SchedulerOutput) -> tuple[list[Request], StepInputs, list[SampleRow]]:
-        """The step's flat inputs on the host, and the rows that sample."""
+    def prepare(self, sched: SchedulerOutput, ahead_of: Optional[StepHandle] = None
+                ) -> tuple[list[Request], StepInputs, list[SampleRow], Optional[tuple[np.ndarray, np.ndarray]]]:
+        """The step's flat inputs on the host, the rows that sample, and the placeholder tokens: (flat
+        positions, rows of `ahead_of`'s sampled ids) whose ids the device fills in (async scheduling)."""
         # Decodes (one query token) first: attention batches them in one call.
         scheduled = sched.num_scheduled_tokens
-        if max(scheduled) == 1:
-            reqs, counts = sched.requests, scheduled
-        else:
-            order = sorted(range(len(sched.requests)), key=lambda i: scheduled[i] != 1)
-            reqs, counts = [sched.requests[i] for i in order], [scheduled[i] for i in order]
-        computed = [r.num_computed_tokens for r in reqs]
+        order = range(len(sched.requests))
+        if max(scheduled) != 1:
+            order = sorted(order, key=lambda i: scheduled[i] != 1)
+        reqs = [sched.requests[i] for i in order]
+        counts = [scheduled[i] for i in order]
+        computed = [sched.num_computed_before[i] for i in order]
+        samples = [sched.samples[i] for i in order]
+        pending = [sched.uses_pending_token[i] for i in order]
         num_new = np.array(counts, dtype=np.int64)
         num_computed = np.array(computed, dtype=np.int64)
         num_decodes = int((num_new == 1).sum())
 
         token_ids: list[int] = []
-        for r, c, n in zip(reqs, computed, counts):
-            if n == 1:
+        placeholder_pos: list[int] = []
+        for r, c, n, p in zip(reqs, computed, counts, pending):
+            if p:  # the token a step in flight samples for it: the device fills it in
+                placeholder_pos.append(len(token_ids))
+                token_ids.append(0)
+            elif n == 1:
                 token_ids.append(r.all_token_ids[c])
             else:
                 token_ids.extend(r.all_token_ids[c : c + n])
@@ -153,22 +162,31 @@ class ModelRunner:
         rows: list[SampleRow] = []
         logits_rows: list[int] = []
         last_rows = (query_start_loc[1:] - 1).tolist()
-        for r, seq_len, last in zip(reqs, seq_lens.tolist(), last_rows):
-            if seq_len != len(r.all_token_ids):
+        for r, s, p, last in zip(reqs, samples, pending, last_rows):
+            if not s:
                 continue  # a chunk of a prompt: nothing to sample yet
-            n_out = len(r.output_token_ids)
+            n_out = len(r.output_token_ids) + p
             rows.append(SampleRow(r, r.request_id, r.sampling_params, n_out))
             logits_rows.append(last)
             if r.fork_ids:
                 rows.extend(SampleRow(r, fid, fp, n_out) for fid, fp in zip(r.fork_ids, r.fork_params))
                 logits_rows.extend([last] * len(r.fork_ids))
+        placeholders = None
+        if placeholder_pos:
+            if ahead_of is None:
+                raise ValueError("a step uses tokens still in flight but names no step in flight")
+            prev_row = {row.seq_id: j for j, row in enumerate(ahead_of.rows)}
+            src = [prev_row[r.request_id] for r, p in zip(reqs, pending) if p]
+            placeholders = (np.array(placeholder_pos, dtype=np.int64), np.array(src, dtype=np.int64))
         inputs = StepInputs(np.array(token_ids, dtype=np.int64), positions, num_decodes, query_start_loc,
                             seq_lens, block_tables, slot_mapping, np.array(logits_rows, dtype=np.int64),
                             self.kv.take_pending_copies())
-        return reqs, inputs, rows
+        return reqs, inputs, rows, placeholders
 
-    def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """The model over the step's tokens (a CUDA graph replay for decode-only steps that fit one)."""
+    def forward(self, inputs: StepInputs, fill_ids: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> torch.Tensor:
+        """The model over the step's tokens (a CUDA graph replay for decode-only steps that fit one).
+        `fill_ids`: (flat positions, device token ids) written over input_ids on the device."""
         dev = self.device
         if inputs.kv_copies:  # forked sequences' private copies of a shared, partly filled block
             src = torch.tensor([c[0] for c in inputs.kv_copies]).to(dev, non_blocking=True)
@@ -185,7 +203,7 @@ class ModelRunner:
         if (self.graphs is not None and inputs.is_decode_only
                 and self.graphs.can_run(len(inputs.seq_lens), inputs.block_tables.shape[1])):
             return self.graphs.run(inputs.input_ids, inputs.positions, inputs.seq_lens, inputs.block_tables,
-                                   inputs.slot_mapping, staged)
+                                   inputs.slot_mapping, staged, fill_ids)
         common = CommonAttentionMetadata(
             num_decodes=inputs.num_decodes, query_start_loc=inputs.query_start_loc, seq_lens=inputs.seq_lens,
             block_tables=inputs.block_tables, slot_mapping=to_device(inputs.slot_mapping, dev),
@@ -194,20 +212,30 @@ class ModelRunner:
         ids, positions = to_device(inputs.input_ids, dev), to_device(inputs.positions, dev)
         if staged is not None:
             staged.record()
+        if fill_ids is not None:
+            ids[fill_ids[0]] = fill_ids[1]
         return self.model(ids, positions, self.kv_caches, attn_meta)
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, defer_compute: bool = False) -> StepHandle:
+    def launch(self, sched: SchedulerOutput, defer_compute: bool = False,
+               ahead_of: Optional[StepHandle] = None) -> StepHandle:
         """Sends the step to the other ranks and queues its device work, without waiting for it.
         Every host-to-device copy is issued before the forward, so nothing here waits for the GPU
         (the prompt-logprob path, which reads values back, excepted). `defer_compute`: this rank's
         share runs in `collect` instead (pipeline parallelism: the last stage, us, would block on the
-        previous stage here, while the next micro-batch could already be on its way to it)."""
-        reqs, inputs, rows = self.prepare(sched)
+        previous stage here, while the next micro-batch could already be on its way to it).
+        `ahead_of`: the step still in flight whose sampled ids this one's placeholder tokens are."""
+        reqs, inputs, rows, placeholders = self.prepare(sched, ahead_of)
         if self.dispatch is not None:  # a TP/PP replica: every rank runs this step with us
+            if placeholders is not None:
+                raise ValueError("async scheduling runs on a single rank")
             inputs.prompt_logit_spans = self.prompt_logit_spans(reqs, inputs)
             self.dispatch(inputs)
         handle = StepHandle(reqs, rows, {}, inputs, self.sampling.metadata(rows) if rows else None)
+        if placeholders is not None:
+            # Queued after the step in flight's sampling on the same stream: no host wait.
+            pos, src = (to_device(a, self.device) for a in placeholders)
+            handle.fill_ids = (pos, ahead_of.sampled.token_ids[src])
         if not defer_compute:
             self._compute(handle)
         return handle
@@ -215,7 +243,7 @@ class ModelRunner:
     def _compute(self, handle: StepHandle) -> None:
         inputs, rows, reqs = handle.inputs, handle.rows, handle.reqs
         handle.inputs = None
-        hidden = self.forward(inputs)
+        hidden = self.forward(inputs, handle.fill_ids)
         qsl, seq_lens = inputs.query_start_loc, inputs.seq_lens
         for i, r in enumerate(reqs):
             if r.needs_prompt_logprobs:

@@ -49,6 +49,10 @@ class Request:
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
+        # Launched steps not yet collected: tokens they compute for us, and tokens they sample for us
+        # (0 or 1) that the host does not know yet. Async scheduling runs a step ahead on those.
+        self.num_in_flight_tokens = 0
+        self.num_pending_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hit when first scheduled
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of all_token_ids
         self.status = RequestStatus.WAITING

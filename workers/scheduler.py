@@ -24,7 +24,14 @@ logger = logging.getLogger(__name__)
 class SchedulerOutput:
     requests: list[Request] = field(default_factory=list)  # in the order they run
     num_scheduled_tokens: list[int] = field(default_factory=list)
+    # Per request: tokens computed or in flight before this step (its first position), and whether
+    # this step reaches the end of its tokens and so samples one.
+    num_computed_before: list[int] = field(default_factory=list)
+    samples: list[bool] = field(default_factory=list)
+    # Per request: its one token is the one a step still in flight samples (async scheduling).
+    uses_pending_token: list[bool] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    out_of_blocks: bool = False  # a running request did not get its blocks (and nothing was preempted)
 
     @property
     def total_num_tokens(self) -> int:
@@ -56,25 +63,34 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, in_flight: frozenset[str] = frozenset()) -> SchedulerOutput:
+    def schedule(self, in_flight: frozenset[str] = frozenset(), ahead: bool = False) -> SchedulerOutput:
         """The next step's requests. `in_flight`: requests of micro-batches still running (their next
         token is unknown); they are skipped and never preempted: when blocks run out while some are
-        in flight, this step simply takes fewer requests."""
+        in flight, this step simply takes fewer requests.
+
+        `ahead` (async scheduling): a step is in flight and this one is built before its tokens are
+        known. A request it samples for runs on with that token as a placeholder, which the device
+        fills in; the host learns it later. Nothing is preempted (in-flight requests hold their blocks)."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        may_preempt = not in_flight and not ahead
 
         # 1. Running requests, oldest first; preempt the newest when blocks run out.
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.request_id in in_flight:
+            if req.request_id in in_flight or (req.num_pending_tokens and not self._may_run_ahead(req)):
                 i += 1
                 continue
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(req, num_new, out, may_preempt=not in_flight):
+            num_new = min(req.num_tokens + req.num_pending_tokens - req.num_computed_tokens - req.num_in_flight_tokens,
+                          budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            if not self._allocate_or_preempt(req, num_new, out, may_preempt):
+                out.out_of_blocks = not out.preempted
                 break  # req itself was preempted (or must wait): nothing after it can be scheduled either
-            out.requests.append(req)
-            out.num_scheduled_tokens.append(num_new)
+            self._add(out, req, num_new)
             budget -= num_new
             i += 1
 
@@ -96,14 +112,35 @@ class Scheduler:
             req.num_computed_tokens = num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.requests.append(req)
-            out.num_scheduled_tokens.append(num_new)
+            self._add(out, req, num_new)
             budget -= num_new
         return out
+
+    def _may_run_ahead(self, req: Request) -> bool:
+        """Whether a request whose sampled token is still in flight may be scheduled on it. Not when
+        that token surely ends it (length), when the host must act on it first (the fork of an n > 1
+        request), or when sampling needs it counted (penalties)."""
+        n_out = len(req.output_token_ids) + req.num_pending_tokens
+        return (n_out < req.max_tokens and req.num_tokens + req.num_pending_tokens < self.max_model_len
+                and not req.fork_ids and not req.sampling_params.uses_penalties)
+
+    def _add(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
+        before = req.num_computed_tokens + req.num_in_flight_tokens
+        pending = req.num_pending_tokens
+        samples = before + num_new == req.num_tokens + pending
+        out.requests.append(req)
+        out.num_scheduled_tokens.append(num_new)
+        out.num_computed_before.append(before)
+        out.samples.append(samples)
+        out.uses_pending_token.append(pending > 0)
+        req.num_in_flight_tokens += num_new
+        req.num_pending_tokens += samples
 
     def _allocate_or_preempt(self, req: Request, num_new: int, out: SchedulerOutput, may_preempt: bool) -> bool:
         """Room for req's next tokens, preempting the newest running requests if allowed and needed.
         False when req could not be given room (it may itself have been preempted)."""
+        # Blocks are counted from num_computed_tokens: tokens in flight already hold theirs.
+        num_new += req.num_in_flight_tokens
         while not self.kv.allocate_slots(req, num_new):
             if not may_preempt:
                 return False
@@ -127,8 +164,10 @@ class Scheduler:
         token of those that reached the end of what they knew (forking n-way requests on their
         first token). Returns (sequence, its SampledToken) for every sequence that got a token."""
         changed = []
-        for req, n in zip(out.requests, out.num_scheduled_tokens):
-            if req.is_finished:  # aborted while the step ran
+        for req, n, samples in zip(out.requests, out.num_scheduled_tokens, out.samples):
+            req.num_in_flight_tokens -= n
+            req.num_pending_tokens -= samples
+            if req.is_finished:  # aborted, or ended by the step before it (async scheduling), while it ran
                 continue
             req.num_computed_tokens += n
             tokens = result.sampled.get(req.request_id)

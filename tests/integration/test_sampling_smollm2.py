@@ -188,7 +188,8 @@ def test_incremental_detokenization_equals_full_decode(smollm2_hf, text, skip_sp
     assert all("\ufffd" not in d for d in deltas)  # never a half character
 
 
-@pytest.mark.parametrize("mode", [dict(overlap_host_work=True), dict(num_microbatches=2, max_num_batched_tokens=24)])
+@pytest.mark.parametrize("mode", [dict(overlap_host_work=True), dict(num_microbatches=2, max_num_batched_tokens=24),
+                                  dict(async_scheduling=True, max_num_batched_tokens=24)])
 def test_overlapped_output_processing_gives_identical_results(llm, smollm2_dir, mode):
     """Outputs built while the next step runs (the CUDA default), and two micro-batches in flight,
     equal the in-step ones: a request ended by a stop string mid-flight drops its extra token,
@@ -200,7 +201,8 @@ def test_overlapped_output_processing_gives_identical_results(llm, smollm2_dir, 
               SamplingParams(temperature=0.0, max_tokens=12, presence_penalty=0.5),
               SamplingParams(temperature=0.0, max_tokens=3, min_tokens=2, prompt_logprobs=2)]
     overlapped = LLM(smollm2_dir, **mode)
-    assert (overlapped.engine.overlap or overlapped.engine.num_microbatches == 2) and not llm.engine.overlap
+    e = overlapped.engine
+    assert (e.overlap or e.num_microbatches == 2 or e.async_scheduling) and not llm.engine.overlap
     got = overlapped.generate(prompts, params, use_tqdm=False)
     want = llm.generate(prompts, params, use_tqdm=False)
     assert any(c.finish_reason == "stop" for o in want for c in o.outputs)
