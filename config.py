@@ -42,7 +42,9 @@ class EngineArgs(BaseModel):
     enable_prefix_caching: bool = True
 
     # --- scheduler ---
-    max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one engine step.")
+    max_num_batched_tokens: Optional[int] = Field(
+        None, ge=1, description="Token budget of one engine step (default: 8192 on CUDA, where larger prefill "
+        "chunks keep the matrix units busy; 2048 on CPU).")
     max_num_seqs: int = Field(256, ge=1, description="Most sequences in one engine step.")
     max_n: int = Field(64, ge=1, description="Largest n (parallel samples) one request may ask for.")
 

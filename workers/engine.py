@@ -75,8 +75,11 @@ class LLMEngine:
         """`placement`: under Serve with tensor/pipeline parallelism, the replica's PlacementPlan (its
         other ranks become Ray actors in its placement group); otherwise they are child processes."""
         t0 = time.monotonic()
-        self.args = args
         self.device = _resolve_device(args.device)
+        if args.max_num_batched_tokens is None:
+            budget = 8192 if self.device.type == "cuda" else 2048
+            args = args.model_copy(update=dict(max_num_batched_tokens=budget))
+        self.args = args
         resolved = resolve_model(args.model, args.load_format, args.revision)
         self.model_name = resolved.name
         self.model_path = resolved.path
