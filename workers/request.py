@@ -19,10 +19,12 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in _FINISHED
+        return self.value in _FINISHED
 
 
-_FINISHED = frozenset((RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED))
+# values, not members: a str hash is cached, an Enum member's is a Python-level call (hot per step)
+_FINISHED = frozenset((RequestStatus.FINISHED_STOPPED.value, RequestStatus.FINISHED_LENGTH.value,
+                       RequestStatus.FINISHED_ABORTED.value))
 
 
 class Request:
@@ -82,8 +84,17 @@ class Request:
         return 1 + len(self.fork_ids)
 
     @property
+    def status(self) -> RequestStatus:
+        return self._status
+
+    @status.setter
+    def status(self, value: RequestStatus) -> None:
+        self._status = value
+        self._finished = value.finished  # read for every request on every step
+
+    @property
     def is_finished(self) -> bool:
-        return self.status.finished
+        return self._finished
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
