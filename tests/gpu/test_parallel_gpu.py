@@ -25,7 +25,7 @@ from ..conftest import make_random_hf_model, random_prompts
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
 
-ENGINE = dict(dtype="bfloat16", device="cuda", num_kv_blocks=1024, max_num_batched_tokens=64,
+ENGINE = dict(dtype="bfloat16", device="cuda", num_kv_blocks=1024, max_num_batched_tokens=64, distributed_timeout_s=60,
               max_cuda_graph_batch_size=16)
 # (tp, pp, enforce_eager); PP runs eagerly in any case (no graphs across stage hand-offs yet)
 LAYOUTS = {"tp2-graphs": (2, 1, False), "tp2-eager": (2, 1, True), "pp2": (1, 2, True), "tp2xpp2": (2, 2, True)}
@@ -124,7 +124,7 @@ KILL_SCRIPT = textwrap.dedent("""
 def test_killed_rank_fails_the_engine_not_hangs(model_dir, tmp_path):
     script = tmp_path / "kill_rank.py"
     script.write_text(KILL_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), model_dir], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, str(script), model_dir], capture_output=True, text=True, timeout=150,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     print(proc.stdout[-2000:], proc.stderr[-3000:])
     raised = [line for line in proc.stdout.splitlines() if line.startswith("RAISED")]
