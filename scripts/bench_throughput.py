@@ -185,7 +185,8 @@ def run_ours(args, prompts, out_lens):
                        device=args.device, attention_backend=args.attention_backend,
                        enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
                        gpu_memory_utilization=args.gpu_memory_utilization,
-                       num_microbatches=args.num_microbatches)
+                       num_microbatches=args.num_microbatches,
+                       async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
     if args.dummy:
         engine_args["load_format"] = "dummy"
     llm = LLM(args.model_config if args.dummy and args.model_config else args.model, **engine_args)
@@ -208,6 +209,7 @@ def run_ours(args, prompts, out_lens):
                      total_tok_s=(produced + sum(map(len, prompts))) / elapsed, ready_s=ready_s,
                      cuda_graph_capture_s=e.graph_capture_s, cuda_graphs=e.runner.graphs is not None,
                      engine_steps=m["num_steps"], preemptions=m["preemptions"], kv_blocks=e.num_blocks,
+                     async_scheduling=e.async_scheduling, max_num_batched_tokens=e.args.max_num_batched_tokens,
                      phases=phase_times(steps))
 
 
@@ -307,7 +309,8 @@ def main(argv=None):
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--hf-batch-size", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's (8192 on CUDA)")
+    p.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--num-microbatches", type=int, default=None, help="steps in flight over disjoint requests")

@@ -1,36 +1,41 @@
 #!/usr/bin/env bash
-# One lent-GPU session: the stages named in $@ (tests, test-<file>, w1-<backend>, w1mb-<backend>, b1-<backend>,
-# par (bench_parallel, 2 GPUs), kbench (bench_kernels), k:<expr>, ficache). BENCH_EXTRA adds flags to every benchmark, e.g. "--max-num-batched-tokens 8192".
+# One lent-GPU session: the stages named in $@ (tests, test-<file>, k:<expr>, w1-<backend>, w1mb-<backend>,
+# w1noHF-<backend>, b1-<backend>, par (bench_parallel, 2 GPUs), kbench (bench_kernels), ficache).
+# BENCH_EXTRA adds flags to every benchmark, e.g. "--max-num-batched-tokens 8192". Each stage gets
+# STAGE_TIMEOUT seconds (default 300; stage@N gives one stage N), then SIGINT (pytest and Python print where they were stuck).
 set -uo pipefail
-source "$(dirname "$0")/gpu_env.sh" || exit 1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
-for stage in "$@"; do
-  echo "=== $stage $(date +%T)"
-  case $stage in
-    tests) python3 -m pytest -q -x -m gpu tests/gpu 2>&1 | tail -30 ;;
-    # SIGINT first: pytest then prints where each test was stuck (and the summary) before it is killed
-    test-*) timeout -s INT -k 20 "${STAGE_TIMEOUT:-240}" python3 -m pytest -v -rA -m gpu -p no:cacheprovider \
-              "tests/gpu/${stage#test-}" 2>&1 | grep -v "Warning\|warnings.warn\|^  " | tail -60 ;;
-    w1-*) python3 scripts/bench_throughput.py --dummy --model-config llama-3.2-1b --fixed --num-requests 256 \
-            --input-len 512 --output-len 256 --hf-batch-size 256 --max-model-len 4096 --quiet \
-            --gpu-memory-utilization 0.45 --attention-backend "${stage#w1-}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | grep -v Warning ;;
-    w1noHF-*) python3 scripts/bench_throughput.py --dummy --model-config llama-3.2-1b --fixed --num-requests 256 \
-            --input-len 512 --output-len 256 --max-model-len 4096 --quiet --skip-hf \
-            --attention-backend "${stage#w1noHF-}" --out "$OUT" 2>&1 | grep -v Warning ;;
-    w1mb-*) python3 scripts/bench_throughput.py --dummy --model-config llama-3.2-1b --fixed --num-requests 256 \
-            --input-len 512 --output-len 256 --hf-batch-size 256 --max-model-len 4096 --quiet --num-microbatches 2 \
-            --gpu-memory-utilization 0.45 --attention-backend "${stage#w1mb-}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | grep -v Warning ;;
-    b1-*) python3 scripts/bench_throughput.py --dummy --model-config llama-3.1-8b --fixed --num-requests 1 \
-            --input-len 128 --output-len 256 --hf-batch-size 1 --max-model-len 4096 --quiet \
-            --gpu-memory-utilization 0.6 --attention-backend "${stage#b1-}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | grep -v Warning ;;
-    k:*) python3 -m pytest -q -m gpu tests/gpu -k "${stage#k:}" 2>&1 | tail -30 ;;
-    kbench) python3 scripts/bench_kernels.py --out "$OUT" 2>&1 | grep -v Warning ;;
-    par) timeout -s INT -k 20 "${STAGE_TIMEOUT:-300}" python3 scripts/bench_parallel.py ${BENCH_EXTRA:-} \
-              --out "$OUT" 2>&1 | grep -v Warning ;;
-    ficache) tar czf - .ficache | split -b 15m - "$OUT/ficache.tar.gz." && ls -la "$OUT" ;;
-    *) echo "unknown stage $stage" ;;
-  esac
-done
-echo "=== done $(date +%T)"
+if [ "${1:-}" != "--one" ]; then
+  source "$(dirname "$0")/gpu_env.sh" || exit 1
+  export OUT=${OUT:-/tmp/out}
+  mkdir -p "$OUT"
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+  for spec in "$@"; do  # a stage, or stage@seconds for its own time limit
+    stage=${spec%@*}; limit=${STAGE_TIMEOUT:-300}; [ "$spec" != "$stage" ] && limit=${spec##*@}
+    echo "=== $stage (limit ${limit}s) $(date +%T)"
+    timeout -s INT -k 20 "$limit" bash "$0" --one "$stage"
+    echo "=== $stage exit $? $(date +%T)"
+  done
+  echo "=== done $(date +%T)"
+  exit 0
+fi
+stage=$2
+W1="--dummy --model-config llama-3.2-1b --fixed --num-requests 256 --input-len 512 --output-len 256 --max-model-len 4096 --quiet"
+B1="--dummy --model-config llama-3.1-8b --fixed --num-requests 1 --input-len 128 --output-len 256 --max-model-len 4096 --quiet"
+quiet() { grep -v "Warning\|warnings.warn"; }
+case $stage in
+  tests) python3 -m pytest -v -rA -x -m gpu -p no:cacheprovider tests/gpu 2>&1 | quiet | tail -60 ;;
+  test-*) python3 -m pytest -v -rA -m gpu -p no:cacheprovider "tests/gpu/${stage#test-}" 2>&1 | quiet | tail -60 ;;
+  k:*) python3 -m pytest -v -rA -m gpu -p no:cacheprovider tests/gpu -k "${stage#k:}" 2>&1 | quiet | tail -60 ;;
+  w1-*) python3 scripts/bench_throughput.py $W1 --hf-batch-size 256 --gpu-memory-utilization 0.45 \
+          --attention-backend "${stage#w1-}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
+  w1noHF-*) python3 scripts/bench_throughput.py $W1 --skip-hf --attention-backend "${stage#w1noHF-}" \
+          ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
+  w1mb-*) python3 scripts/bench_throughput.py $W1 --hf-batch-size 256 --gpu-memory-utilization 0.45 \
+          --num-microbatches 2 --attention-backend "${stage#w1mb-}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
+  b1-*) python3 scripts/bench_throughput.py $B1 --hf-batch-size 1 --gpu-memory-utilization 0.6 \
+          --attention-backend "${stage#b1-}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
+  par) python3 scripts/bench_parallel.py ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
+  kbench) python3 scripts/bench_kernels.py --out "$OUT" 2>&1 | quiet ;;
+  ficache) tar czf - .ficache | split -b 15m - "$OUT/ficache.tar.gz." && ls -la "$OUT" ;;
+  *) echo "unknown stage $stage" ;;
+esac
