@@ -35,6 +35,7 @@ case $stage in
   b1-*) python3 scripts/bench_throughput.py $B1 --hf-batch-size 1 --gpu-memory-utilization 0.6 \
           --attention-backend "${stage#b1-}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
   par) python3 scripts/bench_parallel.py ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
+  tpdiag) python3 scripts/diag_tp.py 2>&1 ;;
   kbench) python3 scripts/bench_kernels.py --out "$OUT" 2>&1 | quiet ;;
   ficache) tar czf - .ficache | split -b 15m - "$OUT/ficache.tar.gz." && ls -la "$OUT" ;;
   *) echo "unknown stage $stage" ;;

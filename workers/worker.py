@@ -208,6 +208,11 @@ def local_rank_main(spec: RankSpec, rank: int, num_threads: int) -> None:
     """Entry point of a rank spawned by `LocalRanks` (a child process of the engine's)."""
     torch.set_num_threads(num_threads)
     _exit_with_parent()
+    hang_s = float(os.environ.get("RAYLIGHT_DUMP_STACKS_AFTER_S", "0"))
+    if hang_s > 0:  # debugging a stuck replica: every rank prints its stacks after this long
+        import faulthandler
+
+        faulthandler.dump_traceback_later(hang_s, exit=False)
     device = torch.device("cuda", rank) if spec.device_type == "cuda" else torch.device("cpu")
     try:
         run_rank(spec, rank, device)
