@@ -98,6 +98,19 @@ def init_distributed(rank: int, world_size: int, init_method: str, device: torch
                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def leave_distributed() -> None:
+    """Leaves the torch.distributed world, once every step is done. NCCL communicators are aborted
+    rather than destroyed: once CUDA graphs have captured their collectives, ncclCommDestroy can
+    hang for good (pytorch/pytorch#115388; seen on two H200s). Abort waits for no peer."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        torch.cuda.synchronize()
+        dist.distributed_c10d._abort_process_group()
+    else:
+        dist.destroy_process_group()
+
+
 @dataclass
 class ParallelGroups:
     config: ParallelConfig

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from raylight.config import EngineArgs
 from raylight.models.loader import ResolvedModel
-from raylight.parallel.state import ParallelGroups, init_distributed
+from raylight.parallel.state import ParallelGroups, init_distributed, leave_distributed
 from raylight.workers.launchers import Launcher, LocalRanks, RayRanks
 from raylight.workers.model_runner import StepInputs
 from raylight.workers.step_channel import StepChannel
@@ -171,8 +171,7 @@ def _stop(launcher: Optional[Launcher], monitor: Optional[_Monitor], channel_box
         except Exception:  # a rank died meanwhile: the kill below ends the others
             logger.debug("stop message not delivered", exc_info=True)
     launcher.stop(STOP_TIMEOUT_S if channel is not None else 0.0)
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:
-            logger.debug("destroy_process_group failed", exc_info=True)
+    try:
+        leave_distributed()
+    except Exception:
+        logger.debug("leaving the torch.distributed world failed", exc_info=True)

@@ -24,7 +24,7 @@ from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata, g
 from raylight.models.llama import local_head_counts
 from raylight.models.loader import ResolvedModel, build_model, resolve_model
 from raylight.parallel.pipeline import StageModel
-from raylight.parallel.state import ParallelConfig, ParallelGroups, init_distributed
+from raylight.parallel.state import ParallelConfig, ParallelGroups, init_distributed, leave_distributed
 from raylight.workers.model_runner import ModelRunner, StepInputs, to_device
 from raylight.workers.step_channel import DEFAULT_CAPACITY, StepChannel
 
@@ -201,7 +201,7 @@ def run_rank(spec: RankSpec, rank: int, device: torch.device) -> int:
                     built.model.layer_range, built.num_blocks)
         return serve_steps(built, StepChannel(groups.cpu_group, rank, spec.channel_capacity))
     finally:
-        dist.destroy_process_group()
+        leave_distributed()
 
 
 def local_rank_main(spec: RankSpec, rank: int, num_threads: int) -> None:
