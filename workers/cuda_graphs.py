@@ -59,7 +59,19 @@ class CudaGraphRunner:
         self.num_replays = 0
 
     def can_run(self, num_reqs: int, num_blocks_needed: int) -> bool:
-        return num_reqs <= self.max_batch_size and num_blocks_needed <= self.max_blocks
+        return bool(self.graphs) and num_reqs <= self.max_batch_size and num_blocks_needed <= self.max_blocks
+
+    def release(self) -> None:
+        """Frees every graph (steps run eagerly afterwards). Must precede leaving the torch.distributed
+        world under TP: a live graph holds the NCCL communicators its all-reduces were captured on,
+        and tearing those down under it hangs (pytorch/pytorch#115388)."""
+        if not self.graphs:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for g in self.graphs.values():
+            g.graph.reset()
+        self.graphs.clear()
 
     @torch.inference_mode()
     def capture(self) -> float:

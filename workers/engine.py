@@ -162,6 +162,9 @@ class LLMEngine:
                 self._process(self._finish_step(sched, handle, t0))
         except Exception:
             logger.exception("could not finish the steps in flight at shutdown")
+        runner = getattr(self, "runner", None)
+        if runner is not None and runner.graphs is not None and self.executor.world_size > 1:
+            runner.graphs.release()  # before the NCCL communicators its graphs captured go away
         self.executor.shutdown()
 
     # ---- requests ----

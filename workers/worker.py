@@ -190,6 +190,7 @@ class RankSpec:
 def run_rank(spec: RankSpec, rank: int, device: torch.device) -> int:
     """A rank's whole life: join the world, build its part, run steps until rank 0 stops them."""
     init_distributed(rank, spec.world_size, spec.init_method, device, spec.args.distributed_timeout_s)
+    built = None
     try:
         groups = ParallelGroups.from_world(parallel_config(spec.args))
         resolved = spec.resolved
@@ -201,6 +202,8 @@ def run_rank(spec: RankSpec, rank: int, device: torch.device) -> int:
                     built.model.layer_range, built.num_blocks)
         return serve_steps(built, StepChannel(groups.cpu_group, rank, spec.channel_capacity))
     finally:
+        if built is not None and built.graphs is not None:
+            built.graphs.release()  # before leaving the world: see CudaGraphRunner.release
         leave_distributed()
 
 

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
-from raylight.workers.cuda_graphs import CudaGraphRunner, capture_sizes
+from raylight.workers.cuda_graphs import CudaGraphRunner, _Graph, capture_sizes
 
 
 def test_capture_sizes_cover_every_batch_with_little_padding():
@@ -32,4 +34,10 @@ def test_padding_rows_point_at_the_scratch_block():
     assert common.block_tables[:2].tolist() == [[5, 6], [7, 0]]
     assert common.block_tables[2:, 0].tolist() == [99, 99]
     assert common.slot_mapping.tolist() == [96, 114, 99 * 16, 99 * 16]
+    assert not runner.can_run(1, 1)  # nothing captured
+    reset = []
+    runner.graphs = {bs: _Graph(SimpleNamespace(reset=lambda bs=bs: reset.append(bs)), None, None)
+                     for bs in runner.sizes}
     assert runner.can_run(8, 4) and not runner.can_run(9, 4) and not runner.can_run(8, 5)
+    runner.release()  # every graph freed; steps run eagerly from then on
+    assert sorted(reset) == runner.sizes and not runner.can_run(1, 1)
