@@ -103,6 +103,21 @@ def spawn_engine(cfg: dict, timeout_s: float) -> dict:
 
 # ---------------------------------------------------------------- collectives (child processes)
 
+def _per_call(fn, calls: int, reps: int = 30) -> float:
+    """Median seconds per call of `calls` back-to-back calls between two events."""
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return float(np.median(times))
+
+
 def _collective_rank(rank: int, world: int, init_method: str, sizes: dict, reps: int, out_path: str) -> None:
     import torch.distributed as dist
 
@@ -131,8 +146,24 @@ def _collective_rank(rank: int, world: int, init_method: str, sizes: dict, reps:
         t = float(np.median(times))
         algbw = x.numel() * 2 / t
         # ring all-reduce moves 2 (n - 1) / n of the buffer through each link: NCCL's "bus bandwidth"
-        result["all_reduce"][name] = dict(bytes=x.numel() * 2, seconds=t, algbw_GBps=algbw / 1e9,
-                                          busbw_GBps=algbw * 2 * (world - 1) / world / 1e9)
+        entry = dict(bytes=x.numel() * 2, seconds=t, algbw_GBps=algbw / 1e9,
+                     busbw_GBps=algbw * 2 * (world - 1) / world / 1e9)
+        if nbytes < 2**26:
+            # One call between a host sync each includes the ranks' launch skew; a decode step issues
+            # them back to back, inside a CUDA graph: time 20 such calls and divide.
+            entry["back_to_back_seconds"] = _per_call(lambda: dist.all_reduce(x), 20)
+            g = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                dist.all_reduce(x)
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(g):
+                for _ in range(20):
+                    dist.all_reduce(x)
+            entry["in_cuda_graph_seconds"] = _per_call(g.replay, 1) / 20
+            g.reset()  # before the communicator goes (pytorch#115388)
+        result["all_reduce"][name] = entry
     # The step broadcast: one fixed-size int64 buffer over gloo, as StepChannel sends it.
     buf = torch.zeros(DEFAULT_CAPACITY, dtype=torch.int64)
     for _ in range(20):
@@ -147,7 +178,8 @@ def _collective_rank(rank: int, world: int, init_method: str, sizes: dict, reps:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(result, f)
-    dist.destroy_process_group()
+    torch.cuda.synchronize()
+    dist.distributed_c10d._abort_process_group()
 
 
 def measure_collectives(sizes: dict, reps: int = 200) -> dict:
@@ -218,7 +250,10 @@ def main(argv=None):
         coll = measure_collectives(activation_sizes())
         record["collectives"] = coll
         for name, r in coll["all_reduce"].items():
-            print(f"    all_reduce {name}: {r['bytes']} B in {r['seconds'] * 1e6:.1f} us, bus {r['busbw_GBps']:.1f} GB/s")
+            extra = (f"; back to back {r['back_to_back_seconds'] * 1e6:.1f} us, in a CUDA graph "
+                     f"{r['in_cuda_graph_seconds'] * 1e6:.1f} us" if "in_cuda_graph_seconds" in r else "")
+            print(f"    all_reduce {name}: {r['bytes']} B in {r['seconds'] * 1e6:.1f} us alone, bus "
+                  f"{r['busbw_GBps']:.1f} GB/s{extra}")
         print(f"    gloo step broadcast ({coll['gloo_step_broadcast_bytes']} B): "
               f"{coll['gloo_step_broadcast_s'] * 1e6:.0f} us")
         record["analysis"] = analysis(record)
@@ -237,7 +272,8 @@ def analysis(record: dict) -> dict:
     out: dict = {"nccl_bus_bandwidth_GBps": peak}
     b1 = record.get("batch1_llama_3_1_8b", {})
     layers8 = PRESETS[B1_MODEL]["num_hidden_layers"]
-    per_step = 2 * layers8 * ar["b1_decode_8b"]["seconds"]
+    # as the decode graphs run them: back to back inside a CUDA graph (per-call timing where absent)
+    per_step = 2 * layers8 * ar["b1_decode_8b"].get("in_cuda_graph_seconds", ar["b1_decode_8b"]["seconds"])
     out["b1_allreduce_ms_per_step_tp2"] = per_step * 1e3
     out["b1_allreduce_busbw_fraction_of_peak"] = ar["b1_decode_8b"]["busbw_GBps"] / peak
     t1, t2 = (b1.get(k, {}).get("decode_ms_per_token") for k in ("tp1", "tp2"))
@@ -247,7 +283,9 @@ def analysis(record: dict) -> dict:
         out["b1_tp2_ideal_ms"] = t1 / 2  # half the weights read per rank, nothing else
         out["b1_tp2_ideal_plus_allreduce_ms"] = t1 / 2 + per_step * 1e3
     layers1 = PRESETS[W1_MODEL]["num_hidden_layers"]
-    out["w1_decode_allreduce_ms_per_step_tp2"] = 2 * layers1 * ar["w1_decode_256_1b"]["seconds"] * 1e3
+    w1_dec = ar["w1_decode_256_1b"]
+    w1_dec_s = w1_dec.get("in_cuda_graph_seconds", w1_dec["seconds"])
+    out["w1_decode_allreduce_ms_per_step_tp2"] = 2 * layers1 * w1_dec_s * 1e3
     out["w1_prefill_allreduce_ms_per_step_tp2"] = 2 * layers1 * ar["w1_prefill_2048_1b"]["seconds"] * 1e3
     w1 = record.get("w1_llama_3_2_1b", {})
     base = w1.get("tp1-pp1", {}).get("output_tok_s")
