@@ -28,9 +28,10 @@ class EngineArgs(BaseModel):
     seed: int = Field(0, ge=0, description="Seed for dummy weights and unseeded sampling.")
     max_model_len: Optional[int] = Field(None, ge=1, description="Context window; defaults to the model's.")
     revision: Optional[str] = None
-    attention_backend: Literal["auto", "torch", "triton", "flashinfer"] = Field(
+    attention_backend: Literal["auto", "torch", "triton", "flashinfer", "flashinfer+triton"] = Field(
         "auto", description="auto: FlashInfer on CUDA in half precision when installed, else our Triton kernels "
-        "on CUDA when triton is installed, else the torch reference.")
+        "on CUDA when triton is installed, else the torch reference. flashinfer+triton: FlashInfer for eager "
+        "steps (prefill, mixed), our Triton decode inside CUDA graphs (no per-step host plan).")
 
     # --- KV cache ---
     block_size: int = Field(16, ge=1, le=1024)

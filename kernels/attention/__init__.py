@@ -72,7 +72,7 @@ def _triton_usable(spec: AttentionSpec, allow_interpreter: bool) -> bool:
     return True
 
 
-BACKENDS = ("auto", "torch", "triton", "flashinfer")
+BACKENDS = ("auto", "torch", "triton", "flashinfer", "flashinfer+triton")
 
 
 def get_attention_backend(name: str, spec: AttentionSpec):
@@ -80,6 +80,13 @@ def get_attention_backend(name: str, spec: AttentionSpec):
     when triton is importable, else the torch reference."""
     if name not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    if "+" in name:  # eager steps + CUDA-graph decode steps (kernels/attention/split_backend.py)
+        from raylight.kernels.attention.split_backend import SplitAttentionBackend
+
+        eager, graph = name.split("+")
+        backend = SplitAttentionBackend(get_attention_backend(eager, spec), get_attention_backend(graph, spec))
+        logger.info("attention backend: %s", backend.name)
+        return backend
     if name == "flashinfer" or (name == "auto" and _flashinfer_usable(spec)):
         if not _flashinfer_usable(spec):
             raise ValueError("attention_backend='flashinfer' needs a CUDA device, float16/bfloat16, a head_dim in "

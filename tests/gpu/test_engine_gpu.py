@@ -26,13 +26,14 @@ NEAR_TIE = 1e-2  # the issue's bound on HF's top-1 minus our token's logit, for 
 
 
 @pytest.mark.parametrize("backend,eager", [("torch", True), ("triton", False), ("triton", True),
-                                           ("flashinfer", False), ("flashinfer", True)])
+                                           ("flashinfer", False), ("flashinfer", True), ("flashinfer+triton", False)])
 @torch.inference_mode()
 def test_bf16_greedy_agrees_with_hf(model_dir, backend, eager):
     from transformers import AutoModelForCausalLM
 
-    if backend != "torch":
-        pytest.importorskip(backend)
+    for module in backend.split("+"):
+        if module != "torch":
+            pytest.importorskip(module)
     # 13 prompts: decode batches 13, then fewer as they finish, pad to the captured sizes 16, 8, 4...
     prompts = random_prompts(13, 512, 5, 60, seed=2)
     max_tokens = [64 - 3 * (i % 4) for i in range(len(prompts))]
