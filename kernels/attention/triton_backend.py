@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata
+from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata, int32_device_views
 from raylight.kernels.attention import triton_kernels as tk
 
 
@@ -86,10 +86,8 @@ class TritonAttentionBackend:
         work_seq, work_qblock = self._prefill_work(qsl, seq_lens, nd)
         # One int32 host buffer, one copy: per-step latency is dominated by transfers, not bytes.
         parts = [seq_lens, qsl, tables.reshape(-1), work_seq, work_qblock]
-        host = np.concatenate([p.astype(np.int32, copy=False) for p in parts])
-        dev = torch.from_numpy(host).to(self.spec.device, non_blocking=True)  # no stream sync
-        sizes = [len(p) for p in parts]
-        seq_lens_t, qsl_t, tables_t, work_seq_t, work_qblock_t = torch.split(dev, sizes)
+        dev = int32_device_views(parts, self.spec.device)
+        seq_lens_t, qsl_t, tables_t, work_seq_t, work_qblock_t = dev
         splits = self.num_splits(nd, int(seq_lens[:nd].max())) if nd else 1
         return TritonMetadata(
             slot_mapping=common.slot_mapping, seq_lens=seq_lens_t, query_start_loc=qsl_t,
