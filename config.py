@@ -61,8 +61,8 @@ class EngineArgs(BaseModel):
     async_scheduling: Optional[bool] = Field(
         None, description="Schedule and launch each step while the one before it still runs on the device, its "
         "sampled tokens filled in on the device, so the device never waits for the host between steps (default: "
-        "on for CUDA with one rank and one micro-batch). A request that stops on a sampled token wastes one token "
-        "of compute.")
+        "on for CUDA without pipeline parallelism and with one micro-batch; under TP rank 0 broadcasts the sampled "
+        "ids to its peers). A request that stops on a sampled token wastes one token of compute.")
     max_cuda_graph_batch_size: Optional[int] = Field(
         None, ge=1, description="Largest decode batch replayed from a CUDA graph (default: min(max_num_seqs, 512)); "
         "larger decode batches run eagerly.")

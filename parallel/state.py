@@ -204,6 +204,11 @@ class ParallelGroups:
             dist.all_reduce(x, group=self.tp_group)
         return x
 
+    def broadcast_from_tp0(self, x: torch.Tensor) -> None:
+        """In place: TP rank 0's `x` on every rank of the TP group."""
+        if self.tp_size > 1:
+            dist.broadcast(x, src=self.tp_ranks[0], group=self.tp_group)
+
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenates equal-shaped shards from every TP rank along `dim`, on every TP rank."""
         if self.tp_size == 1:

@@ -107,7 +107,8 @@ class LLMEngine:
         graphs = rank.graphs
         self.runner = ModelRunner(rank.stage_model, self.attn_backend, self.kv_caches, self.kv, self.device,
                                   args.seed, graphs=graphs,
-                                  dispatch=self.executor.dispatch if self.executor.world_size > 1 else None)
+                                  dispatch=self.executor.dispatch if self.executor.world_size > 1 else None,
+                                  share_ids=rank.groups.broadcast_from_tp0 if args.tensor_parallel_size > 1 else None)
         # Build outputs while the GPU runs the next step (CUDA); on CPU nothing runs concurrently.
         self.overlap = args.overlap_host_work if args.overlap_host_work is not None else self.device.type == "cuda"
         self._pending: list[tuple[Request, Optional[SampledToken]]] = []  # sampled, not yet turned into outputs
@@ -117,12 +118,12 @@ class LLMEngine:
         # runs when the step is collected, after the next micro-batch was sent down the pipeline.
         self._defer_compute = args.pipeline_parallel_size > 1
         # Async scheduling: step N+1 is scheduled and launched before step N's tokens are read back.
-        single = self.executor.world_size == 1 and self.num_microbatches == 1
-        if args.async_scheduling and not single:
-            raise ValueError("async_scheduling needs one rank and one micro-batch (tensor_parallel_size = "
-                             "pipeline_parallel_size = num_microbatches = 1)")
-        self.async_scheduling = single and (args.async_scheduling if args.async_scheduling is not None
-                                            else self.device.type == "cuda")
+        # Under PP the first stage would need the ids that the last one samples: not (yet) supported.
+        possible = args.pipeline_parallel_size == 1 and self.num_microbatches == 1
+        if args.async_scheduling and not possible:
+            raise ValueError("async_scheduling needs pipeline_parallel_size = num_microbatches = 1")
+        self.async_scheduling = possible and (args.async_scheduling if args.async_scheduling is not None
+                                              else self.device.type == "cuda")
         self._sync_next = False  # the last step ran ahead short of KV blocks: the next one may preempt
         self._last_finish = 0.0
         self._in_flight: collections.deque[tuple[SchedulerOutput, StepHandle, float]] = collections.deque()

@@ -66,6 +66,9 @@ class StepInputs:
     # [start, end) flat rows of each prompt-logprob logits call, in launch()'s order: filled only for a
     # TP/PP replica, whose other last-stage ranks make the same compute_logits calls (see workers/worker.py).
     prompt_logit_spans: list[tuple[int, int]] = field(default_factory=list)
+    # Flat rows whose input id is a placeholder (async scheduling): the token the step before samples,
+    # filled in on the device; under TP rank 0 broadcasts those ids to its peers first.
+    placeholder_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def is_decode_only(self) -> bool:
@@ -82,7 +85,7 @@ class StepHandle:
     inputs: Optional[StepInputs] = None  # set until the step's compute has run on this rank
     meta: Optional[object] = None  # SamplingMetadata
     sampled: Optional[object] = None  # SamplerOutput
-    fill_ids: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # placeholder tokens: (positions, ids)
+    fill_values: Optional[torch.Tensor] = None  # device ids of the step's placeholder tokens
     host_ids: Optional[torch.Tensor] = None  # pinned copy of the sampled ids, valid after `ready`
     ready: Optional[torch.cuda.Event] = None
 
@@ -90,7 +93,8 @@ class StepHandle:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, attn_backend, kv_caches: list[torch.Tensor],
                  kv: Optional[KVCacheManager], device: torch.device, seed: int = 0, graphs=None,
-                 dispatch: Optional[Callable[[StepInputs], None]] = None):
+                 dispatch: Optional[Callable[[StepInputs], None]] = None,
+                 share_ids: Optional[Callable[[torch.Tensor], None]] = None):
         self.model = model
         self.graphs = graphs  # a CudaGraphRunner for decode-only steps, or None (eager)
         self._staged: Optional[torch.cuda.Event] = None  # the last step's inputs were queued for the device
@@ -100,6 +104,8 @@ class ModelRunner:
         self.block_size = kv.block_size if kv is not None else None
         # TP/PP: sends each step's inputs to the other ranks before this rank runs it (workers/executor.py).
         self.dispatch = dispatch
+        # TP with async scheduling: broadcasts placeholder ids from rank 0 to its peers, in place.
+        self.share_ids = share_ids
         self.device = device
         self.sampler = Sampler(device, seed)
         self.sampling = SamplingState(model.config.vocab_size, device)
@@ -110,9 +116,9 @@ class ModelRunner:
     PROMPT_LOGPROBS_CHUNK = 256  # rows of [rows, vocab] logits materialised at once
 
     def prepare(self, sched: SchedulerOutput, ahead_of: Optional[StepHandle] = None
-                ) -> tuple[list[Request], StepInputs, list[SampleRow], Optional[tuple[np.ndarray, np.ndarray]]]:
-        """The step's flat inputs on the host, the rows that sample, and the placeholder tokens: (flat
-        positions, rows of `ahead_of`'s sampled ids) whose ids the device fills in (async scheduling)."""
+                ) -> tuple[list[Request], StepInputs, list[SampleRow], Optional[np.ndarray]]:
+        """The step's flat inputs on the host, the rows that sample, and for the placeholder tokens
+        (`inputs.placeholder_pos`, async scheduling) the rows of `ahead_of`'s sampled ids they are."""
         # Decodes (one query token) first: attention batches them in one call.
         scheduled = sched.num_scheduled_tokens
         order = range(len(sched.requests))
@@ -171,23 +177,30 @@ class ModelRunner:
             if r.fork_ids:
                 rows.extend(SampleRow(r, fid, fp, n_out) for fid, fp in zip(r.fork_ids, r.fork_params))
                 logits_rows.extend([last] * len(r.fork_ids))
-        placeholders = None
+        src = None
         if placeholder_pos:
             if ahead_of is None:
                 raise ValueError("a step uses tokens still in flight but names no step in flight")
             prev_row = {row.seq_id: j for j, row in enumerate(ahead_of.rows)}
-            src = [prev_row[r.request_id] for r, p in zip(reqs, pending) if p]
-            placeholders = (np.array(placeholder_pos, dtype=np.int64), np.array(src, dtype=np.int64))
+            src = np.array([prev_row[r.request_id] for r, p in zip(reqs, pending) if p], dtype=np.int64)
         inputs = StepInputs(np.array(token_ids, dtype=np.int64), positions, num_decodes, query_start_loc,
                             seq_lens, block_tables, slot_mapping, np.array(logits_rows, dtype=np.int64),
-                            self.kv.take_pending_copies())
-        return reqs, inputs, rows, placeholders
+                            self.kv.take_pending_copies(),
+                            placeholder_pos=np.array(placeholder_pos, dtype=np.int64))
+        return reqs, inputs, rows, src
 
-    def forward(self, inputs: StepInputs, fill_ids: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-                ) -> torch.Tensor:
+    def forward(self, inputs: StepInputs, fill_values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The model over the step's tokens (a CUDA graph replay for decode-only steps that fit one).
-        `fill_ids`: (flat positions, device token ids) written over input_ids on the device."""
+        `fill_values`: on rank 0, the device ids of the placeholder tokens (`inputs.placeholder_pos`);
+        a TP peer receives them from rank 0 here."""
         dev = self.device
+        fill_ids = None
+        if len(inputs.placeholder_pos):
+            if fill_values is None:  # a TP peer: rank 0 has the ids, on its device
+                fill_values = torch.empty(len(inputs.placeholder_pos), dtype=torch.long, device=dev)
+            if self.share_ids is not None:
+                self.share_ids(fill_values)
+            fill_ids = (to_device(inputs.placeholder_pos, dev), fill_values)
         if inputs.kv_copies:  # forked sequences' private copies of a shared, partly filled block
             src = torch.tensor([c[0] for c in inputs.kv_copies]).to(dev, non_blocking=True)
             dst = torch.tensor([c[1] for c in inputs.kv_copies]).to(dev, non_blocking=True)
@@ -225,17 +238,14 @@ class ModelRunner:
         share runs in `collect` instead (pipeline parallelism: the last stage, us, would block on the
         previous stage here, while the next micro-batch could already be on its way to it).
         `ahead_of`: the step still in flight whose sampled ids this one's placeholder tokens are."""
-        reqs, inputs, rows, placeholders = self.prepare(sched, ahead_of)
+        reqs, inputs, rows, src = self.prepare(sched, ahead_of)
         if self.dispatch is not None:  # a TP/PP replica: every rank runs this step with us
-            if placeholders is not None:
-                raise ValueError("async scheduling runs on a single rank")
             inputs.prompt_logit_spans = self.prompt_logit_spans(reqs, inputs)
             self.dispatch(inputs)
         handle = StepHandle(reqs, rows, {}, inputs, self.sampling.metadata(rows) if rows else None)
-        if placeholders is not None:
+        if src is not None:
             # Queued after the step in flight's sampling on the same stream: no host wait.
-            pos, src = (to_device(a, self.device) for a in placeholders)
-            handle.fill_ids = (pos, ahead_of.sampled.token_ids[src])
+            handle.fill_values = ahead_of.sampled.token_ids[to_device(src, self.device)]
         if not defer_compute:
             self._compute(handle)
         return handle
@@ -243,7 +253,7 @@ class ModelRunner:
     def _compute(self, handle: StepHandle) -> None:
         inputs, rows, reqs = handle.inputs, handle.rows, handle.reqs
         handle.inputs = None
-        hidden = self.forward(inputs, handle.fill_ids)
+        hidden = self.forward(inputs, handle.fill_values)
         qsl, seq_lens = inputs.query_start_loc, inputs.seq_lens
         for i, r in enumerate(reqs):
             if r.needs_prompt_logprobs:

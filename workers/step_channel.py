@@ -23,7 +23,7 @@ from raylight.workers.model_runner import StepInputs
 
 _STOP, _STEP = 0, 1
 # Header fields, in order.
-_OP, _LEN, _T, _B, _DECODES, _WIDTH, _S, _C, _K, _SEQ = range(10)
+_OP, _LEN, _T, _B, _DECODES, _WIDTH, _S, _C, _K, _SEQ, _P = range(11)
 HEADER = 16
 DEFAULT_CAPACITY = 16384  # int64 elements (128 KiB): a 256-sequence decode step with ~50 blocks each fits
 # Ranks other than 0 wait this long for the next step: an idle replica is not a failure. A dead
@@ -48,12 +48,12 @@ class StepChannel:
         W = x.block_tables.shape[1] if B else 0
         parts = [x.input_ids, x.positions, x.slot_mapping, x.query_start_loc, x.seq_lens, x.block_tables.reshape(-1),
                  x.logits_rows, np.asarray(x.prompt_logit_spans, dtype=np.int64).reshape(-1),
-                 np.asarray(x.kv_copies, dtype=np.int64).reshape(-1)]
+                 np.asarray(x.kv_copies, dtype=np.int64).reshape(-1), x.placeholder_pos]
         length = sum(len(p) for p in parts)
         header = np.zeros(HEADER, dtype=np.int64)
-        header[[_OP, _LEN, _T, _B, _DECODES, _WIDTH, _S, _C, _K, _SEQ]] = (
+        header[[_OP, _LEN, _T, _B, _DECODES, _WIDTH, _S, _C, _K, _SEQ, _P]] = (
             _STEP, length, T, B, x.num_decodes, W, len(x.logits_rows), len(x.prompt_logit_spans), len(x.kv_copies),
-            self._seq)
+            self._seq, len(x.placeholder_pos))
         self._seq += 1
         payload = np.concatenate([header] + parts)
         first = payload[: self.capacity]
@@ -85,7 +85,7 @@ class StepChannel:
         opts.rootRank, opts.timeout = 0, IDLE_WAIT
         self.group.broadcast([self._buf], opts).wait()
         buf = self._buf.numpy()
-        op, length, T, B, decodes, W, S, C, K, seq = (int(v) for v in buf[:10])
+        op, length, T, B, decodes, W, S, C, K, seq, P = (int(v) for v in buf[:11])
         if op == _STOP:
             return None
         if seq != self._seq:
@@ -98,14 +98,15 @@ class StepChannel:
             payload = np.concatenate([payload, rest.numpy()])
         arrays = []
         at = 0
-        for n in (T, T, T, B + 1, B, B * W, S, 2 * C, 2 * K):
+        for n in (T, T, T, B + 1, B, B * W, S, 2 * C, 2 * K, P):
             arrays.append(payload[at : at + n])
             at += n
-        ids, pos, slots, qsl, seq_lens, tables, rows, spans, copies = arrays
+        ids, pos, slots, qsl, seq_lens, tables, rows, spans, copies, placeholders = arrays
         return StepInputs(input_ids=ids, positions=pos, num_decodes=decodes, query_start_loc=qsl, seq_lens=seq_lens,
                           block_tables=tables.reshape(B, W), slot_mapping=slots, logits_rows=rows,
                           kv_copies=[tuple(c) for c in copies.reshape(K, 2).tolist()],
-                          prompt_logit_spans=[tuple(s) for s in spans.reshape(C, 2).tolist()])
+                          prompt_logit_spans=[tuple(s) for s in spans.reshape(C, 2).tolist()],
+                          placeholder_pos=placeholders)
 
     def _broadcast(self, t: torch.Tensor) -> None:
         dist.broadcast(t, src=0, group=self.group)

@@ -161,7 +161,9 @@ def run_step(runner: ModelRunner, groups: ParallelGroups, inputs: StepInputs) ->
 
 def serve_steps(rank: RankModel, channel: StepChannel) -> int:
     """Runs broadcast steps until rank 0 says stop; returns how many ran."""
-    runner = ModelRunner(rank.stage_model, rank.attn_backend, rank.kv_caches, None, rank.device, graphs=rank.graphs)
+    share = rank.groups.broadcast_from_tp0 if rank.groups.tp_size > 1 else None
+    runner = ModelRunner(rank.stage_model, rank.attn_backend, rank.kv_caches, None, rank.device, graphs=rank.graphs,
+                         share_ids=share)
     steps = 0
     while (inputs := channel.receive()) is not None:
         run_step(runner, rank.groups, inputs)

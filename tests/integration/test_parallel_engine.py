@@ -88,6 +88,30 @@ def test_parallel_engine_matches_single_process(qwen3, layout):
     assert _children_gone(llm)
 
 
+def test_tp2_with_async_scheduling_matches_single_process(qwen3):
+    """TP=2 running each step ahead of the last one's tokens: rank 0 broadcasts the placeholder ids
+    it sampled to its TP peer before the step's forward."""
+    path, prompts, params, ref = qwen3
+    llm = LLM(path, tensor_parallel_size=2, async_scheduling=True, **ENGINE)
+    placeholders = [0]
+    launch = llm.engine.runner.launch
+
+    def counted(sched, **kw):
+        placeholders[0] += sum(sched.uses_pending_token)
+        return launch(sched, **kw)
+
+    llm.engine.runner.launch = counted
+    try:
+        assert llm.engine.async_scheduling
+        _assert_close(_summary(llm.generate(prompts, params, use_tqdm=False)), ref)
+        assert placeholders[0] > 5
+        m = llm.get_metrics()
+        assert m["kv_blocks_free"] == m["kv_blocks_total"] and m["num_running"] == 0
+    finally:
+        llm.shutdown()
+    assert _children_gone(llm)
+
+
 def test_smollm2_tp2_matches_single_process(smollm2_dir):
     """SmolLM2's 9 heads / 3 KV heads split unevenly (5 + 4, 2 + 1) over two TP ranks."""
     params = SamplingParams(max_tokens=12, temperature=0)

@@ -12,14 +12,14 @@ from raylight.workers.step_channel import StepChannel
 def make_steps() -> list[StepInputs]:
     rng = np.random.default_rng(0)
 
-    def step(T: int, B: int, W: int, decodes: int, copies=(), spans=()):
+    def step(T: int, B: int, W: int, decodes: int, copies=(), spans=(), placeholders=()):
         qsl = np.linspace(0, T, B + 1).astype(np.int64)
         return StepInputs(input_ids=rng.integers(0, 1000, T), positions=rng.integers(0, 500, T), num_decodes=decodes,
                           query_start_loc=qsl, seq_lens=rng.integers(1, 500, B), block_tables=rng.integers(0, 99, (B, W)),
                           slot_mapping=rng.integers(0, 9999, T), logits_rows=qsl[1:] - 1, kv_copies=list(copies),
-                          prompt_logit_spans=list(spans))
+                          prompt_logit_spans=list(spans), placeholder_pos=np.array(placeholders, dtype=np.int64))
 
-    return [step(4, 4, 3, 4),  # a decode step
+    return [step(4, 4, 3, 4, placeholders=[0, 2, 3]),  # a decode step, run ahead on three placeholder tokens
             step(300, 3, 40, 0, copies=[(5, 7), (6, 8)], spans=[(0, 256), (256, 299)]),  # over capacity: 2 broadcasts
             step(0, 0, 0, 0)]  # degenerate but legal
 

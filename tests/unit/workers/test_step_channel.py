@@ -15,7 +15,7 @@ def test_steps_round_trip_through_the_channel():
     assert len(got) == len(sent)
     for a, b in zip(sent, got):
         for field in ("input_ids", "positions", "query_start_loc", "seq_lens", "block_tables", "slot_mapping",
-                      "logits_rows"):
+                      "logits_rows", "placeholder_pos"):
             x, y = getattr(a, field), getattr(b, field)
             assert x.shape == y.shape and np.array_equal(x, y), field
         assert (a.num_decodes, a.kv_copies, a.prompt_logit_spans) == (b.num_decodes, b.kv_copies,
