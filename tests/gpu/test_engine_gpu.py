@@ -25,10 +25,12 @@ def model_dir(tmp_path_factory):
 NEAR_TIE = 1e-2  # the issue's bound on HF's top-1 minus our token's logit, for any mismatch
 
 
-@pytest.mark.parametrize("backend,eager", [("torch", True), ("triton", False), ("triton", True),
-                                           ("flashinfer", False), ("flashinfer", True), ("flashinfer+triton", False)])
+# Async scheduling is on by default on CUDA: one case runs the plain step instead.
+@pytest.mark.parametrize("backend,eager,async_scheduling", [
+    ("torch", True, None), ("triton", False, None), ("triton", True, None), ("flashinfer", False, None),
+    ("flashinfer", True, None), ("flashinfer", False, False), ("flashinfer+triton", False, None)])
 @torch.inference_mode()
-def test_bf16_greedy_agrees_with_hf(model_dir, backend, eager):
+def test_bf16_greedy_agrees_with_hf(model_dir, backend, eager, async_scheduling):
     from transformers import AutoModelForCausalLM
 
     for module in backend.split("+"):
@@ -40,7 +42,8 @@ def test_bf16_greedy_agrees_with_hf(model_dir, backend, eager):
     # Memory-based sizing is tested once (torch); the rest fix the pool so earlier tests' leftovers don't matter.
     sizing = dict(gpu_memory_utilization=0.3) if backend == "torch" else dict(num_kv_blocks=2048)
     llm = LLM(model_dir, dtype="bfloat16", device="cuda", max_num_batched_tokens=64, attention_backend=backend,
-              enforce_eager=eager, max_cuda_graph_batch_size=16, **sizing)
+              enforce_eager=eager, max_cuda_graph_batch_size=16, async_scheduling=async_scheduling, **sizing)
+    assert llm.engine.async_scheduling == (async_scheduling is not False)
     assert llm.engine.attn_backend.name == backend
     assert llm.engine.device.type == "cuda" and llm.engine.num_blocks > 0
     graphs = llm.engine.runner.graphs
