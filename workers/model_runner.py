@@ -264,6 +264,8 @@ class ModelRunner:
             return
         logits = self.model.compute_logits(hidden[to_device(inputs.logits_rows, self.device)])
         handle.sampled = self.sampler(logits, handle.meta)
+        if handle.meta.output_counts is not None:  # some row uses penalties
+            self.sampling.record(rows, handle.sampled.token_ids)
         if self.device.type == "cuda":
             handle.host_ids = torch.empty(len(rows), dtype=torch.long, pin_memory=True)
             handle.host_ids.copy_(handle.sampled.token_ids, non_blocking=True)
@@ -284,7 +286,6 @@ class ModelRunner:
             token_ids = handle.host_ids.tolist()
         else:
             token_ids = sampled.token_ids.tolist()
-        self.sampling.record(rows, token_ids)
         lps = ranks = top_ids = top_lps = None
         if sampled.logprobs is not None:
             lps, ranks = sampled.logprobs.tolist(), sampled.ranks.tolist()

@@ -115,10 +115,16 @@ class SamplingState:
             meta.banned = (torch.tensor(ban_rows, device=dev), torch.tensor(ban_toks, device=dev))
         return meta
 
-    def record(self, rows: list[SampleRow], token_ids: list[int]) -> None:
-        """After the step: count each sampled token for the rows that use penalties."""
-        for r, tok in zip(rows, token_ids):
-            if r.params.uses_penalties and not r.request.is_finished:  # ended (stop string) while in flight
-                # A forked sequence has no state yet: it starts from the request's (pre-token) state.
+    def record(self, rows: list[SampleRow], token_ids: torch.Tensor) -> None:
+        """Right after sampling, on the device: count each row's sampled token for the rows that use
+        penalties. No host wait, so a step scheduled before these tokens are read back (async
+        scheduling) already samples with them counted. (A row whose request a stop string ends
+        meanwhile counts one token too many in state that is about to be released.)"""
+        one = None
+        for j, r in enumerate(rows):
+            if r.params.uses_penalties:
+                # A forked sequence's state was made from the request's (pre-token) state in metadata().
                 counts, _ = self._penalty_tensors(r)
-                counts[tok] += 1
+                if one is None:
+                    one = torch.ones(1, device=self.device)
+                counts.index_add_(0, token_ids[j : j + 1], one)

@@ -118,11 +118,11 @@ class Scheduler:
 
     def _may_run_ahead(self, req: Request) -> bool:
         """Whether a request whose sampled token is still in flight may be scheduled on it. Not when
-        that token surely ends it (length), when the host must act on it first (the fork of an n > 1
-        request), or when sampling needs it counted (penalties)."""
+        that token surely ends it (length), or when the host must act on it first (the fork of an
+        n > 1 request). (Penalties count sampled tokens on the device: workers/sampling_state.py.)"""
         n_out = len(req.output_token_ids) + req.num_pending_tokens
-        return (n_out < req.max_tokens and req.num_tokens + req.num_pending_tokens < self.max_model_len
-                and not req.fork_ids and not req.sampling_params.uses_penalties)
+        return n_out < req.max_tokens and req.num_tokens + req.num_pending_tokens < self.max_model_len \
+            and not req.fork_ids
 
     def _add(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
         before = req.num_computed_tokens + req.num_in_flight_tokens

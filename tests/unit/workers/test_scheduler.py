@@ -891,40 +891,42 @@ def test_random_workload_invariants_and_outputs(seed):
 
 def test_scheduling_ahead_runs_on_the_token_in_flight():
     """schedule(ahead=True) while a step is in flight: a request that step samples for gets one
-    placeholder token, unless that token surely ends it (length) or must be counted first
-    (penalties); update() of both steps settles the counters, and a request that the first step
-    ends (EOS) has its ahead row skipped."""
+    placeholder token, unless that token surely ends it (length) or the host must act on it first
+    (an n > 1 request forks on it); update() of both steps settles the counters, and a request that
+    the first step ends (EOS) has its ahead row skipped."""
     sched = make_sched(block_size=4)
     r1 = make_req("r1", 8, max_tokens=5, eos=[EOS])
     r2 = make_req("r2", 5, max_tokens=1)
     r3 = make_req("r3", 6, max_tokens=5)
-    r3.sampling_params.presence_penalty = 0.5
+    r3.fork_ids, r3.fork_params = ["r3#1"], [SamplingParams(max_tokens=5)]  # n=2
     for r in (r1, r2, r3):
         sched.add_request(r)
     out1 = sched.schedule()
     assert out1.samples == [True] * 3 and not any(out1.uses_pending_token)
     assert (r1.num_in_flight_tokens, r1.num_pending_tokens) == (8, 1)
     out2 = sched.schedule(ahead=True)
-    assert scheduled(out2) == {"r1": 1}  # r2 ends by length on its first token; r3 uses penalties
+    assert scheduled(out2) == {"r1": 1}  # r2 ends by length on its first token; r3 forks on it
     assert out2.uses_pending_token == [True] and out2.num_computed_before == [8] and out2.samples == [True]
     assert len(sched.kv.req_block_ids["r1"]) * 4 >= 9  # a slot for the placeholder's KV
     assert (r1.num_in_flight_tokens, r1.num_pending_tokens) == (9, 2)
-    sched.update(out1, as_runner_output({"r1": 1001, "r2": 1002, "r3": 1003}))
+    out = as_runner_output({"r1": 1001, "r2": 1002})
+    out.sampled["r3"] = [SampledToken(1003), SampledToken(1013)]  # the fork step: one token per sequence
+    sched.update(out1, out)
     assert (r1.num_computed_tokens, r1.num_in_flight_tokens, r1.num_pending_tokens) == (8, 1, 1)
     assert r2.status == RequestStatus.FINISHED_LENGTH and r3.num_pending_tokens == 0
     sched.update(out2, as_runner_output({"r1": EOS}))
     assert r1.output_token_ids == [1001, EOS] and r1.status == RequestStatus.FINISHED_STOPPED
     assert (r1.num_in_flight_tokens, r1.num_pending_tokens) == (0, 0)
-    # r3 runs on; once penalties are off it may run ahead too
+    # r3 and its fork run on, then ahead of themselves
     out3 = sched.schedule()
-    assert scheduled(out3) == {"r3": 1} and out3.num_computed_before == [6]
-    r3.sampling_params.presence_penalty = 0.0
+    assert scheduled(out3) == {"r3": 1, "r3#1": 1} and out3.num_computed_before == [6, 6]
     out4 = sched.schedule(ahead=True)
-    assert scheduled(out4) == {"r3": 1} and out4.uses_pending_token == [True]
-    sched.update(out3, as_runner_output({"r3": 1010}))
+    assert scheduled(out4) == {"r3": 1, "r3#1": 1} and out4.uses_pending_token == [True, True]
+    sched.update(out3, as_runner_output({"r3": 1010, "r3#1": 1011}))
     assert r3.status == RequestStatus.RUNNING and r3.output_token_ids == [1003, 1010]
     sched.abort(["r3"])  # ended while its ahead row is in flight
-    assert sched.update(out4, as_runner_output({"r3": 1004})) == []
+    assert [r.request_id for r, _ in sched.update(out4, as_runner_output({"r3": 1004, "r3#1": 1014}))] == ["r3#1"]
+    sched.abort(["r3#1"])
     assert_no_leaks(sched)
 
 
