@@ -164,7 +164,8 @@ class LLMEngine:
         except Exception:
             logger.exception("could not finish the steps in flight at shutdown")
         runner = getattr(self, "runner", None)
-        if runner is not None and runner.graphs is not None and self.executor.world_size > 1:
+        if (runner is not None and runner.graphs is not None and self.executor.world_size > 1
+                and self.executor.all_ranks_alive()):  # else the device may never finish: NCCL was aborted
             runner.graphs.release()  # before the NCCL communicators its graphs captured go away
         self.executor.shutdown()
 

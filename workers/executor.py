@@ -114,6 +114,11 @@ class Executor:
         if dead is not None:
             raise RankDiedError(f"{dead}: the replica cannot run further steps")
 
+    def all_ranks_alive(self) -> bool:
+        if self.launcher is None:
+            return True
+        return (self._monitor is None or self._monitor.dead is None) and self.launcher.dead() is None
+
     def shutdown(self) -> None:
         """Stops every other rank and leaves the torch.distributed world; idempotent."""
         self._finalizer()
