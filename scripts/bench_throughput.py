@@ -197,6 +197,7 @@ def run_ours(args, prompts, out_lens):
     llm.generate(warm, [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)] * len(warm),
                  use_tqdm=False)  # warm-up
     warm_steps = llm.get_metrics()["num_steps"]
+    host = time_host_phases(llm.engine)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=not args.quiet)
     elapsed = time.perf_counter() - t0
@@ -210,7 +211,35 @@ def run_ours(args, prompts, out_lens):
                      cuda_graph_capture_s=e.graph_capture_s, cuda_graphs=e.runner.graphs is not None,
                      engine_steps=m["num_steps"], preemptions=m["preemptions"], kv_blocks=e.num_blocks,
                      async_scheduling=e.async_scheduling, max_num_batched_tokens=e.args.max_num_batched_tokens,
-                     phases=phase_times(steps))
+                     phases=phase_times(steps),
+                     host_ms_per_step={k: v * 1e3 / max(1, len(steps)) for k, v in host.items()})
+
+
+def time_host_phases(engine) -> dict[str, float]:
+    """Wraps the engine's step phases with timers; returns the running totals (seconds). `collect`
+    includes the wait for the device: near zero means the host is the bottleneck, the step's GPU
+    time minus the host's work means the device is."""
+    totals: dict[str, float] = {}
+
+    def timed(obj, name: str, label: str) -> None:
+        fn = getattr(obj, name)
+        totals[label] = 0.0
+
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                totals[label] += time.perf_counter() - t
+
+        setattr(obj, name, wrapper)
+
+    timed(engine.scheduler, "schedule", "schedule")
+    timed(engine.runner, "launch", "launch")  # prepare, attention plan, sampling metadata, kernel launches
+    timed(engine.runner, "collect", "collect_incl_device_wait")
+    timed(engine.scheduler, "update", "update")
+    timed(engine, "_process", "outputs")
+    return totals
 
 
 def phase_times(step_log) -> dict:
@@ -332,6 +361,7 @@ def main(argv=None):
     llm, ours = run_ours(args, prompts, out_lens)
     print(f"raylight: {ours['output_tok_s']:.1f} output tok/s ({ours['output_tokens']} tokens in "
           f"{ours['elapsed_s']:.1f}s, {ours['engine_steps']} steps)")
+    print("host per step (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in ours["host_ms_per_step"].items()))
     hf = None
     if not args.skip_hf:
         hf = run_hf(args, llm, prompts, out_lens)
