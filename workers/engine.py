@@ -163,10 +163,6 @@ class LLMEngine:
                 self._process(self._finish_step(sched, handle, t0))
         except Exception:
             logger.exception("could not finish the steps in flight at shutdown")
-        runner = getattr(self, "runner", None)
-        if (runner is not None and runner.graphs is not None and self.executor.world_size > 1
-                and self.executor.all_ranks_alive()):  # else the device may never finish: NCCL was aborted
-            runner.graphs.release()  # before the NCCL communicators its graphs captured go away
         self.executor.shutdown()
 
     # ---- requests ----

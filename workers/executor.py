@@ -114,14 +114,16 @@ class Executor:
         if dead is not None:
             raise RankDiedError(f"{dead}: the replica cannot run further steps")
 
-    def all_ranks_alive(self) -> bool:
-        if self.launcher is None:
-            return True
-        return (self._monitor is None or self._monitor.dead is None) and self.launcher.dead() is None
-
     def shutdown(self) -> None:
         """Stops every other rank and leaves the torch.distributed world; idempotent."""
+        rank = getattr(self, "rank", None)  # None when building this rank failed
+        graphs = rank.graphs if rank is not None and self.launcher is not None else None
+        if graphs is not None and self._all_ranks_alive():  # else the device may never finish: NCCL was aborted
+            graphs.release()  # before the NCCL communicators its graphs captured go away
         self._finalizer()
+
+    def _all_ranks_alive(self) -> bool:
+        return (self._monitor is None or self._monitor.dead is None) and self.launcher.dead() is None
 
     def _explain(self, e: BaseException) -> BaseException:
         """A collective failing because a peer died reads as gloo's socket error; name the rank instead."""
