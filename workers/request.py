@@ -19,12 +19,10 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.value in _FINISHED
+        return self in _FINISHED
 
 
-# values, not members: a str hash is cached, an Enum member's is a Python-level call (hot per step)
-_FINISHED = frozenset((RequestStatus.FINISHED_STOPPED.value, RequestStatus.FINISHED_LENGTH.value,
-                       RequestStatus.FINISHED_ABORTED.value))
+_FINISHED = frozenset((RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED))
 
 
 class Request:
