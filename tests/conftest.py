@@ -93,6 +93,20 @@ def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[
     return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lens]
 
 
+def count_placeholders(llm) -> list[int]:
+    """Wraps the runner's launch to count the placeholder tokens (async scheduling) of every step
+    launched; the one-element list holds the running total."""
+    used = [0]
+    launch = llm.engine.runner.launch
+
+    def counted(sched, **kw):
+        used[0] += sum(sched.uses_pending_token)
+        return launch(sched, **kw)
+
+    llm.engine.runner.launch = counted
+    return used
+
+
 def assert_no_leaks(llm) -> None:
     m = llm.get_metrics()
     assert m["kv_blocks_free"] == m["kv_blocks_total"], m

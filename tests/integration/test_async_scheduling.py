@@ -9,7 +9,7 @@ import pytest
 
 from raylight import LLM, SamplingParams
 
-from ..conftest import assert_no_leaks, make_random_hf_model, random_prompts
+from ..conftest import assert_no_leaks, count_placeholders, make_random_hf_model, random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -17,19 +17,6 @@ def model_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("llama-async"))
     make_random_hf_model("llama", path)
     return path
-
-
-def counting_placeholders(llm) -> list[int]:
-    """Counts the placeholder tokens of every launched step."""
-    used = [0]
-    launch = llm.engine.runner.launch
-
-    def wrapped(sched, **kw):
-        used[0] += sum(sched.uses_pending_token)
-        return launch(sched, **kw)
-
-    llm.engine.runner.launch = wrapped
-    return used
 
 
 def outputs_of(outs):
@@ -65,7 +52,7 @@ def test_async_scheduling_equals_the_plain_step(model_dir, num_kv_blocks):
     want = sync.generate(prompts, params, use_tqdm=False)
     llm = LLM(model_dir, num_kv_blocks=num_kv_blocks, async_scheduling=True, **ENGINE)
     assert llm.engine.async_scheduling
-    used = counting_placeholders(llm)
+    used = count_placeholders(llm)
     got = llm.generate(prompts, params, use_tqdm=False)
     assert outputs_of(got) == outputs_of(want)
     assert_same_logprobs(got, want)

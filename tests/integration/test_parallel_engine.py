@@ -14,7 +14,7 @@ import pytest
 
 from raylight import LLM, SamplingParams
 
-from ..conftest import SMOLLM2_PROMPTS, make_random_hf_model, random_prompts
+from ..conftest import SMOLLM2_PROMPTS, count_placeholders, make_random_hf_model, random_prompts
 
 # Small pool and token budget: prompts of up to 40 tokens prefill in chunks of 16 over several steps.
 ENGINE = dict(device="cpu", dtype="float32", max_num_batched_tokens=16, kv_cache_memory=2**22, block_size=4)
@@ -93,14 +93,7 @@ def test_tp2_with_async_scheduling_matches_single_process(qwen3):
     it sampled to its TP peer before the step's forward."""
     path, prompts, params, ref = qwen3
     llm = LLM(path, tensor_parallel_size=2, async_scheduling=True, **ENGINE)
-    placeholders = [0]
-    launch = llm.engine.runner.launch
-
-    def counted(sched, **kw):
-        placeholders[0] += sum(sched.uses_pending_token)
-        return launch(sched, **kw)
-
-    llm.engine.runner.launch = counted
+    placeholders = count_placeholders(llm)
     try:
         assert llm.engine.async_scheduling
         _assert_close(_summary(llm.generate(prompts, params, use_tqdm=False)), ref)
