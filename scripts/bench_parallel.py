@@ -134,16 +134,7 @@ def _collective_rank(rank: int, world: int, init_method: str, sizes: dict, reps:
         for _ in range(5):
             dist.all_reduce(x)
         torch.cuda.synchronize()
-        n = reps if nbytes < 2**26 else max(5, reps // 10)
-        times = []
-        for _ in range(n):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dist.all_reduce(x)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        t = float(np.median(times))
+        t = _per_call(lambda: dist.all_reduce(x), 1, reps if nbytes < 2**26 else max(5, reps // 10))
         algbw = x.numel() * 2 / t
         # ring all-reduce moves 2 (n - 1) / n of the buffer through each link: NCCL's "bus bandwidth"
         entry = dict(bytes=x.numel() * 2, seconds=t, algbw_GBps=algbw / 1e9,

@@ -86,8 +86,7 @@ class TritonAttentionBackend:
         work_seq, work_qblock = self._prefill_work(qsl, seq_lens, nd)
         # One int32 host buffer, one copy: per-step latency is dominated by transfers, not bytes.
         parts = [seq_lens, qsl, tables.reshape(-1), work_seq, work_qblock]
-        dev = int32_device_views(parts, self.spec.device)
-        seq_lens_t, qsl_t, tables_t, work_seq_t, work_qblock_t = dev
+        seq_lens_t, qsl_t, tables_t, work_seq_t, work_qblock_t = int32_device_views(parts, self.spec.device)
         splits = self.num_splits(nd, int(seq_lens[:nd].max())) if nd else 1
         return TritonMetadata(
             slot_mapping=common.slot_mapping, seq_lens=seq_lens_t, query_start_loc=qsl_t,
