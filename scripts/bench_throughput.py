@@ -211,6 +211,7 @@ def run_ours(args, prompts, out_lens):
                      cuda_graph_capture_s=e.graph_capture_s, cuda_graphs=e.runner.graphs is not None,
                      engine_steps=m["num_steps"], preemptions=m["preemptions"], kv_blocks=e.num_blocks,
                      async_scheduling=e.async_scheduling, max_num_batched_tokens=e.args.max_num_batched_tokens,
+                     fused_kernels=os.environ.get("RAYLIGHT_FUSED_KERNELS", "0") == "1",
                      phases=phase_times(steps),
                      host_ms_per_step={k: v * 1e3 / max(1, len(steps)) for k, v in host.items()})
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session: the stages named in $@ (tests, test-<file>, k:<expr>, w1-<backend>, w1mb-<backend>,
-# w1noHF-<backend>, b1-<backend>, par (bench_parallel, 2 GPUs), kbench (bench_kernels), ficache).
+# w1noHF-<backend>, b1-<backend>, prof-<backend> (profile_steps), par (bench_parallel, 2 GPUs), kbench
+# (bench_kernels), ficache; F/<stage> runs a stage with RAYLIGHT_FUSED_KERNELS=1).
 # BENCH_EXTRA adds flags to every benchmark, e.g. "--max-num-batched-tokens 8192". Each stage gets
 # STAGE_TIMEOUT seconds (default 300; stage@N gives one stage N), then SIGINT (pytest and Python print where they were stuck).
 set -uo pipefail
@@ -19,6 +20,8 @@ if [ "${1:-}" != "--one" ]; then
   exit 0
 fi
 stage=$2
+# F/<stage>: the stage with the fused Triton elementwise kernels on (RAYLIGHT_FUSED_KERNELS=1).
+if [ "${stage#F/}" != "$stage" ]; then export RAYLIGHT_FUSED_KERNELS=1; stage=${stage#F/}; fi
 W1="--dummy --model-config llama-3.2-1b --fixed --num-requests 256 --input-len 512 --output-len 256 --max-model-len 4096 --quiet"
 B1="--dummy --model-config llama-3.1-8b --fixed --num-requests 1 --input-len 128 --output-len 256 --max-model-len 4096 --quiet"
 quiet() { grep --line-buffered -v "Warning\|warnings.warn"; }
@@ -36,6 +39,7 @@ case $stage in
           --attention-backend "${stage#b1-}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
   par) python3 scripts/bench_parallel.py ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
   tpdiag) python3 scripts/diag_tp.py 2>&1 ;;
+  prof-*) python3 scripts/profile_steps.py --attention-backend "${stage#prof-}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
   kbench) python3 scripts/bench_kernels.py --out "$OUT" 2>&1 | quiet ;;
   ficache) tar czf - .ficache | split -b 15m - "$OUT/ficache.tar.gz." && ls -la "$OUT" ;;
   *) echo "unknown stage $stage" ;;
