@@ -12,10 +12,11 @@ the order of the fp32 reduction in the norm and fp32 rounding inside an op. Laun
 only on shapes, never on device data, so every op can be captured in a CUDA graph. Rows may be
 strided (views of a wider projection output); the last dimension must be contiguous.
 
-The model layers switch to these kernels only when `fused_ops_enabled(device)`: env
-`RAYLIGHT_FUSED_KERNELS=1`, a CUDA device and an importable triton. Unset, the layers run exactly
-the torch code they ran before. Whether to turn them on is for `scripts/bench_kernels.py` to
-decide on a GPU.
+The model layers use these kernels when `fused_ops_enabled(device)`: a CUDA device and an
+importable triton, unless env `RAYLIGHT_FUSED_KERNELS=0`. On CPU the layers run the torch code.
+Measured on an H200 (benchmarks/results/kernels-20261122-104043.json, profile-llama-3.2-1b-*):
+each op 2-10x faster than its torch chain; a W1 decode step's GPU time 4.54 -> 3.37 ms, an
+8192-token prefill step's 40.6 -> 25.5 ms, batch-1 8B decode 6.55 -> 4.88 ms per token.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ def _have_triton() -> bool:
 
 
 def fused_ops_enabled(device: torch.device) -> bool:
-    """True when the model layers should use the fused kernels: env RAYLIGHT_FUSED_KERNELS=1,
-    `device` is CUDA, and triton is importable."""
-    if os.environ.get(ENV_VAR, "0") != "1":
+    """True when the model layers should use the fused kernels: `device` is CUDA, triton is
+    importable, and env RAYLIGHT_FUSED_KERNELS is not "0" (the switch back to the torch ops)."""
+    if os.environ.get(ENV_VAR, "1") == "0":
         return False
     return torch.device(device).type == "cuda" and _have_triton()
 

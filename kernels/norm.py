@@ -17,6 +17,6 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         """Without residual: returns norm(x). With residual: returns (norm(x + residual), x + residual)."""
-        if fused.fused_ops_enabled(x.device):  # opt-in: env RAYLIGHT_FUSED_KERNELS=1 on CUDA
+        if fused.fused_ops_enabled(x.device):  # on CUDA unless env RAYLIGHT_FUSED_KERNELS=0
             return fused.fused_add_rms_norm(x, residual, self.weight, self.eps)
         return fused.torch_add_rms_norm(x, residual, self.weight, self.eps)

@@ -45,7 +45,7 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if x.dim() == 3 and fused.fused_ops_enabled(x.device):  # opt-in: env RAYLIGHT_FUSED_KERNELS=1 on CUDA
+    if x.dim() == 3 and fused.fused_ops_enabled(x.device):  # on CUDA unless env RAYLIGHT_FUSED_KERNELS=0
         return fused.rotary_qk(x, None, cos, sin)[0]
     return fused.torch_rotary(x, cos, sin)
 

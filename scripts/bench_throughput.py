@@ -22,6 +22,8 @@ import time
 import numpy as np
 import torch
 
+from raylight.kernels.fused import fused_ops_enabled
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -211,7 +213,7 @@ def run_ours(args, prompts, out_lens):
                      cuda_graph_capture_s=e.graph_capture_s, cuda_graphs=e.runner.graphs is not None,
                      engine_steps=m["num_steps"], preemptions=m["preemptions"], kv_blocks=e.num_blocks,
                      async_scheduling=e.async_scheduling, max_num_batched_tokens=e.args.max_num_batched_tokens,
-                     fused_kernels=os.environ.get("RAYLIGHT_FUSED_KERNELS", "0") == "1",
+                     fused_kernels=fused_ops_enabled(e.device),
                      phases=phase_times(steps),
                      host_ms_per_step={k: v * 1e3 / max(1, len(steps)) for k, v in host.items()})
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session: the stages named in $@ (tests, test-<file>, k:<expr>, w1-<backend>, w1mb-<backend>,
 # w1noHF-<backend>, b1-<backend>, prof-<backend> (profile_steps), par (bench_parallel, 2 GPUs), kbench
-# (bench_kernels), ficache; F/<stage> runs a stage with RAYLIGHT_FUSED_KERNELS=1).
+# (bench_kernels), ficache; U/<stage> runs a stage with the fused kernels off, RAYLIGHT_FUSED_KERNELS=0).
 # BENCH_EXTRA adds flags to every benchmark, e.g. "--max-num-batched-tokens 8192". Each stage gets
 # STAGE_TIMEOUT seconds (default 300; stage@N gives one stage N), then SIGINT (pytest and Python print where they were stuck).
 set -uo pipefail
@@ -20,8 +20,8 @@ if [ "${1:-}" != "--one" ]; then
   exit 0
 fi
 stage=$2
-# F/<stage>: the stage with the fused Triton elementwise kernels on (RAYLIGHT_FUSED_KERNELS=1).
-if [ "${stage#F/}" != "$stage" ]; then export RAYLIGHT_FUSED_KERNELS=1; stage=${stage#F/}; fi
+# U/<stage>: the stage with the fused Triton elementwise kernels off (the torch ops).
+if [ "${stage#U/}" != "$stage" ]; then export RAYLIGHT_FUSED_KERNELS=0; stage=${stage#U/}; fi
 W1="--dummy --model-config llama-3.2-1b --fixed --num-requests 256 --input-len 512 --output-len 256 --max-model-len 4096 --quiet"
 B1="--dummy --model-config llama-3.1-8b --fixed --num-requests 1 --input-len 128 --output-len 256 --max-model-len 4096 --quiet"
 quiet() { grep --line-buffered -v "Warning\|warnings.warn"; }

@@ -22,6 +22,8 @@ import time
 import numpy as np
 import torch
 
+from raylight.kernels.fused import fused_ops_enabled
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_throughput import REPO, device_name, git_commit, write_record  # noqa: E402
 
@@ -142,7 +144,7 @@ def main(argv=None):
                   workload=dict(num_requests=args.num_requests, input_len=args.input_len,
                                 max_num_batched_tokens=engine.args.max_num_batched_tokens,
                                 async_scheduling=engine.async_scheduling,
-                                fused_kernels=os.environ.get("RAYLIGHT_FUSED_KERNELS", "0") == "1"),
+                                fused_kernels=fused_ops_enabled(engine.device)),
                   phases=phases, command=" ".join(sys.argv))
     write_record(args.out, f"profile-{args.model_config}", record)
     llm.shutdown()

@@ -109,12 +109,14 @@ def test_rotary_qk(T, heads, kv_heads, dim):
     assert none is None and rel_err(only_q, apply_rotary(q, cos, sin)) < 1e-5
 
 
-def test_switch_off_by_default(monkeypatch):
+def test_switch_on_for_cuda_only(monkeypatch):
     monkeypatch.delenv(fused.ENV_VAR, raising=False)
-    assert not fused.fused_ops_enabled(torch.device("cpu"))
+    assert not fused.fused_ops_enabled(torch.device("cpu"))  # CPU runs the torch ops
+    assert fused.fused_ops_enabled(torch.device("cuda")) == fused._have_triton()
+    monkeypatch.setenv(fused.ENV_VAR, "0")
     assert not fused.fused_ops_enabled(torch.device("cuda"))
     monkeypatch.setenv(fused.ENV_VAR, "1")
-    assert not fused.fused_ops_enabled(torch.device("cpu"))  # CUDA only
+    assert not fused.fused_ops_enabled(torch.device("cpu"))
 
 
 def test_layers_unchanged_when_off(monkeypatch):
