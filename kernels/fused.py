@@ -47,9 +47,10 @@ def _have_triton() -> bool:
 def fused_ops_enabled(device: torch.device) -> bool:
     """True when the model layers should use the fused kernels: `device` is CUDA, triton is
     importable, and env RAYLIGHT_FUSED_KERNELS is not "0" (the switch back to the torch ops)."""
-    if os.environ.get(ENV_VAR, "1") == "0":
+    # Called by every layer on every eager step: the cheap test first, no torch.device() construction.
+    if getattr(device, "type", device) != "cuda":
         return False
-    return torch.device(device).type == "cuda" and _have_triton()
+    return os.environ.get(ENV_VAR, "1") != "0" and _have_triton()
 
 
 def _use_triton(t: torch.Tensor) -> bool:

@@ -214,6 +214,7 @@ def run_ours(args, prompts, out_lens):
                      engine_steps=m["num_steps"], preemptions=m["preemptions"], kv_blocks=e.num_blocks,
                      async_scheduling=e.async_scheduling, max_num_batched_tokens=e.args.max_num_batched_tokens,
                      fused_kernels=fused_ops_enabled(e.device),
+                     fi_decode_tensor_cores=getattr(e.attn_backend, "_use_tensor_cores", None),
                      phases=phase_times(steps),
                      host_ms_per_step={k: v * 1e3 / max(1, len(steps)) for k, v in host.items()})
 

@@ -22,6 +22,8 @@ fi
 stage=$2
 # U/<stage>: the stage with the fused Triton elementwise kernels off (the torch ops).
 if [ "${stage#U/}" != "$stage" ]; then export RAYLIGHT_FUSED_KERNELS=0; stage=${stage#U/}; fi
+# TC0/<stage>, TC1/<stage>: FlashInfer decode without / with its tensor-core kernels.
+case $stage in TC0/*|TC1/*) export RAYLIGHT_FI_DECODE_TENSOR_CORES=${stage:2:1}; stage=${stage#TC?/} ;; esac
 W1="--dummy --model-config llama-3.2-1b --fixed --num-requests 256 --input-len 512 --output-len 256 --max-model-len 4096 --quiet"
 B1="--dummy --model-config llama-3.1-8b --fixed --num-requests 1 --input-len 128 --output-len 256 --max-model-len 4096 --quiet"
 quiet() { grep --line-buffered -v "Warning\|warnings.warn"; }

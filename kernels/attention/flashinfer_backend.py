@@ -7,6 +7,7 @@ a causal mask aligned to the end of each sequence's KV. Both read our KV layout 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,10 @@ class FlashInferBackend:
         self.spec = spec
         dev = spec.device
         self._workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
-        self._use_tensor_cores = spec.num_heads // spec.num_kv_heads >= 4
+        # Decode through FlashInfer's tensor-core (prefill) kernels pays once several query heads
+        # share a KV head; vLLM's threshold is a group above 4. RAYLIGHT_FI_DECODE_TENSOR_CORES=0/1 overrides.
+        forced = os.environ.get("RAYLIGHT_FI_DECODE_TENSOR_CORES")
+        self._use_tensor_cores = (forced == "1") if forced in ("0", "1") else spec.num_heads // spec.num_kv_heads > 4
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self._workspace, "NHD", use_tensor_cores=self._use_tensor_cores)
         self._graph_indices = None  # shared page-index buffer of all CUDA-graph decode wrappers
