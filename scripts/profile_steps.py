@@ -128,6 +128,12 @@ def main(argv=None):
     phases["decode"]["host_python"] = python_profile(engine, args.decode_steps, args.top)
     while engine.has_unfinished_requests():
         engine.step()
+    # Again on fresh prompts, under cProfile instead: where the host spends a prefill/mixed step.
+    for prompt in prompts:
+        engine.enqueue(engine.make_request(prompt[1:] + prompt[:1], params), final_only=True)
+    phases["mixed"]["host_python"] = python_profile(engine, phases["mixed"]["steps"] + 1, args.top)
+    while engine.has_unfinished_requests():
+        engine.step()
 
     for name, ph in phases.items():
         print(f"\n=== {name}: {ph['steps']} steps, wall {ph['wall_ms_per_step']:.2f} ms/step, "
