@@ -257,9 +257,14 @@ def phase_times(step_log) -> dict:
             prefill_tokens += tokens
             prefill_s += secs
     top = sorted(decode, key=lambda b: -len(decode[b]))[:3]
+    # Every step that computes prompt tokens, in order: (tokens, decode rows, ms).
+    prompt_steps = [(tokens, decodes, round(secs * 1e3, 2)) for reqs, tokens, decodes, secs in step_log
+                    if decodes != reqs]
     return dict(decode_step_s_by_batch={b: float(np.median(decode[b])) for b in sorted(top)},
                 decode_steps_by_batch={b: len(decode[b]) for b in sorted(top)},
-                prefill_only_tokens=prefill_tokens, prefill_only_s=prefill_s)
+                decode_only_s=float(sum(sum(v) for v in decode.values())),
+                prefill_only_tokens=prefill_tokens, prefill_only_s=prefill_s,
+                prompt_steps=prompt_steps, prompt_steps_s=sum(ms for _, _, ms in prompt_steps) / 1e3)
 
 
 def hf_model_sharing_our_weights(llm):
@@ -365,6 +370,9 @@ def main(argv=None):
     llm, ours = run_ours(args, prompts, out_lens)
     print(f"raylight: {ours['output_tok_s']:.1f} output tok/s ({ours['output_tokens']} tokens in "
           f"{ours['elapsed_s']:.1f}s, {ours['engine_steps']} steps)")
+    ph = ours["phases"]
+    print(f"steps with prompt tokens: {len(ph['prompt_steps'])} in {ph['prompt_steps_s']:.3f}s "
+          f"(tokens, decode rows, ms): {ph['prompt_steps'][:24]}; decode-only steps {ph['decode_only_s']:.3f}s")
     print("host per step (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in ours["host_ms_per_step"].items()))
     hf = None
     if not args.skip_hf:

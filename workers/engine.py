@@ -362,20 +362,25 @@ class LLMEngine:
 
     def _process(self, changed: list[tuple[Request, Optional[SampledToken]]]) -> list[RequestOutput]:
         touched: dict[str, _Group] = {}
+        owners = self._seq_owner
         for req, tok in changed:
-            owner = self._seq_owner.get(req.request_id)
+            owner = owners.get(req.request_id)
             if owner is None:
                 continue  # aborted after its token was sampled
             group, index = owner
             group.requests[index] = req
-            group.num_cached_tokens = max(group.num_cached_tokens, req.num_cached_tokens)
+            if req.num_cached_tokens > group.num_cached_tokens:
+                group.num_cached_tokens = req.num_cached_tokens
             seq = group.seqs[index]
             if tok is not None:
                 self.generation_tokens_total += 1
                 self._append(group, seq, req, tok)
-            if req.is_finished and seq.finish_reason is None:
-                seq.finish_reason, seq.stop_reason = req.status.value, req.stop_reason
-                self.runner.release(req.request_id)
+            if req.is_finished:
+                if seq.finish_reason is None:
+                    seq.finish_reason, seq.stop_reason = req.status.value, req.stop_reason
+                    self.runner.release(req.request_id)
+            elif group.final_only:
+                continue  # nothing to output for it before it finishes
             touched[group.request_id] = group
         outputs = []
         for group in touched.values():

@@ -77,10 +77,14 @@ class KVCacheManager:
         (and after `computed_blocks`, a prefix hit for a request being scheduled fresh).
         Returns False, changing nothing, when the pool cannot supply the blocks."""
         if not computed_blocks:
-            # The common case, a decode step inside its last block: nothing to allocate.
+            # The common case, a decode step inside its last block: nothing to allocate, and
+            # usually no block newly full to register either.
             blocks = self.req_blocks.get(req.request_id)
-            if blocks and req.num_computed_tokens + num_new_tokens <= len(blocks) * self.block_size:
-                self._cache_full_blocks(req, req.num_computed_tokens + num_new_tokens)
+            total = req.num_computed_tokens + num_new_tokens
+            if blocks and total <= len(blocks) * self.block_size:
+                if self.enable_caching and (min(total, req.num_tokens) // self.block_size
+                                            > self.num_cached_blocks.get(req.request_id, 0)):
+                    self._cache_full_blocks(req, total)
                 return True
         computed_blocks = computed_blocks or []
         blocks = self.req_blocks.setdefault(req.request_id, [])

@@ -291,13 +291,19 @@ class ModelRunner:
             lps, ranks = sampled.logprobs.tolist(), sampled.ranks.tolist()
             if sampled.top_ids is not None:
                 top_ids, top_lps = sampled.top_ids.tolist(), sampled.top_logprobs.tolist()
+        by_request = out.sampled
         for j, (row, tok) in enumerate(zip(rows, token_ids)):
             s = SampledToken(tok)
-            k = row.params.logprobs
-            if k is not None and lps is not None:
+            if lps is not None and row.params.logprobs is not None:
+                k = row.params.logprobs
                 s.logprob, s.rank = lps[j], ranks[j]
                 s.top = list(zip(top_ids[j][:k], top_lps[j][:k])) if top_ids is not None else []
-            out.sampled.setdefault(row.request.request_id, []).append(s)
+            rid = row.request.request_id
+            mine = by_request.get(rid)
+            if mine is None:
+                by_request[rid] = [s]
+            else:  # a forking request's n tokens
+                mine.append(s)
         return out
 
     def _prompt_logprobs(self, r: Request, hidden: torch.Tensor, q_start: int, computed: int, n: int):

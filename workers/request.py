@@ -47,6 +47,7 @@ class Request:
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
 
         self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.num_tokens = len(self.all_token_ids)  # kept with all_token_ids: read many times per step
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
         # Launched steps not yet collected: tokens they compute for us, and tokens they sample for us
@@ -63,10 +64,6 @@ class Request:
         self.fork_params: list[SamplingParams] = []
         # prompt_logprobs: prompt positions whose logprob is known (position 0 has none).
         self.num_prompt_logprobs = 1
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.all_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -97,6 +94,7 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        self.num_tokens += 1
 
     def check_stop(self, max_model_len: int) -> Optional[RequestStatus]:
         """After a token was appended: is the request done, and why."""

@@ -77,22 +77,21 @@ class Scheduler:
 
         # 1. Running requests, oldest first; preempt the newest when blocks run out.
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            if req.request_id in in_flight or (req.num_pending_tokens and not self._may_run_ahead(req)):
-                i += 1
+        running = self.running
+        while i < len(running) and budget > 0:
+            req = running[i]
+            i += 1
+            pending = req.num_pending_tokens
+            if (in_flight and req.request_id in in_flight) or (pending and not self._may_run_ahead(req)):
                 continue
-            num_new = min(req.num_tokens + req.num_pending_tokens - req.num_computed_tokens - req.num_in_flight_tokens,
-                          budget)
+            num_new = min(req.num_tokens + pending - req.num_computed_tokens - req.num_in_flight_tokens, budget)
             if num_new <= 0:
-                i += 1
                 continue
             if not self._allocate_or_preempt(req, num_new, out, may_preempt):
                 out.out_of_blocks = not out.preempted
                 break  # req itself was preempted (or must wait): nothing after it can be scheduled either
             self._add(out, req, num_new)
             budget -= num_new
-            i += 1
 
         # 2. Waiting requests, in arrival order (preempted ones at the front), unless we just preempted.
         while self.waiting and budget > 0 and not out.preempted:
@@ -124,8 +123,10 @@ class Scheduler:
         return n_out < req.max_tokens and req.num_tokens + req.num_pending_tokens < self.max_model_len \
             and not req.fork_ids
 
-    def _add(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
-        before = req.num_computed_tokens + req.num_in_flight_tokens
+    @staticmethod
+    def _add(out: SchedulerOutput, req: Request, num_new: int) -> None:
+        in_flight = req.num_in_flight_tokens
+        before = req.num_computed_tokens + in_flight
         pending = req.num_pending_tokens
         samples = before + num_new == req.num_tokens + pending
         out.requests.append(req)
@@ -133,8 +134,9 @@ class Scheduler:
         out.num_computed_before.append(before)
         out.samples.append(samples)
         out.uses_pending_token.append(pending > 0)
-        req.num_in_flight_tokens += num_new
-        req.num_pending_tokens += samples
+        req.num_in_flight_tokens = in_flight + num_new
+        if samples:
+            req.num_pending_tokens = pending + 1
 
     def _allocate_or_preempt(self, req: Request, num_new: int, out: SchedulerOutput, may_preempt: bool) -> bool:
         """Room for req's next tokens, preempting the newest running requests if allowed and needed.
@@ -164,19 +166,21 @@ class Scheduler:
         token of those that reached the end of what they knew (forking n-way requests on their
         first token). Returns (sequence, its SampledToken) for every sequence that got a token."""
         changed = []
+        sampled, max_model_len = result.sampled, self.max_model_len
         for req, n, samples in zip(out.requests, out.num_scheduled_tokens, out.samples):
             req.num_in_flight_tokens -= n
-            req.num_pending_tokens -= samples
+            if samples:
+                req.num_pending_tokens -= 1
             if req.is_finished:  # aborted, or ended by the step before it (async scheduling), while it ran
                 continue
             req.num_computed_tokens += n
-            tokens = result.sampled.get(req.request_id)
+            tokens = sampled.get(req.request_id)
             if not tokens:
                 continue  # a chunk of a prompt; no token yet
-            seqs = [req] + (self._fork(req) if req.fork_ids else [])
+            seqs = [req, *self._fork(req)] if req.fork_ids else (req,)
             for seq, tok in zip(seqs, tokens):
                 seq.append_output_token(tok.token_id)
-                status = seq.check_stop(self.max_model_len)
+                status = seq.check_stop(max_model_len)
                 if status is not None:
                     self.finish(seq, status)
                 changed.append((seq, tok))
