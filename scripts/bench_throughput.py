@@ -39,6 +39,12 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str:
+    # The device machine gets a copy of the working tree whose .git may not be current: the commit
+    # written into .device_commit before the run (git-ignored, carried to the device) wins.
+    stamp = os.path.join(REPO, ".device_commit")
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            return f.read().strip()
     try:
         return subprocess.check_output(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
