@@ -96,6 +96,8 @@ def main(argv=None):
     p.add_argument("--gpu-memory-utilization", type=float, default=0.45)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--device", default="auto", help="cpu only to smoke-test the script")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="profiles rank 0 (its NCCL kernels' time "
+                   "includes waiting for the other ranks)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = p.parse_args(argv)
@@ -104,6 +106,7 @@ def main(argv=None):
 
     llm = LLM(args.model_config, load_format="dummy", attention_backend=args.attention_backend,
               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager, device=args.device,
+              tensor_parallel_size=args.tensor_parallel_size,
               gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=4096)
     engine = llm.engine
     vocab = engine.arch.vocab_size
@@ -151,6 +154,7 @@ def main(argv=None):
                   device=device_name(engine.device.type), torch=torch.__version__, model=args.model_config,
                   attention_backend=engine.attn_backend.name,
                   workload=dict(num_requests=args.num_requests, input_len=args.input_len,
+                                tensor_parallel_size=args.tensor_parallel_size,
                                 max_num_batched_tokens=engine.args.max_num_batched_tokens,
                                 async_scheduling=engine.async_scheduling,
                                 fused_kernels=fused_ops_enabled(engine.device),

@@ -2,8 +2,9 @@
 
 bf16 greedy outputs of TP=2 (CUDA graphs and eager), PP=2 (and TP=2 x PP=2 on four GPUs) are
 scored teacher-forced by the TP=1 engine: the TP=1 logprobs of exactly the tokens the parallel
-engine produced (prompt_logprobs over prompt + output). Tokens must be TP=1's top-1 except at
-bf16 near-ties, and the two engines' logprobs of the same token must agree to bf16 precision.
+engine produced (prompt_logprobs over prompt + output). At least 95% must be TP=1's top-1; every
+other one must be a bf16 near-tie by the GPU issue's rule (HF fp32 logits: the gap to TP=1's pick
+below 1e-2 or below HF-bf16's own error there); the same token's logprobs agree on average.
 A rank killed mid-generation must fail the engine within the timeout, not hang (run in a child
 interpreter, so a failure there cannot take the test session with it).
 """
@@ -29,8 +30,8 @@ ENGINE = dict(dtype="bfloat16", device="cuda", num_kv_blocks=1024, max_num_batch
               max_cuda_graph_batch_size=16)
 # (tp, pp, enforce_eager); PP runs eagerly in any case (no graphs across stage hand-offs yet)
 LAYOUTS = {"tp2-graphs": (2, 1, False), "tp2-eager": (2, 1, True), "pp2": (1, 2, True), "tp2xpp2": (2, 2, True)}
-BF16_NEAR_TIE = 0.15  # logits are rounded to bf16 (1/16 near 8): a gap below two roundings is a tie
-MAX_LOGPROB_DIFF, MEAN_LOGPROB_DIFF = 0.3, 0.05
+NEAR_TIE = 1e-2  # the GPU issue's bound on a mismatch's logit gap (or bf16's own error, if larger)
+MEAN_LOGPROB_DIFF = 0.05  # same token, parallel vs TP=1: bf16 rounding only, on average
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +73,23 @@ def test_parallel_bf16_agrees_with_tp1(model_dir, reference, layout):
         llm.shutdown()
     assert not dist.is_initialized()
 
+    # Teacher-forced on our tokens: TP=1's logprobs (prompt_logprobs), and HF's logits in fp32 (the
+    # exact order of the candidates) and in bf16 (how far bf16 itself strays from fp32, per position).
+    from transformers import AutoModelForCausalLM
+
+    hf32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    hf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
     matched = total = 0
-    diffs, ties = [], []
+    diffs, mismatches = [], []
     for prompt, out in zip(prompts, outs):
         seq = out.outputs[0]
         scored = reference.generate({"prompt_token_ids": prompt + seq.token_ids},
                                     SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+        with torch.inference_mode():
+            ids = torch.tensor([prompt + seq.token_ids], device="cuda")
+            rows = slice(len(prompt) - 1, -1)
+            exact = hf32(ids).logits[0, rows].float()
+            noise = (hf16(ids).logits[0, rows].float() - exact).abs().max(dim=-1).values
         for j, tok in enumerate(seq.token_ids):
             pos = scored.prompt_logprobs[len(prompt) + j]  # TP=1's view of this position: our token and its top-1
             ours, theirs = seq.logprobs[j][tok].logprob, pos[tok].logprob
@@ -85,15 +97,21 @@ def test_parallel_bf16_agrees_with_tp1(model_dir, reference, layout):
             total += 1
             if pos[tok].rank == 1:
                 matched += 1
-            else:
-                gap = max(lp.logprob for lp in pos.values()) - theirs
-                ties.append(gap)
-                assert gap < BF16_NEAR_TIE, (layout, j, gap)
+                continue
+            # Not TP=1's pick: it must be a tie at bf16 resolution, the GPU issue's rule for any
+            # bf16 engine: in exact logits, TP=1's pick leads ours by less than 1e-2 or than bf16's
+            # own error at this position.
+            best = max(pos, key=lambda t: pos[t].logprob)
+            gap = abs(float(exact[j, best] - exact[j, tok]))
+            mismatches.append((j, round(gap, 4), round(float(noise[j]), 4)))
+            assert gap < max(NEAR_TIE, float(noise[j])), (layout, j, gap, float(noise[j]))
     mean = sum(diffs) / len(diffs)
-    print(f"{layout}: TP=1 top-1 {matched}/{total}, near-ties {ties}, logprob diff mean {mean:.4f} "
-          f"max {max(diffs):.4f}")
+    print(f"{layout}: TP=1 top-1 {matched}/{total}; mismatches (step, exact gap, bf16 error) {mismatches}; "
+          f"logprob diff vs TP=1 mean {mean:.4f} max {max(diffs):.4f}")
     assert matched / total >= 0.95
-    assert max(diffs) < MAX_LOGPROB_DIFF and mean < MEAN_LOGPROB_DIFF
+    assert mean < MEAN_LOGPROB_DIFF
+    del hf32, hf16
+    torch.cuda.empty_cache()
 
 
 KILL_SCRIPT = textwrap.dedent("""
