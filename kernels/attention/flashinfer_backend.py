@@ -99,6 +99,10 @@ class FlashInferBackend:
     def fill_graph_metadata(self, meta: FlashInferMetadata, common: CommonAttentionMetadata) -> None:
         s = self.spec
         _, indptr_t, indices, last_page_len = self._pages(common)
+        # The page indices go to the device here, without a stream sync: FlashInfer copies host indices
+        # into its graph buffer with a blocking copy, which would make the host wait for the step in
+        # flight every step (measured on an H200: 2-4 ms per batch-1 step) and undo async scheduling.
+        indices = indices.to(self.spec.device, non_blocking=True)
         meta.decode.plan(indptr_t, indices, last_page_len, s.num_heads, s.num_kv_heads, s.head_dim,
                          s.block_size, non_blocking=True, **self._plan_kwargs())
         meta.slot_mapping.copy_(common.slot_mapping, non_blocking=True)
