@@ -55,6 +55,7 @@ def git_commit() -> str:
 def write_record(out_dir: str, prefix: str, record: dict) -> str:
     """One JSON file per benchmark run: {out_dir}/{prefix}-{timestamp}.json."""
     os.makedirs(out_dir, exist_ok=True)
+    prefix = prefix.replace("+", "-")  # e.g. the flashinfer+triton backend: plain file names travel everywhere
     path = os.path.join(out_dir, f"{prefix}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     with open(path, "w") as f:
         json.dump(record, f, indent=2)

@@ -93,10 +93,18 @@ BACKENDS = ("auto", "torch", "triton", "flashinfer", "flashinfer+triton")
 
 
 def get_attention_backend(name: str, spec: AttentionSpec):
-    """`auto`: FlashInfer on CUDA in half precision when importable, else our Triton kernels on CUDA
-    when triton is importable, else the torch reference."""
+    """`auto`: FlashInfer on CUDA in half precision when importable, with CUDA-graph decode steps
+    through our Triton decode when triton is importable too ("flashinfer+triton"); else our Triton
+    kernels on CUDA when triton is importable; else the torch reference.
+
+    Why the split by default: same-call H200 figures (benchmarks/results/*-20261122-110*): W1 at
+    batch 256 40.0k output tok/s split vs 37.6k FlashInfer alone (decode replay 3.02 vs 3.49 ms, and
+    FlashInfer's per-step decode plan on the host on top); batch-1 8B decode 4.38 vs 4.74 ms
+    replay (Triton decode). FlashInfer still runs every prefill and mixed step."""
     if name not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    if name == "auto" and _flashinfer_usable(spec) and _triton_usable(spec, allow_interpreter=False):
+        name = "flashinfer+triton"
     if "+" in name:  # eager steps + CUDA-graph decode steps (kernels/attention/split_backend.py)
         from raylight.kernels.attention.split_backend import SplitAttentionBackend
 
