@@ -98,16 +98,15 @@ def test_parallel_bf16_agrees_with_tp1(model_dir, reference, layout):
             if pos[tok].rank == 1:
                 matched += 1
                 continue
-            # Not TP=1's pick: it must be a tie at bf16 resolution, the GPU issue's rule for any
-            # bf16 engine: in exact logits, TP=1's pick leads ours by less than 1e-2 or than bf16's
-            # own error at this position.
             best = max(pos, key=lambda t: pos[t].logprob)
             gap = abs(float(exact[j, best] - exact[j, tok]))
             mismatches.append((j, round(gap, 4), round(float(noise[j]), 4)))
-            assert gap < max(NEAR_TIE, float(noise[j])), (layout, j, gap, float(noise[j]))
     mean = sum(diffs) / len(diffs)
     print(f"{layout}: TP=1 top-1 {matched}/{total}; mismatches (step, exact gap, bf16 error) {mismatches}; "
           f"logprob diff vs TP=1 mean {mean:.4f} max {max(diffs):.4f}")
+    # Not TP=1's pick: it must be a tie at bf16 resolution, the GPU issue's rule for any bf16 engine:
+    # in exact logits, TP=1's pick leads ours by less than 1e-2 or than bf16's own error there.
+    assert all(gap < max(NEAR_TIE, err) for _, gap, err in mismatches), (layout, mismatches)
     assert matched / total >= 0.95
     assert mean < MEAN_LOGPROB_DIFF
     del hf32, hf16
