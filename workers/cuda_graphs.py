@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from raylight.kernels.attention import CommonAttentionMetadata
+from raylight.kernels.host_copy import copy_to
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +128,8 @@ class CudaGraphRunner:
         ids[:n] = torch.from_numpy(input_ids)
         pos = torch.zeros(bs, dtype=torch.long)
         pos[:n] = torch.from_numpy(positions)
-        self.input_ids[:bs].copy_(ids, non_blocking=True)
-        self.positions[:bs].copy_(pos, non_blocking=True)
+        copy_to(self.input_ids[:bs], ids)
+        copy_to(self.positions[:bs], pos)
         if fill_ids is not None:  # placeholder tokens (async scheduling): sampled by the step before, on the device
             self.input_ids[fill_ids[0]] = fill_ids[1]
         self.backend.fill_graph_metadata(g.meta, self._padded(seq_lens, block_tables, bs, slot_mapping))

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from raylight.kernels.attention import CommonAttentionMetadata
+from raylight.kernels.host_copy import to_device
 from raylight.workers.kv_cache_manager import KVCacheManager
 from raylight.workers.request import Request
 from raylight.workers.sampler import Sampler
@@ -32,12 +33,6 @@ class PromptLogprob:
     logprob: float
     rank: int
     top: list[tuple[int, float]]
-
-
-def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host array to device without a stream sync: pageable memory is staged at once, so the
-    source may go away as soon as this returns."""
-    return torch.from_numpy(a).to(device, non_blocking=True)
 
 
 @dataclass
@@ -202,8 +197,8 @@ class ModelRunner:
                 self.share_ids(fill_values)
             fill_ids = (to_device(inputs.placeholder_pos, dev), fill_values)
         if inputs.kv_copies:  # forked sequences' private copies of a shared, partly filled block
-            src = torch.tensor([c[0] for c in inputs.kv_copies]).to(dev, non_blocking=True)
-            dst = torch.tensor([c[1] for c in inputs.kv_copies]).to(dev, non_blocking=True)
+            src = to_device(torch.tensor([c[0] for c in inputs.kv_copies]), dev)
+            dst = to_device(torch.tensor([c[1] for c in inputs.kv_copies]), dev)
             for cache in self.kv_caches:
                 cache[dst] = cache[src]
         if self._staged is not None:

@@ -25,7 +25,8 @@ from raylight.models.llama import local_head_counts
 from raylight.models.loader import ResolvedModel, build_model, resolve_model
 from raylight.parallel.pipeline import StageModel
 from raylight.parallel.state import ParallelConfig, ParallelGroups, init_distributed, leave_distributed
-from raylight.workers.model_runner import ModelRunner, StepInputs, to_device
+from raylight.kernels.host_copy import to_device
+from raylight.workers.model_runner import ModelRunner, StepInputs
 from raylight.workers.step_channel import DEFAULT_CAPACITY, StepChannel
 
 logger = logging.getLogger("raylight.worker")

@@ -16,6 +16,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from raylight.kernels.host_copy import to_device
+
 logger = logging.getLogger("raylight.attention")
 
 
@@ -58,7 +60,7 @@ def int32_device_views(parts: list[np.ndarray], device: torch.device) -> list[to
     offsets = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(int)
     for p, o in zip(parts, offsets):
         host[o : o + len(p)] = p
-    dev = torch.from_numpy(host).to(device, non_blocking=True)  # no stream sync
+    dev = to_device(host, device)  # no stream sync
     return [dev[o : o + len(p)] for p, o in zip(parts, offsets)]
 
 

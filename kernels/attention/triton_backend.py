@@ -17,6 +17,7 @@ import torch
 
 from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata, int32_device_views
 from raylight.kernels.attention import triton_kernels as tk
+from raylight.kernels.host_copy import copy_to
 
 
 @dataclass
@@ -129,13 +130,11 @@ class TritonAttentionBackend:
         width = common.block_tables.shape[1]
         if width > max_blocks:
             raise ValueError(f"block tables are {width} wide; the graph was captured for {max_blocks}")
-        tables = torch.from_numpy(np.asarray(common.block_tables).astype(np.int32, copy=False))
-        meta.block_tables[:, :width].copy_(tables, non_blocking=True)
+        copy_to(meta.block_tables[:, :width], np.asarray(common.block_tables).astype(np.int32, copy=False))
         if width < max_blocks:
             meta.block_tables[:, width:].zero_()
-        meta.seq_lens.copy_(torch.from_numpy(np.asarray(common.seq_lens).astype(np.int32, copy=False)),
-                           non_blocking=True)
-        meta.slot_mapping.copy_(common.slot_mapping, non_blocking=True)
+        copy_to(meta.seq_lens, np.asarray(common.seq_lens).astype(np.int32, copy=False))
+        copy_to(meta.slot_mapping, common.slot_mapping)
 
     # ---- every layer ----
     def forward(self, q, k, v, kv_cache: torch.Tensor, meta: TritonMetadata, scale: float):

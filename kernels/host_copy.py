@@ -1,0 +1,32 @@
+"""Host-to-device copies of a step's inputs that never make the host wait for the device.
+
+A copy from pageable host memory may synchronise with the stream once it is large enough for the
+driver to stage it (about 64 KiB: an 8192-token step's ids, positions and slots are each that big,
+as are long block tables). Under async scheduling that wait stalls the host until the step in
+flight finishes, so the next step's launch no longer overlaps it. Copies from page-locked memory
+are truly asynchronous; torch's caching host allocator recycles the page-locked buffers once the
+copies that read them have run, so a buffer may be dropped as soon as the copy is queued.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import numpy as np
+import torch
+
+
+def pinned(t: Union[np.ndarray, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """`t` as a CPU tensor to copy to `device` from: page-locked when `device` is CUDA."""
+    t = torch.from_numpy(t) if isinstance(t, np.ndarray) else t
+    return t.pin_memory() if device.type == "cuda" and not t.is_pinned() else t
+
+
+def to_device(a: Union[np.ndarray, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A host array on `device`, queued without a stream sync."""
+    return pinned(a, device).to(device, non_blocking=True)
+
+
+def copy_to(dst: torch.Tensor, src: Union[np.ndarray, torch.Tensor]) -> None:
+    """dst.copy_(src) from host memory, queued without a stream sync."""
+    dst.copy_(pinned(src, dst.device), non_blocking=True)
