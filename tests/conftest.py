@@ -50,9 +50,12 @@ def hf_greedy(model, prompt_ids: list[list[int]], max_new_tokens: int, stop_at_e
     return outs
 
 
-def make_random_hf_model(kind: str, path: str, seed: int = 0, **overrides):
+def make_random_hf_model(kind: str, path: str, seed: int = 0, embed_std: float = 0.3, weight_std: float = 0.15,
+                         **overrides):
     """A small random HF model saved as safetensors, with weights large enough that greedy picks
-    are not near-ties (HF's default init makes logits almost flat)."""
+    are not near-ties (HF's default init makes logits almost flat). The default stds suit hidden 64 in
+    float32; wider models in bf16 want weight_std near 0.6/sqrt(hidden), or activations grow layer by
+    layer until bf16's rounding error is as large as the gaps between the top logits."""
     import transformers
 
     torch.manual_seed(seed)
@@ -82,7 +85,7 @@ def make_random_hf_model(kind: str, path: str, seed: int = 0, **overrides):
             if "norm" in name:
                 p.uniform_(0.8, 1.2)
             else:
-                p.normal_(0.0, 0.3 if "embed" in name else 0.15)
+                p.normal_(0.0, embed_std if "embed" in name else weight_std)
     model.save_pretrained(path, safe_serialization=True)
     return model
 
