@@ -50,7 +50,8 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         # o_proj's input is the concatenated head outputs, so its columns split with the heads.
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, False, groups,
-                                        input_shard=(heads.q_start * cfg.head_dim, self.q_size))
+                                        input_shard=(heads.q_start * cfg.head_dim, self.q_size),
+                                        reduce_results=False)  # reduced in the decoder layer's norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -75,7 +76,8 @@ class LlamaMLP(nn.Module):
         super().__init__()
         # Gate and up are split the same way, so silu(gate) * up pairs matching features locally.
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, False, groups)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, groups)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, groups,
+                                           reduce_results=False)  # reduced in the next norm
 
     def forward(self, x):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -88,15 +90,19 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, groups)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.groups = groups
 
     def forward(self, x, residual, cos, sin, kv_cache, attn_meta):
+        """x: the embeddings (residual None), or the previous layer's MLP output as this TP rank's
+        partial sum. Returns this layer's MLP output, again a partial sum, and the residual (whole).
+        Each TP reduction happens inside the add+RMSNorm after it (`reduce_add_norm`)."""
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.groups.reduce_add_norm(x, residual, self.input_layernorm)
         x = self.self_attn(x, cos, sin, kv_cache, attn_meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.groups.reduce_add_norm(x, residual, self.post_attention_layernorm)
         return self.mlp(x), residual
 
 
@@ -112,6 +118,7 @@ class LlamaModel(nn.Module):
         self.local_layers = list(self.layers)[self.start_layer : self.end_layer]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if groups.is_last_stage else None
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self.groups = groups
 
     def forward(self, input_ids, positions, kv_caches, attn_meta, intermediate: Optional[Intermediate] = None):
         if self.embed_tokens is not None:
@@ -124,8 +131,10 @@ class LlamaModel(nn.Module):
         for layer, kv_cache in zip(self.local_layers, kv_caches):
             x, residual = layer(x, residual, cos, sin, kv_cache, attn_meta)
         if self.norm is None:
-            return x, residual  # the next stage continues the residual stream
-        x, _ = self.norm(x, residual)
+            # The next stage continues the residual stream. x is still this TP rank's partial sum:
+            # TP rank t sends it to TP rank t of the next stage, whose first layer reduces it.
+            return x, residual
+        x, _ = self.groups.reduce_add_norm(x, residual, self.norm)
         return x
 
 

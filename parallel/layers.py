@@ -182,12 +182,19 @@ class RowParallelLinear(nn.Module):
 
     `input_shard` = (start, length) of this rank's input columns, for splits that follow heads
     rather than an even division (see `head_shard`); default: an even split.
+
+    `reduce_results=False` returns each rank's partial sum and leaves the reduction to the caller:
+    the decoder layers fold it into the add+RMSNorm that follows (`ParallelGroups.reduce_add_norm`),
+    one kernel instead of two. Needs no bias (a bias would be added once per rank).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, groups: ParallelGroups,
-                 input_shard: Optional[tuple[int, int]] = None):
+                 input_shard: Optional[tuple[int, int]] = None, reduce_results: bool = True):
         super().__init__()
+        if bias and not reduce_results:
+            raise ValueError("a RowParallelLinear with a bias must reduce its own results")
         self.groups = groups
+        self.reduce_results = reduce_results
         self.in_features = in_features
         self.in_start, self.in_local = input_shard or shard_range(in_features, groups.tp_size, groups.tp_rank)
         self.weight = _param(out_features, self.in_local, loader=self._load_cols)
@@ -201,6 +208,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.groups.tp_size == 1:
             return F.linear(x, self.weight, self.bias)
+        if not self.reduce_results:
+            return F.linear(x, self.weight)
         y = self.groups.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from raylight.parallel.custom_allreduce import CustomAllReduce
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,8 @@ class ParallelGroups:
     # A gloo group over the whole world, for host-side control data (step inputs as small CPU
     # tensors) even when the device groups are NCCL. None in a single process.
     cpu_group: Optional[dist.ProcessGroup] = None
+    # The one-shot IPC all-reduce for small tensors (parallel/custom_allreduce.py); None: NCCL/gloo only.
+    custom_ar: Optional["CustomAllReduce"] = None
 
     @classmethod
     def single(cls) -> "ParallelGroups":
@@ -148,7 +153,13 @@ class ParallelGroups:
                 tp_group, tp_ranks = group, ranks
         cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
         tp_rank, pp_rank = config.coordinates(rank)
-        return cls(config, rank, tp_rank, pp_rank, tp_group, tp_ranks, cpu_group)
+        custom_ar = None
+        if tp > 1 and dist.get_backend() == "nccl":  # collective: every rank of every stage takes part
+            from raylight.parallel.custom_allreduce import CustomAllReduce
+
+            custom_ar = CustomAllReduce.create(tp_group, cpu_group, tp_ranks,
+                                               torch.device("cuda", torch.cuda.current_device()))
+        return cls(config, rank, tp_rank, pp_rank, tp_group, tp_ranks, cpu_group, custom_ar)
 
     # ---- coordinates ----
     @property
@@ -200,9 +211,23 @@ class ParallelGroups:
 
     # ---- TP collectives (identity when tp == 1, so layers call them unconditionally) ----
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of `x` over the TP group: in place (NCCL, gloo) or in a new tensor (the one-shot
+        kernel); use the result."""
         if self.tp_size > 1:
+            if self.custom_ar is not None and self.custom_ar.fits(x):
+                return self.custom_ar.all_reduce(x)
             dist.all_reduce(x, group=self.tp_group)
         return x
+
+    def reduce_add_norm(self, partial: torch.Tensor, residual: torch.Tensor, norm):
+        """`norm(all_reduce(partial), residual)`: RMSNorm of the TP sum plus the residual, and that
+        sum (the next residual). One kernel where the custom all-reduce applies."""
+        if self.tp_size > 1:
+            car = self.custom_ar
+            if car is not None and car.can_fuse(partial, residual, norm.weight):
+                return car.all_reduce_add_rms_norm(partial, residual, norm.weight, norm.eps)
+            partial = self.all_reduce(partial)
+        return norm(partial, residual)
 
     def broadcast_from_tp0(self, x: torch.Tensor) -> None:
         """In place: TP rank 0's `x` on every rank of the TP group."""

@@ -126,6 +126,10 @@ def _collective_rank(rank: int, world: int, init_method: str, sizes: dict, reps:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world)
     gloo = dist.new_group(backend="gloo")
+    from raylight.parallel.state import ParallelConfig, ParallelGroups
+
+    groups = ParallelGroups.from_world(ParallelConfig(tensor_parallel_size=world))  # sets up the custom all-reduce
+    hidden = 4096
     version = torch.cuda.nccl.version()
     result: dict = {"all_reduce": {}, "nccl_version": ".".join(map(str, version)) if isinstance(version, tuple)
                     else str(version)}
@@ -154,6 +158,7 @@ def _collective_rank(rank: int, world: int, init_method: str, sizes: dict, reps:
                     dist.all_reduce(x)
             entry["in_cuda_graph_seconds"] = _per_call(g.replay, 1) / 20
             g.reset()  # before the communicator goes (pytorch#115388)
+            entry.update(_custom_times(groups, x, hidden))
         result["all_reduce"][name] = entry
     # The step broadcast: one fixed-size int64 buffer over gloo, as StepChannel sends it.
     buf = torch.zeros(DEFAULT_CAPACITY, dtype=torch.int64)
@@ -171,6 +176,47 @@ def _collective_rank(rank: int, world: int, init_method: str, sizes: dict, reps:
             json.dump(result, f)
     torch.cuda.synchronize()
     dist.distributed_c10d._abort_process_group()
+
+
+def _in_graph(fn, calls: int = 20) -> float:
+    """Seconds per call of `calls` back-to-back calls of fn captured in one CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    t = _per_call(g.replay, 1) / calls
+    g.reset()
+    return t
+
+
+def _custom_times(groups, x: torch.Tensor, hidden: int) -> dict:
+    """The one-shot IPC all-reduce (parallel/custom_allreduce.py) on the same buffer as [rows, hidden],
+    alone and fused with add+RMSNorm, next to NCCL followed by our separate add+RMSNorm kernel, all
+    inside CUDA graphs as a decode step runs them."""
+    import torch.distributed as dist
+
+    from raylight.kernels.fused import fused_add_rms_norm
+
+    car = groups.custom_ar
+    if car is None or x.numel() % hidden:
+        return {"custom": None if car is None else "not [rows, hidden]"}
+    v = x.view(-1, hidden)
+    if not car.fits(v):
+        return {"custom": "over the one-shot limit: NCCL"}
+    res, w = torch.zeros_like(v), torch.ones(hidden, dtype=v.dtype, device=v.device)
+
+    def nccl_then_norm():
+        dist.all_reduce(v, group=groups.tp_group)
+        fused_add_rms_norm(v, res, w, 1e-6)
+
+    return {"custom_in_cuda_graph_seconds": _in_graph(lambda: car.all_reduce(v)),
+            "custom_add_rms_norm_in_cuda_graph_seconds": _in_graph(lambda: car.all_reduce_add_rms_norm(v, res, w, 1e-6)),
+            "nccl_then_add_rms_norm_in_cuda_graph_seconds": _in_graph(nccl_then_norm)}
 
 
 def measure_collectives(sizes: dict, reps: int = 200) -> dict:
@@ -194,8 +240,11 @@ def activation_sizes() -> dict:
     from raylight.models.config import PRESETS
 
     h8, h1 = PRESETS[B1_MODEL]["hidden_size"], PRESETS[W1_MODEL]["hidden_size"]
-    return {"b1_decode_8b": 1 * h8 * 2, "w1_decode_256_1b": 256 * h1 * 2, "w1_prefill_2048_1b": 2048 * h1 * 2,
-            "bus_bandwidth_256MiB": 2**28}
+    sizes = {"b1_decode_8b": 1 * h8 * 2, "w1_decode_256_1b": 256 * h1 * 2, "w1_prefill_2048_1b": 2048 * h1 * 2,
+             "bus_bandwidth_256MiB": 2**28}
+    # [rows, 4096] bf16 at more row counts: where the one-shot kernel stops paying
+    sizes.update({f"rows{r}_h4096": r * 4096 * 2 for r in (8, 32, 128, 256, 512)})
+    return sizes
 
 
 # ---------------------------------------------------------------- the run
@@ -243,6 +292,12 @@ def main(argv=None):
         for name, r in coll["all_reduce"].items():
             extra = (f"; back to back {r['back_to_back_seconds'] * 1e6:.1f} us, in a CUDA graph "
                      f"{r['in_cuda_graph_seconds'] * 1e6:.1f} us" if "in_cuda_graph_seconds" in r else "")
+            if "custom_in_cuda_graph_seconds" in r:
+                extra += (f"; custom {r['custom_in_cuda_graph_seconds'] * 1e6:.1f} us, custom+norm "
+                          f"{r['custom_add_rms_norm_in_cuda_graph_seconds'] * 1e6:.1f} us vs NCCL+norm "
+                          f"{r['nccl_then_add_rms_norm_in_cuda_graph_seconds'] * 1e6:.1f} us")
+            elif "custom" in r:
+                extra += f"; custom: {r['custom']}"
             print(f"    all_reduce {name}: {r['bytes']} B in {r['seconds'] * 1e6:.1f} us alone, bus "
                   f"{r['busbw_GBps']:.1f} GB/s{extra}")
         print(f"    gloo step broadcast ({coll['gloo_step_broadcast_bytes']} B): "
@@ -267,6 +322,12 @@ def analysis(record: dict) -> dict:
     per_step = 2 * layers8 * ar["b1_decode_8b"].get("in_cuda_graph_seconds", ar["b1_decode_8b"]["seconds"])
     out["b1_allreduce_ms_per_step_tp2"] = per_step * 1e3
     out["b1_allreduce_busbw_fraction_of_peak"] = ar["b1_decode_8b"]["busbw_GBps"] / peak
+    if "custom_add_rms_norm_in_cuda_graph_seconds" in ar["b1_decode_8b"]:
+        # what the TP=2 step runs now: 65 fused all-reduce+add+RMSNorm kernels in place of NCCL + norm
+        e = ar["b1_decode_8b"]
+        out["b1_custom_allreduce_norm_ms_per_step_tp2"] = 2 * layers8 * e["custom_add_rms_norm_in_cuda_graph_seconds"] * 1e3
+        out["b1_nccl_allreduce_then_norm_ms_per_step_tp2"] = (2 * layers8 * e["nccl_then_add_rms_norm_in_cuda_graph_seconds"]
+                                                             * 1e3)
     t1, t2 = (b1.get(k, {}).get("decode_ms_per_token") for k in ("tp1", "tp2"))
     if t1 and t2:
         out["b1_speedup_tp2_over_tp1"] = t1 / t2

@@ -84,6 +84,8 @@ class Executor:
                 raise
             raise err from e
         if self.launcher is not None:
+            if groups.custom_ar is not None:
+                self._monitor.on_death.append(groups.custom_ar.abort)
             self.channel = StepChannel(groups.cpu_group, 0)
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _stop, self.launcher, self._monitor, [self.channel])
@@ -141,6 +143,8 @@ class _Monitor:
     def __init__(self, launcher: Launcher, nccl: bool, poll_s: float = 0.5):
         self.launcher, self.nccl, self.poll_s = launcher, nccl, poll_s
         self.dead: Optional[str] = None
+        # Called after the NCCL abort: ends kernels that wait for a peer outside NCCL (custom all-reduce).
+        self.on_death: list = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raylight-rank-monitor", daemon=True)
         self._thread.start()
@@ -157,6 +161,8 @@ class _Monitor:
                     dist.distributed_c10d._abort_process_group()
                 except Exception:
                     logger.warning("could not abort the NCCL process groups", exc_info=True)
+            for abort in self.on_death:
+                abort()
             return
 
     def stop(self) -> None:

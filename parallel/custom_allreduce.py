@@ -1,0 +1,174 @@
+"""The TP group's all-reduce for small tensors: a one-shot kernel over CUDA IPC buffers
+(kernels/allreduce.py), used where it applies and NCCL everywhere else.
+
+Applies when: CUDA, every rank of the TP group on one node with peer access to every other,
+a contiguous bf16/fp16/fp32 tensor whose rows fit one program (hidden size <= 16384) and whose
+rows fit the buffer (`max_bytes`, by default 8 MiB / TP: 4 MiB at TP=2, W1's 256-row decode
+steps at hidden 4096 are 2 MiB). Prefill steps' large all-reduces stay with NCCL, which is
+bandwidth-optimal there. Env RAYLIGHT_CUSTOM_ALLREDUCE=0 turns it off (NCCL for everything).
+
+Setup is collective over the whole world (every rank calls `CustomAllReduce.create`), checks
+the kernel against NCCL on a test tensor, and gives up (returns None, NCCL stays) on any failure:
+peer access refused, IPC unavailable, a mismatch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from raylight.kernels import allreduce as kernels
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "RAYLIGHT_CUSTOM_ALLREDUCE"
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_COLS = 16384
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_VAR, "1") != "0"
+
+
+class CustomAllReduce:
+    """One TP group's IPC buffers and the launches of the one-shot kernel. Not thread-safe: like
+    NCCL calls, all launches come from the thread that runs the model."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, bufs: torch.Tensor, flags: torch.Tensor,
+                 keep: list, max_bytes: int, grid: int):
+        self.rank, self.world, self.device, self.grid = rank, world, device, grid
+        self.max_bytes = max_bytes
+        self.region_bytes = max_bytes // grid // 16 * 16
+        self.bufs, self.flags = bufs, flags  # int64 [world] device addresses of every rank's buffer / flags
+        self.counter = torch.zeros(grid, dtype=torch.int32, device=device)
+        self.abort_flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self._keep = keep  # own buffers and the peers' mapped tensors, alive as long as we are
+        self.num_calls = 0
+
+    @classmethod
+    def create(cls, tp_group: dist.ProcessGroup, cpu_group: dist.ProcessGroup, tp_ranks: list[int],
+               device: torch.device, max_bytes: Optional[int] = None, grid: int = 32) -> Optional["CustomAllReduce"]:
+        """Collective over the world (every rank calls it, each with its own TP group's ranks)."""
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        world, rank = len(tp_ranks), tp_ranks.index(dist.get_rank())
+        max_bytes = max_bytes or (8 << 20) // world
+        region = max_bytes // grid // 16 * 16
+        ok, why, mine = True, "", None
+        try:
+            peers = [d for d in range(torch.cuda.device_count()) if d != device.index]
+            if device.type != "cuda" or not enabled() or world > 8:
+                ok, why = False, "off" if not enabled() else "not CUDA / more than 8 ranks"
+            elif not all(torch.cuda.can_device_access_peer(device.index, d) for d in peers):
+                ok, why = False, "no peer access between this node's GPUs"
+            else:
+                buf = torch.zeros(2 * grid * region, dtype=torch.uint8, device=device)
+                flags = torch.zeros(grid * world, dtype=torch.int32, device=device)
+                mine = (buf, flags)
+        except Exception as e:  # noqa: BLE001 - any failure means: stay with NCCL
+            ok, why = False, f"{type(e).__name__}: {e}"
+        shared = [reduce_tensor(t) for t in mine] if ok else None
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, shared, group=cpu_group)
+        group_shares = [everyone[r] for r in tp_ranks]
+        if not ok or any(s is None for s in group_shares):
+            ok, why = False, why or "a peer could not set up its buffers"
+        bufs = flags = None
+        keep = list(mine or ())
+        if ok:
+            try:
+                addrs = ([], [])
+                for r, share in enumerate(group_shares):
+                    for i, (t, (fn, args)) in enumerate(zip(mine, share)):
+                        t = t if r == rank else fn(*args)  # maps the peer's allocation into this process
+                        keep.append(t)
+                        addrs[i].append(t.data_ptr())
+                bufs = torch.tensor(addrs[0], dtype=torch.int64, device=device)
+                flags = torch.tensor(addrs[1], dtype=torch.int64, device=device)
+            except Exception as e:  # noqa: BLE001
+                ok, why = False, f"{type(e).__name__}: {e}"
+        car = cls(rank, world, device, bufs, flags, keep, max_bytes, grid) if ok else None
+        if car is not None:
+            try:
+                car._self_check(tp_group)
+            except Exception as e:  # noqa: BLE001
+                car, why = None, f"self-check failed: {type(e).__name__}: {e}"
+        # Every rank of the group must agree, or one rank would wait in the kernel for a peer on NCCL.
+        verdicts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(verdicts, car is not None, group=cpu_group)
+        if not all(verdicts[r] for r in tp_ranks):
+            if car is not None or why:
+                logger.warning("custom all-reduce off for TP ranks %s (%s): NCCL for every all-reduce",
+                               tp_ranks, why or "a peer failed")
+            return None
+        logger.info("custom all-reduce on for TP ranks %s: one-shot up to %d KiB", tp_ranks, max_bytes >> 10)
+        return car
+
+    # ---- what fits ----
+    def fits(self, x: torch.Tensor) -> bool:
+        if x.dim() == 0 or x.dtype not in DTYPES or not x.is_contiguous() or x.device != self.device:
+            return False
+        cols = x.shape[-1]
+        rows = x.numel() // max(cols, 1)
+        return 0 < cols <= MAX_COLS and -(-rows // self.grid) * cols * x.element_size() <= self.region_bytes
+
+    # ---- calls ----
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the group, in a new tensor (x untouched)."""
+        out = torch.empty_like(x)
+        self._launch(x, out, x, x, out, fuse=False, eps=0.0)
+        return out
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(all_reduce(x) + residual) * weight, all_reduce(x) + residual), in one kernel."""
+        out, res_out = torch.empty_like(x), torch.empty_like(x)
+        self._launch(x, out, residual, weight, res_out, fuse=True, eps=eps)
+        return out, res_out
+
+    def can_fuse(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (self.fits(x) and residual.shape == x.shape and residual.dtype == x.dtype
+                and residual.is_contiguous() and weight.dtype == x.dtype and weight.is_contiguous()
+                and weight.numel() == x.shape[-1])
+
+    def _launch(self, x, out, residual, weight, res_out, fuse: bool, eps: float) -> None:
+        cols = x.shape[-1]
+        block = 1 << (cols - 1).bit_length()
+        kernels.one_shot_kernel()[(self.grid,)](
+            x, out, residual, weight, res_out, self.bufs, self.flags, self.counter, self.abort_flag.data_ptr(),
+            x.numel() // cols, cols, self.region_bytes // x.element_size(), float(eps),
+            RANK=self.rank, WORLD=self.world, BLOCK=block, FUSE_NORM=fuse, num_warps=kernels.warps_for(block))
+        self.num_calls += 1
+
+    def abort(self) -> None:
+        """Lets every kernel still waiting for a peer return (from any thread: the rank monitor's)."""
+        self.abort_flag.fill_(1)
+
+    def _self_check(self, tp_group: dist.ProcessGroup) -> None:
+        """The kernel's sum and fused norm against NCCL and torch on test tensors, rows spread over
+        every program and both buffer parities."""
+        g = torch.Generator(device=self.device).manual_seed(1234 + self.rank)
+        for rows, cols in ((1, 4096), (3 * self.grid + 5, 1000), (2, 8)):
+            x = torch.randn(rows, cols, generator=g, device=self.device, dtype=torch.bfloat16)
+            if not self.fits(x):
+                continue
+            ref = x.clone()
+            dist.all_reduce(ref, group=tp_group)
+            got = self.all_reduce(x)
+            # NCCL rounds after each step of its ring; we round once: equal at TP=2, close beyond.
+            if not torch.allclose(got.float(), ref.float(), rtol=1e-2, atol=1e-2 * self.world):
+                raise RuntimeError(f"sum of {rows}x{cols} differs from NCCL's by "
+                                   f"{(got.float() - ref.float()).abs().max().item()}")
+            res = torch.randn_like(x)
+            w = torch.rand(cols, device=self.device, dtype=x.dtype) + 0.5
+            normed, res_out = self.all_reduce_add_rms_norm(x, res, w, 1e-6)
+            s = (ref.float() + res.float()).to(x.dtype)
+            h = s.float()
+            want = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+            if (res_out.float() - s.float()).abs().max().item() > 0.05 * self.world or (normed.float() - want.float()).abs().max().item() > 0.05:
+                raise RuntimeError(f"fused add+RMSNorm of {rows}x{cols} differs from torch's")
+        torch.cuda.synchronize(self.device)
