@@ -24,9 +24,9 @@ time a rank writes a parity again, its wait in between saw every peer start the 
 No multicast objects, no symmetric memory: plain cudaIpcOpenMemHandle mappings (peer access over
 NVLink or PCIe), which the issue allows on the shared hosts.
 
-A dead peer would leave the wait spinning forever; the spin also polls a flag in page-locked host
-memory that the replica's rank monitor sets when it sees a rank exit, so the kernel ends and the
-step fails instead of hanging the GPU.
+A dead peer would leave the wait spinning forever; the spin also polls a device flag that the
+replica's rank monitor sets (from a stream of its own) when it sees a rank exit, so the kernel
+ends and the step fails instead of hanging the GPU.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ tl = None
 
 
 def _one_shot_kernel(inp_ptr, out_ptr, res_ptr, w_ptr, res_out_ptr,
-                     bufs_ptr, flags_ptr, counter_ptr, abort_addr,
+                     bufs_ptr, flags_ptr, counter_ptr, abort_ptr,
                      n_rows, n_cols, region_elems, eps,
                      RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, FUSE_NORM: tl.constexpr):
     pid = tl.program_id(0)
@@ -66,7 +66,6 @@ def _one_shot_kernel(inp_ptr, out_ptr, res_ptr, w_ptr, res_out_ptr,
             peer_flags = tl.load(flags_ptr + p).to(tl.pointer_type(tl.int32))
             tl.atomic_xchg(peer_flags + pid * WORLD + RANK, epoch, sem="release", scope="sys")
     my_flags = tl.load(flags_ptr + RANK).to(tl.pointer_type(tl.int32))
-    abort_flag = tl.cast(abort_addr, tl.int64).to(tl.pointer_type(tl.int32))
     for p in tl.static_range(WORLD):
         if p != RANK:
             seen = tl.atomic_add(my_flags + pid * WORLD + p, 0, sem="acquire", scope="sys")
@@ -74,8 +73,8 @@ def _one_shot_kernel(inp_ptr, out_ptr, res_ptr, w_ptr, res_out_ptr,
             while seen < epoch:
                 seen = tl.atomic_add(my_flags + pid * WORLD + p, 0, sem="acquire", scope="sys")
                 spins += 1
-                if spins % 1024 == 0:  # a host read costs ~1 us: poll it rarely
-                    if tl.load(abort_flag, volatile=True) != 0:
+                if spins % 1024 == 0:
+                    if tl.load(abort_ptr, volatile=True) != 0:
                         seen = epoch  # the replica is failing: leave, the output does not matter
     tl.debug_barrier()
 

@@ -45,7 +45,8 @@ class CustomAllReduce:
         self.region_bytes = max_bytes // grid // 16 * 16
         self.bufs, self.flags = bufs, flags  # int64 [world] device addresses of every rank's buffer / flags
         self.counter = torch.zeros(grid, dtype=torch.int32, device=device)
-        self.abort_flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self.abort_flag = torch.zeros(1, dtype=torch.int32, device=device)
+        self._abort_stream: Optional[torch.cuda.Stream] = None
         self._keep = keep  # own buffers and the peers' mapped tensors, alive as long as we are
         self.num_calls = 0
 
@@ -71,6 +72,8 @@ class CustomAllReduce:
                 mine = (buf, flags)
         except Exception as e:  # noqa: BLE001 - any failure means: stay with NCCL
             ok, why = False, f"{type(e).__name__}: {e}"
+        if ok:
+            torch.cuda.synchronize(device)  # the zero fill is done before a peer maps the memory
         shared = [reduce_tensor(t) for t in mine] if ok else None
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, shared, group=cpu_group)
@@ -84,7 +87,7 @@ class CustomAllReduce:
                 addrs = ([], [])
                 for r, share in enumerate(group_shares):
                     for i, (t, (fn, args)) in enumerate(zip(mine, share)):
-                        t = t if r == rank else fn(*args)  # maps the peer's allocation into this process
+                        t = t if r == rank else fn(*_on_device(args, device.index))
                         keep.append(t)
                         addrs[i].append(t.data_ptr())
                 bufs = torch.tensor(addrs[0], dtype=torch.int64, device=device)
@@ -139,14 +142,18 @@ class CustomAllReduce:
         cols = x.shape[-1]
         block = 1 << (cols - 1).bit_length()
         kernels.one_shot_kernel()[(self.grid,)](
-            x, out, residual, weight, res_out, self.bufs, self.flags, self.counter, self.abort_flag.data_ptr(),
+            x, out, residual, weight, res_out, self.bufs, self.flags, self.counter, self.abort_flag,
             x.numel() // cols, cols, self.region_bytes // x.element_size(), float(eps),
             RANK=self.rank, WORLD=self.world, BLOCK=block, FUSE_NORM=fuse, num_warps=kernels.warps_for(block))
         self.num_calls += 1
 
     def abort(self) -> None:
-        """Lets every kernel still waiting for a peer return (from any thread: the rank monitor's)."""
-        self.abort_flag.fill_(1)
+        """Lets every kernel still waiting for a peer return (from any thread: the rank monitor's).
+        The flag is written from a stream of its own, which runs beside the spinning kernel."""
+        with torch.cuda.device(self.device):
+            self._abort_stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(self._abort_stream):
+                self.abort_flag.fill_(1)
 
     def _self_check(self, tp_group: dist.ProcessGroup) -> None:
         """The kernel's sum and fused norm against NCCL and torch on test tensors, rows spread over
@@ -172,3 +179,14 @@ class CustomAllReduce:
             if (res_out.float() - s.float()).abs().max().item() > 0.05 * self.world or (normed.float() - want.float()).abs().max().item() > 0.05:
                 raise RuntimeError(f"fused add+RMSNorm of {rows}x{cols} differs from torch's")
         torch.cuda.synchronize(self.device)
+
+
+def _on_device(args: tuple, index: int) -> tuple:
+    """torch's rebuild_cuda_tensor arguments with the mapping opened on GPU `index` (ours) rather
+    than on the peer's: a kernel on our GPU may only touch peer memory mapped in our own context,
+    where cudaIpcOpenMemHandle enables peer access. No IPC event to wait for: the peer synchronised
+    before sharing."""
+    args = list(args)
+    args[6] = index  # storage_device
+    args[-1] = False  # event_sync_required
+    return tuple(args)

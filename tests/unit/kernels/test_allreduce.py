@@ -42,7 +42,7 @@ class SimulatedGroup:
 
         cols = x.shape[-1]
         one_shot_kernel()[(GRID,)](x, out, res, w, res_out, self.buf_addrs, self.flag_addrs, self.counters[rank],
-                                   self.abort.data_ptr(), x.numel() // cols, cols, REGION, eps,
+                                   self.abort, x.numel() // cols, cols, REGION, eps,
                                    RANK=rank, WORLD=self.world, BLOCK=1 << (cols - 1).bit_length(), FUSE_NORM=fuse)
 
     def call(self, xs, res=None, w=None, ranks=None):
