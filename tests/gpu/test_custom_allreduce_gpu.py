@@ -98,7 +98,10 @@ def test_custom_allreduce_matches_nccl(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    # Spawned children import the target by module name: this module's importable one, not pytest's.
+    from raylight.tests.gpu.test_custom_allreduce_gpu import _rank as rank_fn
+
+    mp.spawn(rank_fn, args=(2, port, str(tmp_path)), nprocs=2)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     print(reports)
     assert all(r["custom_ar"] for r in reports), "the custom all-reduce did not set up on two local GPUs"
