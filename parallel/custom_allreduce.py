@@ -2,9 +2,9 @@
 (kernels/allreduce.py), used where it applies and NCCL everywhere else.
 
 Applies when: CUDA, every rank of the TP group on one node with peer access to every other,
-a contiguous bf16/fp16/fp32 tensor whose rows fit one program (hidden size <= 16384) and whose
-rows fit the buffer (`max_bytes`, by default 8 MiB / TP: 4 MiB at TP=2, W1's 256-row decode
-steps at hidden 4096 are 2 MiB). Prefill steps' large all-reduces stay with NCCL, which is
+a contiguous bf16/fp16/fp32 tensor whose rows fit one program (hidden size <= 16384) and that
+fits the buffer (`max_bytes`, by default 8 MiB / TP: 4 MiB at TP=2; W1's 256-row decode steps
+at hidden 2048 are 1 MiB). Prefill steps' large all-reduces stay with NCCL, which is
 bandwidth-optimal there. Env RAYLIGHT_CUSTOM_ALLREDUCE=0 turns it off (NCCL for everything).
 
 Setup is collective over the whole world (every rank calls `CustomAllReduce.create`), checks
@@ -38,27 +38,25 @@ class CustomAllReduce:
     """One TP group's IPC buffers and the launches of the one-shot kernel. Not thread-safe: like
     NCCL calls, all launches come from the thread that runs the model."""
 
-    def __init__(self, rank: int, world: int, device: torch.device, bufs: torch.Tensor, flags: torch.Tensor,
-                 keep: list, max_bytes: int, grid: int):
-        self.rank, self.world, self.device, self.grid = rank, world, device, grid
-        self.max_bytes = max_bytes
-        self.region_bytes = max_bytes // grid // 16 * 16
-        self.bufs, self.flags = bufs, flags  # int64 [world] device addresses of every rank's buffer / flags
-        self.counter = torch.zeros(grid, dtype=torch.int32, device=device)
+    def __init__(self, rank: int, world: int, device: torch.device, bufs: torch.Tensor, keep: list,
+                 max_bytes: int, max_grid: int = 256):
+        self.rank, self.world, self.device = rank, world, device
+        self.max_bytes, self.max_grid = max_bytes, max_grid
+        self.bufs = bufs  # int64 [world]: device addresses of every rank's buffer (peers' mapped here)
+        self.counter = torch.zeros(2, dtype=torch.int32, device=device)  # call count, programs done
         self.abort_flag = torch.zeros(1, dtype=torch.int32, device=device)
         self._abort_stream: Optional[torch.cuda.Stream] = None
-        self._keep = keep  # own buffers and the peers' mapped tensors, alive as long as we are
+        self._keep = keep  # own buffer and the peers' mapped tensors, alive as long as we are
         self.num_calls = 0
 
     @classmethod
     def create(cls, tp_group: dist.ProcessGroup, cpu_group: dist.ProcessGroup, tp_ranks: list[int],
-               device: torch.device, max_bytes: Optional[int] = None, grid: int = 32) -> Optional["CustomAllReduce"]:
+               device: torch.device, max_bytes: Optional[int] = None) -> Optional["CustomAllReduce"]:
         """Collective over the world (every rank calls it, each with its own TP group's ranks)."""
         from torch.multiprocessing.reductions import reduce_tensor
 
         world, rank = len(tp_ranks), tp_ranks.index(dist.get_rank())
-        max_bytes = max_bytes or (8 << 20) // world
-        region = max_bytes // grid // 16 * 16
+        max_bytes = (max_bytes or (8 << 20) // world) // 16 * 16
         ok, why, mine = True, "", None
         try:
             peers = [d for d in range(torch.cuda.device_count()) if d != device.index]
@@ -67,35 +65,29 @@ class CustomAllReduce:
             elif not all(torch.cuda.can_device_access_peer(device.index, d) for d in peers):
                 ok, why = False, "no peer access between this node's GPUs"
             else:
-                buf = torch.zeros(2 * grid * region, dtype=torch.uint8, device=device)
-                flags = torch.zeros(grid * world, dtype=torch.int32, device=device)
-                mine = (buf, flags)
+                # two slots x one area per source rank, all bits set: "nothing arrived"
+                mine = torch.full((2 * world * max_bytes,), 0xFF, dtype=torch.uint8, device=device)
+                torch.cuda.synchronize(device)  # filled before a peer maps it
         except Exception as e:  # noqa: BLE001 - any failure means: stay with NCCL
             ok, why = False, f"{type(e).__name__}: {e}"
-        if ok:
-            torch.cuda.synchronize(device)  # the zero fill is done before a peer maps the memory
-        shared = [reduce_tensor(t) for t in mine] if ok else None
+        shared = reduce_tensor(mine) if ok else None
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, shared, group=cpu_group)
         group_shares = [everyone[r] for r in tp_ranks]
-        if not ok or any(s is None for s in group_shares):
-            ok, why = False, why or "a peer could not set up its buffers"
-        bufs = flags = None
-        keep = list(mine or ())
+        if ok and any(s is None for s in group_shares):
+            ok, why = False, "a peer could not set up its buffer"
+        keep, addrs = [mine], []
         if ok:
             try:
-                addrs = ([], [])
-                for r, share in enumerate(group_shares):
-                    for i, (t, (fn, args)) in enumerate(zip(mine, share)):
-                        t = t if r == rank else fn(*_on_device(args, device.index))
-                        keep.append(t)
-                        addrs[i].append(t.data_ptr())
-                bufs = torch.tensor(addrs[0], dtype=torch.int64, device=device)
-                flags = torch.tensor(addrs[1], dtype=torch.int64, device=device)
+                for r, (fn, args) in enumerate(group_shares):
+                    t = mine if r == rank else fn(*_on_device(args, device.index))
+                    keep.append(t)
+                    addrs.append(t.data_ptr())
             except Exception as e:  # noqa: BLE001
                 ok, why = False, f"{type(e).__name__}: {e}"
-        car = cls(rank, world, device, bufs, flags, keep, max_bytes, grid) if ok else None
-        if car is not None:
+        car = None
+        if ok:
+            car = cls(rank, world, device, torch.tensor(addrs, dtype=torch.int64, device=device), keep, max_bytes)
             try:
                 car._self_check(tp_group)
             except Exception as e:  # noqa: BLE001
@@ -104,9 +96,8 @@ class CustomAllReduce:
         verdicts: list = [None] * dist.get_world_size()
         dist.all_gather_object(verdicts, car is not None, group=cpu_group)
         if not all(verdicts[r] for r in tp_ranks):
-            if car is not None or why:
-                logger.warning("custom all-reduce off for TP ranks %s (%s): NCCL for every all-reduce",
-                               tp_ranks, why or "a peer failed")
+            logger.warning("custom all-reduce off for TP ranks %s (%s): NCCL for every all-reduce",
+                           tp_ranks, why or "a peer failed")
             return None
         logger.info("custom all-reduce on for TP ranks %s: one-shot up to %d KiB", tp_ranks, max_bytes >> 10)
         return car
@@ -115,9 +106,7 @@ class CustomAllReduce:
     def fits(self, x: torch.Tensor) -> bool:
         if x.dim() == 0 or x.dtype not in DTYPES or not x.is_contiguous() or x.device != self.device:
             return False
-        cols = x.shape[-1]
-        rows = x.numel() // max(cols, 1)
-        return 0 < cols <= MAX_COLS and -(-rows // self.grid) * cols * x.element_size() <= self.region_bytes
+        return 0 < x.shape[-1] <= MAX_COLS and x.numel() * x.element_size() <= self.max_bytes
 
     # ---- calls ----
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,11 +129,13 @@ class CustomAllReduce:
 
     def _launch(self, x, out, residual, weight, res_out, fuse: bool, eps: float) -> None:
         cols = x.shape[-1]
+        rows = x.numel() // cols
         block = 1 << (cols - 1).bit_length()
-        kernels.one_shot_kernel()[(self.grid,)](
-            x, out, residual, weight, res_out, self.bufs, self.flags, self.counter, self.abort_flag,
-            x.numel() // cols, cols, self.region_bytes // x.element_size(), float(eps),
-            RANK=self.rank, WORLD=self.world, BLOCK=block, FUSE_NORM=fuse, num_warps=kernels.warps_for(block))
+        kernels.one_shot_kernel()[(max(1, min(rows, self.max_grid)),)](
+            x, out, residual, weight, res_out, self.bufs, self.counter, self.abort_flag,
+            rows, cols, self.max_bytes // x.element_size(), float(eps),
+            RANK=self.rank, WORLD=self.world, BLOCK=block, FUSE_NORM=fuse, BITS=8 * x.element_size(),
+            num_warps=kernels.warps_for(block))
         self.num_calls += 1
 
     def abort(self) -> None:
@@ -156,10 +147,10 @@ class CustomAllReduce:
                 self.abort_flag.fill_(1)
 
     def _self_check(self, tp_group: dist.ProcessGroup) -> None:
-        """The kernel's sum and fused norm against NCCL and torch on test tensors, rows spread over
-        every program and both buffer parities."""
+        """The kernel's sum and fused norm against NCCL and torch on test tensors: more rows than
+        programs, odd widths, both buffer slots."""
         g = torch.Generator(device=self.device).manual_seed(1234 + self.rank)
-        for rows, cols in ((1, 4096), (3 * self.grid + 5, 1000), (2, 8)):
+        for rows, cols in ((1, 4096), (3 * self.max_grid + 5, 1000), (2, 8), (1, 4096)):
             x = torch.randn(rows, cols, generator=g, device=self.device, dtype=torch.bfloat16)
             if not self.fits(x):
                 continue

@@ -1,8 +1,9 @@
 """The one-shot all-reduce kernel's protocol (kernels/allreduce.py) on Triton's CPU interpreter:
 each simulated rank is a forked process launching the kernel over shared host memory (mapped at
 the same address in every process, as fork keeps it), as the GPU ranks do over IPC-mapped device
-buffers. (Threads would not do: the interpreter keeps the program id in global state.) Calls of varying shapes check the parity/region scheme; the
-abort flag must free a rank whose peer never comes. The compiled kernel on two GPUs:
+buffers. (Threads would not do: the interpreter keeps the program id in global state.) Calls of
+varying shapes check the two-slot scheme and that every area read is emptied again; the abort
+flag must free a rank whose peer never comes. The compiled kernel on two GPUs:
 tests/gpu/test_custom_allreduce_gpu.py."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from raylight.kernels import fused  # noqa: E402
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() or not fused.kernels_interpreted(),
                                 reason="needs triton, run by its CPU interpreter")
 
-GRID, REGION = 4, 2048
+MAX_GRID, AREA = 4, 4096  # programs at most (rows beyond loop), elements per source rank and slot
 
 
 class SimulatedGroup:
@@ -30,20 +31,21 @@ class SimulatedGroup:
 
     def __init__(self, world: int):
         self.world = world
-        self.bufs = [torch.zeros(2 * GRID * REGION, dtype=torch.float32).share_memory_() for _ in range(world)]
-        self.flags = [torch.zeros(GRID * world, dtype=torch.int32).share_memory_() for _ in range(world)]
-        self.counters = [torch.zeros(GRID, dtype=torch.int32).share_memory_() for _ in range(world)]
+        # all bits set: "nothing arrived" (float32 NaN 0xFFFFFFFF)
+        self.bufs = [torch.full((2 * world * AREA,), -1, dtype=torch.int32).view(torch.float32).share_memory_()
+                     for _ in range(world)]
+        self.counters = [torch.zeros(2, dtype=torch.int32).share_memory_() for _ in range(world)]
         self.buf_addrs = torch.tensor([b.data_ptr() for b in self.bufs], dtype=torch.int64)
-        self.flag_addrs = torch.tensor([f.data_ptr() for f in self.flags], dtype=torch.int64)
         self.abort = torch.zeros(1, dtype=torch.int32).share_memory_()
 
     def launch(self, rank, x, out, res, w, res_out, fuse, eps=1e-6):
         from raylight.kernels.allreduce import one_shot_kernel
 
         cols = x.shape[-1]
-        one_shot_kernel()[(GRID,)](x, out, res, w, res_out, self.buf_addrs, self.flag_addrs, self.counters[rank],
-                                   self.abort, x.numel() // cols, cols, REGION, eps,
-                                   RANK=rank, WORLD=self.world, BLOCK=1 << (cols - 1).bit_length(), FUSE_NORM=fuse)
+        rows = x.numel() // cols
+        one_shot_kernel()[(min(rows, MAX_GRID),)](
+            x, out, res, w, res_out, self.buf_addrs, self.counters[rank], self.abort, rows, cols, AREA, eps,
+            RANK=rank, WORLD=self.world, BLOCK=1 << (cols - 1).bit_length(), FUSE_NORM=fuse, BITS=32)
 
     def call(self, xs, res=None, w=None, ranks=None):
         shared = lambda t: t.clone().share_memory_()  # noqa: E731
@@ -72,8 +74,8 @@ class SimulatedGroup:
 def test_sum_over_calls_of_varying_shapes(world):
     group = SimulatedGroup(world)
     g = torch.Generator().manual_seed(world)
-    # rows below, at and above the grid; column counts off the power of two; repeated so both
-    # buffer parities and every program's region are reused with different shapes
+    # rows below, at and above the program count; column counts off the power of two; repeated so
+    # both buffer slots are reused with different shapes
     for rows, cols in [(1, 64), (5, 100), (4, 33), (9, 200), (1, 64), (2, 7), (13, 150)]:
         xs = [torch.randn(rows, cols, generator=g) for _ in range(world)]
         outs, _ = group.call(xs)
@@ -81,7 +83,9 @@ def test_sum_over_calls_of_varying_shapes(world):
         for out in outs:
             assert torch.allclose(out, want, atol=1e-5), (rows, cols)
         assert all(torch.equal(outs[0], o) for o in outs[1:])  # same summation order on every rank
-    assert all(torch.equal(c, torch.full((GRID,), 7, dtype=torch.int32)) for c in group.counters)
+    assert all(c.tolist() == [7, 0] for c in group.counters)  # calls counted, tickets reset
+    # every area read was emptied again
+    assert all(torch.equal(b.view(torch.int32), torch.full_like(b.view(torch.int32), -1)) for b in group.bufs)
 
 
 def test_fused_add_rms_norm_matches_torch():
