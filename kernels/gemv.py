@@ -1,0 +1,80 @@
+"""Single-row matrix-vector product y = x W^T for batch-1 decode on CUDA (issue 6's TP=2 shapes).
+
+Why our own: at one row, every projection is a read of the weight at memory bandwidth and
+nothing else. cuBLAS reaches 90% of copy bandwidth on the 8B model's big projections but only
+59-65% on the half-size ones of TP=2 (o_proj 2048 -> 4096: 6.8 us for 16.8 MB on an H200,
+benchmarks/results/profile-llama-3.1-8b-20261122-111011.json), and adds a split-K reduction
+kernel to two of them. This kernel gives each program BLOCK_N output features over the full K,
+streams the weight once with fp32 accumulation in registers, and needs no second kernel.
+
+`gemv(x, weight)` applies when x is one contiguous row on CUDA and the weight a contiguous
+[N, K] matrix of the same dtype; otherwise, and when env RAYLIGHT_GEMV=0, callers use F.linear.
+The launch configuration per (N, K) comes from `CONFIGS` (measured by scripts/bench_gemv.py)
+or the default below.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+triton = None
+tl = None
+
+ENV_VAR = "RAYLIGHT_GEMV"
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) by (N, K): filled from bench_gemv on an H200
+CONFIGS: dict = {}
+DEFAULT = (8, 512, 4, 4)
+
+
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + tl.cast(rn, tl.int64)[:, None] * stride_w + rk[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr + k + rk)
+        else:
+            k_mask = (k + rk) < K
+            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr + k + rk, mask=k_mask, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+    tl.store(y_ptr + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def gemv_kernel():
+    global triton, tl
+    import triton
+    import triton.language as tl
+
+    return triton.jit(_gemv_kernel)
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_VAR, "1") != "0"
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.dim() == 2
+            and weight.is_contiguous() and weight.dtype == x.dtype and weight.shape[1] == x.shape[1]
+            and x.dtype in (torch.bfloat16, torch.float16) and enabled())
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, config=None) -> torch.Tensor:
+    """x [1, K] @ weight[N, K]^T -> [1, N]; `config` overrides the table (benchmarks)."""
+    N, K = weight.shape
+    block_n, block_k, warps, stages = config or CONFIGS.get((N, K), DEFAULT)
+    y = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    gemv_kernel()[(triton.cdiv(N, block_n),)](x, weight, y, N, K, weight.stride(0), BLOCK_N=block_n,
+                                              BLOCK_K=block_k, EVEN_K=K % block_k == 0,
+                                              num_warps=warps, num_stages=stages)
+    return y

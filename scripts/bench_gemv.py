@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Batch-1 projections of the 8B model at TP=1 and TP=2 shapes: cuBLAS (F.linear, and torch.mv)
+against our Triton GEMV (kernels/gemv.py) over a sweep of its launch configurations.
+
+Each method runs N back-to-back calls inside one CUDA graph (as decode graphs run them), each
+call on a different copy of the weight so that the set exceeds L2 and every call reads HBM; the
+replay time / N is the time per call. The floor is the weight's bytes over the measured copy
+bandwidth. Prints the best configuration per shape and writes one JSON under benchmarks/results.
+
+    python scripts/bench_gemv.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_throughput import REPO, device_name, git_commit, measure_ceilings, write_record  # noqa: E402
+
+H, I, V = 4096, 14336, 128256
+SHAPES = {  # name: (N, K) of weight [N, K]
+    "tp1_qkv": (6144, H), "tp1_o": (H, H), "tp1_gate_up": (2 * I, H), "tp1_down": (H, I),
+    "tp2_qkv": (3072, H), "tp2_o": (H, H // 2), "tp2_gate_up": (I, H), "tp2_down": (H, I // 2),
+    "tp2_lm_head": (V // 2, H),
+}
+SWEEP = [(bn, bk, w, s) for (bn, bk), w, s in itertools.product(
+    [(4, 1024), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 256), (2, 2048)], (4, 8), (3, 4))]
+
+
+def per_call(fn, calls: int, reps: int) -> float:
+    g = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(calls):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i)
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / calls)
+    g.reset()
+    return float(np.median(times))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure")
+        return
+    from raylight.kernels.gemv import gemv
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    copy_bw = measure_ceilings(dev)["copy_bandwidth_GBps"] * 1e9
+    results = {}
+    for name, (N, K) in SHAPES.items():
+        nbytes = N * K * 2
+        copies = max(2, -(-(512 << 20) // nbytes))  # > L2 many times over
+        ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+        calls = copies
+        ref = F.linear(x.float(), ws[0].float())
+        entry = {"N": N, "K": K, "bytes": nbytes, "floor_us": nbytes / copy_bw * 1e6}
+        entry["cublas_linear_us"] = per_call(lambda i: F.linear(x, ws[i]), calls, args.reps) * 1e6
+        entry["cublas_mv_us"] = per_call(lambda i: torch.mv(ws[i], x[0]), calls, args.reps) * 1e6
+        sweep = {}
+        for cfg in SWEEP:
+            try:
+                got = gemv(x, ws[0], cfg).float()
+                err = ((got - ref).norm() / ref.norm()).item()
+                if err > 1e-2:
+                    sweep[str(cfg)] = f"error {err:.3g}"
+                    continue
+                sweep[str(cfg)] = per_call(lambda i, c=cfg: gemv(x, ws[i], c), calls, args.reps) * 1e6
+            except Exception as e:  # noqa: BLE001 - a config that does not compile or fit
+                sweep[str(cfg)] = f"{type(e).__name__}: {str(e)[:100]}"
+        timed = {k: v for k, v in sweep.items() if isinstance(v, float)}
+        best = min(timed, key=timed.get)
+        entry.update(triton_sweep_us=sweep, triton_best_config=best, triton_best_us=timed[best],
+                     triton_default_us=sweep.get(str((8, 512, 4, 4))))
+        entry["best_vs_cublas_linear"] = entry["cublas_linear_us"] / timed[best]
+        results[name] = entry
+        print(f"{name:12s} N={N:6d} K={K:6d}: floor {entry['floor_us']:.1f} us; cuBLAS linear "
+              f"{entry['cublas_linear_us']:.1f}, mv {entry['cublas_mv_us']:.1f}; triton best {timed[best]:.1f} {best}"
+              f" (default {entry['triton_default_us']})", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    write_record(args.out, "gemv", dict(benchmark="bench_gemv", commit=git_commit(), device=device_name("cuda"),
+                                         torch=torch.__version__, copy_GBps=copy_bw / 1e9, shapes=results))
+
+
+if __name__ == "__main__":
+    main()
