@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raylight.kernels.gemv import linear
 from raylight.parallel.state import ParallelGroups, shard_range
 
 
@@ -75,7 +76,7 @@ class ColumnParallelLinear(nn.Module):
         param.copy_(w.narrow(0, self.out_start, self.out_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         return self.groups.all_gather(y) if self.gather_output else y
 
 
@@ -104,7 +105,7 @@ class MergedColumnParallelLinear(nn.Module):
         param[self.offsets[shard_id] : self.offsets[shard_id] + n].copy_(w.narrow(0, start, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ class QKVParallelLinear(nn.Module):
         param[dst : dst + n].copy_(w.narrow(0, src_start, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -207,10 +208,10 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.groups.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         if not self.reduce_results:
-            return F.linear(x, self.weight)
-        y = self.groups.all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight)
+        y = self.groups.all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -273,7 +274,7 @@ class ParallelLMHead(VocabParallelEmbedding):
             # than linear()'s (measured on SmolLM2's 49152 x 576 head at S=32).
             logits = (w @ hidden.t()).t()
         else:
-            logits = F.linear(hidden, w)
+            logits = linear(hidden, w)
         if self.groups.tp_size > 1:
             logits = self.groups.all_gather(logits) if gather_all else self.groups.gather(logits)
             if logits is None:

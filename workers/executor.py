@@ -143,7 +143,7 @@ class _Monitor:
     def __init__(self, launcher: Launcher, nccl: bool, poll_s: float = 0.5):
         self.launcher, self.nccl, self.poll_s = launcher, nccl, poll_s
         self.dead: Optional[str] = None
-        # Called after the NCCL abort: ends kernels that wait for a peer outside NCCL (custom all-reduce).
+        # Called before the NCCL abort: ends kernels that wait for a peer outside NCCL (custom all-reduce).
         self.on_death: list = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raylight-rank-monitor", daemon=True)
@@ -156,13 +156,18 @@ class _Monitor:
                 continue
             self.dead = dead
             logger.error("%s; failing the replica", dead)
+            # Kernels that wait for the dead peer outside NCCL first: NCCL's abort frees device
+            # memory, which waits for every running kernel, one of them ours.
+            for abort in self.on_death:
+                try:
+                    abort()
+                except Exception:
+                    logger.warning("could not abort %s", abort, exc_info=True)
             if self.nccl and dist.is_initialized():
                 try:
                     dist.distributed_c10d._abort_process_group()
                 except Exception:
                     logger.warning("could not abort the NCCL process groups", exc_info=True)
-            for abort in self.on_death:
-                abort()
             return
 
     def stop(self) -> None:

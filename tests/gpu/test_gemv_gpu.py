@@ -1,0 +1,56 @@
+"""The single-row GEMV (kernels/gemv.py) against F.linear in fp32 on random inputs: the tuned
+shapes and odd ones (N not a multiple of the block, K not a multiple of BLOCK_K), bf16 and fp16,
+eagerly and replayed in a CUDA graph; and `linear` routing one row to it, more rows to cuBLAS."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raylight.kernels import gemv
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = [(3072, 4096), (4096, 2048), (14336, 4096), (4096, 7168), (1000, 300), (37, 4097), (64128, 4096)]
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemv_matches_fp32_linear(shape, dtype):
+    N, K = shape
+    g = torch.Generator(device="cuda").manual_seed(N + K)
+    w = torch.randn(N, K, generator=g, device="cuda", dtype=dtype) * 0.05
+    x = torch.randn(1, K, generator=g, device="cuda", dtype=dtype)
+    ref = F.linear(x.float(), w.float())
+    assert rel_err(gemv.gemv(x, w), ref) < 1e-2
+    # inside a CUDA graph, with the input changed between replays
+    static_x = x.clone()
+    gemv.gemv(static_x, w)  # compiled before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemv.gemv(static_x, w)
+    for _ in range(3):
+        static_x.copy_(torch.randn(1, K, generator=g, device="cuda", dtype=dtype))
+        graph.replay()
+        assert rel_err(out, F.linear(static_x.float(), w.float())) < 1e-2
+
+
+def test_linear_routes_one_row_to_gemv(monkeypatch):
+    w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(256, device="cuda", dtype=torch.bfloat16)
+    calls = []
+    real = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda x, weight, config=None: calls.append(x.shape) or real(x, weight, config))
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    x1, x4 = (torch.randn(n, 512, device="cuda", dtype=torch.bfloat16) for n in (1, 4))
+    assert rel_err(gemv.linear(x1, w, b), F.linear(x1.float(), w.float(), b.float())) < 1e-2
+    assert rel_err(gemv.linear(x4, w, b), F.linear(x4.float(), w.float(), b.float())) < 1e-2
+    assert calls == ([(1, 512)] if hopper else [])
+    monkeypatch.setenv("RAYLIGHT_GEMV", "0")
+    gemv.linear(x1, w)
+    assert len(calls) == (1 if hopper else 0)
