@@ -41,7 +41,9 @@ DEFAULT = (16, 512, 8, 4)
 
 
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SILU_AND_MUL: tl.constexpr):
+    # SILU_AND_MUL: x is [gate | up] of width 2K and the input row is silu(gate) * up, computed
+    # here per chunk (rounded as kernels/fused.silu_and_mul does): no separate kernel for it.
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -52,10 +54,18 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptr + k + rk)
+            if SILU_AND_MUL:
+                u = tl.load(x_ptr + K + k + rk)
         else:
             k_mask = (k + rk) < K
             w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptr + k + rk, mask=k_mask, other=0.0)
+            if SILU_AND_MUL:
+                u = tl.load(x_ptr + K + k + rk, mask=k_mask, other=0.0)
+        if SILU_AND_MUL:
+            g = x.to(tl.float32)
+            s = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
+            x = (s * u.to(tl.float32)).to(x.dtype)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
     tl.store(y_ptr + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -79,26 +89,34 @@ def _hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def applies(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = False) -> bool:
     return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.dim() == 2
-            and weight.is_contiguous() and weight.dtype == x.dtype and weight.shape[1] == x.shape[1]
+            and weight.is_contiguous() and weight.dtype == x.dtype
+            and weight.shape[1] * (2 if silu_and_mul else 1) == x.shape[1]
             and x.dtype in (torch.bfloat16, torch.float16) and enabled() and _hopper(x.device.index or 0))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through `gemv` for a single row where it applies."""
-    if x.is_cuda and x.shape[0] == 1 and applies(x, weight):
-        y = gemv(x, weight)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           silu_and_mul: bool = False) -> torch.Tensor:
+    """F.linear(x, weight, bias), through `gemv` for a single row where it applies. With
+    `silu_and_mul`, x is [gate | up] and the product is taken with silu(gate) * up."""
+    if x.is_cuda and x.shape[0] == 1 and applies(x, weight, silu_and_mul):
+        y = gemv(x, weight, silu_and_mul=silu_and_mul)
         return y if bias is None else y + bias
+    if silu_and_mul:
+        from raylight.kernels.activation import silu_and_mul as act
+
+        x = act(x)
     return F.linear(x, weight, bias)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, config=None) -> torch.Tensor:
-    """x [1, K] @ weight[N, K]^T -> [1, N]; `config` overrides the table (benchmarks)."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: bool = False) -> torch.Tensor:
+    """x [1, K] @ weight[N, K]^T -> [1, N] (x [1, 2K] = [gate | up] with `silu_and_mul`);
+    `config` overrides the table (benchmarks)."""
     N, K = weight.shape
     block_n, block_k, warps, stages = config or CONFIGS.get((N, K), DEFAULT)
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     gemv_kernel()[(triton.cdiv(N, block_n),)](x, weight, y, N, K, weight.stride(0), BLOCK_N=block_n,
                                               BLOCK_K=block_k, EVEN_K=K % block_k == 0,
-                                              num_warps=warps, num_stages=stages)
+                                              SILU_AND_MUL=silu_and_mul, num_warps=warps, num_stages=stages)
     return y

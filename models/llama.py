@@ -20,7 +20,6 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from raylight.kernels.activation import silu_and_mul
 from raylight.kernels.norm import RMSNorm
 from raylight.kernels.rotary import RotaryEmbedding, apply_rotary_qk
 from raylight.models.config import ModelArchConfig
@@ -80,7 +79,7 @@ class LlamaMLP(nn.Module):
                                            reduce_results=False)  # reduced in the next norm
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x), silu_and_mul=True)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -131,11 +131,12 @@ class CustomAllReduce:
         cols = x.shape[-1]
         rows = x.numel() // cols
         block = 1 << (cols - 1).bit_length()
-        kernels.one_shot_kernel()[(max(1, min(rows, self.max_grid)),)](
+        grid = max(1, min(rows, self.max_grid))
+        kernels.one_shot_kernel()[(grid,)](
             x, out, residual, weight, res_out, self.bufs, self.counter, self.abort_flag,
             rows, cols, self.max_bytes // x.element_size(), float(eps),
             RANK=self.rank, WORLD=self.world, BLOCK=block, FUSE_NORM=fuse, BITS=8 * x.element_size(),
-            num_warps=kernels.warps_for(block))
+            ONE_PROGRAM=grid == 1, num_warps=kernels.warps_for(block))
         self.num_calls += 1
 
     def abort(self) -> None:

@@ -206,12 +206,14 @@ class RowParallelLinear(nn.Module):
         _check(w, 1, self.in_features, "input columns")
         param.copy_(w.narrow(1, self.in_start, self.in_local))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_and_mul: bool = False) -> torch.Tensor:
+        """With `silu_and_mul`, x is this rank's [gate | up] and the layer's input is silu(gate) * up
+        (one kernel with the product for a single row, see kernels/gemv.py)."""
         if self.groups.tp_size == 1:
-            return linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias, silu_and_mul)
         if not self.reduce_results:
-            return linear(x, self.weight)
-        y = self.groups.all_reduce(linear(x, self.weight))
+            return linear(x, self.weight, silu_and_mul=silu_and_mul)
+        y = self.groups.all_reduce(linear(x, self.weight, silu_and_mul=silu_and_mul))
         return y if self.bias is None else y + self.bias
 
 

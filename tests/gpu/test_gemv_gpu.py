@@ -40,12 +40,27 @@ def test_gemv_matches_fp32_linear(shape, dtype):
         assert rel_err(out, F.linear(static_x.float(), w.float())) < 1e-2
 
 
+@pytest.mark.parametrize("shape", [(4096, 7168), (300, 1000)])
+def test_gemv_with_silu_and_mul_input(shape):
+    from raylight.kernels.fused import torch_silu_and_mul
+
+    N, K = shape
+    g = torch.Generator(device="cuda").manual_seed(K)
+    w = torch.randn(N, K, generator=g, device="cuda", dtype=torch.bfloat16) * 0.05
+    x = torch.randn(1, 2 * K, generator=g, device="cuda", dtype=torch.bfloat16)
+    ref = F.linear(torch_silu_and_mul(x).float(), w.float())
+    assert rel_err(gemv.gemv(x, w, silu_and_mul=True), ref) < 1e-2
+    assert rel_err(gemv.linear(x, w, silu_and_mul=True), ref) < 1e-2
+    assert rel_err(gemv.linear(x.expand(3, -1).contiguous(), w, silu_and_mul=True)[1:2], ref) < 1e-2
+
+
 def test_linear_routes_one_row_to_gemv(monkeypatch):
     w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(256, device="cuda", dtype=torch.bfloat16)
     calls = []
     real = gemv.gemv
-    monkeypatch.setattr(gemv, "gemv", lambda x, weight, config=None: calls.append(x.shape) or real(x, weight, config))
+    monkeypatch.setattr(gemv, "gemv", lambda x, weight, config=None, silu_and_mul=False:
+                        calls.append(x.shape) or real(x, weight, config, silu_and_mul))
     hopper = torch.cuda.get_device_capability()[0] == 9
     x1, x4 = (torch.randn(n, 512, device="cuda", dtype=torch.bfloat16) for n in (1, 4))
     assert rel_err(gemv.linear(x1, w, b), F.linear(x1.float(), w.float(), b.float())) < 1e-2

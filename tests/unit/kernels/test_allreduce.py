@@ -43,9 +43,11 @@ class SimulatedGroup:
 
         cols = x.shape[-1]
         rows = x.numel() // cols
-        one_shot_kernel()[(min(rows, MAX_GRID),)](
+        grid = min(rows, MAX_GRID)
+        one_shot_kernel()[(grid,)](
             x, out, res, w, res_out, self.buf_addrs, self.counters[rank], self.abort, rows, cols, AREA, eps,
-            RANK=rank, WORLD=self.world, BLOCK=1 << (cols - 1).bit_length(), FUSE_NORM=fuse, BITS=32)
+            RANK=rank, WORLD=self.world, BLOCK=1 << (cols - 1).bit_length(), FUSE_NORM=fuse, BITS=32,
+            ONE_PROGRAM=grid == 1)
 
     def call(self, xs, res=None, w=None, ranks=None):
         shared = lambda t: t.clone().share_memory_()  # noqa: E731

@@ -141,3 +141,20 @@ def test_logprobs_are_raw_and_ranked():
     assert out.ranks.item() == 5
     assert out.top_ids[0].tolist() == [0, 1, 2]
     assert out.top_logprobs[0].tolist() == pytest.approx(raw[:3].tolist())
+
+
+def test_argmax_in_chunks_is_argmax_with_first_index_on_ties():
+    from raylight.workers.sampler import _chunks, argmax_in_chunks
+
+    g = torch.Generator().manual_seed(0)
+    for vocab in (128256, 49152, 32000):
+        c = _chunks(vocab)
+        assert c and vocab % c == 0
+        x = torch.randn(6, vocab, generator=g)
+        x[1] = 0.0  # all tied: index 0
+        x[2, 7] = x[2, vocab - 1] = 100.0  # tie across chunks: the first
+        x[3, vocab // 2] = float("inf")
+        x[4] = torch.randint(0, 3, (vocab,), generator=g).float()  # many ties
+        x[5, c * 3 + 1] = x[5, c * 3 + 2] = 50.0  # tie inside one chunk
+        assert torch.equal(argmax_in_chunks(x, c), x.argmax(dim=-1))
+    assert _chunks(50257) == 0  # no divisor in range: plain argmax
