@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from raylight.kernels import activation
+
 triton = None
 tl = None
 
@@ -104,9 +106,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         y = gemv(x, weight, silu_and_mul=silu_and_mul)
         return y if bias is None else y + bias
     if silu_and_mul:
-        from raylight.kernels.activation import silu_and_mul as act
-
-        x = act(x)
+        x = activation.silu_and_mul(x)
     return F.linear(x, weight, bias)
 
 

@@ -147,17 +147,7 @@ def _collective_rank(rank: int, world: int, init_method: str, sizes: dict, reps:
             # One call between a host sync each includes the ranks' launch skew; a decode step issues
             # them back to back, inside a CUDA graph: time 20 such calls and divide.
             entry["back_to_back_seconds"] = _per_call(lambda: dist.all_reduce(x), 20)
-            g = torch.cuda.CUDAGraph()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                dist.all_reduce(x)
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(g):
-                for _ in range(20):
-                    dist.all_reduce(x)
-            entry["in_cuda_graph_seconds"] = _per_call(g.replay, 1) / 20
-            g.reset()  # before the communicator goes (pytorch#115388)
+            entry["in_cuda_graph_seconds"] = _in_graph(lambda: dist.all_reduce(x))
             entry.update(_custom_times(groups, x, hidden))
         result["all_reduce"][name] = entry
     # The step broadcast: one fixed-size int64 buffer over gloo, as StepChannel sends it.
@@ -190,7 +180,7 @@ def _in_graph(fn, calls: int = 20) -> float:
         for _ in range(calls):
             fn()
     t = _per_call(g.replay, 1) / calls
-    g.reset()
+    g.reset()  # before the communicator goes (pytorch#115388)
     return t
 
 

@@ -10,6 +10,7 @@ Logprobs are those of the raw model distribution (before any of the processing a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,6 +45,7 @@ class SamplerOutput:
     top_logprobs: Optional[torch.Tensor] = None  # [S, k]
 
 
+@functools.lru_cache(maxsize=None)
 def _chunks(vocab: int) -> int:
     """A divisor of the vocabulary near its square root (0 if none in [32, 2048])."""
     best = 0
@@ -53,9 +55,6 @@ def _chunks(vocab: int) -> int:
     return best
 
 
-_CHUNKS: dict[int, int] = {}
-
-
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(dim=-1), first index on ties, as torch's. For a few rows on CUDA in two stages:
     torch reduces each row with one block, so one 128256-wide row took 28 us on an H200 (a
@@ -63,9 +62,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     S, V = logits.shape
     if logits.device.type != "cuda" or S > 32:
         return logits.argmax(dim=-1)
-    c = _CHUNKS.get(V)
-    if c is None:
-        c = _CHUNKS[V] = _chunks(V)
+    c = _chunks(V)
     return argmax_in_chunks(logits, c) if c else logits.argmax(dim=-1)
 
 
