@@ -9,7 +9,7 @@ import torch
 
 from raylight import LLM, SamplingParams
 
-from ..conftest import make_random_hf_model, random_prompts
+from raylight.testing.helpers import make_random_hf_model, random_prompts
 
 pytestmark = pytest.mark.gpu
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from raylight.kernels.host_copy import copy_to, pinned, to_device
+from raylight.utils.host_copy import copy_to, pinned, to_device
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

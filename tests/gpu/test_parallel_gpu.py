@@ -22,7 +22,7 @@ import torch
 
 from raylight import LLM, SamplingParams
 
-from ..conftest import make_random_hf_model, random_prompts
+from raylight.testing.helpers import make_random_hf_model, random_prompts
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]

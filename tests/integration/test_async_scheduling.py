@@ -9,7 +9,7 @@ import pytest
 
 from raylight import LLM, SamplingParams
 
-from ..conftest import assert_no_leaks, count_placeholders, make_random_hf_model, random_prompts
+from raylight.testing.helpers import assert_no_leaks, count_placeholders, make_random_hf_model, random_prompts
 
 
 @pytest.fixture(scope="module")

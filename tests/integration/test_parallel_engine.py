@@ -14,7 +14,7 @@ import pytest
 
 from raylight import LLM, SamplingParams
 
-from ..conftest import SMOLLM2_PROMPTS, count_placeholders, make_random_hf_model, random_prompts
+from raylight.testing.helpers import SMOLLM2_PROMPTS, count_placeholders, make_random_hf_model, random_prompts
 
 # Small pool and token budget: prompts of up to 40 tokens prefill in chunks of 16 over several steps.
 ENGINE = dict(device="cpu", dtype="float32", max_num_batched_tokens=16, kv_cache_memory=2**22, block_size=4)
@@ -119,7 +119,7 @@ def test_smollm2_tp2_matches_single_process(smollm2_dir):
 def test_dead_rank_fails_the_engine_and_leaves_no_process(qwen3):
     """Rank 1 killed mid-generation: the step loop dies within seconds, waiting and new requests get
     EngineDeadError, and shutdown leaves no child process."""
-    from raylight.workers.async_engine import AsyncLLMEngine, EngineDeadError
+    from raylight.engine.async_engine import AsyncLLMEngine, EngineDeadError
 
     path, prompts, _, _ = qwen3
     llm = LLM(path, tensor_parallel_size=2, **{**ENGINE, "max_num_batched_tokens": 64})

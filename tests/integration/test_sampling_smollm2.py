@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from raylight import LLM, SamplingParams
-from raylight.workers.tokenizer import IncrementalDetokenizer
+from raylight.engine.tokenizer import IncrementalDetokenizer
 
-from ..conftest import assert_no_leaks
+from raylight.testing.helpers import assert_no_leaks
 
 PROMPT = "The capital of France is"
 

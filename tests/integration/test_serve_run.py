@@ -14,7 +14,7 @@ import yaml
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
-from ..conftest import free_port, wait_healthy
+from raylight.testing.helpers import free_port, wait_healthy
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
-from ..conftest import serve_app
+from raylight.testing.helpers import serve_app
 
 API_KEY = "sk-raylight-test"
 MODEL = "SmolLM2-135M-Instruct"

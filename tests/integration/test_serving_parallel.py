@@ -11,7 +11,7 @@ openai = pytest.importorskip("openai")
 
 from raylight import LLM, SamplingParams
 
-from ..conftest import SMOLLM2_CHAT, serve_app
+from raylight.testing.helpers import SMOLLM2_CHAT, serve_app
 
 MODEL = "SmolLM2-135M-Instruct"
 ENGINE = {"device": "cpu", "dtype": "float32", "max_model_len": 512, "max_num_seqs": 8, "kv_cache_memory": 2**26}

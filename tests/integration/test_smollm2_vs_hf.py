@@ -6,7 +6,7 @@ import pytest
 
 from raylight import LLM, SamplingParams
 
-from ..conftest import SMOLLM2_CHAT, SMOLLM2_PROMPTS, assert_no_leaks, hf_greedy
+from raylight.testing.helpers import SMOLLM2_CHAT, SMOLLM2_PROMPTS, assert_no_leaks, hf_greedy
 
 MAX_NEW = 32
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)

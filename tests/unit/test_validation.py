@@ -6,7 +6,7 @@ import pytest
 
 from raylight import LLM, EngineArgs, SamplingParams
 
-from ..conftest import assert_no_leaks, make_random_hf_model, random_prompts
+from raylight.testing.helpers import assert_no_leaks, make_random_hf_model, random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 

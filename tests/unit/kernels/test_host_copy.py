@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from raylight.kernels.host_copy import copy_to, pinned, to_device
+from raylight.utils.host_copy import copy_to, pinned, to_device
 
 
 def test_cpu_copies_are_plain_and_exact():

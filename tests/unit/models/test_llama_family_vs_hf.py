@@ -6,7 +6,7 @@ import pytest
 
 from raylight import LLM, SamplingParams
 
-from ...conftest import assert_no_leaks, hf_greedy, make_random_hf_model, random_prompts
+from raylight.testing.helpers import assert_no_leaks, hf_greedy, make_random_hf_model, random_prompts
 
 KINDS = ["llama", "llama-tied", "qwen2", "qwen3", "mistral"]
 

@@ -12,7 +12,7 @@ from raylight import LLM, SamplingParams
 from raylight.models.config import PRESETS, ModelArchConfig
 from raylight.models.loader import resolve_model
 
-from ...conftest import make_random_hf_model, random_prompts
+from raylight.testing.helpers import make_random_hf_model, random_prompts
 
 
 def test_hub_id_without_network_fails_clearly():
@@ -80,7 +80,7 @@ def test_unsupported_architecture():
 
 def test_gguf_file_loads_like_the_default_model(smollm2_dir, tmp_path, monkeypatch):
     """A .gguf path is converted once into the cache and gives the same greedy tokens."""
-    from raylight.models.default_model import default_gguf_path
+    from raylight.defaults import default_gguf_path
 
     gguf = default_gguf_path()  # in the real cache (smollm2_dir fetched it)
     monkeypatch.setenv("RAYLIGHT_CACHE_DIR", str(tmp_path))

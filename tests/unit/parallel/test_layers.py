@@ -9,7 +9,7 @@ import torch
 from raylight.parallel.layers import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead,
                                       QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding, head_shard)
 from raylight.parallel.state import ParallelConfig, ParallelGroups, shard_range
-from raylight.tests.unit.parallel import workers
+from raylight.testing import parallel_ranks as workers
 
 
 def test_single_process_layers_equal_torch_layers():

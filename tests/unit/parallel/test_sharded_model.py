@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from raylight.parallel.state import ParallelConfig, ParallelGroups
-from raylight.tests.unit.parallel import workers
+from raylight.testing import parallel_ranks as workers
 
-from ...conftest import SMOLLM2_PROMPTS, make_random_hf_model, random_prompts
+from raylight.testing.helpers import SMOLLM2_PROMPTS, make_random_hf_model, random_prompts
 
 MAX_NEW, BLOCK = 8, 4
 LAYOUTS = {  # id: (tp, pp, layer split)

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from raylight.parallel.state import ParallelConfig, ParallelGroups, init_distributed, leave_distributed
 
-from ...conftest import free_port
+from raylight.testing.helpers import free_port
 
 
 def test_leave_distributed_lets_a_new_world_start():

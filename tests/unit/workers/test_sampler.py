@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from raylight.sampling_params import SamplingParams
-from raylight.workers.request import Request
+from raylight.engine.request import Request
 from raylight.workers.sampler import Sampler
 from raylight.workers.sampling_state import SampleRow, SamplingState
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from raylight.tests.unit.parallel.workers import run_ranks
-from raylight.tests.unit.workers import channel_ranks
+from raylight.testing.parallel_ranks import run_ranks
+from raylight.testing import channel_ranks
 
 
 def test_steps_round_trip_through_the_channel():

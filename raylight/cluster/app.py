@@ -1,0 +1,106 @@
+"""Builds the Ray Serve application from one typed config.
+
+`serve run configs/cluster.yaml` imports `raylight.cluster.app:build_app` and passes the
+file's `args:`; `raylight serve` builds the same `AppConfig` from flags.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from raylight.config import EngineArgs
+from raylight.placement import ClusterTopology, PlacementPlan, check_fits, deployment_options, plan_for_replica
+
+logger = logging.getLogger("raylight.app")
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: Optional[str] = Field(None, description="Model to serve; None for the default SmolLM2-135M-Instruct.")
+    served_model_name: Optional[str] = Field(None, description="Name clients use; defaults to the model's.")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="EngineArgs for every replica.")
+    num_replicas: Optional[int] = Field(1, ge=1, description="Fixed replica count (ignored with autoscaling).")
+    autoscaling_config: Optional[dict[str, Any]] = Field(None, description="Serve autoscaling for the engine pool.")
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1},
+                                              description="Resources of one engine replica.")
+    max_ongoing_requests: int = Field(1024, ge=1, description="Serve's in-flight cap per engine replica.")
+    max_queued_requests: Optional[int] = Field(256, ge=0, description="Waiting requests before 429.")
+    api_key: Optional[str] = Field(None, description="Bearer key required on every route but /health.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+
+    def engine(self) -> EngineArgs:
+        return EngineArgs(model=self.model, **self.engine_args)
+
+
+def build_app(args: dict[str, Any]):
+    """Serve application builder: ingress deployment in front of a pool of engine replicas."""
+    from ray import serve
+
+    from raylight.cluster.ingress import OpenAIServer
+    from raylight.cluster.replica import EngineReplica
+    from raylight.defaults import DEFAULT_MODEL_NAME
+
+    cfg = args if isinstance(args, AppConfig) else AppConfig(**(args or {}))
+    engine_args = cfg.engine()  # validate once, here, with field names in the error
+    name = cfg.served_model_name or (cfg.model or DEFAULT_MODEL_NAME)
+    pool_opts: dict[str, Any] = dict(ray_actor_options=cfg.ray_actor_options,
+                                     max_ongoing_requests=cfg.max_ongoing_requests,
+                                     health_check_period_s=10, health_check_timeout_s=60)
+    if cfg.autoscaling_config:
+        pool_opts["autoscaling_config"] = cfg.autoscaling_config
+    else:
+        pool_opts["num_replicas"] = cfg.num_replicas
+    plan = replica_plan(cfg, engine_args)
+    if plan is not None:
+        pool_opts.update(deployment_options(plan, cfg.ray_actor_options))
+    cpu_threads = int(cfg.ray_actor_options.get("num_cpus", 1) or 1)
+    pool = serve.deployment(EngineReplica, name="EngineReplica", **pool_opts).bind(
+        engine_args.model_dump(exclude_none=True), cfg.max_queued_requests, cpu_threads, plan)
+    ingress = serve.deployment(OpenAIServer, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=4096)
+    return ingress.bind(pool, name, cfg.model, engine_args.load_format, engine_args.max_model_len, cfg.api_key,
+                        cfg.default_max_tokens)
+
+
+def placement_options(cfg: AppConfig, engine_args: EngineArgs) -> dict[str, Any]:
+    """Placement-group options for the engine pool: none for a single-rank replica; for
+    TP x PP > 1, the planner's bundles and strategy, with `ray_actor_options` read as one
+    rank's share (the replica actor is rank 0)."""
+    plan = replica_plan(cfg, engine_args)
+    return {} if plan is None else deployment_options(plan, cfg.ray_actor_options)
+
+
+def replica_plan(cfg: AppConfig, engine_args: EngineArgs) -> Optional[PlacementPlan]:
+    """The placement plan of each engine replica, None for a single-rank one. The replica gets it
+    too: it places its other ranks (Ray actors) into the bundles the plan says."""
+    tp, pp = engine_args.tensor_parallel_size, engine_args.pipeline_parallel_size
+    if tp * pp == 1:
+        return None
+    plan = plan_for_replica(cfg.ray_actor_options, tp, pp, device=engine_args.device)
+    logger.info("engine replicas are %s placement groups: bundles %s, strategy %s", plan.name,
+                plan.bundle_list(), plan.strategy)
+    _warn_if_cluster_too_small(plan, cfg)
+    return plan
+
+
+def _warn_if_cluster_too_small(plan: PlacementPlan, cfg: AppConfig) -> None:
+    """A placement group that does not fit waits silently, so say so now. Only a warning:
+    an autoscaling Ray cluster may still add the nodes."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        replicas = cfg.num_replicas or 1
+        if cfg.autoscaling_config:
+            replicas = cfg.autoscaling_config.get("min_replicas", 1)
+        check_fits(plan, ClusterTopology.from_ray(), max(1, int(replicas)))
+    except ValueError as e:
+        logger.warning("the Ray cluster cannot hold the engine pool as it is now (%s); replicas will wait "
+                       "for nodes", e)
+    except Exception:  # topology is advisory; never fail the build over it
+        logger.debug("could not read the Ray cluster's topology", exc_info=True)

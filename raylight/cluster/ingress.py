@@ -1,0 +1,405 @@
+"""OpenAI-compatible HTTP ingress (FastAPI through Serve).
+
+The ingress authenticates, validates, renders chat templates and tokenizes, then streams
+from an engine replica through Serve's streaming handle (Serve's router picks the replica
+with the fewest requests in flight, of two sampled). A client that disconnects cancels the
+stream, which aborts the request on its replica.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from raylight import __version__
+from raylight.cluster.metrics import ServerMetrics
+from raylight.cluster.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                       TokenizeRequest, param_of)
+from raylight.cluster.replica import GenerateCall, ReplicaMessage
+from raylight.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+
+logger = logging.getLogger("raylight.ingress")
+
+app = FastAPI(title="raylight", version=__version__)
+
+
+@app.middleware("http")
+async def _require_api_key(request: Request, call_next):
+    """Runs before body validation, so an unauthenticated client learns nothing else."""
+    key = getattr(request.app.state, "api_key", None)
+    if key is not None and request.url.path != "/health":
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            err = APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+            return JSONResponse(err.body(), status_code=401)
+    return await call_next(request)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError):
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError):
+    err = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in err.get("loc", []) if p != "body"]
+    param = loc[0] if loc else None
+    msg = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid request')}"
+    return JSONResponse(APIError(400, msg, param=param).body(), status_code=400)
+
+
+@app.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception):
+    logger.exception("unhandled error")
+    return JSONResponse(APIError(500, "internal server error", "internal_error").body(), status_code=500)
+
+
+# Defined before the class: Serve pickles the ingress class with the globals it sees.
+class _Timing:
+    """Latency as the client sees it: TTFT, gaps between tokens, end to end."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+        self.start = time.perf_counter()
+        self.last: Optional[float] = None
+        self.generated = 0
+        self.prompt = 0
+        self.finish_reasons: list[str] = []
+
+    def token(self, out: Optional[RequestOutput]) -> None:
+        if out is None:
+            return
+        now = time.perf_counter()
+        new = sum(len(c.delta_token_ids) for c in out.outputs)
+        if new:
+            if self.last is None:
+                self.metrics.ttft.observe(now - self.start)
+            else:
+                self.metrics.itl.observe(now - self.last)
+            self.last = now
+            self.generated += new
+        self.prompt = len(out.prompt_token_ids)
+        if out.finished:
+            self.finish_reasons = [c.finish_reason or "abort" for c in out.outputs]
+
+    def done(self) -> None:
+        self.metrics.e2e.observe(time.perf_counter() - self.start)
+        self.metrics.prompt_tokens.inc(self.prompt)
+        self.metrics.generation_tokens.inc(self.generated)
+        for reason in self.finish_reasons:
+            self.metrics.requests.labels(finished_reason=reason).inc()
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _usage_opt(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+@serve.ingress(app)
+class OpenAIServer:
+    """Routes are methods so they see the replica handle and config (Serve's class-based views)."""
+
+    def __init__(self, engine_handle, served_model_name: str, model: Optional[str], load_format: str = "auto",
+                 max_model_len: Optional[int] = None, api_key: Optional[str] = None,
+                 default_max_tokens: int = 256):
+        from raylight.models.loader import resolve_model
+        from raylight.engine.tokenizer import load_tokenizer
+
+        resolved = resolve_model(model, load_format)
+        self.engine = engine_handle
+        self.served_model_name = served_model_name
+        self.tokenizer = load_tokenizer(resolved.path)
+        self.max_model_len = max_model_len or resolved.arch.max_position_embeddings
+        app.state.api_key = api_key  # read by the auth middleware of this process's app
+        self.default_max_tokens = default_max_tokens
+        self.metrics = ServerMetrics()
+        self.created = int(time.time())
+
+    # ---- helpers ----
+    def _check_model(self, model: Optional[str]) -> None:
+        if model is not None and model != self.served_model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.served_model_name!r}",
+                           "not_found_error", param="model", code="model_not_found")
+
+    def _tokenize(self, prompt, add_special_tokens: bool = True) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send prompts as token ids", param="prompt")
+        if not prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
+
+    def _chat_ids(self, conversation, add_generation_prompt: bool = True, kwargs=None) -> list[int]:
+        from raylight.engine.tokenizer import apply_chat_template
+
+        try:
+            return apply_chat_template(self.tokenizer, conversation, add_generation_prompt, **(kwargs or {}))
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        except Exception as e:  # a template that raises on this conversation
+            raise APIError(400, f"chat template failed: {type(e).__name__}: {e}", param="messages") from None
+
+    def _stream(self, call: GenerateCall):
+        return self.engine.options(stream=True).generate.remote(call)
+
+    async def _first(self, stream) -> tuple[Optional[ReplicaMessage], AsyncIterator]:
+        """Reads the first message, so errors become an HTTP status before any byte is sent."""
+        it = stream.__aiter__()
+        try:
+            msg = await it.__anext__()
+        except StopAsyncIteration:
+            return None, it
+        except Exception as e:
+            stream.cancel()
+            raise APIError(503, f"engine replica unavailable ({type(e).__name__})", "service_unavailable") from None
+        self._raise_if_error(msg)
+        return msg, it
+
+    def _raise_if_error(self, msg: ReplicaMessage) -> None:
+        if msg.stats is not None:
+            self.metrics.update_replica(msg.replica_id, msg.stats)
+        if msg.error_status is None:
+            return
+        status, text = msg.error_status, msg.error_message or "error"
+        if status == 400:
+            raise APIError(400, text, param=param_of(text))
+        if status == 429:
+            raise APIError(429, text, "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        raise APIError(status, "the engine is unavailable; retry shortly", "service_unavailable")
+
+    async def _run_to_end(self, request: Request, call: GenerateCall, timing) -> RequestOutput:
+        stream = self._stream(call)
+        first, it = await self._first(stream)
+        final = first.output if first is not None else None
+        timing.token(final)
+
+        async def consume():
+            nonlocal final
+            async for msg in it:
+                self._raise_if_error(msg)
+                final = msg.output
+                timing.token(final)
+
+        task = asyncio.ensure_future(consume())
+        while not task.done():  # a non-streaming client that hangs up also aborts its request
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if not done and await request.is_disconnected():
+                task.cancel()
+                stream.cancel()
+                raise APIError(499, "client disconnected")
+        task.result()
+        return final
+
+    # ---- routes ----
+    @app.get("/health")
+    async def health(self):
+        try:
+            ok = await asyncio.wait_for(self.engine.health.remote(), timeout=5)
+        except Exception:
+            ok = False
+        if not ok:
+            return JSONResponse(APIError(503, "engine not ready", "service_unavailable").body(), status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version(self, request: Request):
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics(self, request: Request):
+        try:
+            stats = await asyncio.wait_for(self.engine.stats.remote(), timeout=2)
+            self.metrics.update_replica(stats.replica_id, stats.metrics)
+        except Exception:
+            pass  # serve what we last heard
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        return {"object": "list", "data": [{
+            "id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "raylight",
+            "max_model_len": self.max_model_len}]}
+
+    @app.post("/tokenize")
+    async def tokenize(self, body: TokenizeRequest, request: Request):
+        self._check_model(body.model)
+        if body.messages is not None:
+            ids = self._chat_ids([m.model_dump() for m in body.messages], body.add_generation_prompt)
+        elif body.prompt is not None:
+            ids = self._tokenize(body.prompt, body.add_special_tokens)
+        else:
+            raise APIError(400, "give prompt or messages", param="prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(self, body: DetokenizeRequest, request: Request):
+        self._check_model(body.model)
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer", param="tokens")
+        bad = [t for t in body.tokens if not 0 <= t < len(self.tokenizer)]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary", param="tokens")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._check_model(body.model)
+        params = body.sampling_params(self.default_max_tokens)
+        prompts = [self._tokenize(p) for p in body.prompts()]
+        rid = body.request_id or f"cmpl-{uuid.uuid4().hex}"
+        calls = [GenerateCall(f"{rid}-{i}", ids, params, body.cache_salt) for i, ids in enumerate(prompts)]
+        if body.stream:
+            if len(calls) != 1:
+                raise APIError(400, "streaming takes one prompt per request", param="prompt")
+            return await self._sse(request, calls[0], rid, chat=False, include_usage=_usage_opt(body))
+        timings = [_Timing(self.metrics) for _ in calls]
+        finals = await asyncio.gather(*(self._run_to_end(request, c, t) for c, t in zip(calls, timings)))
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for i, out in enumerate(finals):
+            prompt_tokens += len(out.prompt_token_ids)
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                choices.append({"index": i * params.n + c.index, "text": c.text,
+                                "logprobs": self._completion_logprobs(c.logprobs, c.token_ids) if params.logprobs is not None else None,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        for t in timings:
+            t.done()
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.served_model_name,
+                "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        self._check_model(body.model)
+        params = body.sampling_params(self.default_max_tokens)
+        ids = self._chat_ids(body.conversation(), body.add_generation_prompt, body.chat_template_kwargs)
+        rid = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
+        call = GenerateCall(rid, ids, params, body.cache_salt)
+        if body.stream:
+            return await self._sse(request, call, rid, chat=True, include_usage=_usage_opt(body))
+        timing = _Timing(self.metrics)
+        out = await self._run_to_end(request, call, timing)
+        timing.done()
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": {"content": self._chat_logprobs(c.logprobs, c.token_ids)} if body.logprobs else None,
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.served_model_name,
+                "choices": choices, "usage": _usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs))}
+
+    # ---- streaming ----
+    async def _sse(self, request: Request, call: GenerateCall, rid: str, chat: bool, include_usage: bool):
+        stream = self._stream(call)
+        first, it = await self._first(stream)  # errors become a status code, not a broken stream
+        timing = _Timing(self.metrics)
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        n = call.params.n
+        want_logprobs = call.params.logprobs is not None
+
+        def chunk(choices, usage=None) -> str:
+            body = {"id": rid, "object": obj, "created": created, "model": self.served_model_name, "choices": choices}
+            if include_usage:
+                body["usage"] = usage
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        async def events():
+            last = None
+            try:
+                if chat:
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None} for i in range(n)])
+                msgs = [first] if first is not None else []
+                while True:
+                    for msg in msgs:
+                        self._raise_if_error(msg)
+                        out = msg.output
+                        last = out
+                        timing.token(out)
+                        choices = []
+                        for c in out.outputs:
+                            if not c.delta_text and not c.delta_token_ids and c.finish_reason is None:
+                                continue
+                            choices.append(self._stream_choice(c, chat, want_logprobs))
+                        if choices:
+                            yield chunk(choices)
+                    if last is not None and last.finished:
+                        break
+                    try:
+                        msgs = [await it.__anext__()]
+                    except StopAsyncIteration:
+                        break
+                if include_usage and last is not None:
+                    yield chunk([], _usage(len(last.prompt_token_ids), sum(len(c.token_ids) for c in last.outputs)))
+                yield "data: [DONE]\n\n"
+                timing.done()
+            except APIError as e:  # mid-stream failure: report it in-band, then end the stream
+                yield f"data: {json.dumps(e.body())}\n\n"
+            finally:
+                stream.cancel()  # no-op when finished; aborts the request when the client went away
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def _stream_choice(self, c: CompletionOutput, chat: bool, want_logprobs: bool) -> dict[str, Any]:
+        logprobs = None
+        if want_logprobs and c.delta_logprobs:
+            ids = c.delta_token_ids
+            logprobs = ({"content": self._chat_logprobs(c.delta_logprobs, ids)} if chat
+                        else self._completion_logprobs(c.delta_logprobs, ids))
+        choice = {"index": c.index, "logprobs": logprobs, "finish_reason": c.finish_reason}
+        if c.finish_reason is not None:
+            choice["stop_reason"] = c.stop_reason
+        if chat:
+            choice["delta"] = {"content": c.delta_text} if c.delta_text or c.finish_reason is None else {}
+        else:
+            choice["text"] = c.delta_text
+        return choice
+
+    # ---- logprobs in OpenAI's two shapes ----
+    def _token_str(self, token_id: int, entry: PositionLogprobs) -> str:
+        lp = entry.get(token_id)
+        if lp is not None and lp.decoded_token is not None:
+            return lp.decoded_token
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
+
+    def _chat_logprobs(self, logprobs: Optional[list[PositionLogprobs]], token_ids: list[int]) -> list[dict]:
+        out = []
+        for tok, entry in zip(token_ids, logprobs or []):
+            text = self._token_str(tok, entry)
+            # The alternatives are the entries ranked 1..k; the chosen token may sit beyond them.
+            k = len(entry) - (0 if entry[tok].rank is not None and entry[tok].rank <= len(entry) else 1)
+            top = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= k), key=lambda lp: lp.rank)
+            out.append({
+                "token": text, "logprob": max(entry[tok].logprob, -9999.0), "bytes": list(text.encode()),
+                "top_logprobs": [{"token": lp.decoded_token or "", "logprob": max(lp.logprob, -9999.0),
+                                  "bytes": list((lp.decoded_token or "").encode())} for lp in top],
+            })
+        return out
+
+    def _completion_logprobs(self, logprobs: Optional[list[PositionLogprobs]], token_ids: list[int]) -> dict:
+        tokens, token_logprobs, top_logprobs, offsets, pos = [], [], [], [], 0
+        for tok, entry in zip(token_ids, logprobs or []):
+            text = self._token_str(tok, entry)
+            tokens.append(text)
+            token_logprobs.append(entry[tok].logprob)
+            top_logprobs.append({(lp.decoded_token or str(tid)): lp.logprob for tid, lp in entry.items()})
+            offsets.append(pos)
+            pos += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                "text_offset": offsets}

@@ -1,0 +1,164 @@
+"""The engine loop off the asyncio event loop: requests stream out, aborts land within a step.
+
+One thread owns the `LLMEngine` and runs `step()` while there is work. Requests and aborts
+cross over through a thread-safe queue drained at the start of every step; outputs come back
+to each request's asyncio.Queue via `call_soon_threadsafe`. The event loop never blocks on a
+step, so streaming, aborts and health checks stay responsive while the model computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+from raylight.outputs import RequestOutput
+from raylight.sampling_params import SamplingParams
+from raylight.engine.llm_engine import LLMEngine, PromptType
+
+logger = logging.getLogger("raylight.async_engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop crashed; the replica must be replaced."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than `max_queued_requests` allows."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: PromptType
+    params: SamplingParams
+    cache_salt: Optional[str]
+    sink: "_Sink"
+
+
+@dataclass
+class _Sink:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, max_queued_requests: Optional[int] = None):
+        self.engine = engine
+        self.max_queued_requests = max_queued_requests
+        self._inbox: queue.Queue = queue.Queue()
+        self._sinks: dict[str, _Sink] = {}
+        self._wakeup = threading.Event()
+        self._stopped = False
+        self.dead: Optional[BaseException] = None
+        self.last_progress = time.monotonic()  # last step end, or last idle check
+        self.last_step_time = 0.0
+        self.num_pending = 0  # accepted but not finished (queued, waiting or running)
+        # Start-to-start times of consecutive busy steps: the cadence tokens come out at.
+        self.step_periods: collections.deque[float] = collections.deque(maxlen=1024)
+        self._last_step_start: Optional[float] = None
+        self._thread = threading.Thread(target=self._run, name="raylight-engine-loop", daemon=True)
+        self._thread.start()
+
+    # ---- called on the event loop ----
+    async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str,
+                       cache_salt: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+        """Streams this request's outputs. Validation errors raise ValueError before the first
+        output; breaking out (or being cancelled) aborts the request."""
+        if self.dead is not None:
+            raise EngineDeadError(f"engine loop died: {self.dead!r}")
+        if self.max_queued_requests is not None and self.num_waiting() >= self.max_queued_requests:
+            raise QueueFullError(f"{self.num_waiting()} requests are already waiting "
+                                 f"(max_queued_requests={self.max_queued_requests})")
+        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
+        self.num_pending += 1
+        self._inbox.put(_Add(request_id, prompt, params, cache_salt, sink))
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await sink.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self.num_pending -= 1
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wakeup.set()
+
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting) + self._inbox.qsize()
+
+    def healthy(self, stall_s: float = 60.0) -> bool:
+        return self.dead is None and self._thread.is_alive() and time.monotonic() - self.last_progress < stall_s
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+    # ---- the engine thread ----
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Add):
+                try:
+                    self.engine.add_request(item.prompt, item.params, item.request_id, item.cache_salt)
+                    self._sinks[item.request_id] = item.sink
+                except Exception as e:  # bad input: reaches the caller before any output
+                    item.sink.put(e if isinstance(e, ValueError) else ValueError(str(e)))
+            else:
+                _, rid = item
+                self._sinks.pop(rid, None)
+                self.engine.abort_request([rid])
+
+    def _deliver(self, outputs) -> None:
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if sink is not None:
+                sink.put(out)
+                if out.finished:
+                    del self._sinks[out.request_id]
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._drain_inbox()
+                if not self.engine.has_unfinished_requests():
+                    self._last_step_start = None  # idle gaps are not step periods
+                    self.last_progress = time.monotonic()
+                    self._wakeup.wait(timeout=1.0)
+                    self._wakeup.clear()
+                    continue
+                t0 = time.perf_counter()
+                if self._last_step_start is not None:
+                    self.step_periods.append(t0 - self._last_step_start)
+                self._last_step_start = t0
+                self._deliver(self.engine.step(emit=self._deliver))
+                self.last_step_time = time.perf_counter() - t0
+                self.last_progress = time.monotonic()
+        except BaseException as e:  # the replica is broken: fail every waiter loudly
+            logger.exception("engine loop crashed")
+            self.dead = e
+            err = EngineDeadError(f"engine loop died: {e!r}")
+            for sink in self._sinks.values():
+                sink.put(err)
+            self._sinks.clear()

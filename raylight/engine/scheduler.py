@@ -1,0 +1,235 @@
+"""One token budget per step: no prefill or decode phases.
+
+Every request has tokens whose KV is known (`num_computed_tokens`) and tokens that are
+not yet (`num_tokens - num_computed_tokens`): a fresh prompt has many, a decoding request
+one. Each step hands out the budget to running requests first, then to waiting ones,
+which gives continuous batching, chunked prefill and prefix caching from one rule.
+When the pool runs dry the newest running request is preempted and later recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from raylight.engine.kv_cache.manager import KVCacheManager
+from raylight.engine.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerOutput:
+    requests: list[Request] = field(default_factory=list)  # in the order they run
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    # Per request: tokens computed or in flight before this step (its first position), and whether
+    # this step reaches the end of its tokens and so samples one.
+    num_computed_before: list[int] = field(default_factory=list)
+    samples: list[bool] = field(default_factory=list)
+    # Per request: its one token is the one a step still in flight samples (async scheduling).
+    uses_pending_token: list[bool] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    out_of_blocks: bool = False  # a running request did not get its blocks (and nothing was preempted)
+
+    @property
+    def total_num_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
+
+
+@dataclass
+class SchedulerStats:
+    preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hit_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int):
+        self.kv = kv
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.stats = SchedulerStats()
+
+    def add_request(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self, in_flight: frozenset[str] = frozenset(), ahead: bool = False) -> SchedulerOutput:
+        """The next step's requests. `in_flight`: requests of micro-batches still running (their next
+        token is unknown); they are skipped and never preempted: when blocks run out while some are
+        in flight, this step simply takes fewer requests.
+
+        `ahead` (async scheduling): a step is in flight and this one is built before its tokens are
+        known. A request it samples for runs on with that token as a placeholder, which the device
+        fills in; the host learns it later. Nothing is preempted (in-flight requests hold their blocks)."""
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        may_preempt = not in_flight and not ahead
+
+        # 1. Running requests, oldest first; preempt the newest when blocks run out.
+        i = 0
+        running = self.running
+        while i < len(running) and budget > 0:
+            req = running[i]
+            i += 1
+            pending = req.num_pending_tokens
+            if (in_flight and req.request_id in in_flight) or (pending and not self._may_run_ahead(req)):
+                continue
+            num_new = min(req.num_tokens + pending - req.num_computed_tokens - req.num_in_flight_tokens, budget)
+            if num_new <= 0:
+                continue
+            if not self._allocate_or_preempt(req, num_new, out, may_preempt):
+                out.out_of_blocks = not out.preempted
+                break  # req itself was preempted (or must wait): nothing after it can be scheduled either
+            self._add(out, req, num_new)
+            budget -= num_new
+
+        # 2. Waiting requests, in arrival order (preempted ones at the front), unless we just preempted.
+        while self.waiting and budget > 0 and not out.preempted:
+            req = self.waiting[0]
+            if len(self.running) + req.num_seqs > self.max_num_seqs and self.running:
+                break
+            # Prompt logprobs need every prompt position computed, so such requests skip the cache.
+            hits, num_cached = ([], 0) if req.needs_prompt_logprobs else self.kv.get_computed_blocks(req)
+            num_new = min(req.num_tokens - num_cached, budget)
+            if not self.kv.allocate_slots(req, num_new, hits):
+                break
+            self.waiting.popleft()
+            if req.status == RequestStatus.WAITING:  # first admission, not a resumption
+                req.num_cached_tokens = num_cached
+                self.stats.prefix_cache_queries += req.num_tokens
+                self.stats.prefix_cache_hit_tokens += num_cached
+            req.num_computed_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self._add(out, req, num_new)
+            budget -= num_new
+        return out
+
+    def _may_run_ahead(self, req: Request) -> bool:
+        """Whether a request whose sampled token is still in flight may be scheduled on it. Not when
+        that token surely ends it (length), or when the host must act on it first (the fork of an
+        n > 1 request). (Penalties count sampled tokens on the device: workers/sampling_state.py.)"""
+        n_out = len(req.output_token_ids) + req.num_pending_tokens
+        return n_out < req.max_tokens and req.num_tokens + req.num_pending_tokens < self.max_model_len \
+            and not req.fork_ids
+
+    @staticmethod
+    def _add(out: SchedulerOutput, req: Request, num_new: int) -> None:
+        in_flight = req.num_in_flight_tokens
+        before = req.num_computed_tokens + in_flight
+        pending = req.num_pending_tokens
+        samples = before + num_new == req.num_tokens + pending
+        out.requests.append(req)
+        out.num_scheduled_tokens.append(num_new)
+        out.num_computed_before.append(before)
+        out.samples.append(samples)
+        out.uses_pending_token.append(pending > 0)
+        req.num_in_flight_tokens = in_flight + num_new
+        if samples:
+            req.num_pending_tokens = pending + 1
+
+    def _allocate_or_preempt(self, req: Request, num_new: int, out: SchedulerOutput, may_preempt: bool) -> bool:
+        """Room for req's next tokens, preempting the newest running requests if allowed and needed.
+        False when req could not be given room (it may itself have been preempted)."""
+        # Blocks are counted from num_computed_tokens: tokens in flight already hold theirs.
+        num_new += req.num_in_flight_tokens
+        while not self.kv.allocate_slots(req, num_new):
+            if not may_preempt:
+                return False
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(req)
+        self.stats.preemptions += 1
+        logger.debug("preempted %s (%d tokens to recompute)", req.request_id, req.num_tokens)
+
+    def update(self, out: SchedulerOutput, result) -> list[tuple[Request, object]]:
+        """Advances each scheduled request past the tokens it computed and appends the sampled
+        token of those that reached the end of what they knew (forking n-way requests on their
+        first token). Returns (sequence, its SampledToken) for every sequence that got a token."""
+        changed = []
+        sampled, max_model_len = result.sampled, self.max_model_len
+        for req, n, samples in zip(out.requests, out.num_scheduled_tokens, out.samples):
+            req.num_in_flight_tokens -= n
+            if samples:
+                req.num_pending_tokens -= 1
+            if req.is_finished:  # aborted, or ended by the step before it (async scheduling), while it ran
+                continue
+            req.num_computed_tokens += n
+            tokens = sampled.get(req.request_id)
+            if not tokens:
+                continue  # a chunk of a prompt; no token yet
+            seqs = [req, *self._fork(req)] if req.fork_ids else (req,)
+            for seq, tok in zip(seqs, tokens):
+                seq.append_output_token(tok.token_id)
+                status = seq.check_stop(max_model_len)
+                if status is not None:
+                    self.finish(seq, status)
+                changed.append((seq, tok))
+        return changed
+
+    def _fork(self, req: Request) -> list[Request]:
+        children = []
+        for fid, params in zip(req.fork_ids, req.fork_params):
+            child = Request(fid, req.prompt_token_ids, params, req.max_tokens, req.eos_token_ids,
+                            req.prompt, req.cache_salt, req.arrival_time)
+            child.num_cached_tokens = req.num_cached_tokens
+            self.requests[fid] = child
+            if self.kv.fork(req, child):
+                child.num_computed_tokens = req.num_computed_tokens
+                child.status = RequestStatus.RUNNING
+                self.running.append(child)
+            else:  # no block for its copy of the last prompt block: it recomputes later instead
+                self.waiting.appendleft(child)
+            children.append(child)
+        req.fork_ids, req.fork_params = [], []
+        return children
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)
+
+    def abort(self, request_ids: Iterable[str]) -> list[Request]:
+        aborted = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is not None and not req.is_finished:
+                self.finish(req, RequestStatus.FINISHED_ABORTED)
+                aborted.append(req)
+        return aborted
+
+    def unschedulable(self) -> list[Request]:
+        """Requests that can never run: alone in the engine and still no room for their next
+        tokens (the pool is smaller than the sequence grew). They end with 'length'."""
+        stuck = []
+        if not self.running and self.waiting:
+            req = self.waiting[0]
+            if self.kv.blocks_needed(req.num_tokens) > self.kv.num_blocks:
+                stuck.append(req)
+        return stuck

@@ -1,0 +1,150 @@
+"""Helpers the tests share: small random HF models, HF greedy references, prompts, leak checks,
+and a served app on a free port. They live in the package (not in tests/, which is not importable:
+only `raylight` is) so that tests in every folder, and processes they spawn, can import them."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+SMOLLM2_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "To be or not to be,",
+    "List three benefits of exercise:\n1.",
+]
+SMOLLM2_CHAT = [{"role": "user", "content": "Write one sentence about the ocean."}]
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt_ids: list[list[int]], max_new_tokens: int, stop_at_eos: bool = True) -> list[list[int]]:
+    """HF transformers greedy continuations, one prompt at a time (no padding in the reference)."""
+    outs = []
+    for ids in prompt_ids:
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        if not stop_at_eos:
+            kwargs.update(eos_token_id=None, min_new_tokens=max_new_tokens)
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             pad_token_id=0, **kwargs)
+        outs.append(out[0, len(ids):].tolist())
+    return outs
+
+
+def make_random_hf_model(kind: str, path: str, seed: int = 0, embed_std: float = 0.3, weight_std: float = 0.15,
+                         **overrides):
+    """A small random HF model saved as safetensors, with weights large enough that greedy picks
+    are not near-ties (HF's default init makes logits almost flat). The default stds suit hidden 64 in
+    float32; wider models in bf16 want weight_std near 0.6/sqrt(hidden), or activations grow layer by
+    layer until bf16's rounding error is as large as the gaps between the top logits."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=None, bos_token_id=None)
+    common.update(overrides)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**common, rope_theta=10000.0, rope_scaling=dict(
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=64))
+    elif kind == "llama-tied":
+        cfg = transformers.LlamaConfig(**{**common, "tie_word_embeddings": True, "num_key_value_heads": 4})
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+    elif kind == "qwen3":
+        cfg = transformers.Qwen3Config(**common, head_dim=32)
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(**common, sliding_window=16)  # exercises the window mask
+    else:
+        raise ValueError(kind)
+    cls = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+           "mistral": transformers.MistralForCausalLM}.get(kind, transformers.LlamaForCausalLM)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, embed_std if "embed" in name else weight_std)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lens]
+
+
+def count_placeholders(llm) -> list[int]:
+    """Wraps the runner's launch to count the placeholder tokens (async scheduling) of every step
+    launched; the one-element list holds the running total."""
+    used = [0]
+    launch = llm.engine.runner.launch
+
+    def counted(sched, **kw):
+        used[0] += sum(sched.uses_pending_token)
+        return launch(sched, **kw)
+
+    llm.engine.runner.launch = counted
+    return used
+
+
+def assert_no_leaks(llm) -> None:
+    m = llm.get_metrics()
+    assert m["kv_blocks_free"] == m["kv_blocks_total"], m
+    assert m["num_running"] == 0 and m["num_waiting"] == 0, m
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(cfg, name: str, timeout_s: float = 180):
+    """A raylight app (an AppConfig) on a fresh local Ray + Serve on a free port; yields its base URL
+    and shuts both down afterwards."""
+    import ray
+    from ray import serve
+
+    from raylight.cluster.app import build_app
+
+    if ray.is_initialized():  # a session an earlier test left behind: ours must own its resources
+        ray.shutdown()
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg), name=name, route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        if not wait_healthy(base, timeout_s):
+            raise TimeoutError(f"the {name} server did not become healthy in {timeout_s:.0f}s")
+        yield base
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def wait_healthy(base: str, timeout_s: float, still_running=lambda: True) -> bool:
+    """Polls GET {base}/health until it answers 200; False on timeout or when still_running() fails."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and still_running():
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    return False

@@ -1,0 +1,240 @@
+"""One rank of a replica: its part of the model and of the KV cache, and, on every rank but 0,
+the loop that runs the steps rank 0 broadcasts.
+
+Every rank builds itself with `build_rank` (rank 0 inside `LLMEngine`, the others in
+`run_rank`), so the ranks agree by construction: same attention backend choice, same KV block
+count (each rank sizes its own pool, then all take the minimum), same CUDA-graph sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raylight.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineArgs
+from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata, get_attention_backend
+from raylight.models.llama import local_head_counts
+from raylight.models.loader import ResolvedModel, build_model, resolve_model
+from raylight.parallel.pipeline import StageModel
+from raylight.parallel.state import ParallelConfig, ParallelGroups, init_distributed, leave_distributed
+from raylight.utils.host_copy import to_device
+from raylight.workers.model_runner import ModelRunner, StepInputs
+from raylight.workers.step_channel import DEFAULT_CAPACITY, StepChannel
+
+logger = logging.getLogger("raylight.worker")
+
+
+def parallel_config(args: EngineArgs) -> ParallelConfig:
+    split = tuple(args.pipeline_layer_split) if args.pipeline_layer_split is not None else None
+    return ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size, split)
+
+
+@dataclass
+class RankModel:
+    """What one rank runs steps with."""
+
+    groups: ParallelGroups
+    model: torch.nn.Module  # this rank's part of the model
+    stage_model: object  # what the runner calls: the model, or under PP a StageModel doing the hand-offs
+    attn_backend: object
+    kv_caches: list[torch.Tensor]  # one per local layer
+    num_blocks: int  # agreed by every rank
+    bytes_per_block: int  # of this rank's KV cache
+    device: torch.device
+    graphs: Optional[object] = None  # CudaGraphRunner
+    graph_capture_s: float = 0.0
+
+
+def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups, device: torch.device,
+               dtype: torch.dtype, max_model_len: int) -> RankModel:
+    """This rank's model, KV cache and CUDA graphs. Collective under TP/PP: every rank calls it at once."""
+    arch, bs = resolved.arch, args.block_size
+    heads, kv_heads = local_head_counts(arch, groups.tp_size, groups.tp_rank)
+    backend = get_attention_backend(args.attention_backend, AttentionSpec(
+        bs, heads, kv_heads, arch.head_dim, dtype, device, arch.sliding_window))
+    model = build_model(resolved, backend, dtype, device, max_model_len, args.seed, groups=groups)
+    elem = torch.empty((), dtype=dtype).element_size()
+    bytes_per_block = model.num_local_layers * 2 * bs * kv_heads * arch.head_dim * elem
+
+    if args.num_kv_blocks is not None:
+        budget, blocks = None, args.num_kv_blocks
+    else:
+        budget = (profile_gpu_kv_budget(args, model, backend, groups, device, dtype, max_model_len)
+                  if device.type == "cuda" else args.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES)
+        blocks = budget // bytes_per_block
+    num_blocks = _min_over_ranks(int(blocks), groups)  # the scheduler's one pool must fit every rank's
+    if num_blocks < 1:  # every rank raises together: nobody is left waiting in a collective
+        raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of {bytes_per_block} bytes"
+                         f"{' on some rank' if groups.world_size > 1 else ''}; raise kv_cache_memory / "
+                         f"gpu_memory_utilization")
+
+    # PP stages hand activations over outside the model, which a captured graph cannot do (yet).
+    use_graphs = (device.type == "cuda" and not args.enforce_eager and groups.pp_size == 1
+                  and getattr(backend, "supports_cuda_graphs", False))
+    # Under CUDA graphs one extra block, never handed out by the pool, absorbs the padding rows' writes.
+    shape = model.kv_cache_shape(num_blocks + use_graphs, bs)
+    kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_local_layers)]
+    if device.type == "cuda" and hasattr(backend, "warmup"):
+        backend.warmup(kv_caches[0])  # compile kernels now, not during a live step
+    graphs, capture_s = None, 0.0
+    if use_graphs:
+        from raylight.workers.cuda_graphs import CudaGraphRunner
+
+        # Every TP rank captures the same sizes in the same order (their all-reduces are inside),
+        # and replays the same one each step: the choice depends only on the broadcast inputs.
+        max_bs = args.max_cuda_graph_batch_size or min(args.max_num_seqs, 512)
+        max_blocks = min(-(-max_model_len // bs), num_blocks)
+        graphs = CudaGraphRunner(model, backend, kv_caches, max_bs, max_blocks, scratch_block=num_blocks,
+                                 block_size=bs, device=device)
+        capture_s = graphs.capture()
+    stage = model if groups.pp_size == 1 else StageModel(model, groups)
+    return RankModel(groups, model, stage, backend, kv_caches, num_blocks, bytes_per_block, device, graphs,
+                     capture_s)
+
+
+def _min_over_ranks(value: int, groups: ParallelGroups) -> int:
+    if groups.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=groups.cpu_group)
+    return int(t.item())
+
+
+@torch.inference_mode()
+def profile_gpu_kv_budget(args: EngineArgs, model: torch.nn.Module, backend, groups: ParallelGroups,
+                          device: torch.device, dtype: torch.dtype, max_model_len: int) -> int:
+    """Runs one forward of this rank's layers at the full token budget; what remains under the
+    utilization cap is KV. A later PP stage runs on zero activations instead of receiving any, so
+    stages profile at the same time without talking; TP ranks of a stage run their all-reduces."""
+    n = min(args.max_num_batched_tokens, max_model_len)
+    bs = args.block_size
+    nb = -(-n // bs)
+    scratch = [torch.zeros(model.kv_cache_shape(nb, bs), dtype=dtype, device=device)
+               for _ in range(model.num_local_layers)]
+    common = CommonAttentionMetadata(
+        num_decodes=0, query_start_loc=np.array([0, n]), seq_lens=np.array([n]),
+        block_tables=np.arange(nb, dtype=np.int64)[None], slot_mapping=torch.arange(n, device=device))
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    ids = torch.zeros(n, dtype=torch.long, device=device)
+    intermediate = None
+    if not groups.is_first_stage:
+        h = torch.zeros(n, model.config.hidden_size, dtype=dtype, device=device)
+        intermediate = (h, torch.zeros_like(h))
+    out = model(ids, torch.arange(n, device=device), scratch, backend.build(common), intermediate)
+    if groups.is_last_stage:
+        model.compute_logits(out[-min(n, args.max_num_seqs):])
+    torch.cuda.synchronize(device)
+    peak_extra = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+    del scratch, out, intermediate
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    budget = int(total * args.gpu_memory_utilization) - (total - free) - peak_extra
+    logger.info("rank %d GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB -> KV budget "
+                "%.1f GiB", groups.rank, total / 2**30, (total - free) / 2**30, peak_extra / 2**30, budget / 2**30)
+    return max(budget, 0)
+
+
+# ---------------------------------------------------------------- ranks other than 0
+
+@torch.inference_mode()
+def run_step(runner: ModelRunner, groups: ParallelGroups, inputs: StepInputs) -> None:
+    """A step on a rank other than 0: rank 0's forward, then, on the last stage, the same
+    compute_logits calls as `ModelRunner.launch` in the same order (prompt-logprob chunks, then the
+    sampled rows), because each one gathers the vocabulary slices of every TP rank."""
+    hidden = runner.forward(inputs)
+    if hidden is None or groups.tp_size == 1:
+        return  # an earlier stage: its hand-off to the next one is already on its way
+    model = runner.model
+    for lo, hi in inputs.prompt_logit_spans:
+        model.compute_logits(hidden[lo:hi])
+    if len(inputs.logits_rows):
+        model.compute_logits(hidden[to_device(inputs.logits_rows, runner.device)])
+
+
+def serve_steps(rank: RankModel, channel: StepChannel) -> int:
+    """Runs broadcast steps until rank 0 says stop; returns how many ran."""
+    share = rank.groups.broadcast_from_tp0 if rank.groups.tp_size > 1 else None
+    runner = ModelRunner(rank.stage_model, rank.attn_backend, rank.kv_caches, None, rank.device, graphs=rank.graphs,
+                         share_ids=share)
+    steps = 0
+    while (inputs := channel.receive()) is not None:
+        run_step(runner, rank.groups, inputs)
+        steps += 1
+    if isinstance(rank.stage_model, StageModel):
+        rank.stage_model.wait()
+    if rank.device.type == "cuda":
+        torch.cuda.synchronize(rank.device)
+    return steps
+
+
+@dataclass
+class RankSpec:
+    """Everything a rank other than 0 needs to join its replica (pickled to a process or an actor)."""
+
+    args: EngineArgs
+    resolved: ResolvedModel
+    dtype: torch.dtype
+    max_model_len: int
+    world_size: int
+    init_method: str  # torch.distributed rendezvous at rank 0
+    device_type: str  # "cpu" or "cuda": each rank drives one device of this type
+    channel_capacity: int = DEFAULT_CAPACITY
+
+
+def run_rank(spec: RankSpec, rank: int, device: torch.device) -> int:
+    """A rank's whole life: join the world, build its part, run steps until rank 0 stops them."""
+    init_distributed(rank, spec.world_size, spec.init_method, device, spec.args.distributed_timeout_s)
+    built = None
+    try:
+        groups = ParallelGroups.from_world(parallel_config(spec.args))
+        resolved = spec.resolved
+        if resolved.path is not None and not os.path.isdir(resolved.path):
+            # Another node (a PP stage placed elsewhere): fetch or convert the model here too.
+            resolved = resolve_model(spec.args.model, spec.args.load_format, spec.args.revision)
+        built = build_rank(spec.args, resolved, groups, device, spec.dtype, spec.max_model_len)
+        logger.info("rank %d (tp %d, pp %d) ready: layers %s, %d KV blocks", rank, groups.tp_rank, groups.pp_rank,
+                    built.model.layer_range, built.num_blocks)
+        return serve_steps(built, StepChannel(groups.cpu_group, rank, spec.channel_capacity))
+    finally:
+        if built is not None and built.graphs is not None:
+            built.graphs.release()  # before leaving the world: see CudaGraphRunner.release
+        leave_distributed()
+
+
+def local_rank_main(spec: RankSpec, rank: int, num_threads: int) -> None:
+    """Entry point of a rank spawned by `LocalRanks` (a child process of the engine's)."""
+    torch.set_num_threads(num_threads)
+    _exit_with_parent()
+    hang_s = float(os.environ.get("RAYLIGHT_DUMP_STACKS_AFTER_S", "0"))
+    if hang_s > 0:  # debugging a stuck replica: every rank prints its stacks after this long
+        import faulthandler
+
+        faulthandler.dump_traceback_later(hang_s, exit=False)
+    device = torch.device("cuda", rank) if spec.device_type == "cuda" else torch.device("cpu")
+    try:
+        run_rank(spec, rank, device)
+    except BaseException:
+        logger.exception("rank %d failed", rank)
+        os._exit(1)  # skip atexit handlers that could wait on the broken process group
+
+
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """A rank is useless without rank 0: end it if the engine's process goes away, even while it
+    is still loading weights (afterwards a broken connection would end it too)."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="raylight-parent-watch", daemon=True).start()
