@@ -9,39 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncIterator, Optional
 
 from raylight.config import EngineArgs
-from raylight.outputs import RequestOutput
-from raylight.sampling_params import SamplingParams
+from raylight.messages import GenerateCall, ReplicaMessage, ReplicaStats
 
 logger = logging.getLogger("raylight.replica")
-
-
-@dataclass
-class GenerateCall:
-    request_id: str
-    prompt: Union[str, list[int]]
-    params: SamplingParams
-    cache_salt: Optional[str] = None
-
-
-@dataclass
-class ReplicaMessage:
-    output: Optional[RequestOutput] = None
-    error_status: Optional[int] = None  # 400 invalid input, 429 queue full, 503 engine dead
-    error_message: Optional[str] = None
-    stats: Optional[dict[str, Any]] = None  # engine gauges, sent with the last message
-    replica_id: str = ""
-
-
-@dataclass
-class ReplicaStats:
-    replica_id: str
-    metrics: dict[str, Any] = field(default_factory=dict)
-    step_time_s: float = 0.0
-    healthy: bool = True
 
 
 class EngineReplica:

@@ -14,12 +14,12 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
+from raylight.engine.llm_engine import LLMEngine
+from raylight.messages import AbortRequest, AddRequest, OutputSink, PromptType
 from raylight.outputs import RequestOutput
 from raylight.sampling_params import SamplingParams
-from raylight.engine.llm_engine import LLMEngine, PromptType
 
 logger = logging.getLogger("raylight.async_engine")
 
@@ -32,30 +32,12 @@ class QueueFullError(RuntimeError):
     """More requests are waiting than `max_queued_requests` allows."""
 
 
-@dataclass
-class _Add:
-    request_id: str
-    prompt: PromptType
-    params: SamplingParams
-    cache_salt: Optional[str]
-    sink: "_Sink"
-
-
-@dataclass
-class _Sink:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-
-    def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, max_queued_requests: Optional[int] = None):
         self.engine = engine
         self.max_queued_requests = max_queued_requests
         self._inbox: queue.Queue = queue.Queue()
-        self._sinks: dict[str, _Sink] = {}
+        self._sinks: dict[str, OutputSink] = {}
         self._wakeup = threading.Event()
         self._stopped = False
         self.dead: Optional[BaseException] = None
@@ -78,9 +60,9 @@ class AsyncLLMEngine:
         if self.max_queued_requests is not None and self.num_waiting() >= self.max_queued_requests:
             raise QueueFullError(f"{self.num_waiting()} requests are already waiting "
                                  f"(max_queued_requests={self.max_queued_requests})")
-        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
+        sink = OutputSink(asyncio.get_running_loop(), asyncio.Queue())
         self.num_pending += 1
-        self._inbox.put(_Add(request_id, prompt, params, cache_salt, sink))
+        self._inbox.put(AddRequest(request_id, prompt, params, cache_salt, sink))
         self._wakeup.set()
         finished = False
         try:
@@ -98,7 +80,7 @@ class AsyncLLMEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(AbortRequest(request_id))
         self._wakeup.set()
 
     def num_waiting(self) -> int:
@@ -119,16 +101,15 @@ class AsyncLLMEngine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, _Add):
+            if isinstance(item, AddRequest):
                 try:
                     self.engine.add_request(item.prompt, item.params, item.request_id, item.cache_salt)
                     self._sinks[item.request_id] = item.sink
                 except Exception as e:  # bad input: reaches the caller before any output
                     item.sink.put(e if isinstance(e, ValueError) else ValueError(str(e)))
-            else:
-                _, rid = item
-                self._sinks.pop(rid, None)
-                self.engine.abort_request([rid])
+            else:  # AbortRequest
+                self._sinks.pop(item.request_id, None)
+                self.engine.abort_request([item.request_id])
 
     def _deliver(self, outputs) -> None:
         for out in outputs:

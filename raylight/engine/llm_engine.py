@@ -1,4 +1,6 @@
-"""One engine replica: model, KV cache, scheduler and the `schedule -> execute -> update` step."""
+"""One engine replica's host core: requests in, the `schedule -> launch -> collect -> update`
+step loop, outputs out. The model and its ranks are the executor's (workers/); the KV blocks and
+request state the scheduler's; the output text and deltas the output processor's."""
 
 from __future__ import annotations
 
@@ -7,67 +9,29 @@ import dataclasses
 import itertools
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from raylight.config import EngineArgs
+from raylight.engine.kv_cache.manager import KVCacheManager
+from raylight.engine.output_processor import OutputProcessor
+from raylight.engine.overlap import OverlapPolicy
+from raylight.engine.request import Request, RequestStatus
+from raylight.engine.scheduler import Scheduler
+from raylight.engine.tokenizer import load_tokenizer
+from raylight.messages import PromptType, SchedulerOutput
 from raylight.models.loader import resolve_model
-from raylight.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from raylight.outputs import RequestOutput
 from raylight.sampling_params import SamplingParams
 from raylight.workers.executor import Executor
-from raylight.engine.kv_cache.manager import KVCacheManager
 from raylight.workers.model_runner import ModelRunner, SampledToken, StepHandle
-from raylight.engine.request import Request, RequestStatus
-from raylight.engine.scheduler import Scheduler, SchedulerOutput
-from raylight.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 logger = logging.getLogger("raylight.engine")
 
-PromptType = Union[str, list[int], dict[str, Any]]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class _Sequence:
-    """Output-side state of one of a request's n sequences."""
-
-    index: int
-    detokenizer: IncrementalDetokenizer
-    logprobs: Optional[list[PositionLogprobs]] = None
-    cumulative_logprob: float = 0.0
-    text_end: Optional[int] = None  # text is cut here (a stop string, or a stop token's text)
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[int | str] = None
-    sent_tokens: int = 0  # how much previous outputs already carried (for deltas)
-    sent_chars: int = 0
-    sent_logprobs: int = 0
-
-    @property
-    def text(self) -> str:
-        return self.detokenizer.text[: self.text_end]
-
-
-@dataclass
-class _Group:
-    """A user request: its n sequences (ids: request_id, then request_id#1, ...)."""
-
-    request_id: str
-    prompt: Optional[str]
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seq_ids: list[str]
-    seqs: list[_Sequence]
-    requests: list[Optional[Request]]
-    prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
-    num_cached_tokens: int = 0
-    final_only: bool = False  # the caller wants one output, at the end (offline batch use)
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.seqs)
+Changed = list[tuple[Request, Optional[SampledToken]]]  # sequences that got a token or finished
 
 
 class LLMEngine:
@@ -105,45 +69,31 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, args.max_num_batched_tokens, args.max_num_seqs, self.max_model_len)
         self.graph_capture_s = rank.graph_capture_s
         graphs = rank.graphs
-        self.runner = ModelRunner(rank.stage_model, self.attn_backend, self.kv_caches, self.kv, self.device,
+        self.runner = ModelRunner(rank.stage_model, self.attn_backend, self.kv_caches, args.block_size, self.device,
                                   args.seed, graphs=graphs,
                                   dispatch=self.executor.dispatch if self.executor.world_size > 1 else None,
                                   share_ids=rank.groups.broadcast_from_tp0 if args.tensor_parallel_size > 1 else None)
-        # Build outputs while the GPU runs the next step (CUDA); on CPU nothing runs concurrently.
-        self.overlap = args.overlap_host_work if args.overlap_host_work is not None else self.device.type == "cuda"
-        self._pending: list[tuple[Request, Optional[SampledToken]]] = []  # sampled, not yet turned into outputs
-        # Micro-batches: up to this many steps in flight, each over requests the others do not hold.
-        self.num_microbatches = args.num_microbatches or args.pipeline_parallel_size
-        # Under PP we are the last stage: computing a step waits on the previous stage, so our share
-        # runs when the step is collected, after the next micro-batch was sent down the pipeline.
-        self._defer_compute = args.pipeline_parallel_size > 1
-        # Async scheduling: step N+1 is scheduled and launched before step N's tokens are read back.
-        # Under PP the first stage would need the ids that the last one samples: not (yet) supported.
-        possible = args.pipeline_parallel_size == 1 and self.num_microbatches == 1
-        if args.async_scheduling and not possible:
-            raise ValueError("async_scheduling needs pipeline_parallel_size = num_microbatches = 1")
-        self.async_scheduling = possible and (args.async_scheduling if args.async_scheduling is not None
-                                              else self.device.type == "cuda")
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.runner.release)
+        self.policy = OverlapPolicy.from_args(args, self.device)
+        self.async_scheduling = self.policy.run_ahead
+        self._in_flight: collections.deque[tuple[SchedulerOutput, StepHandle, float]] = collections.deque()
+        self._pending: Changed = []  # collected, not yet turned into outputs (policy.defer_outputs)
         self._sync_next = False  # the last step ran ahead short of KV blocks: the next one may preempt
         self._last_finish = 0.0
-        self._in_flight: collections.deque[tuple[SchedulerOutput, StepHandle, float]] = collections.deque()
-        self._groups: dict[str, _Group] = {}
-        self._seq_owner: dict[str, tuple[_Group, int]] = {}  # sequence id -> (its request, index)
         self._ids = itertools.count()
         self.num_steps = 0
         self.step_times: collections.deque[float] = collections.deque(maxlen=1024)  # recent step times
         # (requests, tokens, decode requests, seconds) of recent steps, for benchmarks' per-phase timings
         self.step_log: collections.deque[tuple[int, int, int, float]] = collections.deque(maxlen=65536)
         self.prompt_tokens_total = 0
-        self.generation_tokens_total = 0
         self.ready_s = time.monotonic() - t0
         logger.info(
             "engine ready in %.1fs: model=%s dtype=%s device=%s tp=%d pp=%d attention=%s cuda_graphs=%s KV cache: "
-            "%d blocks x %d tokens = %d tokens, %.2f GiB; max_model_len=%d",
+            "%d blocks x %d tokens = %d tokens, %.2f GiB; max_model_len=%d; steps: %s",
             self.ready_s, self.model_name, str(self.dtype).replace("torch.", ""), self.device,
             args.tensor_parallel_size, args.pipeline_parallel_size,
             self.attn_backend.name, graphs is not None, self.num_blocks, args.block_size,
-            self.num_blocks * args.block_size, self.kv_cache_bytes / 2**30, self.max_model_len)
+            self.num_blocks * args.block_size, self.kv_cache_bytes / 2**30, self.max_model_len, self.policy.name)
 
     # ---- sizing ----
     @property
@@ -159,8 +109,7 @@ class LLMEngine:
         """Stops the replica's other ranks (tensor/pipeline parallel); a no-op for a single rank."""
         try:  # finish the micro-batches still in flight: the other stages are waiting to hand them over
             while getattr(self, "_in_flight", None):
-                sched, handle, t0 = self._in_flight.popleft()
-                self._process(self._finish_step(sched, handle, t0))
+                self.outputs.process(self._collect(*self._in_flight.popleft()))
         except Exception:
             logger.exception("could not finish the steps in flight at shutdown")
         self.executor.shutdown()
@@ -203,7 +152,7 @@ class LLMEngine:
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, max(room, 1))
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self._groups:
+        if rid in self.outputs:
             raise ValueError(f"request_id {rid!r} is already in use")
         req = Request(rid, ids, params, max_tokens, self.eos_token_ids, text, cache_salt)
         for i in range(1, params.n):
@@ -216,16 +165,7 @@ class LLMEngine:
     def enqueue(self, req: Request, final_only: bool = False) -> None:
         """Queues a request from make_request. `final_only`: no per-step outputs, only the finished one
         (saves building a RequestOutput per request per step in offline batches)."""
-        params = req.sampling_params
-        seq_ids = [req.request_id] + list(req.fork_ids)
-        seqs = [_Sequence(i, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
-                          [] if params.logprobs is not None else None) for i in range(len(seq_ids))]
-        group = _Group(req.request_id, req.prompt, req.prompt_token_ids, params, seq_ids, seqs,
-                       [req] + [None] * (len(seq_ids) - 1),
-                       [None] if params.prompt_logprobs is not None else None, final_only=final_only)
-        self._groups[req.request_id] = group
-        for i, sid in enumerate(seq_ids):
-            self._seq_owner[sid] = (group, i)
+        self.outputs.add(req, final_only)
         self.scheduler.add_request(req)
         self.prompt_tokens_total += req.num_prompt_tokens
 
@@ -239,54 +179,67 @@ class LLMEngine:
         """Aborts whole requests (all n sequences); their blocks are free when this returns."""
         outputs = []
         for rid in request_ids:
-            group = self._groups.get(rid)
-            if group is None:
-                continue
-            self.scheduler.abort(group.seq_ids)
-            for seq in group.seqs:
-                if seq.finish_reason is None:
-                    seq.finish_reason = RequestStatus.FINISHED_ABORTED.value
-            outputs.append(self._group_output(group))
-            self._drop_group(group)
+            self.scheduler.abort(self.outputs.seq_ids(rid))
+            out = self.outputs.abort(rid)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending) or bool(self._in_flight)
 
-    # ---- the step ----
+    # ---- the step loop ----
     def step(self, emit: Optional[Callable[[list[RequestOutput]], None]] = None) -> list[RequestOutput]:
-        """One engine step. With overlap on, the outputs of the previous step's tokens (detokenizing,
-        stop strings, RequestOutputs) are built while the GPU runs this step; `emit`, when given,
-        receives them as soon as they are ready instead of when the step returns."""
-        if self.num_microbatches > 1:
-            return self._step_pipelined()
-        if self.async_scheduling:
-            return self._step_async(emit)
+        """One engine step: schedule, launch, and collect the steps the overlap policy lets finish.
+        Outputs of tokens collected earlier are built while the device runs the launched step;
+        `emit`, when given, receives those as soon as they are ready instead of at return."""
         t0 = time.perf_counter()
-        sched = self.scheduler.schedule()
-        if not sched.requests:
-            outputs = self._process(self._take_pending())
+        outputs: list[RequestOutput] = []
+        sched = self._schedule()
+        if not sched.requests and self._in_flight:
+            # Nothing new can run beside the steps in flight: finish the oldest, then try again.
+            outputs += self.outputs.process(self._collect(*self._in_flight.popleft()))
+            sched = self._schedule()
+        if sched.requests:
+            self._launch(sched, t0)
+        outputs += self.outputs.process(self._take_pending())
+        if not sched.requests and not self._in_flight:
             return outputs + self._end_unschedulable()
-        handle = self.runner.launch(sched)
-        outputs = self._process(self._take_pending())
         if emit is not None and outputs:
             emit(outputs)
             outputs = []
-        # A request that a stop string ended above was already in this step: update() skips it.
-        self._pending = self._finish_step(sched, handle, t0)
-        if not self.overlap:
-            outputs += self._process(self._take_pending())
+        keep = self.policy.max_in_flight if sched.requests else 0
+        while len(self._in_flight) > keep:
+            changed = self._collect(*self._in_flight.popleft())
+            if self.policy.defer_outputs:
+                self._pending += changed
+            else:
+                outputs += self.outputs.process(changed)
         return outputs
 
-    def _finish_step(self, sched: SchedulerOutput, handle: StepHandle, t0: float):
+    def _schedule(self) -> SchedulerOutput:
+        if not self._in_flight:
+            return self.scheduler.schedule()
+        if self.policy.run_ahead and not self._sync_next:
+            return self.scheduler.schedule(ahead=True)
+        if self.policy.disjoint:
+            return self.scheduler.schedule(in_flight=frozenset(
+                rid for s, _, _ in self._in_flight for rid in s.request_ids))
+        return SchedulerOutput()  # blocks ran short while running ahead: finish the step in flight first
+
+    def _launch(self, sched: SchedulerOutput, t0: float) -> None:
+        ahead_of = self._in_flight[-1][1] if self.policy.run_ahead and self._in_flight else None
+        handle = self.runner.launch(sched, defer_compute=self.policy.defer_compute, ahead_of=ahead_of)
+        self._sync_next = sched.out_of_blocks
+        self._in_flight.append((sched, handle, t0))
+
+    def _collect(self, sched: SchedulerOutput, handle: StepHandle, t0: float) -> Changed:
         """Waits for a launched step's tokens and advances the scheduler; returns the new tokens."""
         result = self.runner.collect(handle)
         self.num_steps += 1
         for rid, plps in result.prompt_logprobs.items():
-            owner = self._seq_owner.get(rid)
-            if owner is not None:
-                owner[0].prompt_logprobs.extend(self._position_logprobs(p.token_id, p.logprob, p.rank, p.top)
-                                                for p in plps)
+            self.outputs.add_prompt_logprobs(rid, plps)
+        # A request that a stop string ended after this step was launched: update() skips it.
         changed = self.scheduler.update(sched, result)
         # The whole step as a streaming client paces it: from its scheduling, or from the previous
         # step's end when steps overlap (async scheduling, micro-batches).
@@ -298,165 +251,23 @@ class LLMEngine:
         self.step_log.append((len(n), sum(n), sum(1 for t in n if t == 1), elapsed))
         return changed
 
-    def _step_async(self, emit: Optional[Callable[[list[RequestOutput]], None]]) -> list[RequestOutput]:
-        """Async scheduling: schedule and launch step N+1 while step N runs, then wait for N's tokens
-        and turn them into outputs while N+1 runs. Requests N samples for run on in N+1 on a
-        placeholder token the device fills in. A request that N ends (EOS, stop) wastes its N+1 row,
-        whose token is dropped; one that N ends by length is not run ahead."""
-        t0 = time.perf_counter()
-        outputs: list[RequestOutput] = []
-        prev = self._in_flight[0] if self._in_flight else None
-        sched = None
-        if prev is not None and not self._sync_next:
-            sched = self.scheduler.schedule(ahead=True)
-        if prev is not None and not (sched and sched.requests):
-            # Nothing can run ahead (or blocks ran short and preemption may be needed): finish N first.
-            self._in_flight.popleft()
-            outputs = self._process(self._finish_step(*prev))
-            prev = sched = None
-        if sched is None:
-            sched = self.scheduler.schedule()
-            if not sched.requests:
-                return outputs + self._end_unschedulable()
-        self._sync_next = sched.out_of_blocks
-        handle = self.runner.launch(sched, ahead_of=prev[1] if prev is not None else None)
-        self._in_flight.append((sched, handle, t0))
-        if prev is not None:
-            self._in_flight.popleft()
-            outputs += self._process(self._finish_step(*prev))
-        if emit is not None and outputs:
-            emit(outputs)
-            outputs = []
-        return outputs
-
-    def _step_pipelined(self) -> list[RequestOutput]:
-        """Micro-batch pipelining: launch a step over the requests no step in flight holds, then
-        finish the oldest step in flight once `num_microbatches` are out (or nothing new could go).
-        On one GPU the device runs one micro-batch while the host finishes the other; under PP every
-        stage holds a different micro-batch."""
-        t0 = time.perf_counter()
-        busy = frozenset(r.request_id for s, _, _ in self._in_flight for r in s.requests)
-        sched = self.scheduler.schedule(in_flight=busy)
-        if sched.requests:
-            self._in_flight.append((sched, self.runner.launch(sched, defer_compute=self._defer_compute), t0))
-        if self._in_flight and (len(self._in_flight) >= self.num_microbatches or not sched.requests):
-            done, handle, started = self._in_flight.popleft()
-            return self._process(self._finish_step(done, handle, started))
-        if self._in_flight:
-            return []
-        return self._end_unschedulable()
-
     def _end_unschedulable(self) -> list[RequestOutput]:
         """Nothing fits even alone (and nothing is in flight): the sequence outgrew the whole pool.
         End it with 'length' rather than spin."""
-        changed = []
+        changed: Changed = []
         for req in self.scheduler.unschedulable():
             logger.warning("request %s needs more KV blocks than the cache has; ending it", req.request_id)
             self.scheduler.finish(req, RequestStatus.FINISHED_LENGTH)
             changed.append((req, None))
-        return self._process(changed)
+        return self.outputs.process(changed)
 
-    def _take_pending(self) -> list[tuple[Request, Optional[SampledToken]]]:
+    def _take_pending(self) -> Changed:
         pending, self._pending = self._pending, []
         return pending
 
-    def _process(self, changed: list[tuple[Request, Optional[SampledToken]]]) -> list[RequestOutput]:
-        touched: dict[str, _Group] = {}
-        owners = self._seq_owner
-        for req, tok in changed:
-            owner = owners.get(req.request_id)
-            if owner is None:
-                continue  # aborted after its token was sampled
-            group, index = owner
-            group.requests[index] = req
-            if req.num_cached_tokens > group.num_cached_tokens:
-                group.num_cached_tokens = req.num_cached_tokens
-            seq = group.seqs[index]
-            if tok is not None:
-                self.generation_tokens_total += 1
-                self._append(group, seq, req, tok)
-            if req.is_finished:
-                if seq.finish_reason is None:
-                    seq.finish_reason, seq.stop_reason = req.status.value, req.stop_reason
-                    self.runner.release(req.request_id)
-            elif group.final_only:
-                continue  # nothing to output for it before it finishes
-            touched[group.request_id] = group
-        outputs = []
-        for group in touched.values():
-            finished = group.finished
-            if finished or not group.final_only:
-                outputs.append(self._group_output(group, finished))
-            if finished:
-                self._drop_group(group)
-        return outputs
-
-    def _append(self, group: _Group, seq: _Sequence, req: Request, tok: SampledToken) -> None:
-        params = group.params
-        delta = seq.detokenizer.step(tok.token_id)
-        if seq.logprobs is not None and tok.logprob is not None:
-            seq.logprobs.append(self._position_logprobs(tok.token_id, tok.logprob, tok.rank, tok.top))
-            seq.cumulative_logprob += tok.logprob
-        if req.is_finished and req.status == RequestStatus.FINISHED_STOPPED and not params.include_stop_str_in_output:
-            # Finished on EOS or a stop token: its text (if any survived decoding) is not output.
-            seq.text_end = len(seq.detokenizer.text) - len(delta)
-        elif params.stop and len(req.output_token_ids) >= params.min_tokens:
-            hit = self._find_stop_string(seq.detokenizer.text, len(delta), params)
-            if hit is not None:
-                stop, at = hit
-                seq.text_end = at + (len(stop) if params.include_stop_str_in_output else 0)
-                if not req.is_finished:
-                    self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-                req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
-
-    @staticmethod
-    def _find_stop_string(text: str, delta_len: int, params: SamplingParams) -> Optional[tuple[str, int]]:
-        """The earliest stop string that the newest text completes (it may span several tokens)."""
-        best = None
-        for stop in params.stop:
-            at = text.find(stop, max(0, len(text) - delta_len - len(stop) + 1))
-            if at != -1 and (best is None or at < best[1]):
-                best = (stop, at)
-        return best
-
-    def _position_logprobs(self, token_id: int, logprob: float, rank: Optional[int],
-                           top: list[tuple[int, float]]) -> PositionLogprobs:
-        entries = {token_id: Logprob(logprob, rank, self._decode_token(token_id))}
-        for r, (tid, lp) in enumerate(top, start=1):
-            if tid not in entries:
-                entries[tid] = Logprob(lp, r, self._decode_token(tid))
-        return entries
-
-    def _decode_token(self, token_id: int) -> Optional[str]:
-        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
-
-    def _group_output(self, group: _Group, finished: Optional[bool] = None) -> RequestOutput:
-        completions = []
-        for seq, req in zip(group.seqs, group.requests):
-            token_ids = list(req.output_token_ids) if req is not None else []
-            text = seq.text
-            # While running, hold back what could still turn out to be the start of a stop string.
-            hold = 0 if seq.finish_reason is not None or not group.params.stop else \
-                max(len(s) for s in group.params.stop) - 1
-            visible = max(len(text) - hold, seq.sent_chars)
-            c = CompletionOutput(
-                seq.index, text, token_ids, seq.finish_reason, seq.stop_reason,
-                seq.cumulative_logprob if seq.logprobs is not None else None, seq.logprobs,
-                delta_text=text[seq.sent_chars : visible], delta_token_ids=token_ids[seq.sent_tokens :],
-                delta_logprobs=seq.logprobs[seq.sent_logprobs :] if seq.logprobs is not None else None,
-            )
-            seq.sent_chars, seq.sent_tokens = visible, len(token_ids)
-            seq.sent_logprobs = len(seq.logprobs) if seq.logprobs is not None else 0
-            completions.append(c)
-        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
-                             group.finished if finished is None else finished, group.num_cached_tokens,
-                             group.prompt_logprobs)
-
-    def _drop_group(self, group: _Group) -> None:
-        self._groups.pop(group.request_id, None)
-        for sid in group.seq_ids:
-            self._seq_owner.pop(sid, None)
-            self.runner.release(sid)
+    @property
+    def generation_tokens_total(self) -> int:
+        return self.outputs.generation_tokens_total
 
     def get_metrics(self) -> dict[str, Any]:
         s = self.scheduler.stats

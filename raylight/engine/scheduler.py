@@ -11,31 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 from raylight.engine.kv_cache.manager import KVCacheManager
 from raylight.engine.request import Request, RequestStatus
+from raylight.messages import PromptLogprobTask, SampleRow, SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SchedulerOutput:
-    requests: list[Request] = field(default_factory=list)  # in the order they run
-    num_scheduled_tokens: list[int] = field(default_factory=list)
-    # Per request: tokens computed or in flight before this step (its first position), and whether
-    # this step reaches the end of its tokens and so samples one.
-    num_computed_before: list[int] = field(default_factory=list)
-    samples: list[bool] = field(default_factory=list)
-    # Per request: its one token is the one a step still in flight samples (async scheduling).
-    uses_pending_token: list[bool] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-    out_of_blocks: bool = False  # a running request did not get its blocks (and nothing was preempted)
-
-    @property
-    def total_num_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens)
 
 
 @dataclass
@@ -113,6 +96,8 @@ class Scheduler:
             self.running.append(req)
             self._add(out, req, num_new)
             budget -= num_new
+        if out.requests:  # a forked sequence's copy of its parent's last block, before it runs
+            out.block_copies = self.kv.take_pending_copies()
         return out
 
     def _may_run_ahead(self, req: Request) -> bool:
@@ -123,20 +108,46 @@ class Scheduler:
         return n_out < req.max_tokens and req.num_tokens + req.num_pending_tokens < self.max_model_len \
             and not req.fork_ids
 
-    @staticmethod
-    def _add(out: SchedulerOutput, req: Request, num_new: int) -> None:
+    def _add(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
+        """Puts req in the step with num_new tokens, and everything the runner needs to run them."""
+        rid = req.request_id
         in_flight = req.num_in_flight_tokens
         before = req.num_computed_tokens + in_flight
         pending = req.num_pending_tokens
         samples = before + num_new == req.num_tokens + pending
         out.requests.append(req)
+        out.request_ids.append(rid)
         out.num_scheduled_tokens.append(num_new)
         out.num_computed_before.append(before)
         out.samples.append(samples)
         out.uses_pending_token.append(pending > 0)
+        # With a pending token the one token is that placeholder: the device fills it in.
+        out.new_token_ids.append([] if pending else req.all_token_ids[before : before + num_new])
+        out.block_tables.append(self.kv.req_block_ids[rid])  # read by the runner at launch
+        rows: list[SampleRow] = []
+        if samples:
+            n_out = len(req.output_token_ids) + pending
+            rows.append(SampleRow(rid, rid, req.sampling_params, n_out, req.prompt_token_ids,
+                                  req.output_token_ids, req.eos_token_ids))
+            # A request about to fork samples its n first tokens from the same logits row.
+            rows.extend(SampleRow(rid, fid, fp, n_out, req.prompt_token_ids, req.output_token_ids,
+                                  req.eos_token_ids) for fid, fp in zip(req.fork_ids, req.fork_params))
+        out.sample_rows.append(rows)
+        out.prompt_logprobs.append(self._prompt_logprob_task(req, before, num_new) if req.needs_prompt_logprobs
+                                   else None)
         req.num_in_flight_tokens = in_flight + num_new
         if samples:
             req.num_pending_tokens = pending + 1
+
+    @staticmethod
+    def _prompt_logprob_task(req: Request, before: int, num_new: int) -> PromptLogprobTask:
+        """The prompt positions whose logprobs this step's tokens yield (position p predicts token
+        p + 1); each position is computed once, even when a preemption recomputes the prompt."""
+        first = max(before, req.num_prompt_logprobs - 1)
+        last = min(before + num_new, req.num_prompt_tokens - 1)
+        req.num_prompt_logprobs = max(req.num_prompt_logprobs, last + 1)
+        return PromptLogprobTask(req.sampling_params.prompt_logprobs, first, max(first, last),
+                                 req.prompt_token_ids[first + 1 : last + 1])
 
     def _allocate_or_preempt(self, req: Request, num_new: int, out: SchedulerOutput, may_preempt: bool) -> bool:
         """Room for req's next tokens, preempting the newest running requests if allowed and needed.
@@ -202,6 +213,13 @@ class Scheduler:
             children.append(child)
         req.fork_ids, req.fork_params = [], []
         return children
+
+    def stop_on_string(self, req: Request, stop: str) -> None:
+        """The output text completed a stop string (the engine's output processing found it):
+        the sequence ends with 'stop', even if this step's token also ended it by length."""
+        if not req.is_finished:
+            self.finish(req, RequestStatus.FINISHED_STOPPED)
+        req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status

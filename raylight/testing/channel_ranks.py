@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch.distributed as dist
 
-from raylight.workers.model_runner import StepInputs
+from raylight.messages import StepInputs
 from raylight.workers.step_channel import StepChannel
 
 

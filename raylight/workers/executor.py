@@ -32,7 +32,7 @@ from raylight.config import EngineArgs
 from raylight.models.loader import ResolvedModel
 from raylight.parallel.state import ParallelGroups, init_distributed, leave_distributed
 from raylight.workers.launchers import Launcher, LocalRanks, RayRanks
-from raylight.workers.model_runner import StepInputs
+from raylight.messages import StepInputs
 from raylight.workers.step_channel import StepChannel
 from raylight.workers.worker import RankModel, RankSpec, build_rank, parallel_config
 

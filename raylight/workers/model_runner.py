@@ -11,12 +11,11 @@ import numpy as np
 import torch
 
 from raylight.kernels.attention import CommonAttentionMetadata
+from raylight.messages import PromptLogprobTask, SampleRow, SchedulerOutput, StepInputs
 from raylight.utils.host_copy import to_device
-from raylight.engine.kv_cache.manager import KVCacheManager
-from raylight.engine.request import Request
+from raylight.workers.logits_plan import run_logits_plan
 from raylight.workers.sampler import Sampler
-from raylight.workers.sampling_state import SampleRow, SamplingState
-from raylight.engine.scheduler import SchedulerOutput
+from raylight.workers.sampling_state import SamplingState
 
 
 @dataclass(slots=True)
@@ -45,39 +44,15 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class StepInputs:
-    """Everything a rank needs to run one step's forward, as host arrays: what rank 0 sends to the
-    other ranks of a TP/PP replica. Rows are ordered decodes first."""
-
-    input_ids: np.ndarray  # [T]
-    positions: np.ndarray  # [T]
-    num_decodes: int
-    query_start_loc: np.ndarray  # [B + 1]
-    seq_lens: np.ndarray  # [B]
-    block_tables: np.ndarray  # [B, max_blocks]
-    slot_mapping: np.ndarray  # [T]
-    logits_rows: np.ndarray  # [S] flat rows whose logits are sampled (a forking request's row repeats)
-    kv_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks to copy first
-    # [start, end) flat rows of each prompt-logprob logits call, in launch()'s order: filled only for a
-    # TP/PP replica, whose other last-stage ranks make the same compute_logits calls (see workers/worker.py).
-    prompt_logit_spans: list[tuple[int, int]] = field(default_factory=list)
-    # Flat rows whose input id is a placeholder (async scheduling): the token the step before samples,
-    # filled in on the device; under TP rank 0 broadcasts those ids to its peers first.
-    placeholder_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-
-    @property
-    def is_decode_only(self) -> bool:
-        return self.num_decodes == len(self.seq_lens)
-
-
-@dataclass
 class StepHandle:
     """A launched step: its device work is queued; `collect` waits for the sampled ids."""
 
-    reqs: list[Request]
+    request_ids: list[str]
     rows: list[SampleRow]
     prompt_logprobs: dict[str, list[PromptLogprob]]
     inputs: Optional[StepInputs] = None  # set until the step's compute has run on this rank
+    # Per prompt-logprob logits call of the plan (inputs.prompt_logit_spans): whose, and its targets.
+    prompt_chunks: list[tuple[str, PromptLogprobTask, int, int]] = field(default_factory=list)
     meta: Optional[object] = None  # SamplingMetadata
     sampled: Optional[object] = None  # SamplerOutput
     fill_values: Optional[torch.Tensor] = None  # device ids of the step's placeholder tokens
@@ -87,7 +62,7 @@ class StepHandle:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, attn_backend, kv_caches: list[torch.Tensor],
-                 kv: Optional[KVCacheManager], device: torch.device, seed: int = 0, graphs=None,
+                 block_size: int, device: torch.device, seed: int = 0, graphs=None,
                  dispatch: Optional[Callable[[StepInputs], None]] = None,
                  share_ids: Optional[Callable[[torch.Tensor], None]] = None):
         self.model = model
@@ -95,8 +70,7 @@ class ModelRunner:
         self._staged: Optional[torch.cuda.Event] = None  # the last step's inputs were queued for the device
         self.attn_backend = attn_backend
         self.kv_caches = kv_caches
-        self.kv = kv  # None on a TP/PP rank other than 0: it only runs `forward` on broadcast inputs
-        self.block_size = kv.block_size if kv is not None else None
+        self.block_size = block_size
         # TP/PP: sends each step's inputs to the other ranks before this rank runs it (workers/executor.py).
         self.dispatch = dispatch
         # TP with async scheduling: broadcasts placeholder ids from rank 0 to its peers, in place.
@@ -108,81 +82,81 @@ class ModelRunner:
     def release(self, seq_id: str) -> None:
         self.sampling.release(seq_id)
 
-    PROMPT_LOGPROBS_CHUNK = 256  # rows of [rows, vocab] logits materialised at once
-
     def prepare(self, sched: SchedulerOutput, ahead_of: Optional[StepHandle] = None
-                ) -> tuple[list[Request], StepInputs, list[SampleRow], Optional[np.ndarray]]:
-        """The step's flat inputs on the host, the rows that sample, and for the placeholder tokens
-        (`inputs.placeholder_pos`, async scheduling) the rows of `ahead_of`'s sampled ids they are."""
+                ) -> tuple[StepHandle, Optional[np.ndarray]]:
+        """The step's flat inputs on the host and the rows that sample (in a StepHandle), and for the
+        placeholder tokens (`inputs.placeholder_pos`, async scheduling) the rows of `ahead_of`'s
+        sampled ids they are. Reads nothing but `sched`."""
         # Decodes (one query token) first: attention batches them in one call.
         scheduled = sched.num_scheduled_tokens
-        order = range(len(sched.requests))
+        order = range(len(scheduled))
         if max(scheduled) != 1:
             order = sorted(order, key=lambda i: scheduled[i] != 1)
-        reqs = [sched.requests[i] for i in order]
-        counts = [scheduled[i] for i in order]
-        computed = [sched.num_computed_before[i] for i in order]
-        samples = [sched.samples[i] for i in order]
+        num_new = np.array([scheduled[i] for i in order], dtype=np.int64)
+        num_computed = np.array([sched.num_computed_before[i] for i in order], dtype=np.int64)
         pending = [sched.uses_pending_token[i] for i in order]
-        num_new = np.array(counts, dtype=np.int64)
-        num_computed = np.array(computed, dtype=np.int64)
         num_decodes = int((num_new == 1).sum())
+        B = len(num_new)
 
         token_ids: list[int] = []
         placeholder_pos: list[int] = []
-        for r, c, n, p in zip(reqs, computed, counts, pending):
+        for i, p in zip(order, pending):
             if p:  # the token a step in flight samples for it: the device fills it in
                 placeholder_pos.append(len(token_ids))
                 token_ids.append(0)
-            elif n == 1:
-                token_ids.append(r.all_token_ids[c])
             else:
-                token_ids.extend(r.all_token_ids[c : c + n])
-        query_start_loc = np.zeros(len(reqs) + 1, dtype=np.int64)
+                token_ids.extend(sched.new_token_ids[i])
+        query_start_loc = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(num_new, out=query_start_loc[1:])
         seq_lens = num_computed + num_new
         total = int(query_start_loc[-1])
-        if num_decodes == len(reqs):
+        if num_decodes == B:
             positions = num_computed
-            req_idx = np.arange(len(reqs))
+            req_idx = np.arange(B)
         else:
-            req_idx = np.repeat(np.arange(len(reqs)), num_new)
+            req_idx = np.repeat(np.arange(B), num_new)
             positions = num_computed[req_idx] + (np.arange(total) - query_start_loc[req_idx])
 
-        tables = [self.kv.req_block_ids[r.request_id] for r in reqs]
-        lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+        tables = [sched.block_tables[i] for i in order]
+        lens = np.fromiter(map(len, tables), dtype=np.int64, count=B)
         flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int64, count=int(lens.sum()))
-        block_tables = np.zeros((len(reqs), int(lens.max())), dtype=np.int64)
-        rows_of = np.repeat(np.arange(len(reqs)), lens)
+        block_tables = np.zeros((B, int(lens.max())), dtype=np.int64)
+        rows_of = np.repeat(np.arange(B), lens)
         block_tables[rows_of, np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)] = flat
         bs = self.block_size
         slot_mapping = block_tables[req_idx, positions // bs] * bs + positions % bs
 
-        # Requests that reach the end of their known tokens sample; a request about to fork
-        # samples its n first tokens from the same logits row.
+        # The logits plan: prompt-logprob chunks first, then the rows that sample (a forking
+        # request's last row once per sequence), the same order on every last-stage rank.
         rows: list[SampleRow] = []
         logits_rows: list[int] = []
+        spans: list[tuple[int, int]] = []
+        prompt_chunks: list[tuple[str, PromptLogprobTask, int, int]] = []
+        for k, i in enumerate(order):
+            task = sched.prompt_logprobs[i]
+            if task is not None:
+                q, computed = int(query_start_loc[k]), int(num_computed[k])
+                for lo, hi in task.chunks():
+                    spans.append((q + lo - computed, q + hi - computed))
+                    prompt_chunks.append((sched.request_ids[i], task, lo, hi))
         last_rows = (query_start_loc[1:] - 1).tolist()
-        for r, s, p, last in zip(reqs, samples, pending, last_rows):
-            if not s:
-                continue  # a chunk of a prompt: nothing to sample yet
-            n_out = len(r.output_token_ids) + p
-            rows.append(SampleRow(r, r.request_id, r.sampling_params, n_out))
-            logits_rows.append(last)
-            if r.fork_ids:
-                rows.extend(SampleRow(r, fid, fp, n_out) for fid, fp in zip(r.fork_ids, r.fork_params))
-                logits_rows.extend([last] * len(r.fork_ids))
+        for k, i in enumerate(order):
+            mine = sched.sample_rows[i]
+            if mine:
+                rows.extend(mine)
+                logits_rows.extend([last_rows[k]] * len(mine))
         src = None
         if placeholder_pos:
             if ahead_of is None:
                 raise ValueError("a step uses tokens still in flight but names no step in flight")
             prev_row = {row.seq_id: j for j, row in enumerate(ahead_of.rows)}
-            src = np.array([prev_row[r.request_id] for r, p in zip(reqs, pending) if p], dtype=np.int64)
+            src = np.array([prev_row[sched.request_ids[i]] for i, p in zip(order, pending) if p], dtype=np.int64)
         inputs = StepInputs(np.array(token_ids, dtype=np.int64), positions, num_decodes, query_start_loc,
                             seq_lens, block_tables, slot_mapping, np.array(logits_rows, dtype=np.int64),
-                            self.kv.take_pending_copies(),
+                            list(sched.block_copies), prompt_logit_spans=spans,
                             placeholder_pos=np.array(placeholder_pos, dtype=np.int64))
-        return reqs, inputs, rows, src
+        handle = StepHandle([sched.request_ids[i] for i in order], rows, {}, inputs, prompt_chunks=prompt_chunks)
+        return handle, src
 
     def forward(self, inputs: StepInputs, fill_values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The model over the step's tokens (a CUDA graph replay for decode-only steps that fit one).
@@ -233,11 +207,11 @@ class ModelRunner:
         share runs in `collect` instead (pipeline parallelism: the last stage, us, would block on the
         previous stage here, while the next micro-batch could already be on its way to it).
         `ahead_of`: the step still in flight whose sampled ids this one's placeholder tokens are."""
-        reqs, inputs, rows, src = self.prepare(sched, ahead_of)
+        handle, src = self.prepare(sched, ahead_of)
         if self.dispatch is not None:  # a TP/PP replica: every rank runs this step with us
-            inputs.prompt_logit_spans = self.prompt_logit_spans(reqs, inputs)
-            self.dispatch(inputs)
-        handle = StepHandle(reqs, rows, {}, inputs, self.sampling.metadata(rows) if rows else None)
+            self.dispatch(handle.inputs)
+        if handle.rows:
+            handle.meta = self.sampling.metadata(handle.rows)
         if src is not None:
             # Queued after the step in flight's sampling on the same stream: no host wait.
             handle.fill_values = ahead_of.sampled.token_ids[to_device(src, self.device)]
@@ -246,18 +220,18 @@ class ModelRunner:
         return handle
 
     def _compute(self, handle: StepHandle) -> None:
-        inputs, rows, reqs = handle.inputs, handle.rows, handle.reqs
+        inputs, rows = handle.inputs, handle.rows
         handle.inputs = None
         hidden = self.forward(inputs, handle.fill_values)
-        qsl, seq_lens = inputs.query_start_loc, inputs.seq_lens
-        for i, r in enumerate(reqs):
-            if r.needs_prompt_logprobs:
-                n = int(qsl[i + 1] - qsl[i])
-                handle.prompt_logprobs[r.request_id] = self._prompt_logprobs(
-                    r, hidden, int(qsl[i]), int(seq_lens[i]) - n, n)
+
+        def prompt_logprobs(i: int, logits: torch.Tensor) -> None:
+            rid, task, lo, hi = handle.prompt_chunks[i]
+            handle.prompt_logprobs.setdefault(rid, []).extend(
+                self._prompt_logprobs(logits, task.targets[lo - task.first : hi - task.first], task.num_top))
+
+        logits = run_logits_plan(self.model, hidden, inputs, self.device, prompt_logprobs)
         if not rows:
             return
-        logits = self.model.compute_logits(hidden[to_device(inputs.logits_rows, self.device)])
         handle.sampled = self.sampler(logits, handle.meta)
         if handle.meta.output_counts is not None:  # some row uses penalties
             self.sampling.record(rows, handle.sampled.token_ids)
@@ -293,7 +267,7 @@ class ModelRunner:
                 k = row.params.logprobs
                 s.logprob, s.rank = lps[j], ranks[j]
                 s.top = list(zip(top_ids[j][:k], top_lps[j][:k])) if top_ids is not None else []
-            rid = row.request.request_id
+            rid = row.request_id
             mine = by_request.get(rid)
             if mine is None:
                 by_request[rid] = [s]
@@ -301,40 +275,13 @@ class ModelRunner:
                 mine.append(s)
         return out
 
-    def _prompt_logprobs(self, r: Request, hidden: torch.Tensor, q_start: int, computed: int, n: int):
-        """Logprob of each prompt token given the ones before it, for this chunk's positions."""
-        k = r.sampling_params.prompt_logprobs
-        last = min(computed + n, r.num_prompt_tokens - 1)
-        results: list[PromptLogprob] = []
-        for lo, hi in self._prompt_logprob_chunks(r, computed, n):
-            rows = torch.arange(q_start + lo - computed, q_start + hi - computed, device=self.device)
-            logprobs = self.model.compute_logits(hidden[rows]).log_softmax(dim=-1)
-            targets = torch.tensor(r.prompt_token_ids[lo + 1 : hi + 1], device=self.device)
-            chosen = logprobs.gather(1, targets[:, None])
-            ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
-            top = logprobs.topk(k, dim=-1) if k > 0 else None
-            top_ids = top.indices.tolist() if top is not None else [[]] * (hi - lo)
-            top_lps = top.values.tolist() if top is not None else [[]] * (hi - lo)
-            for t, lp, rk, ti, tl in zip(targets.tolist(), chosen[:, 0].tolist(), ranks, top_ids, top_lps):
-                results.append(PromptLogprob(t, lp, rk, list(zip(ti, tl))))
-        r.num_prompt_logprobs = max(r.num_prompt_logprobs, last + 1)
-        return results
-
-    def _prompt_logprob_chunks(self, r: Request, computed: int, n: int) -> list[tuple[int, int]]:
-        """[lo, hi) prompt positions of each logits call for this chunk of `n` tokens after `computed`."""
-        first = max(computed, r.num_prompt_logprobs - 1)  # position p predicts token p + 1
-        last = min(computed + n, r.num_prompt_tokens - 1)
-        step = self.PROMPT_LOGPROBS_CHUNK
-        return [(lo, min(lo + step, last)) for lo in range(first, last, step)]
-
-    def prompt_logit_spans(self, reqs: list[Request], inputs: StepInputs) -> list[tuple[int, int]]:
-        """Flat row ranges of the step's prompt-logprob logits calls, in the order launch() makes them."""
-        qsl, seq_lens = inputs.query_start_loc, inputs.seq_lens
-        spans: list[tuple[int, int]] = []
-        for i, r in enumerate(reqs):
-            if r.needs_prompt_logprobs:
-                q, n = int(qsl[i]), int(qsl[i + 1] - qsl[i])
-                computed = int(seq_lens[i]) - n
-                chunks = self._prompt_logprob_chunks(r, computed, n)
-                spans.extend((q + lo - computed, q + hi - computed) for lo, hi in chunks)
-        return spans
+    def _prompt_logprobs(self, logits: torch.Tensor, targets: list[int], k: int) -> list[PromptLogprob]:
+        """Logprob, rank and top-k of each target prompt token, from the logits of the positions before them."""
+        logprobs = logits.log_softmax(dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None])
+        ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+        top = logprobs.topk(k, dim=-1) if k > 0 else None
+        top_ids = top.indices.tolist() if top is not None else [[]] * len(targets)
+        top_lps = top.values.tolist() if top is not None else [[]] * len(targets)
+        return [PromptLogprob(t, lp, rk, list(zip(ti, tl)))
+                for t, lp, rk, ti, tl in zip(targets, chosen[:, 0].tolist(), ranks, top_ids, top_lps)]

@@ -3,25 +3,12 @@ assembly of one step's `SamplingMetadata` from the rows that sample."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from raylight.sampling_params import SamplingParams
-from raylight.engine.request import Request
+from raylight.messages import SampleRow
 from raylight.workers.sampler import SamplingMetadata
-
-
-@dataclass(slots=True)
-class SampleRow:
-    """One row of the step's logits to sample from: a request, or one of the n sequences a
-    request forks into on its first token (they share the prompt's logits row)."""
-
-    request: Request
-    seq_id: str
-    params: SamplingParams
-    num_output_tokens: int
 
 
 class SamplingState:
@@ -50,14 +37,13 @@ class SamplingState:
     def _penalty_tensors(self, row: SampleRow) -> tuple[torch.Tensor, torch.Tensor]:
         counts = self.output_counts.get(row.seq_id)
         if counts is None:
-            req = row.request
             counts = torch.zeros(self.vocab_size, device=self.device)
-            out_ids = req.output_token_ids  # non-empty after a preemption or a fork
+            out_ids = row.output_token_ids  # non-empty after a preemption or a fork
             if out_ids:
                 counts.index_add_(0, torch.tensor(out_ids, device=self.device),
                                   torch.ones(len(out_ids), device=self.device))
             mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-            mask[torch.tensor(req.prompt_token_ids, device=self.device)] = True
+            mask[torch.tensor(row.prompt_token_ids, device=self.device)] = True
             self.output_counts[row.seq_id], self.prompt_masks[row.seq_id] = counts, mask
         return counts, self.prompt_masks[row.seq_id]
 
@@ -105,7 +91,7 @@ class SamplingState:
                 bias_toks.append(tok)
                 bias_vals.append(val)
             if r.num_output_tokens < p.min_tokens:
-                stops = list(p.stop_token_ids) + ([] if p.ignore_eos else list(r.request.eos_token_ids))
+                stops = list(p.stop_token_ids) + ([] if p.ignore_eos else list(r.eos_token_ids))
                 ban_rows.extend([i] * len(stops))
                 ban_toks.extend(stops)
         if bias_rows:

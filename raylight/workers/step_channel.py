@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from raylight.workers.model_runner import StepInputs
+from raylight.messages import StepInputs
 
 _STOP, _STEP = 0, 1
 # Header fields, in order.

@@ -25,8 +25,9 @@ from raylight.models.llama import local_head_counts
 from raylight.models.loader import ResolvedModel, build_model, resolve_model
 from raylight.parallel.pipeline import StageModel
 from raylight.parallel.state import ParallelConfig, ParallelGroups, init_distributed, leave_distributed
-from raylight.utils.host_copy import to_device
-from raylight.workers.model_runner import ModelRunner, StepInputs
+from raylight.messages import StepInputs
+from raylight.workers.logits_plan import run_logits_plan
+from raylight.workers.model_runner import ModelRunner
 from raylight.workers.step_channel import DEFAULT_CAPACITY, StepChannel
 
 logger = logging.getLogger("raylight.worker")
@@ -47,6 +48,7 @@ class RankModel:
     attn_backend: object
     kv_caches: list[torch.Tensor]  # one per local layer
     num_blocks: int  # agreed by every rank
+    block_size: int
     bytes_per_block: int  # of this rank's KV cache
     device: torch.device
     graphs: Optional[object] = None  # CudaGraphRunner
@@ -96,7 +98,7 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
                                  block_size=bs, device=device)
         capture_s = graphs.capture()
     stage = model if groups.pp_size == 1 else StageModel(model, groups)
-    return RankModel(groups, model, stage, backend, kv_caches, num_blocks, bytes_per_block, device, graphs,
+    return RankModel(groups, model, stage, backend, kv_caches, num_blocks, bs, bytes_per_block, device, graphs,
                      capture_s)
 
 
@@ -147,24 +149,19 @@ def profile_gpu_kv_budget(args: EngineArgs, model: torch.nn.Module, backend, gro
 
 @torch.inference_mode()
 def run_step(runner: ModelRunner, groups: ParallelGroups, inputs: StepInputs) -> None:
-    """A step on a rank other than 0: rank 0's forward, then, on the last stage, the same
-    compute_logits calls as `ModelRunner.launch` in the same order (prompt-logprob chunks, then the
-    sampled rows), because each one gathers the vocabulary slices of every TP rank."""
+    """A step on a rank other than 0: rank 0's forward, then, on the last stage, the step's logits
+    plan (each call gathers the vocabulary slices of every TP rank, so all make the same ones)."""
     hidden = runner.forward(inputs)
     if hidden is None or groups.tp_size == 1:
         return  # an earlier stage: its hand-off to the next one is already on its way
-    model = runner.model
-    for lo, hi in inputs.prompt_logit_spans:
-        model.compute_logits(hidden[lo:hi])
-    if len(inputs.logits_rows):
-        model.compute_logits(hidden[to_device(inputs.logits_rows, runner.device)])
+    run_logits_plan(runner.model, hidden, inputs, runner.device)
 
 
 def serve_steps(rank: RankModel, channel: StepChannel) -> int:
     """Runs broadcast steps until rank 0 says stop; returns how many ran."""
     share = rank.groups.broadcast_from_tp0 if rank.groups.tp_size > 1 else None
-    runner = ModelRunner(rank.stage_model, rank.attn_backend, rank.kv_caches, None, rank.device, graphs=rank.graphs,
-                         share_ids=share)
+    runner = ModelRunner(rank.stage_model, rank.attn_backend, rank.kv_caches, rank.block_size, rank.device,
+                         graphs=rank.graphs, share_ids=share)
     steps = 0
     while (inputs := channel.receive()) is not None:
         run_step(runner, rank.groups, inputs)

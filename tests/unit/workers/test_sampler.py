@@ -9,7 +9,8 @@ import torch
 from raylight.sampling_params import SamplingParams
 from raylight.engine.request import Request
 from raylight.workers.sampler import Sampler
-from raylight.workers.sampling_state import SampleRow, SamplingState
+from raylight.messages import SampleRow
+from raylight.workers.sampling_state import SamplingState
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
 V = len(LOGITS)
@@ -40,7 +41,8 @@ def rows_for(params_list: list[SamplingParams]) -> list[SampleRow]:
     rows = []
     for i, p in enumerate(params_list):
         req = Request(f"r{i}", [0], p, 16)
-        rows.append(SampleRow(req, req.request_id, p, 0))
+        rows.append(SampleRow(req.request_id, req.request_id, p, 0, req.prompt_token_ids, req.output_token_ids,
+                              req.eos_token_ids))
     return rows
 
 
@@ -123,7 +125,7 @@ def test_penalties_follow_their_definitions():
 
     def processed(params):
         state = SamplingState(4, dev)
-        meta = state.metadata([SampleRow(req, "r", params, 2)])
+        meta = state.metadata([SampleRow("r", "r", params, 2, req.prompt_token_ids, req.output_token_ids)])
         return apply_logit_processors(logits, meta)[0].tolist()
 
     assert processed(SamplingParams(repetition_penalty=2.0)) == pytest.approx([0.5, 0.9, -1.0, 0.0])
