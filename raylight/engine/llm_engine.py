@@ -21,7 +21,7 @@ from raylight.engine.overlap import OverlapPolicy
 from raylight.engine.request import Request, RequestStatus
 from raylight.engine.scheduler import Scheduler
 from raylight.engine.tokenizer import load_tokenizer
-from raylight.messages import PromptType, SchedulerOutput
+from raylight.messages import PromptType, RankReport, SchedulerOutput
 from raylight.models.loader import resolve_model
 from raylight.outputs import RequestOutput
 from raylight.sampling_params import SamplingParams
@@ -264,6 +264,15 @@ class LLMEngine:
     def _take_pending(self) -> Changed:
         pending, self._pending = self._pending, []
         return pending
+
+    def collect_rank_reports(self) -> list[RankReport]:
+        """Every rank's report (rank order): what the other ranks send back on request, such as
+        per-expert load counts. Under pipeline parallelism the steps in flight finish first (their
+        tokens become outputs at the next `step()`): a peer answers only after them."""
+        if self.policy.defer_compute:
+            while self._in_flight:
+                self._pending += self._collect(*self._in_flight.popleft())
+        return self.executor.collect_reports(self.num_steps)
 
     @property
     def generation_tokens_total(self) -> int:

@@ -35,3 +35,23 @@ def exchange(rank: int, world_size: int, capacity: int) -> list:
     while (s := channel.receive()) is not None:
         got.append(s)
     return got
+
+
+def reports(rank: int, world_size: int) -> list:
+    """Rank 0 sends steps with report requests between them; the others answer with what their
+    report callback says (their rank, the steps they received, a load vector whose length varies)."""
+    from raylight.messages import RankReport
+
+    received = [0]
+    channel = StepChannel(dist.group.WORLD, rank, 256, report=lambda: RankReport(
+        rank, received[0], np.arange(rank * 3, dtype=np.int64), [100 + rank] * rank))
+    if rank == 0:
+        gathered = []
+        for s in make_steps():
+            channel.send(s)
+            gathered.append(channel.gather_reports(RankReport(0, 99)))
+        channel.send_stop()
+        return [[(r.rank, r.num_steps, r.expert_load.tolist(), r.kv_transfers_done) for r in g] for g in gathered]
+    while channel.receive() is not None:
+        received[0] += 1
+    return received[0]

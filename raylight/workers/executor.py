@@ -32,9 +32,9 @@ from raylight.config import EngineArgs
 from raylight.models.loader import ResolvedModel
 from raylight.parallel.state import ParallelGroups, init_distributed, leave_distributed
 from raylight.workers.launchers import Launcher, LocalRanks, RayRanks
-from raylight.messages import StepInputs
+from raylight.messages import RankReport, StepInputs
 from raylight.workers.step_channel import StepChannel
-from raylight.workers.worker import RankModel, RankSpec, build_rank, parallel_config
+from raylight.workers.worker import RankModel, RankSpec, build_rank, parallel_config, rank_report
 
 logger = logging.getLogger("raylight.executor")
 
@@ -103,6 +103,20 @@ class Executor:
             raise RankDiedError(f"{self._monitor.dead}: the replica cannot run further steps")
         try:
             self.channel.send(inputs)
+        except Exception as e:
+            raise self._explain(e) from e
+
+    def collect_reports(self, num_steps: int = 0) -> list[RankReport]:
+        """Every rank's `RankReport`, in rank order (rank 0's own first). Between steps only: under
+        pipeline parallelism with steps in flight, a peer answers only after those steps, which may
+        wait on this rank."""
+        own = rank_report(self.rank, num_steps)
+        if self.channel is None:
+            return [own]
+        if self._monitor.dead is not None:
+            raise RankDiedError(f"{self._monitor.dead}: the replica cannot run further steps")
+        try:
+            return self.channel.gather_reports(own)
         except Exception as e:
             raise self._explain(e) from e
 

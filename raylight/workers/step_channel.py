@@ -1,4 +1,9 @@
-"""Rank 0 -> every other rank: one step's `StepInputs` as one int64 tensor over the gloo group.
+"""Rank 0 <-> the other ranks of a replica, over the gloo group, as int64 tensors (never pickles).
+
+Out: one step's `StepInputs` as one int64 tensor broadcast from rank 0.
+Back: `RankReport`s, small typed results of each rank (per-expert load counts, finished KV
+transfers), when rank 0 asks for them (`gather_reports`): a report request travels in the step
+stream like a step, and every rank answers in one all-gather. Nothing flows back per step.
 
 A message is a fixed-size header (the step's shapes) followed by the arrays, concatenated.
 Receivers must post a buffer of known size, so every message is broadcast in a buffer of a
@@ -13,15 +18,15 @@ metadata is planned there), so broadcasting host memory costs no device round tr
 from __future__ import annotations
 
 import datetime
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from raylight.messages import StepInputs
+from raylight.messages import RankReport, StepInputs
 
-_STOP, _STEP = 0, 1
+_STOP, _STEP, _REPORT = 0, 1, 2
 # Header fields, in order.
 _OP, _LEN, _T, _B, _DECODES, _WIDTH, _S, _C, _K, _SEQ, _P = range(11)
 HEADER = 16
@@ -32,8 +37,11 @@ IDLE_WAIT = datetime.timedelta(days=365)
 
 
 class StepChannel:
-    def __init__(self, group: dist.ProcessGroup, rank: int, capacity: int = DEFAULT_CAPACITY):
+    def __init__(self, group: dist.ProcessGroup, rank: int, capacity: int = DEFAULT_CAPACITY,
+                 report: Optional[Callable[[], RankReport]] = None):
+        """`report`: on ranks other than 0, what this rank answers when rank 0 asks for reports."""
         self.group, self.rank, self.capacity = group, rank, max(capacity, HEADER + 64)
+        self.report = report
         self._buf = torch.zeros(self.capacity, dtype=torch.int64)
         self._seq = 0  # steps sent / received: a cheap check that no rank skipped one
         # Rank 0's broadcasts still on their way, with the tensors they read. Sending asynchronously
@@ -69,6 +77,15 @@ class StepChannel:
         self._buf.zero_()  # op 0: stop
         self._broadcast(self._buf)
 
+    def gather_reports(self, own: RankReport) -> list[RankReport]:
+        """Asks every rank for its report; returns them in rank order (`own` is rank 0's). Call it
+        between steps: a rank answers once it has run every step sent before the request."""
+        self.flush()
+        self._buf.zero_()
+        self._buf[_OP] = _REPORT
+        self._broadcast(self._buf)
+        return _all_gather_reports(self.group, own)
+
     def flush(self) -> None:
         """Waits until every step sent so far has reached all ranks (raises what the sends raised)."""
         sending, self._sending = self._sending, []
@@ -83,11 +100,16 @@ class StepChannel:
         """The next step's inputs; None when rank 0 shuts the replica down."""
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.timeout = 0, IDLE_WAIT
-        self.group.broadcast([self._buf], opts).wait()
-        buf = self._buf.numpy()
-        op, length, T, B, decodes, W, S, C, K, seq, P = (int(v) for v in buf[:11])
-        if op == _STOP:
-            return None
+        while True:
+            self.group.broadcast([self._buf], opts).wait()
+            buf = self._buf.numpy()
+            op, length, T, B, decodes, W, S, C, K, seq, P = (int(v) for v in buf[:11])
+            if op == _STOP:
+                return None
+            if op == _STEP:
+                break
+            # _REPORT: answer, then wait for the next message
+            _all_gather_reports(self.group, self.report() if self.report is not None else RankReport(self.rank))
         if seq != self._seq:
             raise RuntimeError(f"step channel out of sync: got step {seq}, expected {self._seq}")
         self._seq += 1
@@ -110,3 +132,33 @@ class StepChannel:
 
     def _broadcast(self, t: torch.Tensor) -> None:
         dist.broadcast(t, src=0, group=self.group)
+
+
+# ---------------------------------------------------------------- reports back to rank 0
+
+def encode_report(r: RankReport) -> np.ndarray:
+    """[rank, num_steps, E, K, expert_load (E), kv_transfers_done (K)]"""
+    load = np.asarray(r.expert_load, dtype=np.int64).reshape(-1)
+    done = np.asarray(r.kv_transfers_done, dtype=np.int64).reshape(-1)
+    return np.concatenate([np.array([r.rank, r.num_steps, len(load), len(done)], dtype=np.int64), load, done])
+
+
+def decode_report(a: np.ndarray) -> RankReport:
+    rank, steps, E, K = (int(v) for v in a[:4])
+    return RankReport(rank, steps, a[4 : 4 + E].copy(), a[4 + E : 4 + E + K].tolist())
+
+
+def _all_gather_reports(group: dist.ProcessGroup, own: RankReport) -> list[RankReport]:
+    """Every rank's report, in rank order, to every rank: the lengths first, then the payloads
+    padded to the longest (gloo's all-gather wants equal sizes)."""
+    payload = encode_report(own)
+    world = dist.get_world_size(group)
+    n = torch.tensor([len(payload)], dtype=torch.int64)
+    lens = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(lens, n, group=group)
+    longest = max(int(x) for x in lens)
+    mine = torch.zeros(longest, dtype=torch.int64)
+    mine[: len(payload)] = torch.from_numpy(payload)
+    parts = [torch.zeros(longest, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    return [decode_report(p.numpy()[: int(L)]) for p, L in zip(parts, lens)]

@@ -25,7 +25,7 @@ from raylight.models.llama import local_head_counts
 from raylight.models.loader import ResolvedModel, build_model, resolve_model
 from raylight.parallel.pipeline import StageModel
 from raylight.parallel.state import ParallelConfig, ParallelGroups, init_distributed, leave_distributed
-from raylight.messages import StepInputs
+from raylight.messages import RankReport, StepInputs
 from raylight.workers.logits_plan import run_logits_plan
 from raylight.workers.model_runner import ModelRunner
 from raylight.workers.step_channel import DEFAULT_CAPACITY, StepChannel
@@ -59,10 +59,14 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
                dtype: torch.dtype, max_model_len: int) -> RankModel:
     """This rank's model, KV cache and CUDA graphs. Collective under TP/PP: every rank calls it at once."""
     arch, bs = resolved.arch, args.block_size
-    heads, kv_heads = local_head_counts(arch, groups.tp_size, groups.tp_rank)
+    from raylight.kernels.config import KernelConfig
+    from raylight.models import registry
+
+    kernels = KernelConfig.from_args(args)  # the engine's kernel switches (env overrides read here, once)
+    heads, kv_heads = registry.local_head_counts(arch, groups.tp_size, groups.tp_rank)
     backend = get_attention_backend(args.attention_backend, AttentionSpec(
-        bs, heads, kv_heads, arch.head_dim, dtype, device, arch.sliding_window))
-    model = build_model(resolved, backend, dtype, device, max_model_len, args.seed, groups=groups)
+        bs, heads, kv_heads, arch.head_dim, dtype, device, arch.sliding_window), kernels)
+    model = build_model(resolved, backend, dtype, device, max_model_len, args.seed, groups=groups, kernels=kernels)
     elem = torch.empty((), dtype=dtype).element_size()
     bytes_per_block = model.num_local_layers * 2 * bs * kv_heads * arch.head_dim * elem
 
@@ -158,11 +162,13 @@ def run_step(runner: ModelRunner, groups: ParallelGroups, inputs: StepInputs) ->
 
 
 def serve_steps(rank: RankModel, channel: StepChannel) -> int:
-    """Runs broadcast steps until rank 0 says stop; returns how many ran."""
+    """Runs broadcast steps until rank 0 says stop; returns how many ran. Answers rank 0's report
+    requests in between (`rank_report`)."""
     share = rank.groups.broadcast_from_tp0 if rank.groups.tp_size > 1 else None
     runner = ModelRunner(rank.stage_model, rank.attn_backend, rank.kv_caches, rank.block_size, rank.device,
                          graphs=rank.graphs, share_ids=share)
     steps = 0
+    channel.report = lambda: rank_report(rank, steps)
     while (inputs := channel.receive()) is not None:
         run_step(runner, rank.groups, inputs)
         steps += 1
@@ -171,6 +177,16 @@ def serve_steps(rank: RankModel, channel: StepChannel) -> int:
     if rank.device.type == "cuda":
         torch.cuda.synchronize(rank.device)
     return steps
+
+
+def rank_report(rank: RankModel, num_steps: int) -> RankReport:
+    """What this rank tells rank 0 when asked: what its model recorded since the last report
+    (a MoE model's per-expert token counts, for EPLB) and the steps it ran."""
+    take_load = getattr(rank.model, "take_expert_load", None)
+    report = RankReport(rank.groups.rank, num_steps)
+    if take_load is not None:
+        report.expert_load = np.asarray(take_load(), dtype=np.int64)
+    return report
 
 
 @dataclass
