@@ -9,7 +9,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
-    from raylight.defaults import default_model_dir
+    from raylight.models.fetch import default_model_dir
 
     return default_model_dir()
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from raylight.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineArgs
+from raylight.config import EngineArgs
+from raylight.defaults import DEFAULT_CPU_KV_CACHE_BYTES
 from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata, get_attention_backend
 from raylight.models.llama import local_head_counts
 from raylight.models.loader import ResolvedModel, build_model, resolve_model

@@ -80,7 +80,7 @@ def test_unsupported_architecture():
 
 def test_gguf_file_loads_like_the_default_model(smollm2_dir, tmp_path, monkeypatch):
     """A .gguf path is converted once into the cache and gives the same greedy tokens."""
-    from raylight.defaults import default_gguf_path
+    from raylight.models.fetch import default_gguf_path
 
     gguf = default_gguf_path()  # in the real cache (smollm2_dir fetched it)
     monkeypatch.setenv("RAYLIGHT_CACHE_DIR", str(tmp_path))
