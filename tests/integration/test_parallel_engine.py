@@ -83,6 +83,11 @@ def test_parallel_engine_matches_single_process(qwen3, layout):
             assert llm.engine.num_blocks == ENGINE["kv_cache_memory"] // (3 * per_layer)
         m = llm.get_metrics()
         assert m["kv_blocks_free"] == m["kv_blocks_total"] and m["num_running"] == 0
+        # The return path: every rank reports, in rank order, having run every step rank 0 ran.
+        reports = llm.engine.collect_rank_reports()
+        assert [r.rank for r in reports] == list(range(tp * pp))
+        assert {r.num_steps for r in reports} == {llm.engine.num_steps} and llm.engine.num_steps > 0
+        assert llm.generate(prompts[:1], params[:1], use_tqdm=False)[0].finished  # steps go on afterwards
     finally:
         llm.shutdown()
     assert _children_gone(llm)
