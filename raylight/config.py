@@ -67,6 +67,22 @@ class EngineArgs(BaseModel):
         None, ge=1, description="Largest decode batch replayed from a CUDA graph (default: min(max_num_seqs, 512)); "
         "larger decode batches run eagerly.")
 
+    # --- kernel switches (raylight.kernels.config.KernelConfig; env RAYLIGHT_FUSED_KERNELS, RAYLIGHT_GEMV,
+    # RAYLIGHT_CUSTOM_ALLREDUCE, RAYLIGHT_FI_DECODE_TENSOR_CORES set to 0/1 override them) ---
+    fused_kernels: bool = Field(
+        True, description="Fused Triton elementwise kernels (add+RMSNorm, SiLU-and-mul, rotary) where they apply "
+        "(CUDA with triton installed); False runs the torch ops. Env RAYLIGHT_FUSED_KERNELS=0/1 overrides.")
+    gemv: bool = Field(
+        True, description="Our single-row GEMV kernel for batch-1 projections where it applies (one bf16/fp16 row "
+        "on a Hopper GPU); False leaves every matmul to cuBLAS. Env RAYLIGHT_GEMV=0/1 overrides.")
+    custom_allreduce: bool = Field(
+        True, description="The one-shot CUDA-IPC all-reduce for small tensors under tensor parallelism where it "
+        "applies (one node, peer access); False sends every all-reduce to NCCL. Env RAYLIGHT_CUSTOM_ALLREDUCE=0/1 "
+        "overrides.")
+    flashinfer_decode_tensor_cores: Optional[bool] = Field(
+        None, description="FlashInfer decode through its tensor-core kernels (default: when more than 4 query "
+        "heads share a KV head). Env RAYLIGHT_FI_DECODE_TENSOR_CORES=0/1 overrides.")
+
     # --- parallelism (one replica over tensor_parallel_size x pipeline_parallel_size processes) ---
     tensor_parallel_size: int = Field(1, ge=1, description="Ranks each layer's weights are split over (one GPU each).")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages the layers are split into.")

@@ -22,9 +22,29 @@ import time
 import numpy as np
 import torch
 
+from raylight.kernels.config import KernelConfig
 from raylight.kernels.fused import fused_ops_enabled
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNEL_SWITCHES = ("fused_kernels", "gemv", "custom_allreduce", "flashinfer_decode_tensor_cores")
+
+
+def add_kernel_flags(p) -> None:
+    """--[no-]fused-kernels, --[no-]gemv, --[no-]custom-allreduce, --[no-]flashinfer-decode-tensor-cores:
+    the engine's kernel switches (unset: the engine's default; the RAYLIGHT_* env vars still override)."""
+    import argparse
+
+    for name in KERNEL_SWITCHES:
+        p.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=None)
+
+
+def kernel_args(args) -> dict:
+    return {k: getattr(args, k) for k in KERNEL_SWITCHES if getattr(args, k) is not None}
+
+
+def fused_kernels_on(engine) -> bool:
+    """Whether the engine's layers run the fused elementwise kernels."""
+    return KernelConfig.from_args(engine.args).fused_kernels and fused_ops_enabled(engine.device)
 
 
 def device_name(device: str) -> str:
@@ -195,7 +215,8 @@ def run_ours(args, prompts, out_lens):
                        enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
                        gpu_memory_utilization=args.gpu_memory_utilization,
                        num_microbatches=args.num_microbatches,
-                       async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
+                       async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+                       **kernel_args(args))
     if args.dummy:
         engine_args["load_format"] = "dummy"
     llm = LLM(args.model_config if args.dummy and args.model_config else args.model, **engine_args)
@@ -220,7 +241,7 @@ def run_ours(args, prompts, out_lens):
                      cuda_graph_capture_s=e.graph_capture_s, cuda_graphs=e.runner.graphs is not None,
                      engine_steps=m["num_steps"], preemptions=m["preemptions"], kv_blocks=e.num_blocks,
                      async_scheduling=e.async_scheduling, max_num_batched_tokens=e.args.max_num_batched_tokens,
-                     fused_kernels=fused_ops_enabled(e.device),
+                     fused_kernels=fused_kernels_on(e),
                      fi_decode_tensor_cores=getattr(e.attn_backend, "_use_tensor_cores", None),
                      phases=phase_times(steps),
                      host_ms_per_step={k: v * 1e3 / max(1, len(steps)) for k, v in host.items()})
@@ -362,6 +383,7 @@ def main(argv=None):
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="lower it to leave room for the HF peer on the same GPU")
+    add_kernel_flags(p)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))

@@ -22,10 +22,9 @@ import time
 import numpy as np
 import torch
 
-from raylight.kernels.fused import fused_ops_enabled
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_throughput import REPO, device_name, git_commit, write_record  # noqa: E402
+from bench_throughput import (REPO, add_kernel_flags, device_name, fused_kernels_on, git_commit,  # noqa: E402
+                              kernel_args, write_record)
 
 
 def summarize(prof, steps: int, wall_s: float, top: int) -> dict:
@@ -98,6 +97,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="cpu only to smoke-test the script")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="profiles rank 0 (its NCCL kernels' time "
                    "includes waiting for the other ranks)")
+    add_kernel_flags(p)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = p.parse_args(argv)
@@ -107,7 +107,7 @@ def main(argv=None):
     llm = LLM(args.model_config, load_format="dummy", attention_backend=args.attention_backend,
               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager, device=args.device,
               tensor_parallel_size=args.tensor_parallel_size,
-              gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=4096)
+              gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=4096, **kernel_args(args))
     engine = llm.engine
     vocab = engine.arch.vocab_size
     rng = np.random.default_rng(0)
@@ -157,7 +157,7 @@ def main(argv=None):
                                 tensor_parallel_size=args.tensor_parallel_size,
                                 max_num_batched_tokens=engine.args.max_num_batched_tokens,
                                 async_scheduling=engine.async_scheduling,
-                                fused_kernels=fused_ops_enabled(engine.device),
+                                fused_kernels=fused_kernels_on(engine),
                                 fi_decode_tensor_cores=getattr(engine.attn_backend, "_use_tensor_cores", None)),
                   phases=phases, command=" ".join(sys.argv))
     write_record(args.out, f"profile-{args.model_config}", record)

@@ -5,7 +5,8 @@ import torch
 from raylight.kernels import fused
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    if fused.fused_ops_enabled(x.device):  # on CUDA unless env RAYLIGHT_FUSED_KERNELS=0
+def silu_and_mul(x: torch.Tensor, fused_kernels: bool = True) -> torch.Tensor:
+    """`fused_kernels`: use the fused Triton kernel where it applies (CUDA); KernelConfig.fused_kernels."""
+    if fused_kernels and fused.fused_ops_enabled(x.device):  # on CUDA unless switched off
         return fused.silu_and_mul(x)
     return fused.torch_silu_and_mul(x)

@@ -12,8 +12,9 @@ the order of the fp32 reduction in the norm and fp32 rounding inside an op. Laun
 only on shapes, never on device data, so every op can be captured in a CUDA graph. Rows may be
 strided (views of a wider projection output); the last dimension must be contiguous.
 
-The model layers use these kernels when `fused_ops_enabled(device)`: a CUDA device and an
-importable triton, unless env `RAYLIGHT_FUSED_KERNELS=0`. On CPU the layers run the torch code.
+The model layers use these kernels when their `KernelConfig.fused_kernels` (engine argument
+`fused_kernels`, env `RAYLIGHT_FUSED_KERNELS=0/1` overrides) is on and `fused_ops_enabled(device)`:
+a CUDA device and an importable triton. On CPU the layers run the torch code.
 Measured on an H200 (benchmarks/results/kernels-20261122-104043.json, profile-llama-3.2-1b-*):
 each op 2-10x faster than its torch chain; a W1 decode step's GPU time 4.54 -> 3.37 ms, an
 8192-token prefill step's 40.6 -> 25.5 ms, batch-1 8B decode 6.55 -> 4.88 ms per token.
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from types import SimpleNamespace
 from typing import Optional
 
@@ -36,21 +36,18 @@ import torch.nn.functional as F
 triton = None
 tl = None
 
-ENV_VAR = "RAYLIGHT_FUSED_KERNELS"
-
-
 @functools.lru_cache(maxsize=None)
 def _have_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
 def fused_ops_enabled(device: torch.device) -> bool:
-    """True when the model layers should use the fused kernels: `device` is CUDA, triton is
-    importable, and env RAYLIGHT_FUSED_KERNELS is not "0" (the switch back to the torch ops)."""
+    """True when the fused kernels can serve the model layers on `device`: it is CUDA and triton is
+    importable. (Whether they should is the layer's `KernelConfig.fused_kernels`.)"""
     # Called by every layer on every eager step: the cheap test first, no torch.device() construction.
     if getattr(device, "type", device) != "cuda":
         return False
-    return os.environ.get(ENV_VAR, "1") != "0" and _have_triton()
+    return _have_triton()
 
 
 def _use_triton(t: torch.Tensor) -> bool:

@@ -8,7 +8,9 @@ kernel to two of them. This kernel gives each program BLOCK_N output features ov
 streams the weight once with fp32 accumulation in registers, and needs no second kernel.
 
 `linear(x, weight, bias)` is F.linear, except that one contiguous bf16/fp16 row on a Hopper GPU
-(where it was measured) goes through `gemv`; env RAYLIGHT_GEMV=0 turns that off. The launch
+(where it was measured) goes through `gemv`, unless the caller's `KernelConfig.gemv` is off (engine
+argument `gemv`, env RAYLIGHT_GEMV=0/1 overrides; the fallback's SiLU-and-mul follows its
+`fused_kernels`). The launch
 configuration per (N, K) comes from `CONFIGS`, else `DEFAULT`.
 
 Measured on an H200 (benchmarks/results/gemv-20261122-130623.json, inside CUDA graphs, weights
@@ -21,18 +23,17 @@ DEFAULT (16, 512, 8, 4) beat cuBLAS at every one of those shapes.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from raylight.kernels import activation
+from raylight.kernels.config import DEFAULT_KERNELS, KernelConfig
 
 triton = None
 tl = None
 
-ENV_VAR = "RAYLIGHT_GEMV"
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) by weight (N, K): the best of bench_gemv's sweep on an H200
 CONFIGS: dict = {
     (6144, 4096): (8, 512, 4, 3), (4096, 4096): (4, 1024, 8, 4), (28672, 4096): (16, 256, 4, 4),
@@ -82,10 +83,6 @@ def gemv_kernel():
     return triton.jit(_gemv_kernel)
 
 
-def enabled() -> bool:
-    return os.environ.get(ENV_VAR, "1") != "0"
-
-
 @functools.lru_cache(maxsize=None)
 def _hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9
@@ -95,18 +92,18 @@ def applies(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = False) -
     return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.dim() == 2
             and weight.is_contiguous() and weight.dtype == x.dtype
             and weight.shape[1] * (2 if silu_and_mul else 1) == x.shape[1]
-            and x.dtype in (torch.bfloat16, torch.float16) and enabled() and _hopper(x.device.index or 0))
+            and x.dtype in (torch.bfloat16, torch.float16) and _hopper(x.device.index or 0))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           silu_and_mul: bool = False) -> torch.Tensor:
-    """F.linear(x, weight, bias), through `gemv` for a single row where it applies. With
-    `silu_and_mul`, x is [gate | up] and the product is taken with silu(gate) * up."""
-    if x.is_cuda and x.shape[0] == 1 and applies(x, weight, silu_and_mul):
+           silu_and_mul: bool = False, kernels: KernelConfig = DEFAULT_KERNELS) -> torch.Tensor:
+    """F.linear(x, weight, bias), through `gemv` for a single row where it applies and `kernels.gemv`
+    is on. With `silu_and_mul`, x is [gate | up] and the product is taken with silu(gate) * up."""
+    if kernels.gemv and x.is_cuda and x.shape[0] == 1 and applies(x, weight, silu_and_mul):
         y = gemv(x, weight, silu_and_mul=silu_and_mul)
         return y if bias is None else y + bias
     if silu_and_mul:
-        x = activation.silu_and_mul(x)
+        x = activation.silu_and_mul(x, kernels.fused_kernels)
     return F.linear(x, weight, bias)
 
 

@@ -10,13 +10,15 @@ from raylight.kernels import fused
 
 
 class RMSNorm(torch.nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, fused_kernels: bool = True):
+        """`fused_kernels`: use the fused Triton kernel where it applies (CUDA); KernelConfig.fused_kernels."""
         super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused_kernels = fused_kernels
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         """Without residual: returns norm(x). With residual: returns (norm(x + residual), x + residual)."""
-        if fused.fused_ops_enabled(x.device):  # on CUDA unless env RAYLIGHT_FUSED_KERNELS=0
+        if self.fused_kernels and fused.fused_ops_enabled(x.device):  # on CUDA unless switched off
             return fused.fused_add_rms_norm(x, residual, self.weight, self.eps)
         return fused.torch_add_rms_norm(x, residual, self.weight, self.eps)

@@ -44,14 +44,16 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if x.dim() == 3 and fused.fused_ops_enabled(x.device):  # on CUDA unless env RAYLIGHT_FUSED_KERNELS=0
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused_kernels: bool = True) -> torch.Tensor:
+    """`fused_kernels`: use the fused Triton kernel where it applies (CUDA); KernelConfig.fused_kernels."""
+    if fused_kernels and x.dim() == 3 and fused.fused_ops_enabled(x.device):  # on CUDA unless switched off
         return fused.rotary_qk(x, None, cos, sin)[0]
     return fused.torch_rotary(x, cos, sin)
 
 
-def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    fused_kernels: bool = True):
     """apply_rotary on q [T, H, D] and k [T, KVH, D]; one fused launch when the fused kernels are on."""
-    if fused.fused_ops_enabled(q.device):
+    if fused_kernels and fused.fused_ops_enabled(q.device):
         return fused.rotary_qk(q, k, cos, sin)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    return apply_rotary(q, cos, sin, fused_kernels), apply_rotary(k, cos, sin, fused_kernels)

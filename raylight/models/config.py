@@ -1,4 +1,5 @@
-"""The shape of a model, read from an HF `config.json` (transformers 4.x or 5.x style)."""
+"""The shape of a model, read from an HF `config.json` (transformers 4.x or 5.x style). Which
+architectures exist, and what each reads differently, is `models/registry.py`'s."""
 
 from __future__ import annotations
 
@@ -6,20 +7,6 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
-
-# HF architectures our Llama-family code implements, and what differs between them.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": {},
-    "MistralForCausalLM": {},
-    "Qwen2ForCausalLM": {"attention_bias": True},
-    "Qwen3ForCausalLM": {"qk_norm": True},
-}
-MODEL_TYPE_TO_ARCH = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
 
 
 @dataclass
@@ -47,14 +34,11 @@ class ModelArchConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelArchConfig":
-        archs = d.get("architectures") or []
-        arch = archs[0] if archs else MODEL_TYPE_TO_ARCH.get(d.get("model_type", ""), "")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {arch or d.get('model_type')!r}; "
-                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
-            )
-        traits = SUPPORTED_ARCHITECTURES[arch]
+        # The registry imports the model classes, which import this module: imported here, not above.
+        from raylight.models import registry
+
+        arch = registry.architecture_of(d)
+        hook = registry.entry(arch).config_hook
         hidden_act = d.get("hidden_act", "silu")
         if hidden_act not in ("silu", "swish"):
             raise ValueError(f"unsupported hidden_act {hidden_act!r}; only silu is implemented")
@@ -68,10 +52,7 @@ class ModelArchConfig:
         heads = d["num_attention_heads"]
         eos = d.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        sliding_window = d.get("sliding_window")
-        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not d.get("use_sliding_window", False):
-            sliding_window = None
-        return cls(
+        fields = dict(
             architecture=arch,
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -85,14 +66,17 @@ class ModelArchConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(traits.get("attention_bias", d.get("attention_bias", False))),
-            qk_norm=bool(traits.get("qk_norm", False)),
-            sliding_window=sliding_window,
+            attention_bias=bool(d.get("attention_bias", False)),
+            qk_norm=False,
+            sliding_window=d.get("sliding_window"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
             hidden_act=hidden_act,
         )
+        if hook is not None:
+            fields.update(hook(d))  # the architecture's own reading of its config
+        return cls(**fields)
 
     @classmethod
     def from_dir(cls, path: str) -> "ModelArchConfig":

@@ -6,10 +6,12 @@ and gate/up into `gate_up_proj` (one matmul each instead of three and two). With
 default single-process groups every parameter has its full shape and the model is the
 plain single-device one.
 
-Under TP each rank holds its heads (`local_head_counts`), its slice of the MLP and of the
+Under TP each rank holds its heads (`LlamaForCausalLM.local_head_counts`), its slice of the MLP and of the
 vocabulary. Under PP a rank builds only its stage's layers [start, end) (the others are
 parameterless placeholders, so names keep their global layer index); the first stage owns
 the embedding, the last one the final norm and the LM head.
+
+`kernels` (the engine's `KernelConfig`) reaches every layer that may pick a fused op or GEMV.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from raylight.kernels.config import DEFAULT_KERNELS, KernelConfig
 from raylight.kernels.norm import RMSNorm
 from raylight.kernels.rotary import RotaryEmbedding, apply_rotary_qk
 from raylight.models.config import ModelArchConfig
@@ -32,29 +35,32 @@ from raylight.parallel.state import ParallelGroups
 def local_head_counts(cfg: ModelArchConfig, tp_size: int, tp_rank: int = 0) -> tuple[int, int]:
     """(num_heads, num_kv_heads) that TP rank `tp_rank` runs attention over: what its
     `AttentionSpec` and its KV cache must use. Ranks differ only when the KV heads do not divide
-    evenly over tp (e.g. 3 over 2); rank 0 then has the most, so it sizes the KV budget."""
+    evenly over tp (e.g. 3 over 2); rank 0 then has the most, so it sizes the KV budget.
+    (Callers outside models/ go through `models.registry.local_head_counts`.)"""
     h = head_shard(cfg.num_attention_heads, cfg.num_key_value_heads, tp_size, tp_rank)
     return h.num_heads, h.num_kv_heads
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, attn_backend, groups: ParallelGroups):
+    def __init__(self, cfg: ModelArchConfig, attn_backend, groups: ParallelGroups, kernels: KernelConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.scale = self.head_dim**-0.5
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
-                                          cfg.num_key_value_heads, cfg.attention_bias, groups)
+                                          cfg.num_key_value_heads, cfg.attention_bias, groups, kernels=kernels)
         heads = self.qkv_proj.heads  # this rank's heads
         self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         # o_proj's input is the concatenated head outputs, so its columns split with the heads.
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, False, groups,
                                         input_shard=(heads.q_start * cfg.head_dim, self.q_size),
-                                        reduce_results=False)  # reduced in the decoder layer's norm
+                                        reduce_results=False,  # reduced in the decoder layer's norm
+                                        kernels=kernels)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels.fused_kernels)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels.fused_kernels)
         self.qk_norm = cfg.qk_norm
+        self.fused_kernels = kernels.fused_kernels
         self.attn = attn_backend
 
     def forward(self, x, cos, sin, kv_cache, attn_meta):
@@ -65,30 +71,31 @@ class LlamaAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary_qk(q, k, cos, sin)
+        q, k = apply_rotary_qk(q, k, cos, sin, self.fused_kernels)
         o = self.attn.forward(q, k, v, kv_cache, attn_meta, self.scale)
         return self.o_proj(o.reshape(T, self.q_size))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, groups: ParallelGroups):
+    def __init__(self, cfg: ModelArchConfig, groups: ParallelGroups, kernels: KernelConfig):
         super().__init__()
         # Gate and up are split the same way, so silu(gate) * up pairs matching features locally.
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, False, groups)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, False, groups,
+                                                       kernels=kernels)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, groups,
-                                           reduce_results=False)  # reduced in the next norm
+                                           reduce_results=False, kernels=kernels)  # reduced in the next norm
 
     def forward(self, x):
         return self.down_proj(self.gate_up_proj(x), silu_and_mul=True)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, attn_backend, groups: ParallelGroups):
+    def __init__(self, cfg: ModelArchConfig, attn_backend, groups: ParallelGroups, kernels: KernelConfig):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, attn_backend, groups)
-        self.mlp = LlamaMLP(cfg, groups)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, attn_backend, groups, kernels)
+        self.mlp = LlamaMLP(cfg, groups, kernels)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels.fused_kernels)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels.fused_kernels)
         self.groups = groups
 
     def forward(self, x, residual, cos, sin, kv_cache, attn_meta):
@@ -106,16 +113,18 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, attn_backend, max_positions: int, groups: ParallelGroups):
+    def __init__(self, cfg: ModelArchConfig, attn_backend, max_positions: int, groups: ParallelGroups,
+                 kernels: KernelConfig):
         super().__init__()
         self.start_layer, self.end_layer = groups.layer_range(cfg.num_hidden_layers)
         self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, groups)
                              if groups.is_first_stage else None)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, attn_backend, groups) if self.start_layer <= i < self.end_layer else nn.Identity()
+            LlamaDecoderLayer(cfg, attn_backend, groups, kernels) if self.start_layer <= i < self.end_layer
+            else nn.Identity()
             for i in range(cfg.num_hidden_layers))
         self.local_layers = list(self.layers)[self.start_layer : self.end_layer]
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if groups.is_last_stage else None
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels.fused_kernels) if groups.is_last_stage else None
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.groups = groups
 
@@ -149,18 +158,24 @@ class LlamaForCausalLM(nn.Module):
     merged_shards = {".qkv_proj.": ("q", "k", "v"), ".gate_up_proj.": (0, 1)}
 
     def __init__(self, cfg: ModelArchConfig, attn_backend, max_positions: int,
-                 groups: Optional[ParallelGroups] = None):
+                 groups: Optional[ParallelGroups] = None, kernels: KernelConfig = DEFAULT_KERNELS):
         super().__init__()
         self.config = cfg
         self.groups = groups = groups or ParallelGroups.single()
-        self.model = LlamaModel(cfg, attn_backend, max_positions, groups)
+        self.kernels = kernels
+        self.model = LlamaModel(cfg, attn_backend, max_positions, groups, kernels)
         if not groups.is_last_stage:
             self.lm_head = None
         else:
             # Tied on a model whose first stage is also its last: one weight. Tied across stages:
             # the last stage keeps its own copy, filled from the checkpoint's embedding.
             tie_to = self.model.embed_tokens if cfg.tie_word_embeddings else None
-            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, groups, tie_to=tie_to)
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, groups, tie_to=tie_to, kernels=kernels)
+
+    @classmethod
+    def local_head_counts(cls, cfg: ModelArchConfig, tp_size: int, tp_rank: int = 0) -> tuple[int, int]:
+        """(num_heads, num_kv_heads) of TP rank `tp_rank`: see the module's `local_head_counts`."""
+        return local_head_counts(cfg, tp_size, tp_rank)
 
     # ---- what an executor needs to size and drive this rank ----
     @property

@@ -12,18 +12,12 @@ from typing import Iterator, Optional
 
 import torch
 
+from raylight.kernels.config import KernelConfig
+from raylight.models import registry
 from raylight.models.config import PRESETS, ModelArchConfig
-from raylight.models.llama import LlamaForCausalLM
 from raylight.parallel.state import ParallelGroups
 
 logger = logging.getLogger(__name__)
-
-MODEL_CLASSES = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-    "Qwen3ForCausalLM": LlamaForCausalLM,
-}
 
 
 @dataclass
@@ -36,7 +30,8 @@ class ResolvedModel:
 
 def resolve_model(model: Optional[str], load_format: str = "auto", revision: Optional[str] = None) -> ResolvedModel:
     if model is None:
-        from raylight.defaults import DEFAULT_MODEL_NAME, default_model_dir
+        from raylight.defaults import DEFAULT_MODEL_NAME
+        from raylight.models.fetch import default_model_dir
 
         path = default_model_dir()
         return _resolved(path, load_format, DEFAULT_MODEL_NAME)
@@ -126,12 +121,15 @@ def iter_safetensors(path: str, dtype: torch.dtype) -> Iterator[tuple[str, LazyT
 
 
 def build_model(resolved: ResolvedModel, attn_backend, dtype: torch.dtype, device: torch.device,
-                max_positions: int, seed: int = 0, groups: Optional[ParallelGroups] = None) -> torch.nn.Module:
+                max_positions: int, seed: int = 0, groups: Optional[ParallelGroups] = None,
+                kernels: Optional[KernelConfig] = None) -> torch.nn.Module:
     """This rank's part of the model (all of it with the default single-process groups), filled
-    from the checkpoint one tensor slice at a time."""
-    cls = MODEL_CLASSES[resolved.arch.architecture]
+    from the checkpoint one tensor slice at a time. `kernels`: the engine's KernelConfig (None:
+    the defaults with the environment's overrides)."""
+    cls = registry.model_class(resolved.arch.architecture)
+    kernels = kernels if kernels is not None else KernelConfig.from_args(None)
     with torch.device(device), _default_dtype(dtype):
-        model = cls(resolved.arch, attn_backend, max_positions, groups)
+        model = cls(resolved.arch, attn_backend, max_positions, groups, kernels)
     if resolved.load_format == "dummy":
         _init_dummy(model, seed)
     else:

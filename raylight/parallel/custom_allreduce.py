@@ -5,7 +5,8 @@ Applies when: CUDA, every rank of the TP group on one node with peer access to e
 a contiguous bf16/fp16/fp32 tensor whose rows fit one program (hidden size <= 16384) and that
 fits the buffer (`max_bytes`, by default 8 MiB / TP: 4 MiB at TP=2; W1's 256-row decode steps
 at hidden 2048 are 1 MiB). Prefill steps' large all-reduces stay with NCCL, which is
-bandwidth-optimal there. Env RAYLIGHT_CUSTOM_ALLREDUCE=0 turns it off (NCCL for everything).
+bandwidth-optimal there. `KernelConfig.custom_allreduce` off (engine argument `custom_allreduce`,
+env RAYLIGHT_CUSTOM_ALLREDUCE=0/1 overrides) turns it off: NCCL for everything.
 
 Setup is collective over the whole world (every rank calls `CustomAllReduce.create`), checks
 the kernel against NCCL on test tensors, and gives up (returns None, NCCL stays) on a failure
@@ -21,7 +22,6 @@ which these shared hosts forbid. Measured in the same runs (scripts/bench_parall
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 import torch
@@ -31,13 +31,8 @@ from raylight.kernels import allreduce as kernels
 
 logger = logging.getLogger(__name__)
 
-ENV_VAR = "RAYLIGHT_CUSTOM_ALLREDUCE"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_COLS = 16384
-
-
-def enabled() -> bool:
-    return os.environ.get(ENV_VAR, "1") != "0"
 
 
 class CustomAllReduce:
@@ -57,8 +52,10 @@ class CustomAllReduce:
 
     @classmethod
     def create(cls, tp_group: dist.ProcessGroup, cpu_group: dist.ProcessGroup, tp_ranks: list[int],
-               device: torch.device, max_bytes: Optional[int] = None) -> Optional["CustomAllReduce"]:
-        """Collective over the world (every rank calls it, each with its own TP group's ranks)."""
+               device: torch.device, max_bytes: Optional[int] = None, enabled: bool = True
+               ) -> Optional["CustomAllReduce"]:
+        """Collective over the world (every rank calls it, each with its own TP group's ranks), even with
+        `enabled` False (then every rank returns None)."""
         from torch.multiprocessing.reductions import reduce_tensor
 
         world, rank = len(tp_ranks), tp_ranks.index(dist.get_rank())
@@ -66,8 +63,8 @@ class CustomAllReduce:
         ok, why, mine = True, "", None
         try:
             peers = [d for d in range(torch.cuda.device_count()) if d != device.index]
-            if device.type != "cuda" or not enabled() or world > 8:
-                ok, why = False, "off" if not enabled() else "not CUDA / more than 8 ranks"
+            if device.type != "cuda" or not enabled or world > 8:
+                ok, why = False, "off" if not enabled else "not CUDA / more than 8 ranks"
             elif not all(torch.cuda.can_device_access_peer(device.index, d) for d in peers):
                 ok, why = False, "no peer access between this node's GPUs"
             else:

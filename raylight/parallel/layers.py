@@ -13,6 +13,9 @@ that narrows the checkpoint tensor to this rank's slice before copying. A checkp
 tensor is a torch.Tensor or a lazy one (`models.loader.LazyTensor`) with `.shape`,
 `.narrow(dim, start, length)` and `.read()`; narrowing a lazy tensor reads only the slice
 from disk, so a rank never holds more than its own share of a sharded weight.
+
+Every matmul layer takes the engine's `KernelConfig` (`kernels=`): whether a single row may go
+through our GEMV kernel, and whether the SiLU-and-mul before down_proj may be the fused one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raylight.kernels.config import DEFAULT_KERNELS, KernelConfig
 from raylight.kernels.gemv import linear
 from raylight.parallel.state import ParallelGroups, shard_range
 
@@ -60,9 +64,9 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, groups: ParallelGroups,
-                 gather_output: bool = False):
+                 gather_output: bool = False, kernels: KernelConfig = DEFAULT_KERNELS):
         super().__init__()
-        self.groups, self.gather_output = groups, gather_output
+        self.groups, self.gather_output, self.kernels = groups, gather_output, kernels
         if gather_output and out_features % groups.tp_size:
             raise ValueError(f"gather_output needs out_features={out_features} divisible by tp={groups.tp_size}")
         self.out_features = out_features
@@ -76,7 +80,7 @@ class ColumnParallelLinear(nn.Module):
         param.copy_(w.narrow(0, self.out_start, self.out_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias, kernels=self.kernels)
         return self.groups.all_gather(y) if self.gather_output else y
 
 
@@ -88,9 +92,10 @@ class MergedColumnParallelLinear(nn.Module):
     Checkpoint parts arrive separately: `weight_loader(param, w, shard_id=part index)`.
     """
 
-    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool, groups: ParallelGroups):
+    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool, groups: ParallelGroups,
+                 kernels: KernelConfig = DEFAULT_KERNELS):
         super().__init__()
-        self.groups = groups
+        self.groups, self.kernels = groups, kernels
         self.output_sizes = list(output_sizes)
         self.shards = [shard_range(n, groups.tp_size, groups.tp_rank) for n in output_sizes]
         locals_ = [n for _, n in self.shards]
@@ -105,7 +110,7 @@ class MergedColumnParallelLinear(nn.Module):
         param[self.offsets[shard_id] : self.offsets[shard_id] + n].copy_(w.narrow(0, start, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, kernels=self.kernels)
 
 
 @dataclass(frozen=True)
@@ -151,8 +156,9 @@ class QKVParallelLinear(nn.Module):
     """
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 groups: ParallelGroups):
+                 groups: ParallelGroups, kernels: KernelConfig = DEFAULT_KERNELS):
         super().__init__()
+        self.kernels = kernels
         self.head_dim, self.full_heads = head_dim, {"q": num_heads, "k": num_kv_heads, "v": num_kv_heads}
         self.heads = head_shard(num_heads, num_kv_heads, groups.tp_size, groups.tp_rank)
         h = self.heads
@@ -173,7 +179,7 @@ class QKVParallelLinear(nn.Module):
         param[dst : dst + n].copy_(w.narrow(0, src_start, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, kernels=self.kernels)
 
 
 class RowParallelLinear(nn.Module):
@@ -190,11 +196,12 @@ class RowParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, groups: ParallelGroups,
-                 input_shard: Optional[tuple[int, int]] = None, reduce_results: bool = True):
+                 input_shard: Optional[tuple[int, int]] = None, reduce_results: bool = True,
+                 kernels: KernelConfig = DEFAULT_KERNELS):
         super().__init__()
         if bias and not reduce_results:
             raise ValueError("a RowParallelLinear with a bias must reduce its own results")
-        self.groups = groups
+        self.groups, self.kernels = groups, kernels
         self.reduce_results = reduce_results
         self.in_features = in_features
         self.in_start, self.in_local = input_shard or shard_range(in_features, groups.tp_size, groups.tp_rank)
@@ -210,10 +217,10 @@ class RowParallelLinear(nn.Module):
         """With `silu_and_mul`, x is this rank's [gate | up] and the layer's input is silu(gate) * up
         (one kernel with the product for a single row, see kernels/gemv.py)."""
         if self.groups.tp_size == 1:
-            return linear(x, self.weight, self.bias, silu_and_mul)
+            return linear(x, self.weight, self.bias, silu_and_mul, self.kernels)
         if not self.reduce_results:
-            return linear(x, self.weight, silu_and_mul=silu_and_mul)
-        y = self.groups.all_reduce(linear(x, self.weight, silu_and_mul=silu_and_mul))
+            return linear(x, self.weight, silu_and_mul=silu_and_mul, kernels=self.kernels)
+        y = self.groups.all_reduce(linear(x, self.weight, silu_and_mul=silu_and_mul, kernels=self.kernels))
         return y if self.bias is None else y + self.bias
 
 
@@ -259,15 +266,16 @@ class ParallelLMHead(VocabParallelEmbedding):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, groups: ParallelGroups,
-                 tie_to: Optional[VocabParallelEmbedding] = None):
+                 tie_to: Optional[VocabParallelEmbedding] = None, kernels: KernelConfig = DEFAULT_KERNELS):
         if tie_to is None:
             super().__init__(num_embeddings, embedding_dim, groups)
-            return
-        # Tied: share the embedding's weight (split the same way) instead of allocating a second one.
-        nn.Module.__init__(self)
-        for k in ("groups", "num_embeddings", "rows_per_rank", "vocab_start", "num_real_rows"):
-            setattr(self, k, getattr(tie_to, k))
-        self.weight = tie_to.weight
+        else:
+            # Tied: share the embedding's weight (split the same way) instead of allocating a second one.
+            nn.Module.__init__(self)
+            for k in ("groups", "num_embeddings", "rows_per_rank", "vocab_start", "num_real_rows"):
+                setattr(self, k, getattr(tie_to, k))
+            self.weight = tie_to.weight
+        self.kernels = kernels
 
     def forward(self, hidden: torch.Tensor, gather_all: bool = False) -> Optional[torch.Tensor]:
         w = self.weight
@@ -276,7 +284,7 @@ class ParallelLMHead(VocabParallelEmbedding):
             # than linear()'s (measured on SmolLM2's 49152 x 576 head at S=32).
             logits = (w @ hidden.t()).t()
         else:
-            logits = linear(hidden, w)
+            logits = linear(hidden, w, kernels=self.kernels)
         if self.groups.tp_size > 1:
             logits = self.groups.all_gather(logits) if gather_all else self.groups.gather(logits)
             if logits is None:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.distributed as dist
 
+from raylight.kernels.config import KernelConfig
+
 if TYPE_CHECKING:
     from raylight.parallel.custom_allreduce import CustomAllReduce
 
@@ -133,9 +135,11 @@ class ParallelGroups:
         return cls(ParallelConfig())
 
     @classmethod
-    def from_world(cls, config: ParallelConfig) -> "ParallelGroups":
+    def from_world(cls, config: ParallelConfig, kernels: Optional[KernelConfig] = None) -> "ParallelGroups":
         """Builds the groups over an initialised world; every rank must call this, in the same order
-        relative to other group creations (torch.distributed.new_group is collective)."""
+        relative to other group creations (torch.distributed.new_group is collective). `kernels`: the
+        engine's KernelConfig (its `custom_allreduce`; every rank must pass the same); None: from the
+        environment."""
         if config.world_size == 1 and not dist.is_initialized():
             return cls.single()
         if not dist.is_initialized():
@@ -157,8 +161,10 @@ class ParallelGroups:
         if tp > 1 and dist.get_backend() == "nccl":  # collective: every rank of every stage takes part
             from raylight.parallel.custom_allreduce import CustomAllReduce
 
+            kernels = kernels if kernels is not None else KernelConfig.from_args(None)
             custom_ar = CustomAllReduce.create(tp_group, cpu_group, tp_ranks,
-                                               torch.device("cuda", torch.cuda.current_device()))
+                                               torch.device("cuda", torch.cuda.current_device()),
+                                               enabled=kernels.custom_allreduce)
         return cls(config, rank, tp_rank, pp_rank, tp_group, tp_ranks, cpu_group, custom_ar)
 
     # ---- coordinates ----

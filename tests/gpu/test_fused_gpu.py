@@ -1,5 +1,5 @@
 """The fused kernels of kernels/fused.py compiled on a CUDA GPU: bf16 and fp32 against the torch
-paths, the model's strided q/k views, the layers with RAYLIGHT_FUSED_KERNELS=1, and capture in a
+paths, the model's strided q/k views, the layers with fused_kernels=True, and capture in a
 CUDA graph (replayed on new inputs)."""
 
 from __future__ import annotations
@@ -68,20 +68,19 @@ def test_rotary_qk(dtype, T, heads, kv_heads, dim):
     assert rel_err(fk, fused.torch_rotary(k, cos, sin)) < TOL[dtype]
 
 
-def test_layers_with_switch(monkeypatch):
-    monkeypatch.setenv(fused.ENV_VAR, "1")
+def test_layers_with_switch():
     assert fused.fused_ops_enabled(torch.device("cuda"))
     dtype = torch.bfloat16
     x, r, w = norm_case(37, 2048, dtype, device="cuda")
-    norm = RMSNorm(2048, 1e-5).to(device="cuda", dtype=dtype)
+    norm = RMSNorm(2048, 1e-5, fused_kernels=True).to(device="cuda", dtype=dtype)
     with torch.no_grad():
         norm.weight.copy_(w)
         out, res = norm(x, r)
     assert rel_err(out, fused.torch_add_rms_norm(x, r, w, 1e-5)[0]) < TOL[dtype]
     y = silu_case(37, 8192, dtype, device="cuda")
-    assert rel_err(layer_silu_and_mul(y), fused.torch_silu_and_mul(y)) < TOL[dtype]
+    assert rel_err(layer_silu_and_mul(y, fused_kernels=True), fused.torch_silu_and_mul(y)) < TOL[dtype]
     q, k, cos, sin = rotary_case(37, 32, 8, 64, dtype, device="cuda")
-    rq, rk = apply_rotary_qk(q, k, cos, sin)
+    rq, rk = apply_rotary_qk(q, k, cos, sin, fused_kernels=True)
     assert rel_err(rq, fused.torch_rotary(q, cos, sin)) < TOL[dtype]
     assert rel_err(rk, fused.torch_rotary(k, cos, sin)) < TOL[dtype]
 

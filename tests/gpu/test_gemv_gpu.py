@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from raylight.kernels import gemv
+from raylight.kernels.config import KernelConfig
 
 pytestmark = pytest.mark.gpu
 
@@ -66,6 +67,5 @@ def test_linear_routes_one_row_to_gemv(monkeypatch):
     assert rel_err(gemv.linear(x1, w, b), F.linear(x1.float(), w.float(), b.float())) < 1e-2
     assert rel_err(gemv.linear(x4, w, b), F.linear(x4.float(), w.float(), b.float())) < 1e-2
     assert calls == ([(1, 512)] if hopper else [])
-    monkeypatch.setenv("RAYLIGHT_GEMV", "0")
-    gemv.linear(x1, w)
+    gemv.linear(x1, w, kernels=KernelConfig(gemv=False))
     assert len(calls) == (1 if hopper else 0)

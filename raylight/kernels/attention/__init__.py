@@ -4,64 +4,27 @@ Every backend reads and writes the same KV layout, one tensor per layer:
 `[num_blocks, 2, block_size, num_kv_heads, head_dim]` (FlashInfer's NHD paged layout).
 The model runner describes a step once in `CommonAttentionMetadata`; each backend
 turns that into its own metadata with `build()`, shared by all layers of the step.
+
+The shared types live in `base.py` (the backends import them from there); this module re-exports
+them and picks a backend (`get_attention_backend`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
-from raylight.utils.host_copy import to_device
+from raylight.kernels.attention.base import (ALIGN_INT32, AttentionBackend, AttentionSpec, CommonAttentionMetadata,
+                                             int32_device_views)
+from raylight.kernels.config import KernelConfig
+
+__all__ = ["ALIGN_INT32", "AttentionBackend", "AttentionSpec", "BACKENDS", "CommonAttentionMetadata",
+           "get_attention_backend", "int32_device_views"]
 
 logger = logging.getLogger("raylight.attention")
-
-
-@dataclass
-class CommonAttentionMetadata:
-    """One engine step, flattened. Requests with a single query token (decodes) come first."""
-
-    num_decodes: int
-    query_start_loc: np.ndarray  # [B + 1] host
-    seq_lens: np.ndarray  # [B] host: cached context + this step's tokens
-    block_tables: np.ndarray  # [B, max_blocks] host
-    slot_mapping: torch.Tensor  # [T] device: where each new token's K/V goes
-
-    @property
-    def num_reqs(self) -> int:
-        return len(self.seq_lens)
-
-
-@dataclass
-class AttentionSpec:
-    block_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-    device: torch.device
-    sliding_window: Optional[int] = None
-
-
-ALIGN_INT32 = 4  # 16 bytes
-
-
-def int32_device_views(parts: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
-    """Host arrays as int32 views of one device buffer, copied in one transfer. Each view starts on a
-    16-byte boundary: Triton specialises a kernel on whether each pointer is 16-byte aligned, so views
-    at arbitrary offsets would compile a new variant whenever a step's sizes shift them (the likely
-    cause of a 1.4 s Triton prefill step inside a timed H200 run)."""
-    padded = [-(-len(p) // ALIGN_INT32) * ALIGN_INT32 for p in parts]
-    host = np.zeros(sum(padded), dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(int)
-    for p, o in zip(parts, offsets):
-        host[o : o + len(p)] = p
-    dev = to_device(host, device)  # no stream sync
-    return [dev[o : o + len(p)] for p, o in zip(parts, offsets)]
 
 
 FLASHINFER_HEAD_DIMS = (64, 128, 256)  # what its prebuilt and JIT kernels instantiate
@@ -94,7 +57,7 @@ def _triton_usable(spec: AttentionSpec, allow_interpreter: bool) -> bool:
 BACKENDS = ("auto", "torch", "triton", "flashinfer", "flashinfer+triton")
 
 
-def get_attention_backend(name: str, spec: AttentionSpec):
+def get_attention_backend(name: str, spec: AttentionSpec, kernels: Optional[KernelConfig] = None):
     """`auto`: FlashInfer on CUDA in half precision when importable, with CUDA-graph decode steps
     through our Triton decode when triton is importable too ("flashinfer+triton"); else our Triton
     kernels on CUDA when triton is importable; else the torch reference.
@@ -102,7 +65,11 @@ def get_attention_backend(name: str, spec: AttentionSpec):
     Why the split by default: same-call H200 figures (benchmarks/results/*-20261122-110*): W1 at
     batch 256 40.0k output tok/s split vs 37.6k FlashInfer alone (decode replay 3.02 vs 3.49 ms, and
     FlashInfer's per-step decode plan on the host on top); batch-1 8B decode 4.38 vs 4.74 ms
-    replay (Triton decode). FlashInfer still runs every prefill and mixed step."""
+    replay (Triton decode). FlashInfer still runs every prefill and mixed step.
+
+    `kernels`: the engine's KernelConfig (FlashInfer's decode tensor cores); None: from the environment."""
+    if kernels is None:
+        kernels = KernelConfig.from_args(None)
     if name not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}; got {name!r}")
     if name == "auto" and _flashinfer_usable(spec) and _triton_usable(spec, allow_interpreter=False):
@@ -111,7 +78,8 @@ def get_attention_backend(name: str, spec: AttentionSpec):
         from raylight.kernels.attention.split_backend import SplitAttentionBackend
 
         eager, graph = name.split("+")
-        backend = SplitAttentionBackend(get_attention_backend(eager, spec), get_attention_backend(graph, spec))
+        backend = SplitAttentionBackend(get_attention_backend(eager, spec, kernels),
+                                        get_attention_backend(graph, spec, kernels))
         logger.info("attention backend: %s", backend.name)
         return backend
     if name == "flashinfer" or (name == "auto" and _flashinfer_usable(spec)):
@@ -120,7 +88,7 @@ def get_attention_backend(name: str, spec: AttentionSpec):
                              f"{FLASHINFER_HEAD_DIMS} and the flashinfer package (pip install 'raylight[flashinfer]')")
         from raylight.kernels.attention.flashinfer_backend import FlashInferBackend
 
-        backend = FlashInferBackend(spec)
+        backend = FlashInferBackend(spec, kernels.flashinfer_decode_tensor_cores)
     elif name == "triton" or (name == "auto" and _triton_usable(spec, allow_interpreter=False)):
         if not _triton_usable(spec, allow_interpreter=True):
             raise ValueError("attention_backend='triton' needs a CUDA device and the triton package "

@@ -7,13 +7,13 @@ a causal mask aligned to the end of each sequence's KV. Both read our KV layout 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 
-from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata
+from raylight.kernels.attention.base import AttentionSpec, CommonAttentionMetadata
 from raylight.kernels.attention.kv_write import write_kv
 from raylight.utils.host_copy import copy_to, pinned, to_device
 
@@ -32,16 +32,17 @@ class FlashInferBackend:
     name = "flashinfer"
     supports_cuda_graphs = True
 
-    def __init__(self, spec: AttentionSpec):
+    def __init__(self, spec: AttentionSpec, decode_tensor_cores: Optional[bool] = None):
         import flashinfer
 
         self.spec = spec
         dev = spec.device
         self._workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
         # Decode through FlashInfer's tensor-core (prefill) kernels pays once several query heads
-        # share a KV head; vLLM's threshold is a group above 4. RAYLIGHT_FI_DECODE_TENSOR_CORES=0/1 overrides.
-        forced = os.environ.get("RAYLIGHT_FI_DECODE_TENSOR_CORES")
-        self._use_tensor_cores = (forced == "1") if forced in ("0", "1") else spec.num_heads // spec.num_kv_heads > 4
+        # share a KV head; vLLM's threshold is a group above 4. `decode_tensor_cores` (KernelConfig's
+        # flashinfer_decode_tensor_cores) overrides when not None.
+        self._use_tensor_cores = (bool(decode_tensor_cores) if decode_tensor_cores is not None
+                                  else spec.num_heads // spec.num_kv_heads > 4)
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self._workspace, "NHD", use_tensor_cores=self._use_tensor_cores)
         self._graph_indices = None  # shared page-index buffer of all CUDA-graph decode wrappers

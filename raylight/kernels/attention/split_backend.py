@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raylight.kernels.attention import CommonAttentionMetadata
+from raylight.kernels.attention.base import CommonAttentionMetadata
 
 
 @dataclass

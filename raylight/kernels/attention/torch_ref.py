@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raylight.kernels.attention import CommonAttentionMetadata
+from raylight.kernels.attention.base import CommonAttentionMetadata
 
 
 @dataclass

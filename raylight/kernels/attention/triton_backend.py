@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata, int32_device_views
+from raylight.kernels.attention.base import AttentionSpec, CommonAttentionMetadata, int32_device_views
 from raylight.kernels.attention import triton_kernels as tk
 from raylight.utils.host_copy import copy_to
 

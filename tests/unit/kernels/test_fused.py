@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 
 from raylight.kernels import fused  # noqa: E402
 from raylight.kernels.activation import silu_and_mul as layer_silu_and_mul  # noqa: E402
+from raylight.kernels.config import ENV_VARS, KernelConfig  # noqa: E402
 from raylight.kernels.norm import RMSNorm  # noqa: E402
 from raylight.kernels.rotary import RotaryEmbedding, apply_rotary, apply_rotary_qk  # noqa: E402
 
@@ -109,19 +110,35 @@ def test_rotary_qk(T, heads, kv_heads, dim):
     assert none is None and rel_err(only_q, apply_rotary(q, cos, sin)) < 1e-5
 
 
-def test_switch_on_for_cuda_only(monkeypatch):
-    monkeypatch.delenv(fused.ENV_VAR, raising=False)
+def test_fused_ops_on_cuda_only():
     assert not fused.fused_ops_enabled(torch.device("cpu"))  # CPU runs the torch ops
     assert fused.fused_ops_enabled(torch.device("cuda")) == fused._have_triton()
-    monkeypatch.setenv(fused.ENV_VAR, "0")
-    assert not fused.fused_ops_enabled(torch.device("cuda"))
-    monkeypatch.setenv(fused.ENV_VAR, "1")
-    assert not fused.fused_ops_enabled(torch.device("cpu"))
+
+
+def test_kernel_config_from_args_and_env():
+    """Engine arguments set the switches; each env var overrides its argument when "0" or "1" (read
+    once, by from_args), and any other value leaves the argument in charge."""
+    assert KernelConfig.from_args(None, environ={}) == KernelConfig()
+    assert KernelConfig() == KernelConfig(True, True, True, None)
+    args = KernelConfig(fused_kernels=False, gemv=False, custom_allreduce=True, flashinfer_decode_tensor_cores=True)
+    assert KernelConfig.from_args(args, environ={}) == args
+    env = {ENV_VARS["fused_kernels"]: "1", ENV_VARS["gemv"]: "yes", ENV_VARS["custom_allreduce"]: "0",
+           ENV_VARS["flashinfer_decode_tensor_cores"]: "0"}
+    assert KernelConfig.from_args(args, environ=env) == KernelConfig(True, False, False, False)
+
+
+def test_env_override_reaches_engine_args(monkeypatch):
+    from raylight.config import EngineArgs
+
+    monkeypatch.setenv("RAYLIGHT_FUSED_KERNELS", "0")
+    assert KernelConfig.from_args(EngineArgs(fused_kernels=True)).fused_kernels is False
+    monkeypatch.delenv("RAYLIGHT_FUSED_KERNELS")
+    assert KernelConfig.from_args(EngineArgs(fused_kernels=False)).fused_kernels is False
+    assert KernelConfig.from_args(EngineArgs(gemv=False)) == KernelConfig(gemv=False)
 
 
 def test_layers_unchanged_when_off(monkeypatch):
     """With the switch off (always, on CPU) the layers run the torch code bit for bit."""
-    monkeypatch.delenv(fused.ENV_VAR, raising=False)
     x, r, w = norm_case(5, 64, torch.float32)
     norm = RMSNorm(64, 1e-5)
     with torch.no_grad():
@@ -159,3 +176,22 @@ def test_layers_route_to_fused_when_on(monkeypatch):
     rq, rk = apply_rotary_qk(q, k, cos, sin)
     assert rel_err(rq, fused.torch_rotary(q, cos, sin)) < 1e-5 and rel_err(rk, fused.torch_rotary(k, cos, sin)) < 1e-5
     assert calls == ["fused_add_rms_norm", "silu_and_mul", "rotary_qk", "rotary_qk"]
+
+
+def test_layers_switched_off_run_torch(monkeypatch):
+    """fused_kernels=False keeps the torch ops even where the fused ones could run."""
+    monkeypatch.setattr(fused, "fused_ops_enabled", lambda device: True)
+    for name in ("fused_add_rms_norm", "silu_and_mul", "rotary_qk"):
+        monkeypatch.setattr(fused, name, lambda *a, _n=name: pytest.fail(f"{_n} called with the switch off"))
+    x, r, w = norm_case(5, 64, torch.float32)
+    norm = RMSNorm(64, 1e-5, fused_kernels=False)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        out, res = norm(x, r)
+    assert torch.equal(out, fused.torch_add_rms_norm(x, r, w, 1e-5)[0])
+    y = silu_case(5, 48, torch.float32)
+    assert torch.equal(layer_silu_and_mul(y, fused_kernels=False), fused.torch_silu_and_mul(y))
+    q, k, cos, sin = rotary_case(5, 4, 2, 64, torch.float32)
+    rq, rk = apply_rotary_qk(q, k, cos, sin, fused_kernels=False)
+    assert torch.equal(rq, fused.torch_rotary(q, cos, sin)) and torch.equal(rk, fused.torch_rotary(k, cos, sin))
+    assert torch.equal(apply_rotary(q, cos, sin, fused_kernels=False), fused.torch_rotary(q, cos, sin))

@@ -1,0 +1,54 @@
+"""Which of our kernels an engine may use: one frozen `KernelConfig`, built once when the engine
+is built (`KernelConfig.from_args(engine_args)`) and passed down explicitly to the attention
+backend (`get_attention_backend`), the model and its layers (`build_model`) and the parallel
+groups' setup (`ParallelGroups.from_world`). Nothing reads these switches on a hot path.
+
+The environment variables below still override the engine arguments when set to "0" or "1"
+(e.g. `RAYLIGHT_FUSED_KERNELS=0` for a whole benchmark run); `from_args` is the one place that
+reads them. Any other value (or none) leaves the argument in charge.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+# field -> the environment variable that overrides it
+ENV_VARS = {
+    "fused_kernels": "RAYLIGHT_FUSED_KERNELS",
+    "gemv": "RAYLIGHT_GEMV",
+    "custom_allreduce": "RAYLIGHT_CUSTOM_ALLREDUCE",
+    "flashinfer_decode_tensor_cores": "RAYLIGHT_FI_DECODE_TENSOR_CORES",
+}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    # The fused Triton elementwise kernels (add+RMSNorm, SiLU-and-mul, rotary; kernels/fused.py)
+    # where they apply: a CUDA device with triton importable. False: the torch ops.
+    fused_kernels: bool = True
+    # The single-row GEMV kernel (kernels/gemv.py) where it applies: one bf16/fp16 row on Hopper.
+    gemv: bool = True
+    # The one-shot IPC all-reduce under TP (parallel/custom_allreduce.py) where it applies.
+    custom_allreduce: bool = True
+    # FlashInfer decode through its tensor-core kernels; None: when a KV head serves more than 4 query heads.
+    flashinfer_decode_tensor_cores: Optional[bool] = None
+
+    @classmethod
+    def from_args(cls, args=None, environ: Optional[Mapping[str, str]] = None) -> "KernelConfig":
+        """From an `EngineArgs` (or anything with these field names; None: the defaults), each
+        field overridden by its environment variable when that is "0" or "1"."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for name, var in ENV_VARS.items():
+            value = getattr(args, name, None) if args is not None else None
+            forced = environ.get(var)
+            if forced in ("0", "1"):
+                value = forced == "1"
+            if value is not None:
+                values[name] = bool(value)
+        return cls(**values)
+
+
+DEFAULT_KERNELS = KernelConfig()

@@ -1,0 +1,77 @@
+"""The one table of the architectures we serve: HF architecture name -> `ModelEntry`.
+
+Adding an architecture is one model file plus one entry here: its model class, the HF
+`model_type`s that name it (for configs without an `architectures` list), and an optional hook
+that reads its own config fields. Everything else (config parsing in `models/config.py`, model
+building in `models/loader.py`, the workers' per-rank head counts) looks the architecture up here.
+
+A model class provides `cls(cfg, attn_backend, max_positions, groups, kernels)`, `load_weights`,
+`expected_weights`, and the classmethod `local_head_counts(cfg, tp_size, tp_rank)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from raylight.models.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from raylight.models.config import ModelArchConfig
+
+# A hook gets the HF config dict and returns ModelArchConfig fields that override the generic parse.
+ConfigHook = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    model_class: type
+    model_types: tuple[str, ...] = ()  # HF `model_type`s naming this architecture
+    config_hook: Optional[ConfigHook] = None
+
+
+def _qwen_window(d: dict[str, Any]) -> dict[str, Any]:
+    # Qwen2/3 configs carry a sliding_window that applies only with use_sliding_window.
+    return {} if d.get("use_sliding_window", False) else {"sliding_window": None}
+
+
+REGISTRY: dict[str, ModelEntry] = {
+    "LlamaForCausalLM": ModelEntry(LlamaForCausalLM, ("llama",)),
+    "MistralForCausalLM": ModelEntry(LlamaForCausalLM, ("mistral",)),
+    "Qwen2ForCausalLM": ModelEntry(LlamaForCausalLM, ("qwen2",),
+                                   lambda d: {"attention_bias": True, **_qwen_window(d)}),
+    "Qwen3ForCausalLM": ModelEntry(LlamaForCausalLM, ("qwen3",), lambda d: {"qk_norm": True, **_qwen_window(d)}),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def architecture_of(d: dict[str, Any]) -> str:
+    """The architecture an HF config dict names (its `architectures[0]`, else by `model_type`), or a
+    clear ValueError when we do not implement it."""
+    archs = d.get("architectures") or []
+    arch = archs[0] if archs else next(
+        (name for name, e in REGISTRY.items() if d.get("model_type", "") in e.model_types), "")
+    if arch not in REGISTRY:
+        raise ValueError(f"unsupported architecture {arch or d.get('model_type')!r}; "
+                         f"supported: {supported_architectures()}")
+    return arch
+
+
+def entry(arch: str) -> ModelEntry:
+    try:
+        return REGISTRY[arch]
+    except KeyError:
+        raise ValueError(f"unsupported architecture {arch!r}; supported: {supported_architectures()}") from None
+
+
+def model_class(arch: str) -> type:
+    return entry(arch).model_class
+
+
+def local_head_counts(cfg: "ModelArchConfig", tp_size: int, tp_rank: int = 0) -> tuple[int, int]:
+    """(num_heads, num_kv_heads) that TP rank `tp_rank` runs attention over, as its model class splits
+    them: what its `AttentionSpec` and its KV cache must use."""
+    return model_class(cfg.architecture).local_head_counts(cfg, tp_size, tp_rank)
