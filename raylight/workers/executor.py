@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from raylight.config import EngineArgs
+from raylight.kernels.config import KernelConfig
 from raylight.models.loader import ResolvedModel
 from raylight.parallel.state import ParallelGroups, init_distributed, leave_distributed
 from raylight.workers.launchers import Launcher, LocalRanks, RayRanks
@@ -73,7 +74,7 @@ class Executor:
         try:
             if self.launcher is not None:
                 init_distributed(0, self.world_size, init_method, device, args.distributed_timeout_s)
-                groups = ParallelGroups.from_world(config)
+                groups = ParallelGroups.from_world(config, KernelConfig.from_args(args))
             self.rank: RankModel = build_rank(args, resolved, groups, device, dtype, max_model_len)
         except BaseException as e:
             # A ValueError (a bad setting, raised by every rank alike) stands as it is; a collective's

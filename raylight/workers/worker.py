@@ -21,8 +21,9 @@ import torch.distributed as dist
 
 from raylight.config import EngineArgs
 from raylight.defaults import DEFAULT_CPU_KV_CACHE_BYTES
+from raylight.kernels.config import KernelConfig
 from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata, get_attention_backend
-from raylight.models.llama import local_head_counts
+from raylight.models import registry
 from raylight.models.loader import ResolvedModel, build_model, resolve_model
 from raylight.parallel.pipeline import StageModel
 from raylight.parallel.state import ParallelConfig, ParallelGroups, init_distributed, leave_distributed
@@ -60,9 +61,6 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
                dtype: torch.dtype, max_model_len: int) -> RankModel:
     """This rank's model, KV cache and CUDA graphs. Collective under TP/PP: every rank calls it at once."""
     arch, bs = resolved.arch, args.block_size
-    from raylight.kernels.config import KernelConfig
-    from raylight.models import registry
-
     kernels = KernelConfig.from_args(args)  # the engine's kernel switches (env overrides read here, once)
     heads, kv_heads = registry.local_head_counts(arch, groups.tp_size, groups.tp_rank)
     backend = get_attention_backend(args.attention_backend, AttentionSpec(
@@ -209,7 +207,7 @@ def run_rank(spec: RankSpec, rank: int, device: torch.device) -> int:
     init_distributed(rank, spec.world_size, spec.init_method, device, spec.args.distributed_timeout_s)
     built = None
     try:
-        groups = ParallelGroups.from_world(parallel_config(spec.args))
+        groups = ParallelGroups.from_world(parallel_config(spec.args), KernelConfig.from_args(spec.args))
         resolved = spec.resolved
         if resolved.path is not None and not os.path.isdir(resolved.path):
             # Another node (a PP stage placed elsewhere): fetch or convert the model here too.
