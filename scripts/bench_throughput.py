@@ -270,7 +270,7 @@ def time_host_phases(engine) -> dict[str, float]:
     timed(engine.runner, "launch", "launch")  # prepare, attention plan, sampling metadata, kernel launches
     timed(engine.runner, "collect", "collect_incl_device_wait")
     timed(engine.scheduler, "update", "update")
-    timed(engine, "_process", "outputs")
+    timed(engine.outputs, "process", "outputs")
     return totals
 
 
