@@ -17,9 +17,12 @@ import torch
 
 
 def pinned(t: Union[np.ndarray, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """`t` as a CPU tensor to copy to `device` from: page-locked when `device` is CUDA."""
+    """`t` as a tensor to copy to `device` from: page-locked when it is on the host and `device` is
+    CUDA; a tensor already on a device is returned as it is (a device-to-device copy never syncs)."""
     t = torch.from_numpy(t) if isinstance(t, np.ndarray) else t
-    return t.pin_memory() if device.type == "cuda" and not t.is_pinned() else t
+    if device.type != "cuda" or t.device.type != "cpu" or t.is_pinned():
+        return t
+    return t.pin_memory()
 
 
 def to_device(a: Union[np.ndarray, torch.Tensor], device: torch.device) -> torch.Tensor:

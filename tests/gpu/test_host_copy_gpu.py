@@ -1,4 +1,4 @@
-"""kernels/host_copy on CUDA: the step's host-to-device copies are staged in page-locked memory."""
+"""utils/host_copy on CUDA: host-to-device copies are staged in page-locked memory; device tensors pass through."""
 
 import numpy as np
 import pytest
@@ -20,3 +20,14 @@ def test_cuda_copies_go_through_page_locked_memory():
     torch.cuda.synchronize()
     assert torch.equal(t.cpu(), torch.arange(1 << 16))
     assert dst.cpu().tolist() == [[0, 0, 1, 0], [0, 2, 3, 0], [0, 4, 5, 0]]
+
+
+def test_device_tensors_are_copied_as_they_are():
+    """A source already on the GPU (attention metadata built from device tensors) is not pinned:
+    pinning is for host memory only, and a device-to-device copy never syncs."""
+    dev = torch.device("cuda")
+    src = torch.arange(8, device=dev)
+    assert pinned(src, dev) is src
+    dst = torch.zeros(8, dtype=torch.long, device=dev)
+    copy_to(dst, src)
+    assert torch.equal(to_device(src, dev), src) and dst.cpu().tolist() == list(range(8))

@@ -1,4 +1,4 @@
-"""kernels/host_copy: the step's host-to-device copies (page-locked staging on CUDA)."""
+"""utils/host_copy: the step's host-to-device copies (page-locked staging on CUDA)."""
 
 import numpy as np
 import torch
