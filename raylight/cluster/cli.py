@@ -78,7 +78,7 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 def _prepare_model(ns: argparse.Namespace) -> int:
-    from raylight.defaults import default_model_dir
+    from raylight.models.fetch import default_model_dir
 
     print(default_model_dir())
     return 0
