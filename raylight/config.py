@@ -41,6 +41,9 @@ class EngineArgs(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     num_kv_blocks: Optional[int] = Field(None, ge=1, description="Override the computed block count.")
     enable_prefix_caching: bool = True
+    enable_kv_events: bool = Field(
+        False, description="Log what enters and leaves the prefix cache (LLMEngine.take_kv_events: BlockStored / "
+        "BlockRemoved with chained block hashes), for a router that tracks which replica holds which prefix.")
 
     # --- scheduler ---
     max_num_batched_tokens: Optional[int] = Field(

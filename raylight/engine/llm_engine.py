@@ -21,7 +21,7 @@ from raylight.engine.overlap import OverlapPolicy
 from raylight.engine.request import Request, RequestStatus
 from raylight.engine.scheduler import Scheduler
 from raylight.engine.tokenizer import load_tokenizer
-from raylight.messages import PromptType, RankReport, SchedulerOutput
+from raylight.messages import KVEvent, PromptType, RankReport, SchedulerOutput
 from raylight.models.loader import resolve_model
 from raylight.outputs import RequestOutput
 from raylight.sampling_params import SamplingParams
@@ -65,7 +65,7 @@ class LLMEngine:
         rank = self.executor.rank
         self.model, self.attn_backend, self.kv_caches = rank.model, rank.attn_backend, rank.kv_caches
         self.num_blocks = rank.num_blocks
-        self.kv = KVCacheManager(self.num_blocks, args.block_size, args.enable_prefix_caching)
+        self.kv = KVCacheManager(self.num_blocks, args.block_size, args.enable_prefix_caching, args.enable_kv_events)
         self.scheduler = Scheduler(self.kv, args.max_num_batched_tokens, args.max_num_seqs, self.max_model_len)
         self.graph_capture_s = rank.graph_capture_s
         graphs = rank.graphs
@@ -154,12 +154,10 @@ class LLMEngine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.outputs:
             raise ValueError(f"request_id {rid!r} is already in use")
-        req = Request(rid, ids, params, max_tokens, self.eos_token_ids, text, cache_salt)
-        for i in range(1, params.n):
-            # Each of the n sequences samples on its own; seeded ones from seed + index.
-            child_seed = None if params.seed is None else (params.seed + i) % 2**64
-            req.fork_ids.append(f"{rid}#{i}")
-            req.fork_params.append(dataclasses.replace(params, n=1, seed=child_seed))
+        # Each of the n sequences samples on its own; seeded ones from seed + index.
+        forks = [(f"{rid}#{i}", dataclasses.replace(params, n=1, seed=None if params.seed is None
+                                                    else (params.seed + i) % 2**64)) for i in range(1, params.n)]
+        req = Request(rid, ids, params, max_tokens, self.eos_token_ids, text, cache_salt, forks=forks)
         return req
 
     def enqueue(self, req: Request, final_only: bool = False) -> None:
@@ -264,6 +262,11 @@ class LLMEngine:
     def _take_pending(self) -> Changed:
         pending, self._pending = self._pending, []
         return pending
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """Prefix-cache changes since the last call (needs `enable_kv_events`): `BlockStored` with the
+        chained hashes of full blocks (engine/kv_cache/block_hash.py), `BlockRemoved` on eviction."""
+        return self.kv.take_events()
 
     def collect_rank_reports(self) -> list[RankReport]:
         """Every rank's report (rank order): what the other ranks send back on request, such as

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 from raylight.sampling_params import SamplingParams
 
@@ -36,6 +36,7 @@ class Request:
         prompt: Optional[str] = None,
         cache_salt: Optional[str] = None,
         arrival_time: Optional[float] = None,
+        forks: Sequence[tuple[str, SamplingParams]] = (),
     ):
         self.request_id = request_id
         self.prompt = prompt
@@ -60,8 +61,8 @@ class Request:
         self.stop_reason: Optional[int | str] = None
         # n > 1: the request runs as one sequence until its first token, then forks into the
         # other n - 1 sequences (sharing the prompt's KV blocks). Emptied once forked.
-        self.fork_ids: list[str] = []
-        self.fork_params: list[SamplingParams] = []
+        self.fork_ids: list[str] = [fid for fid, _ in forks]
+        self.fork_params: list[SamplingParams] = [fp for _, fp in forks]
         # prompt_logprobs: prompt positions whose logprob is known (position 0 has none).
         self.num_prompt_logprobs = 1
 

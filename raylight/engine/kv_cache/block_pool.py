@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+from raylight.messages import BlockRemoved, BlockStored, KVEvent
+
 
 class KVCacheBlock:
     __slots__ = ("block_id", "ref_cnt", "block_hash", "prev_free", "next_free")
@@ -59,9 +61,12 @@ class FreeBlockQueue:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True):
+    def __init__(self, num_blocks: int, enable_caching: bool = True, record_events: bool = False):
+        """`record_events`: keep a log of what enters and leaves the prefix cache (`take_events`), for
+        a router that tracks which replica holds which prefix."""
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.events: Optional[list[KVEvent]] = [] if record_events and enable_caching else None
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
@@ -82,6 +87,8 @@ class BlockPool:
             if block.block_hash is not None:  # evict its cached content
                 if self.cached.get(block.block_hash) is block:
                     del self.cached[block.block_hash]
+                    if self.events is not None:
+                        self.events.append(BlockRemoved((block.block_hash,)))
                 block.block_hash = None
                 self.num_evictions += 1
             block.ref_cnt = 1
@@ -106,6 +113,15 @@ class BlockPool:
         block.block_hash = block_hash
         self.cached[block_hash] = block
 
+    def stored(self, block_hashes: list[bytes], parent_hash: Optional[bytes]) -> None:
+        """Logs full blocks that entered the cache, in chain order (see `record_events`)."""
+        if self.events is not None and block_hashes:
+            self.events.append(BlockStored(tuple(block_hashes), parent_hash))
+
+    def take_events(self) -> list[KVEvent]:
+        events, self.events = self.events, ([] if self.events is not None else None)
+        return events or []
+
     def free_blocks(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Drops one reference each; blocks reaching zero go to the back of the free queue."""
         for block in blocks:
@@ -117,6 +133,8 @@ class BlockPool:
     def reset_prefix_cache(self) -> bool:
         if self.num_free_blocks != self.num_blocks:
             return False
+        if self.events is not None and self.cached:
+            self.events.append(BlockRemoved(tuple(self.cached)))
         for block in self.blocks:
             block.block_hash = None
         self.cached.clear()

@@ -15,10 +15,10 @@ from raylight.engine.request import Request
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True, record_events: bool = False):
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.pool = BlockPool(num_blocks, enable_caching)
+        self.pool = BlockPool(num_blocks, enable_caching, record_events)
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
         self.req_block_ids: dict[str, list[int]] = {}  # the block table, as plain ints for the runner
         self.num_cached_blocks: dict[str, int] = {}  # how many leading blocks are registered in the cache
@@ -107,6 +107,8 @@ class KVCacheManager:
         blocks = self.req_blocks[req.request_id]
         for i in range(start, num_full):
             self.pool.cache_block(blocks[i], req.block_hashes[i])
+        if self.pool.events is not None:
+            self.pool.stored(req.block_hashes[start:num_full], req.block_hashes[start - 1] if start else None)
         self.num_cached_blocks[req.request_id] = num_full
 
     def fork(self, parent: Request, child: Request) -> bool:
@@ -134,6 +136,11 @@ class KVCacheManager:
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies
+
+    def take_events(self) -> list:
+        """What entered and left the prefix cache since the last call (`BlockStored`, `BlockRemoved`;
+        empty unless the manager records events)."""
+        return self.pool.take_events()
 
     def free(self, req: Request) -> None:
         blocks = self.req_blocks.get(req.request_id)
