@@ -1,4 +1,4 @@
-"""Async scheduling (workers/engine.py `_step_async`) gives the same results as the plain step, on
+"""Async scheduling (engine/overlap.py `OverlapPolicy.run_ahead` in the step loop) gives the same results as the plain step, on
 CPU in float32, where it runs the same code as on CUDA (it is off there by default only because
 nothing runs concurrently). Step N+1 is launched before N's tokens are read; its placeholder
 tokens come from N's sampled ids on the device."""

@@ -1,4 +1,4 @@
-"""Bookkeeping tests for workers/scheduler.py, driven by a fake model (CPU only, no weights).
+"""Bookkeeping tests for engine/scheduler.py, driven by a fake model (CPU only, no weights).
 
 The fake model mimics workers/model_runner.py: it writes each scheduled token's "KV" into the
 slots its block table maps it to, checks every scheduled request can read back its whole prefix
@@ -65,11 +65,15 @@ class FakeModel:
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         self.num_calls += 1
         fps = {}
-        # every layer writes all new K/V of the step first ...
-        for req, n in zip(out.requests, out.num_scheduled_tokens):
-            table = self.kv.req_block_ids[req.request_id]
-            c = req.num_computed_tokens
-            assert len(table) * self.bs >= c + n, f"{req.request_id}: block table too short"
+        # every layer writes all new K/V of the step first, reading only what the scheduler's output
+        # carries (as the runner does): the block table, the first position, the new token ids ...
+        for i, (req, n) in enumerate(zip(out.requests, out.num_scheduled_tokens)):
+            table = out.block_tables[i]
+            assert table == self.kv.req_block_ids[req.request_id] and out.request_ids[i] == req.request_id
+            c = out.num_computed_before[i]
+            assert c == req.num_computed_tokens and len(table) * self.bs >= c + n, f"{req.request_id}: table too short"
+            if not out.uses_pending_token[i]:
+                assert out.new_token_ids[i] == req.all_token_ids[c : c + n]
             fp = fps[req.request_id] = self.fingerprints(req.all_token_ids[: c + n])
             for p in range(c, c + n):
                 self.slots[self.slot(table, p)] = fp[p]
@@ -150,7 +154,7 @@ def check_schedule(sched: Scheduler, out: SchedulerOutput, prev_running: list[Re
 
 
 def step(sched: Scheduler, model: FakeModel) -> SchedulerOutput:
-    """One engine step, as workers/engine.py runs it."""
+    """One engine step, as engine/llm_engine.py runs it."""
     prev_running, prev_waiting = list(sched.running), list(sched.waiting)
     out = sched.schedule()
     check_schedule(sched, out, prev_running, prev_waiting)

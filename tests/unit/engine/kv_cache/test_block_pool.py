@@ -1,4 +1,4 @@
-"""Bookkeeping tests for workers/block_pool.py: the intrusive free list and the block pool
+"""Bookkeeping tests for engine/kv_cache/block_pool.py: the intrusive free list and the block pool
 (allocate / free / ref counts / prefix-cache registration / LRU eviction). CPU only."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bookkeeping tests for workers/kv_cache_manager.py: chained block hashes, prefix hits,
+"""Bookkeeping tests for engine/kv_cache/manager.py: chained block hashes, prefix hits,
 allocate_slots all-or-nothing semantics, block tables and freeing order. CPU only."""
 
 from __future__ import annotations
