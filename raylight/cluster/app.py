@@ -37,10 +37,11 @@ class AppConfig(BaseModel):
 
 
 def build_app(args: dict[str, Any]):
-    """Serve application builder: ingress deployment in front of a pool of engine replicas."""
+    """Serve application builder: ingress deployment in front of a pool of engine replicas. Each
+    ingress replica builds its own FastAPI app with this config's API key (nothing module-level)."""
     from ray import serve
 
-    from raylight.cluster.ingress import OpenAIServer
+    from raylight.cluster.ingress import OpenAIIngress
     from raylight.cluster.replica import EngineReplica
     from raylight.defaults import DEFAULT_MODEL_NAME
 
@@ -60,7 +61,7 @@ def build_app(args: dict[str, Any]):
     cpu_threads = int(cfg.ray_actor_options.get("num_cpus", 1) or 1)
     pool = serve.deployment(EngineReplica, name="EngineReplica", **pool_opts).bind(
         engine_args.model_dump(exclude_none=True), cfg.max_queued_requests, cpu_threads, plan)
-    ingress = serve.deployment(OpenAIServer, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
+    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=4096)
     return ingress.bind(pool, name, cfg.model, engine_args.load_format, engine_args.max_model_len, cfg.api_key,
                         cfg.default_max_tokens)

@@ -4,6 +4,12 @@ The ingress authenticates, validates, renders chat templates and tokenizes, then
 from an engine replica through Serve's streaming handle (Serve's router picks the replica
 with the fewest requests in flight, of two sampled). A client that disconnects cancels the
 stream, which aborts the request on its replica.
+
+Nothing here is module state: `OpenAIServer` holds one server's logic and settings (engine
+handle, tokenizer, API key, metrics), and `build_api(server)` builds that server's own FastAPI
+app (routes, auth, error handlers), so two servers in one process share nothing. `OpenAIIngress`
+is the Serve deployment: it resolves the model, and Serve calls its `__serve_build_asgi_app__`
+after the constructor (`@serve.ingress()` without an app) to get the instance's app.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
@@ -25,48 +31,12 @@ from raylight import __version__
 from raylight.cluster.metrics import ServerMetrics
 from raylight.cluster.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest, param_of)
-from raylight.cluster.replica import GenerateCall, ReplicaMessage
+from raylight.messages import GenerateCall, ReplicaMessage
 from raylight.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
 logger = logging.getLogger("raylight.ingress")
 
-app = FastAPI(title="raylight", version=__version__)
 
-
-@app.middleware("http")
-async def _require_api_key(request: Request, call_next):
-    """Runs before body validation, so an unauthenticated client learns nothing else."""
-    key = getattr(request.app.state, "api_key", None)
-    if key is not None and request.url.path != "/health":
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), key.encode()):
-            err = APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
-            return JSONResponse(err.body(), status_code=401)
-    return await call_next(request)
-
-
-@app.exception_handler(APIError)
-async def _api_error(_: Request, exc: APIError):
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError):
-    err = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in err.get("loc", []) if p != "body"]
-    param = loc[0] if loc else None
-    msg = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid request')}"
-    return JSONResponse(APIError(400, msg, param=param).body(), status_code=400)
-
-
-@app.exception_handler(Exception)
-async def _internal_error(_: Request, exc: Exception):
-    logger.exception("unhandled error")
-    return JSONResponse(APIError(500, "internal server error", "internal_error").body(), status_code=500)
-
-
-# Defined before the class: Serve pickles the ingress class with the globals it sees.
 class _Timing:
     """Latency as the client sees it: TTFT, gaps between tokens, end to end."""
 
@@ -111,25 +81,25 @@ def _usage_opt(body) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-@serve.ingress(app)
 class OpenAIServer:
-    """Routes are methods so they see the replica handle and config (Serve's class-based views)."""
+    """One OpenAI-compatible server: its engine handle, tokenizer, API key and metrics. Plain
+    Python (no Ray needed to build one); `build_api(server)` gives its HTTP app, and the route
+    methods below take the parsed body (and the request, where a disconnect aborts the work)."""
 
-    def __init__(self, engine_handle, served_model_name: str, model: Optional[str], load_format: str = "auto",
-                 max_model_len: Optional[int] = None, api_key: Optional[str] = None,
-                 default_max_tokens: int = 256):
-        from raylight.models.loader import resolve_model
-        from raylight.engine.tokenizer import load_tokenizer
-
-        resolved = resolve_model(model, load_format)
+    def __init__(self, engine_handle, served_model_name: str, tokenizer, max_model_len: int,
+                 api_key: Optional[str] = None, default_max_tokens: int = 256):
         self.engine = engine_handle
         self.served_model_name = served_model_name
-        self.tokenizer = load_tokenizer(resolved.path)
-        self.max_model_len = max_model_len or resolved.arch.max_position_embeddings
-        app.state.api_key = api_key  # read by the auth middleware of this process's app
+        self.tokenizer = tokenizer  # None: prompts must be token ids
+        self.max_model_len = max_model_len
+        self.api_key = api_key  # None: no authentication
         self.default_max_tokens = default_max_tokens
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics()  # its own registry
         self.created = int(time.time())
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Serve calls this on the replica after the constructor: this instance's own app."""
+        return build_api(self)
 
     # ---- helpers ----
     def _check_model(self, model: Optional[str]) -> None:
@@ -208,7 +178,6 @@ class OpenAIServer:
         return final
 
     # ---- routes ----
-    @app.get("/health")
     async def health(self):
         try:
             ok = await asyncio.wait_for(self.engine.health.remote(), timeout=5)
@@ -218,12 +187,10 @@ class OpenAIServer:
             return JSONResponse(APIError(503, "engine not ready", "service_unavailable").body(), status_code=503)
         return Response(status_code=200)
 
-    @app.get("/version")
-    async def version(self, request: Request):
+    async def version(self):
         return {"version": __version__}
 
-    @app.get("/metrics")
-    async def metrics(self, request: Request):
+    async def render_metrics(self):
         try:
             stats = await asyncio.wait_for(self.engine.stats.remote(), timeout=2)
             self.metrics.update_replica(stats.replica_id, stats.metrics)
@@ -232,14 +199,12 @@ class OpenAIServer:
         body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/models")
-    async def models(self, request: Request):
+    async def list_models(self):
         return {"object": "list", "data": [{
             "id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "raylight",
             "max_model_len": self.max_model_len}]}
 
-    @app.post("/tokenize")
-    async def tokenize(self, body: TokenizeRequest, request: Request):
+    async def tokenize(self, body: TokenizeRequest):
         self._check_model(body.model)
         if body.messages is not None:
             ids = self._chat_ids([m.model_dump() for m in body.messages], body.add_generation_prompt)
@@ -249,8 +214,7 @@ class OpenAIServer:
             raise APIError(400, "give prompt or messages", param="prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
 
-    @app.post("/detokenize")
-    async def detokenize(self, body: DetokenizeRequest, request: Request):
+    async def detokenize(self, body: DetokenizeRequest):
         self._check_model(body.model)
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer", param="tokens")
@@ -259,7 +223,6 @@ class OpenAIServer:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary", param="tokens")
         return {"prompt": self.tokenizer.decode(body.tokens)}
 
-    @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body.model)
         params = body.sampling_params(self.default_max_tokens)
@@ -285,7 +248,6 @@ class OpenAIServer:
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.served_model_name,
                 "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._check_model(body.model)
         params = body.sampling_params(self.default_max_tokens)
@@ -403,3 +365,100 @@ class OpenAIServer:
             pos += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
                 "text_offset": offsets}
+
+
+# ---------------------------------------------------------------- the HTTP app of one server
+
+def _unauthorized() -> JSONResponse:
+    err = APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+    return JSONResponse(err.body(), status_code=401)
+
+
+async def _api_error(_: Request, exc: APIError):
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _validation_error(_: Request, exc: RequestValidationError):
+    err = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in err.get("loc", []) if p != "body"]
+    param = loc[0] if loc else None
+    msg = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid request')}"
+    return JSONResponse(APIError(400, msg, param=param).body(), status_code=400)
+
+
+async def _internal_error(_: Request, exc: Exception):
+    logger.exception("unhandled error")
+    return JSONResponse(APIError(500, "internal server error", "internal_error").body(), status_code=500)
+
+
+def build_api(server: OpenAIServer) -> FastAPI:
+    """A new FastAPI app serving `server`: its routes, and its API key checked by its own middleware.
+    Nothing is shared between the apps of two servers."""
+    api = FastAPI(title="raylight", version=__version__)
+    key = server.api_key.encode() if server.api_key is not None else None
+
+    @api.middleware("http")
+    async def require_api_key(request: Request, call_next):
+        """Runs before body validation, so an unauthenticated client learns nothing else."""
+        if key is not None and request.url.path != "/health":
+            header = request.headers.get("authorization", "")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), key):
+                return _unauthorized()
+        return await call_next(request)
+
+    api.add_exception_handler(APIError, _api_error)
+    api.add_exception_handler(RequestValidationError, _validation_error)
+    api.add_exception_handler(Exception, _internal_error)
+
+    @api.get("/health")
+    async def health():
+        return await server.health()
+
+    @api.get("/version")
+    async def version():
+        return await server.version()
+
+    @api.get("/metrics")
+    async def metrics():
+        return await server.render_metrics()
+
+    @api.get("/v1/models")
+    async def models():
+        return await server.list_models()
+
+    @api.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        return await server.tokenize(body)
+
+    @api.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        return await server.detokenize(body)
+
+    @api.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await server.completions(body, request)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await server.chat_completions(body, request)
+
+    return api
+
+
+# ---------------------------------------------------------------- the Serve deployment
+
+@serve.ingress()  # no app: Serve asks each replica's instance for its own (__serve_build_asgi_app__)
+class OpenAIIngress(OpenAIServer):
+    """The Serve ingress deployment: resolves the model and loads its tokenizer, then is an
+    `OpenAIServer`. Its bind arguments are the ones `raylight.cluster.app.build_app` passes."""
+
+    def __init__(self, engine_handle, served_model_name: str, model: Optional[str], load_format: str = "auto",
+                 max_model_len: Optional[int] = None, api_key: Optional[str] = None,
+                 default_max_tokens: int = 256):
+        from raylight.engine.tokenizer import load_tokenizer
+        from raylight.models.loader import resolve_model
+
+        resolved = resolve_model(model, load_format)
+        super().__init__(engine_handle, served_model_name, load_tokenizer(resolved.path),
+                         max_model_len or resolved.arch.max_position_embeddings, api_key, default_max_tokens)
