@@ -15,26 +15,58 @@ after the constructor (`@serve.ingress()` without an app) to get the instance's 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
 
 import asyncio
+import concurrent.futures
+import hashlib
 import hmac
 import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raylight import __version__
 from raylight.cluster.metrics import ServerMetrics
 from raylight.cluster.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                       TokenizeRequest, param_of)
+                                       ErrorResponse, TokenizeRequest, param_of)
 from raylight.messages import GenerateCall, ReplicaMessage
 from raylight.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
 logger = logging.getLogger("raylight.ingress")
+
+DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 1024 * 1024
+# Text longer than max_model_len * this many characters is first tokenized by its head alone:
+# when the head is already over the context window, the request is refused without
+# tokenizing (or templating) the rest.
+_CHARS_PER_TOKEN_CAP = 16
+_SALT_KEY = b"raylight prefix-cache salt v1"
+
+
+def tenant_salt(api_key: str) -> str:
+    """The prefix-cache salt of the tenant holding `api_key`: a keyed hash, never the key."""
+    return hmac.new(_SALT_KEY, api_key.encode(), hashlib.sha256).hexdigest()
+
+
+def combine_salts(tenant: Optional[str], client: Optional[str]) -> Optional[str]:
+    """A tenant's salt joined with the salt its client sent: one tenant cannot reach another's
+    cache entries by sending the other's client salt."""
+    if tenant is None:
+        return client
+    return tenant if client is None else hashlib.sha256(f"{tenant}\0{client}".encode()).hexdigest()
+
+
+def context_error(max_model_len: int, prompt_tokens: int, completion_tokens: int, param: str,
+                  lower_bound: bool = False) -> APIError:
+    more = "more than " if lower_bound else ""
+    return APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                         f"{more}{prompt_tokens + completion_tokens} tokens ({more}{prompt_tokens} in the messages, "
+                         f"{completion_tokens} in the completion). Please reduce the length of the messages or "
+                         f"completion.", param=param, code="context_length_exceeded")
 
 
 class _Timing:
@@ -72,9 +104,10 @@ class _Timing:
             self.metrics.requests.labels(finished_reason=reason).inc()
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _usage_opt(body) -> bool:
@@ -87,13 +120,21 @@ class OpenAIServer:
     methods below take the parsed body (and the request, where a disconnect aborts the work)."""
 
     def __init__(self, engine_handle, served_model_name: str, tokenizer, max_model_len: int,
-                 api_key: Optional[str] = None, default_max_tokens: int = 256):
+                 api_key: Optional[str] = None, default_max_tokens: int = 256,
+                 api_keys: Sequence[str] = (), max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+                 tokenize_timeout_s: float = 10.0):
         self.engine = engine_handle
         self.served_model_name = served_model_name
         self.tokenizer = tokenizer  # None: prompts must be token ids
         self.max_model_len = max_model_len
-        self.api_key = api_key  # None: no authentication
+        self.api_key = api_key  # None and no api_keys: no authentication
+        self.api_keys = [k for k in dict.fromkeys(([api_key] if api_key else []) + list(api_keys or ()))]
         self.default_max_tokens = default_max_tokens
+        self.max_request_body_bytes = max_request_body_bytes
+        self.tokenize_timeout_s = tokenize_timeout_s
+        # Tokenizing and chat templating run here, off the event loop; a small pool bounds the
+        # CPU they take, and a request waiting for it longer than tokenize_timeout_s gets a 400.
+        self._tokenize_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.metrics = ServerMetrics()  # its own registry
         self.created = int(time.time())
 
@@ -107,24 +148,73 @@ class OpenAIServer:
             raise APIError(404, f"model {model!r} does not exist; this server serves {self.served_model_name!r}",
                            "not_found_error", param="model", code="model_not_found")
 
-    def _tokenize(self, prompt, add_special_tokens: bool = True) -> list[int]:
+    async def _off_loop(self, fn, *args, param: str):
+        """Runs tokenizer work in the server's small pool, never on the event loop, for at most
+        tokenize_timeout_s (waiting for the pool included)."""
+        if self._tokenize_pool is None:
+            self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="raylight-tokenize")
+        fut = asyncio.wrap_future(self._tokenize_pool.submit(fn, *args))
+        try:
+            return await asyncio.wait_for(fut, self.tokenize_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(400, f"the prompt took longer than {self.tokenize_timeout_s:g} s to tokenize",
+                           param=param, code="tokenize_timeout") from None
+
+    def _check_head(self, texts: list[str], param: str) -> None:
+        """Refuses text whose first max_model_len * 16 characters already exceed the window."""
+        cap = self.max_model_len * _CHARS_PER_TOKEN_CAP
+        if sum(len(t) for t in texts) <= cap:
+            return
+        head, left = [], cap
+        for t in texts:
+            head.append(t[:left])
+            left -= len(head[-1])
+            if left <= 0:
+                break
+        n = len(self.tokenizer("".join(head), add_special_tokens=False).input_ids)
+        if n >= self.max_model_len:
+            raise context_error(self.max_model_len, n, 0, param, lower_bound=True)
+
+    def _encode(self, prompt: str, add_special_tokens: bool) -> list[int]:
+        self._check_head([prompt], "prompt")
+        return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
+
+    async def _tokenize(self, prompt, add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, list):
             return prompt
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send prompts as token ids", param="prompt")
         if not prompt:
             raise APIError(400, "prompt is empty", param="prompt")
-        return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
+        return await self._off_loop(self._encode, prompt, add_special_tokens, param="prompt")
 
-    def _chat_ids(self, conversation, add_generation_prompt: bool = True, kwargs=None) -> list[int]:
+    def _render(self, conversation, add_generation_prompt: bool, kwargs) -> list[int]:
         from raylight.engine.tokenizer import apply_chat_template
 
+        if self.tokenizer is not None:
+            self._check_head([m["content"] for m in conversation if isinstance(m.get("content"), str)], "messages")
         try:
             return apply_chat_template(self.tokenizer, conversation, add_generation_prompt, **(kwargs or {}))
+        except APIError:
+            raise
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         except Exception as e:  # a template that raises on this conversation
-            raise APIError(400, f"chat template failed: {type(e).__name__}: {e}", param="messages") from None
+            raise APIError(400, f"chat template failed: {type(e).__name__}", param="messages") from None
+
+    async def _chat_ids(self, conversation, add_generation_prompt: bool = True, kwargs=None) -> list[int]:
+        return await self._off_loop(self._render, conversation, add_generation_prompt, kwargs, param="messages")
+
+    def _check_context(self, n_prompt: int, explicit_max: Optional[int], prompt_param: str, max_param: str) -> None:
+        """OpenAI's 400 for a prompt that fills the window, or an explicit max_tokens that cannot fit."""
+        if n_prompt >= self.max_model_len:
+            raise context_error(self.max_model_len, n_prompt, explicit_max or 0, prompt_param)
+        if explicit_max is not None and n_prompt + explicit_max > self.max_model_len:
+            raise context_error(self.max_model_len, n_prompt, explicit_max, max_param)
+
+    @staticmethod
+    def _salt(request: Request, client_salt: Optional[str]) -> Optional[str]:
+        return combine_salts(request.scope.get("raylight.tenant_salt"), client_salt)
 
     def _stream(self, call: GenerateCall):
         return self.engine.options(stream=True).generate.remote(call)
@@ -173,6 +263,7 @@ class OpenAIServer:
             if not done and await request.is_disconnected():
                 task.cancel()
                 stream.cancel()
+                self.metrics.aborted.inc()
                 raise APIError(499, "client disconnected")
         task.result()
         return final
@@ -207,9 +298,9 @@ class OpenAIServer:
     async def tokenize(self, body: TokenizeRequest):
         self._check_model(body.model)
         if body.messages is not None:
-            ids = self._chat_ids([m.model_dump() for m in body.messages], body.add_generation_prompt)
+            ids = await self._chat_ids([m.model_dump() for m in body.messages], body.add_generation_prompt)
         elif body.prompt is not None:
-            ids = self._tokenize(body.prompt, body.add_special_tokens)
+            ids = await self._tokenize(body.prompt, body.add_special_tokens)
         else:
             raise APIError(400, "give prompt or messages", param="prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
@@ -226,18 +317,22 @@ class OpenAIServer:
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body.model)
         params = body.sampling_params(self.default_max_tokens)
-        prompts = [self._tokenize(p) for p in body.prompts()]
+        prompts = [await self._tokenize(p) for p in body.prompts()]
+        for ids in prompts:
+            self._check_context(len(ids), body.max_tokens, "prompt", "max_tokens")
         rid = body.request_id or f"cmpl-{uuid.uuid4().hex}"
-        calls = [GenerateCall(f"{rid}-{i}", ids, params, body.cache_salt) for i, ids in enumerate(prompts)]
+        salt = self._salt(request, body.cache_salt)
+        calls = [GenerateCall(f"{rid}-{i}", ids, params, salt) for i, ids in enumerate(prompts)]
         if body.stream:
             if len(calls) != 1:
                 raise APIError(400, "streaming takes one prompt per request", param="prompt")
             return await self._sse(request, calls[0], rid, chat=False, include_usage=_usage_opt(body))
         timings = [_Timing(self.metrics) for _ in calls]
         finals = await asyncio.gather(*(self._run_to_end(request, c, t) for c, t in zip(calls, timings)))
-        choices, prompt_tokens, completion_tokens = [], 0, 0
+        choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
         for i, out in enumerate(finals):
             prompt_tokens += len(out.prompt_token_ids)
+            cached += out.num_cached_tokens
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
                 choices.append({"index": i * params.n + c.index, "text": c.text,
@@ -246,14 +341,17 @@ class OpenAIServer:
         for t in timings:
             t.done()
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.served_model_name,
-                "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+                "choices": choices, "usage": _usage(prompt_tokens, completion_tokens, cached)}
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._check_model(body.model)
         params = body.sampling_params(self.default_max_tokens)
-        ids = self._chat_ids(body.conversation(), body.add_generation_prompt, body.chat_template_kwargs)
+        ids = await self._chat_ids(body.conversation(), body.add_generation_prompt, body.chat_template_kwargs)
+        explicit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        self._check_context(len(ids), explicit, "messages",
+                            "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         rid = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
-        call = GenerateCall(rid, ids, params, body.cache_salt)
+        call = GenerateCall(rid, ids, params, self._salt(request, body.cache_salt))
         if body.stream:
             return await self._sse(request, call, rid, chat=True, include_usage=_usage_opt(body))
         timing = _Timing(self.metrics)
@@ -263,7 +361,8 @@ class OpenAIServer:
                     "logprobs": {"content": self._chat_logprobs(c.logprobs, c.token_ids)} if body.logprobs else None,
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.served_model_name,
-                "choices": choices, "usage": _usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs))}
+                "choices": choices, "usage": _usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs),
+                                                    out.num_cached_tokens)}
 
     # ---- streaming ----
     async def _sse(self, request: Request, call: GenerateCall, rid: str, chat: bool, include_usage: bool):
@@ -282,7 +381,7 @@ class OpenAIServer:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         async def events():
-            last = None
+            last, ended = None, False
             try:
                 if chat:
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -307,14 +406,19 @@ class OpenAIServer:
                         msgs = [await it.__anext__()]
                     except StopAsyncIteration:
                         break
+                ended = True
                 if include_usage and last is not None:
-                    yield chunk([], _usage(len(last.prompt_token_ids), sum(len(c.token_ids) for c in last.outputs)))
+                    yield chunk([], _usage(len(last.prompt_token_ids), sum(len(c.token_ids) for c in last.outputs),
+                                           last.num_cached_tokens))
                 yield "data: [DONE]\n\n"
                 timing.done()
             except APIError as e:  # mid-stream failure: report it in-band, then end the stream
+                ended = True
                 yield f"data: {json.dumps(e.body())}\n\n"
             finally:
                 stream.cancel()  # no-op when finished; aborts the request when the client went away
+                if not ended:
+                    self.metrics.aborted.inc()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -369,45 +473,143 @@ class OpenAIServer:
 
 # ---------------------------------------------------------------- the HTTP app of one server
 
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
 def _unauthorized() -> JSONResponse:
-    err = APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
-    return JSONResponse(err.body(), status_code=401)
+    return _error_response(APIError(401, "invalid or missing API key", "authentication_error",
+                                    code="invalid_api_key"))
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return _error_response(APIError(413, f"request body is larger than {limit} bytes", param=None,
+                                    code="request_too_large"))
 
 
 async def _api_error(_: Request, exc: APIError):
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return _error_response(exc)
+
+
+_HTTP_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException):
+    """404 (no such route), 405 (wrong method), FastAPI's body-parsing 400s: OpenAI's shape."""
+    message = exc.detail if isinstance(exc.detail, str) else "invalid request"
+    err = APIError(exc.status_code, message, _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request_error"),
+                   headers=dict(exc.headers or {}) or None)
+    return _error_response(err)
+
+
+def _field_path(loc) -> Optional[str]:
+    """The request field an error is about, dotted ("messages.0.role"); pydantic's union-member
+    tags ("str", "list[int]", "function-after[...]") are not fields and end the path."""
+    parts = []
+    for p in loc:
+        if p == "body" and not parts:
+            continue
+        if isinstance(p, str) and (not p.isidentifier() or p in {"str", "int", "float", "bool", "list", "dict"}):
+            break
+        parts.append(str(p))
+    return ".".join(parts) or None
 
 
 async def _validation_error(_: Request, exc: RequestValidationError):
-    err = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in err.get("loc", []) if p != "body"]
-    param = loc[0] if loc else None
-    msg = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid request')}"
-    return JSONResponse(APIError(400, msg, param=param).body(), status_code=400)
+    errors = exc.errors()
+    err = errors[0] if errors else {}
+    if err.get("type") == "json_invalid":  # loc holds a character offset, not a field
+        ctx = err.get("ctx") or {}
+        msg = f"request body is not valid JSON ({ctx.get('error', 'parse error')})"
+        return _error_response(APIError(400, msg))
+    param = _field_path(err.get("loc", ()))
+    msg = f"{param or 'body'}: {err.get('msg', 'invalid request')}"
+    return _error_response(APIError(400, msg, param=param))
 
 
 async def _internal_error(_: Request, exc: Exception):
     logger.exception("unhandled error")
-    return JSONResponse(APIError(500, "internal server error", "internal_error").body(), status_code=500)
+    return _error_response(APIError(500, "internal server error", "internal_error"))
+
+
+class _Guard:
+    """Pure ASGI middleware in front of every route: the API key first (constant time over all
+    keys; the matching key's prefix-cache salt goes into the scope), then the body size limit:
+    Content-Length over the limit is refused before any byte is read, and a chunked body is counted
+    as it arrives and refused as soon as it passes the limit (never read whole)."""
+
+    _OPEN = frozenset(("/health",))
+
+    def __init__(self, app, api_keys: Sequence[str], max_body: int):
+        self.app = app
+        self.digests = [(hashlib.sha256(k.encode()).digest(), tenant_salt(k)) for k in api_keys]
+        self.max_body = max_body
+
+    def _tenant(self, scope) -> tuple[bool, Optional[str]]:
+        header = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                header = value
+                break
+        token = header[7:] if header[:7].lower() == b"bearer " else b""
+        presented = hashlib.sha256(token).digest()
+        ok, salt = False, None
+        for digest, s in self.digests:  # no early exit: the time does not tell which key matched
+            match = hmac.compare_digest(presented, digest)
+            ok |= match
+            salt = s if match else salt
+        return ok, salt
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.digests and scope["path"] not in self._OPEN:
+            ok, salt = self._tenant(scope)
+            if not ok:
+                return await _unauthorized()(scope, receive, send)
+            scope["raylight.tenant_salt"] = salt
+        length = None
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    return await _error_response(APIError(400, "bad Content-Length header"))(scope, receive, send)
+        if length is not None and length > self.max_body:
+            return await _too_large(self.max_body)(scope, receive, send)
+        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE") and not length:
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client went away
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return await _too_large(self.max_body)(scope, receive, send)
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+
+        return await self.app(scope, replayed, send)
+
+
+_ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
 
 
 def build_api(server: OpenAIServer) -> FastAPI:
-    """A new FastAPI app serving `server`: its routes, and its API key checked by its own middleware.
+    """A new FastAPI app serving `server`: its routes, and its API keys checked by its own middleware.
     Nothing is shared between the apps of two servers."""
-    api = FastAPI(title="raylight", version=__version__)
-    key = server.api_key.encode() if server.api_key is not None else None
-
-    @api.middleware("http")
-    async def require_api_key(request: Request, call_next):
-        """Runs before body validation, so an unauthenticated client learns nothing else."""
-        if key is not None and request.url.path != "/health":
-            header = request.headers.get("authorization", "")
-            token = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), key):
-                return _unauthorized()
-        return await call_next(request)
+    api = FastAPI(title="raylight", version=__version__, responses=_ERROR_RESPONSES)
+    api.add_middleware(_Guard, api_keys=server.api_keys, max_body=server.max_request_body_bytes)
 
     api.add_exception_handler(APIError, _api_error)
+    api.add_exception_handler(StarletteHTTPException, _http_error)
     api.add_exception_handler(RequestValidationError, _validation_error)
     api.add_exception_handler(Exception, _internal_error)
 
@@ -455,10 +657,12 @@ class OpenAIIngress(OpenAIServer):
 
     def __init__(self, engine_handle, served_model_name: str, model: Optional[str], load_format: str = "auto",
                  max_model_len: Optional[int] = None, api_key: Optional[str] = None,
-                 default_max_tokens: int = 256):
+                 default_max_tokens: int = 256, api_keys: Sequence[str] = (),
+                 max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES):
         from raylight.engine.tokenizer import load_tokenizer
         from raylight.models.loader import resolve_model
 
         resolved = resolve_model(model, load_format)
         super().__init__(engine_handle, served_model_name, load_tokenizer(resolved.path),
-                         max_model_len or resolved.arch.max_position_embeddings, api_key, default_max_tokens)
+                         max_model_len or resolved.arch.max_position_embeddings, api_key, default_max_tokens,
+                         api_keys=api_keys, max_request_body_bytes=max_request_body_bytes)

@@ -1,7 +1,7 @@
 """Prometheus metrics of the server, names prefixed `raylight:`.
 
-Latencies and token counts are observed in the ingress (what clients see); engine gauges
-and counters (queue lengths, KV usage, prefix cache, preemptions) come from snapshots the
+Latencies, token counts and client aborts are observed in the ingress (what clients see); engine gauges
+and counters (queue lengths, KV usage and free blocks, prefix cache, preemptions) come from snapshots the
 replicas attach to their last message of each request, summed over replicas.
 """
 
@@ -29,6 +29,9 @@ class _ReplicaCollector:
             "raylight:num_requests_waiting": ("Requests waiting in the engines", self._sum("num_waiting")),
         }
         total = self._sum("kv_blocks_total")
+        gauges["raylight:kv_cache_free_blocks"] = ("Free KV cache blocks (summed over replicas)",
+                                                   self._sum("kv_blocks_free"))
+        gauges["raylight:kv_cache_total_blocks"] = ("KV cache blocks (summed over replicas)", total)
         gauges["raylight:kv_cache_usage_perc"] = (
             "Fraction of KV cache blocks in use", (total - self._sum("kv_blocks_free")) / total if total else 0.0)
         queries = self._sum("prefix_cache_queries")
@@ -66,6 +69,8 @@ class ServerMetrics:
         self.prompt_tokens = Counter("raylight:prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("raylight:generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("raylight:request_success", "Finished requests", ["finished_reason"], registry=r)
+        self.aborted = Counter("raylight:request_aborted", "Requests aborted because their client went away "
+                               "before the end", registry=r)
         self._replicas = _ReplicaCollector()
         r.register(self._replicas)
 

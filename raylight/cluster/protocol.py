@@ -1,14 +1,16 @@
 """OpenAI-compatible request bodies (pydantic) and their mapping onto `SamplingParams`.
 
 Unknown fields are ignored (clients send many optional ones); the fields we take are
-validated here or by `SamplingParams`, and every error names its field (`param`).
+validated here or by `SamplingParams`, and every error names its field (`param`). Fields that
+change what a client gets back and that we do not implement yet (tools, structured outputs, a
+request-supplied chat template) are rejected with a 400 naming the field, never silently ignored.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from raylight.sampling_params import SamplingParams
 
@@ -24,6 +26,29 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error response of the server (OpenAI's shape)."""
+    error: ErrorDetail
+
+
+def _unsupported(field: str, value: Any, allowed: tuple = (None,)) -> Any:
+    if value in allowed or (isinstance(value, (list, dict)) and not value and None in allowed):
+        return value
+    raise ValueError(f"{field} is not supported by this server yet")
+
+
+# vLLM's structured-output extensions: not implemented, so a 400 rather than free text.
+_STRUCTURED = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+               "structured_outputs")
 
 
 class StreamOptions(BaseModel):
@@ -58,6 +83,20 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     cache_salt: Optional[str] = None
     request_id: Optional[str] = None
+    # not implemented yet: rejected (400 naming the field) unless absent or a no-op
+    response_format: Optional[Any] = None
+    guided_json: Optional[Any] = None
+    guided_regex: Optional[Any] = None
+    guided_choice: Optional[Any] = None
+    guided_grammar: Optional[Any] = None
+    structured_outputs: Optional[Any] = None
+
+    @field_validator(*_STRUCTURED, mode="before")
+    @classmethod
+    def _no_structured_outputs(cls, value, info):
+        if info.field_name == "response_format" and value in ({"type": "text"},):
+            return value
+        return _unsupported(info.field_name, value)
 
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int], default_max: int) -> SamplingParams:
         bias = None
@@ -126,10 +165,20 @@ class CompletionRequest(_SamplingFields):
         return list(p)
 
 
+_CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+# chat_template_kwargs a caller may not set: they change how the template is called, not what it
+# renders (CVE-2025-62426: `tokenize`, `chat_template`... overrides).
+_RESERVED_TEMPLATE_KWARGS = frozenset((
+    "tokenize", "chat_template", "add_generation_prompt", "continue_final_message", "conversation", "messages",
+    "tools", "documents", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding", "truncation",
+    "max_length", "tokenizer_kwargs", "processor_kwargs"))
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: str
+    role: Literal[_CHAT_ROLES]
     content: Union[None, str, list[dict[str, Any]]] = None
     name: Optional[str] = None
 
@@ -140,7 +189,39 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
-    chat_template_kwargs: Optional[dict[str, Any]] = None
+    chat_template_kwargs: Optional[dict[str, Union[None, bool, int, float, str]]] = None
+    # not implemented yet: rejected (400 naming the field) unless absent or a no-op
+    tools: Optional[Any] = None
+    tool_choice: Optional[Any] = None
+    functions: Optional[Any] = None
+    function_call: Optional[Any] = None
+    chat_template: Optional[Any] = None
+    audio: Optional[Any] = None
+    prediction: Optional[Any] = None
+    modalities: Optional[Any] = None
+
+    @field_validator("tools", "functions", "chat_template", "audio", "prediction", mode="before")
+    @classmethod
+    def _not_implemented(cls, value, info):
+        return _unsupported(info.field_name, value)
+
+    @field_validator("tool_choice", "function_call", mode="before")
+    @classmethod
+    def _no_tool_calls(cls, value, info):
+        return _unsupported(info.field_name, value, (None, "none"))
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _text_only(cls, value, info):
+        return value if value is None or value == ["text"] else _unsupported(info.field_name, value)
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _safe_template_kwargs(cls, value):
+        for k in value or {}:
+            if k in _RESERVED_TEMPLATE_KWARGS or not k.isidentifier():
+                raise ValueError(f"chat_template_kwargs may not set {k!r}")
+        return value
 
     def sampling_params(self, default_max: int) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:

@@ -103,11 +103,11 @@ class Request:
         n_out = len(self.output_token_ids)
         params = self.sampling_params
         if n_out >= params.min_tokens:
-            if not params.ignore_eos and last in self.eos_token_ids:
-                self.stop_reason = last
-                return RequestStatus.FINISHED_STOPPED
             if last in params.stop_token_ids:
                 self.stop_reason = last
+                return RequestStatus.FINISHED_STOPPED
+            if not params.ignore_eos and last in self.eos_token_ids:
+                self.stop_reason = None  # end of sequence: null, as vLLM (stop_token_ids hits keep the id)
                 return RequestStatus.FINISHED_STOPPED
         if n_out >= self.max_tokens or self.num_tokens >= max_model_len:
             return RequestStatus.FINISHED_LENGTH

@@ -112,7 +112,8 @@ def test_routes_reach_their_own_server():
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "model-a" and body["choices"][0]["text"] == "<3><2><1>"
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert [c.prompt for c in engine_a.calls] == [[1, 2, 3]] and engine_b.calls == []
     assert engine_a.calls[0].params.max_tokens == 4  # the server's default_max_tokens
     # the other server's model name is not this one's

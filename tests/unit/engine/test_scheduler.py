@@ -703,7 +703,7 @@ def test_finish_by_eos():
     outs = run_all(sched, model)
     assert a.output_token_ids == [11, 12, EOS]
     assert a.status == RequestStatus.FINISHED_STOPPED
-    assert a.stop_reason == EOS
+    assert a.stop_reason is None  # end of sequence: null, as vLLM
     assert len(outs) == 3
 
 
@@ -750,7 +750,7 @@ def test_min_tokens_suppresses_early_eos():
     sched.add_request(b)
     run_all(sched, model)
     assert a.output_token_ids == [EOS] * 4
-    assert a.status == RequestStatus.FINISHED_STOPPED and a.stop_reason == EOS
+    assert a.status == RequestStatus.FINISHED_STOPPED and a.stop_reason is None
     assert b.output_token_ids == [STOP] * 3
     assert b.status == RequestStatus.FINISHED_STOPPED
 
