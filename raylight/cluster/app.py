@@ -30,6 +30,12 @@ class AppConfig(BaseModel):
     max_ongoing_requests: int = Field(1024, ge=1, description="Serve's in-flight cap per engine replica.")
     max_queued_requests: Optional[int] = Field(256, ge=0, description="Waiting requests before 429.")
     api_key: Optional[str] = Field(None, description="Bearer key required on every route but /health.")
+    api_keys: list[str] = Field(default_factory=list, description=(
+        "More bearer keys (tenants), beside api_key. Each key gets its own prefix-cache salt (a keyed hash of "
+        "the key), so one tenant cannot time another's prompts through the prefix cache."))
+    max_request_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description=(
+        "Largest request body accepted; a larger one gets 413 before it is read whole (Content-Length "
+        "checked first, chunked bodies counted as they arrive)."))
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
 
     def engine(self) -> EngineArgs:
@@ -64,7 +70,8 @@ def build_app(args: dict[str, Any]):
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=4096)
     return ingress.bind(pool, name, cfg.model, engine_args.load_format, engine_args.max_model_len, cfg.api_key,
-                        cfg.default_max_tokens)
+                        cfg.default_max_tokens, api_keys=cfg.api_keys,
+                        max_request_body_bytes=cfg.max_request_body_bytes)
 
 
 def placement_options(cfg: AppConfig, engine_args: EngineArgs) -> dict[str, Any]:
