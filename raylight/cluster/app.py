@@ -37,6 +37,16 @@ class AppConfig(BaseModel):
         "Largest request body accepted; a larger one gets 413 before it is read whole (Content-Length "
         "checked first, chunked bodies counted as they arrive)."))
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    request_timeout_s: Optional[float] = Field(
+        None, gt=0, description="Deadline of a whole request (queued, waiting and running) from its arrival at "
+        "the engine replica, like Ray Serve's request_timeout_s: past it the engine aborts the request, frees its "
+        "KV blocks, and the client gets 504 (a streamed one an error event). None: no deadline.")
+    health_stall_s: float = Field(
+        60.0, gt=0, description="An engine step that has not finished after this many seconds marks the replica "
+        "unhealthy: /health answers 503, its waiting requests fail with 503, and Serve's health check replaces it.")
+    graceful_shutdown_timeout_s: float = Field(
+        20.0, ge=0, description="On shutdown (SIGTERM, upgrade, scale-down) running requests may finish for this "
+        "long (Serve's graceful_shutdown_timeout_s); new ones get 503, those left are aborted.")
 
     def engine(self) -> EngineArgs:
         return EngineArgs(model=self.model, **self.engine_args)
@@ -56,7 +66,8 @@ def build_app(args: dict[str, Any]):
     name = cfg.served_model_name or (cfg.model or DEFAULT_MODEL_NAME)
     pool_opts: dict[str, Any] = dict(ray_actor_options=cfg.ray_actor_options,
                                      max_ongoing_requests=cfg.max_ongoing_requests,
-                                     health_check_period_s=10, health_check_timeout_s=60)
+                                     health_check_period_s=10, health_check_timeout_s=60,
+                                     graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s)
     if cfg.autoscaling_config:
         pool_opts["autoscaling_config"] = cfg.autoscaling_config
     else:
@@ -66,7 +77,8 @@ def build_app(args: dict[str, Any]):
         pool_opts.update(deployment_options(plan, cfg.ray_actor_options))
     cpu_threads = int(cfg.ray_actor_options.get("num_cpus", 1) or 1)
     pool = serve.deployment(EngineReplica, name="EngineReplica", **pool_opts).bind(
-        engine_args.model_dump(exclude_none=True), cfg.max_queued_requests, cpu_threads, plan)
+        engine_args.model_dump(exclude_none=True), cfg.max_queued_requests, cpu_threads, plan,
+        cfg.request_timeout_s, cfg.health_stall_s)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=4096)
     return ingress.bind(pool, name, cfg.model, engine_args.load_format, engine_args.max_model_len, cfg.api_key,
