@@ -31,9 +31,10 @@ import torch.distributed as dist
 from raylight.config import EngineArgs
 from raylight.kernels.config import KernelConfig
 from raylight.models.loader import ResolvedModel
-from raylight.parallel.state import ParallelGroups, init_distributed, leave_distributed
+from raylight.parallel.state import ParallelGroups, leave_distributed
 from raylight.workers.launchers import Launcher, LocalRanks, RayRanks
 from raylight.messages import RankReport, StepInputs
+from raylight.workers.rendezvous import RankDiedError, host_world
 from raylight.workers.step_channel import StepChannel
 from raylight.workers.worker import RankModel, RankSpec, build_rank, parallel_config, rank_report
 
@@ -42,8 +43,7 @@ logger = logging.getLogger("raylight.executor")
 STOP_TIMEOUT_S = 15.0
 
 
-class RankDiedError(RuntimeError):
-    """A rank of the replica exited: the replica cannot run another step."""
+__all__ = ["Executor", "RankDiedError"]
 
 
 class Executor:
@@ -73,7 +73,8 @@ class Executor:
         self._finalizer = weakref.finalize(self, _stop, self.launcher, self._monitor, [None])
         try:
             if self.launcher is not None:
-                init_distributed(0, self.world_size, init_method, device, args.distributed_timeout_s)
+                # Watches the ranks while it waits for them: one that dies starting fails us now, with its error.
+                host_world(self.world_size, init_method, device, args.distributed_timeout_s, self.launcher.dead)
                 groups = ParallelGroups.from_world(config, KernelConfig.from_args(args))
             self.rank: RankModel = build_rank(args, resolved, groups, device, dtype, max_model_len)
         except BaseException as e:

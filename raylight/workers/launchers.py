@@ -5,13 +5,20 @@ says whether one has died, and stops them.
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
+import pickle  # only to hand our own RankSpec to our own child, over its stdin pipe (see rank_main)
 import socket
+import subprocess
+import sys
+import threading
+import time
 from typing import Any, Optional, Protocol
 
 import torch
 
-from raylight.workers.worker import RankSpec, local_rank_main, run_rank
+from raylight.workers.worker import RankSpec, run_rank
 
 
 class Launcher(Protocol):
@@ -34,18 +41,86 @@ def _free_port(host: str = "") -> int:
         return s.getsockname()[1]
 
 
-class LocalRanks:
-    """Ranks as child processes (torch.multiprocessing, spawn), rank r on GPU r when on CUDA.
+class _RankProcess:
+    """One rank's child process (`python -m raylight.workers.rank_main`), with the part of
+    multiprocessing.Process's interface the engine and its tests use. Its stderr is passed on to
+    ours line by line, and its last lines are kept: they hold its error if it dies."""
 
-    As with any spawn-based launcher, a script that creates the engine at import time must guard
-    it with `if __name__ == "__main__":` (each child re-imports the main module)."""
+    TAIL_LINES = 25
+
+    def __init__(self, spec: RankSpec, rank: int, threads: int):
+        import raylight
+
+        env = dict(os.environ)
+        # The child imports raylight from where we did, whatever our sys.path or working directory.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(raylight.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        level = logging.getLevelName(logging.getLogger("raylight").getEffectiveLevel())
+        self.rank = rank
+        self.name = f"raylight-rank{rank}"
+        self.tail: collections.deque[str] = collections.deque(maxlen=self.TAIL_LINES)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "raylight.workers.rank_main", str(rank), str(threads), str(level)],
+            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env, close_fds=True)
+        self.pid = self.proc.pid
+        self._reader = threading.Thread(target=self._pump, name=f"{self.name}-stderr", daemon=True)
+        self._reader.start()
+        try:  # the spec, through the pipe we just made (never a socket): see rank_main
+            self.proc.stdin.write(pickle.dumps(spec))
+            self.proc.stdin.close()
+        except OSError:  # it died before reading: dead() reports it, with its output
+            pass
+
+    def _pump(self) -> None:
+        for raw in iter(self.proc.stderr.readline, b""):
+            line = raw.decode(errors="replace")
+            self.tail.append(line.rstrip("\n"))
+            try:
+                sys.stderr.write(line)
+            except Exception:  # our stderr is gone (interpreter exit): keep draining the pipe
+                pass
+        self.proc.stderr.close()
+
+    @property
+    def exitcode(self) -> Optional[int]:
+        return self.proc.poll()
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def error(self) -> str:
+        """Its last lines of output (once it has exited: waits briefly for the pipe to drain)."""
+        self._reader.join(timeout=2.0)
+        lines = list(self.tail)
+        for i in range(len(lines) - 1, -1, -1):  # from its last traceback on, if there is one
+            if lines[i].startswith("Traceback"):
+                lines = lines[max(0, i - 1):]
+                break
+        return "\n".join(lines)[-3000:]
+
+
+class LocalRanks:
+    """Ranks as child processes of this one (`python -m raylight.workers.rank_main`, the RankSpec
+    handed over on the child's stdin), rank r on GPU r when on CUDA. Unlike multiprocessing's
+    spawn this does not re-run the parent's `__main__`, so an engine made from `python -c`, stdin
+    or a notebook starts its ranks too. A rank ends itself when this process goes away."""
 
     def __init__(self, world_size: int, device_type: str):
         if device_type == "cuda" and torch.cuda.device_count() < world_size:
             raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world_size} ranks need {world_size} "
                              f"GPUs on this machine (one each); {torch.cuda.device_count()} are visible")
         self.world_size = world_size
-        self.procs: list[Any] = []
+        self.procs: list[_RankProcess] = []
         # Ranks share this machine's cores: a rank's torch threads spinning on another's core only slow both.
         self.threads = max(1, (os.cpu_count() or 1) // world_size)
 
@@ -53,22 +128,21 @@ class LocalRanks:
         return f"tcp://127.0.0.1:{_free_port('127.0.0.1')}"
 
     def start(self, spec: RankSpec) -> None:
-        ctx = torch.multiprocessing.get_context("spawn")
         for rank in range(1, self.world_size):
-            p = ctx.Process(target=local_rank_main, args=(spec, rank, self.threads), daemon=True,
-                            name=f"raylight-rank{rank}")
-            p.start()
-            self.procs.append(p)
+            self.procs.append(_RankProcess(spec, rank, self.threads))
 
     def dead(self) -> Optional[str]:
-        for rank, p in enumerate(self.procs, start=1):
+        for p in self.procs:
             if p.exitcode is not None:
-                return f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
+                msg = f"rank {p.rank} (pid {p.pid}) exited with code {p.exitcode}"
+                err = p.error()
+                return f"{msg}; its output ended with:\n{err}" if err else msg
         return None
 
     def stop(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
         for p in self.procs:
-            p.join(timeout=timeout_s)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
         for p in self.procs:
             if p.is_alive():
                 p.kill()

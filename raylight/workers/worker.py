@@ -26,10 +26,11 @@ from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata, g
 from raylight.models import registry
 from raylight.models.loader import ResolvedModel, build_model, resolve_model
 from raylight.parallel.pipeline import StageModel
-from raylight.parallel.state import ParallelConfig, ParallelGroups, init_distributed, leave_distributed
+from raylight.parallel.state import ParallelConfig, ParallelGroups, leave_distributed
 from raylight.messages import RankReport, StepInputs
 from raylight.workers.logits_plan import run_logits_plan
 from raylight.workers.model_runner import ModelRunner
+from raylight.workers.rendezvous import join_world
 from raylight.workers.step_channel import DEFAULT_CAPACITY, StepChannel
 
 logger = logging.getLogger("raylight.worker")
@@ -204,7 +205,7 @@ class RankSpec:
 
 def run_rank(spec: RankSpec, rank: int, device: torch.device) -> int:
     """A rank's whole life: join the world, build its part, run steps until rank 0 stops them."""
-    init_distributed(rank, spec.world_size, spec.init_method, device, spec.args.distributed_timeout_s)
+    join_world(rank, spec.world_size, spec.init_method, device, spec.args.distributed_timeout_s)
     built = None
     try:
         groups = ParallelGroups.from_world(parallel_config(spec.args), KernelConfig.from_args(spec.args))
@@ -223,7 +224,7 @@ def run_rank(spec: RankSpec, rank: int, device: torch.device) -> int:
 
 
 def local_rank_main(spec: RankSpec, rank: int, num_threads: int) -> None:
-    """Entry point of a rank spawned by `LocalRanks` (a child process of the engine's)."""
+    """Runs a rank that `LocalRanks` started (a child process of the engine's, see rank_main.py)."""
     torch.set_num_threads(num_threads)
     _exit_with_parent()
     hang_s = float(os.environ.get("RAYLIGHT_DUMP_STACKS_AFTER_S", "0"))

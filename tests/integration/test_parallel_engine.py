@@ -1,13 +1,16 @@
 """`LLM(..., tensor_parallel_size=T, pipeline_parallel_size=P)` end to end on CPU (gloo): the
 ranks are child processes of the test's, and every output equals the single-process engine's
 in float32: greedy tokens and their logprobs, prompt logprobs, chunked prefill, n=2 seeded
-sampling. A rank that dies fails the engine quickly and leaves no process behind."""
+sampling. A rank that dies fails the engine quickly and leaves no process behind. The ranks start
+from a module entry point, so an engine made from `python -c` or stdin works too."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -171,3 +174,46 @@ def test_pp_shutdown_with_microbatches_in_flight(qwen3):
     llm.shutdown()
     assert not engine._in_flight and time.monotonic() - started < 30
     assert _children_gone(llm)
+
+
+# Made from code with no file behind `__main__` (stdin, `python -c`, a notebook): the ranks must not
+# need to re-run `__main__` (multiprocessing's spawn did, and died with FileNotFoundError '<stdin>').
+NO_FILE_SCRIPT = """
+import sys
+from raylight import LLM, SamplingParams
+engine = dict(device="cpu", dtype="float32", kv_cache_memory=2**22, block_size=4, distributed_timeout_s=60)
+params = SamplingParams(max_tokens=6, temperature=0)
+prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+with LLM(sys.argv[-1], **engine) as llm:
+    ref = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+with LLM(sys.argv[-1], tensor_parallel_size=2, **engine) as llm:
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+print("TOKENS", ref, got, flush=True)
+print("SAME" if got == ref and len(ref[0]) == 6 else "DIFFERENT", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["stdin", "dash-c"])
+def test_tp2_from_code_without_a_file(qwen3, tmp_path, how):
+    path = qwen3[0]
+    if how == "stdin":
+        cmd, stdin = [sys.executable, "-", path], NO_FILE_SCRIPT
+    else:
+        cmd, stdin = [sys.executable, "-c", NO_FILE_SCRIPT, path], None
+    proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0 and "SAME" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+def test_rank_failing_at_start_fails_the_engine_fast(qwen3, monkeypatch):
+    """Rank 1 dies before it joins (here: a debugging variable only the ranks other than 0 read,
+    set to nonsense): `LLM(...)` raises within seconds naming the child's own error, instead of
+    rank 0 waiting the whole rendezvous timeout (300 s) and reporting a timeout."""
+    from raylight.workers.executor import RankDiedError
+
+    monkeypatch.setenv("RAYLIGHT_DUMP_STACKS_AFTER_S", "not-a-number")
+    t0 = time.monotonic()
+    with pytest.raises(RankDiedError) as info:
+        LLM(qwen3[0], tensor_parallel_size=2, distributed_timeout_s=300, **ENGINE)
+    assert time.monotonic() - t0 < 20
+    msg = str(info.value)
+    assert "rank 1" in msg and "could not convert string to float: 'not-a-number'" in msg, msg
