@@ -49,11 +49,9 @@ class _RankProcess:
     TAIL_LINES = 25
 
     def __init__(self, spec: RankSpec, rank: int, threads: int):
-        import raylight
-
         env = dict(os.environ)
         # The child imports raylight from where we did, whatever our sys.path or working directory.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(raylight.__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         level = logging.getLevelName(logging.getLogger("raylight").getEffectiveLevel())
         self.rank = rank
