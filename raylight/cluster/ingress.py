@@ -16,8 +16,6 @@ after the constructor (`@serve.ingress()` without an app) to get the instance's 
 
 import asyncio
 import concurrent.futures
-import hashlib
-import hmac
 import json
 import logging
 import time
@@ -31,77 +29,21 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raylight import __version__
-from raylight.cluster.metrics import ServerMetrics
+from raylight.cluster.http_edge import (DEFAULT_MAX_REQUEST_BODY_BYTES, ERROR_RESPONSES, Guard, api_error,
+                                        combine_salts, context_error, http_error, internal_error,
+                                        validation_error)
+from raylight.cluster.metrics import RequestTiming, ServerMetrics
 from raylight.cluster.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                       ErrorResponse, TokenizeRequest, param_of)
+                                       TokenizeRequest, param_of)
 from raylight.messages import GenerateCall, ReplicaMessage
 from raylight.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
 logger = logging.getLogger("raylight.ingress")
 
-DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 1024 * 1024
 # Text longer than max_model_len * this many characters is first tokenized by its head alone:
 # when the head is already over the context window, the request is refused without
 # tokenizing (or templating) the rest.
 _CHARS_PER_TOKEN_CAP = 16
-_SALT_KEY = b"raylight prefix-cache salt v1"
-
-
-def tenant_salt(api_key: str) -> str:
-    """The prefix-cache salt of the tenant holding `api_key`: a keyed hash, never the key."""
-    return hmac.new(_SALT_KEY, api_key.encode(), hashlib.sha256).hexdigest()
-
-
-def combine_salts(tenant: Optional[str], client: Optional[str]) -> Optional[str]:
-    """A tenant's salt joined with the salt its client sent: one tenant cannot reach another's
-    cache entries by sending the other's client salt."""
-    if tenant is None:
-        return client
-    return tenant if client is None else hashlib.sha256(f"{tenant}\0{client}".encode()).hexdigest()
-
-
-def context_error(max_model_len: int, prompt_tokens: int, completion_tokens: int, param: str,
-                  lower_bound: bool = False) -> APIError:
-    more = "more than " if lower_bound else ""
-    return APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                         f"{more}{prompt_tokens + completion_tokens} tokens ({more}{prompt_tokens} in the messages, "
-                         f"{completion_tokens} in the completion). Please reduce the length of the messages or "
-                         f"completion.", param=param, code="context_length_exceeded")
-
-
-class _Timing:
-    """Latency as the client sees it: TTFT, gaps between tokens, end to end."""
-
-    def __init__(self, metrics: ServerMetrics):
-        self.metrics = metrics
-        self.start = time.perf_counter()
-        self.last: Optional[float] = None
-        self.generated = 0
-        self.prompt = 0
-        self.finish_reasons: list[str] = []
-
-    def token(self, out: Optional[RequestOutput]) -> None:
-        if out is None:
-            return
-        now = time.perf_counter()
-        new = sum(len(c.delta_token_ids) for c in out.outputs)
-        if new:
-            if self.last is None:
-                self.metrics.ttft.observe(now - self.start)
-            else:
-                self.metrics.itl.observe(now - self.last)
-            self.last = now
-            self.generated += new
-        self.prompt = len(out.prompt_token_ids)
-        if out.finished:
-            self.finish_reasons = [c.finish_reason or "abort" for c in out.outputs]
-
-    def done(self) -> None:
-        self.metrics.e2e.observe(time.perf_counter() - self.start)
-        self.metrics.prompt_tokens.inc(self.prompt)
-        self.metrics.generation_tokens.inc(self.generated)
-        for reason in self.finish_reasons:
-            self.metrics.requests.labels(finished_reason=reason).inc()
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
@@ -327,7 +269,7 @@ class OpenAIServer:
             if len(calls) != 1:
                 raise APIError(400, "streaming takes one prompt per request", param="prompt")
             return await self._sse(request, calls[0], rid, chat=False, include_usage=_usage_opt(body))
-        timings = [_Timing(self.metrics) for _ in calls]
+        timings = [RequestTiming(self.metrics) for _ in calls]
         finals = await asyncio.gather(*(self._run_to_end(request, c, t) for c, t in zip(calls, timings)))
         choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
         for i, out in enumerate(finals):
@@ -354,7 +296,7 @@ class OpenAIServer:
         call = GenerateCall(rid, ids, params, self._salt(request, body.cache_salt))
         if body.stream:
             return await self._sse(request, call, rid, chat=True, include_usage=_usage_opt(body))
-        timing = _Timing(self.metrics)
+        timing = RequestTiming(self.metrics)
         out = await self._run_to_end(request, call, timing)
         timing.done()
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -368,7 +310,7 @@ class OpenAIServer:
     async def _sse(self, request: Request, call: GenerateCall, rid: str, chat: bool, include_usage: bool):
         stream = self._stream(call)
         first, it = await self._first(stream)  # errors become a status code, not a broken stream
-        timing = _Timing(self.metrics)
+        timing = RequestTiming(self.metrics)
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         n = call.params.n
@@ -473,145 +415,16 @@ class OpenAIServer:
 
 # ---------------------------------------------------------------- the HTTP app of one server
 
-def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-def _unauthorized() -> JSONResponse:
-    return _error_response(APIError(401, "invalid or missing API key", "authentication_error",
-                                    code="invalid_api_key"))
-
-
-def _too_large(limit: int) -> JSONResponse:
-    return _error_response(APIError(413, f"request body is larger than {limit} bytes", param=None,
-                                    code="request_too_large"))
-
-
-async def _api_error(_: Request, exc: APIError):
-    return _error_response(exc)
-
-
-_HTTP_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
-
-
-async def _http_error(_: Request, exc: StarletteHTTPException):
-    """404 (no such route), 405 (wrong method), FastAPI's body-parsing 400s: OpenAI's shape."""
-    message = exc.detail if isinstance(exc.detail, str) else "invalid request"
-    err = APIError(exc.status_code, message, _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request_error"),
-                   headers=dict(exc.headers or {}) or None)
-    return _error_response(err)
-
-
-def _field_path(loc) -> Optional[str]:
-    """The request field an error is about, dotted ("messages.0.role"); pydantic's union-member
-    tags ("str", "list[int]", "function-after[...]") are not fields and end the path."""
-    parts = []
-    for p in loc:
-        if p == "body" and not parts:
-            continue
-        if isinstance(p, str) and (not p.isidentifier() or p in {"str", "int", "float", "bool", "list", "dict"}):
-            break
-        parts.append(str(p))
-    return ".".join(parts) or None
-
-
-async def _validation_error(_: Request, exc: RequestValidationError):
-    errors = exc.errors()
-    err = errors[0] if errors else {}
-    if err.get("type") == "json_invalid":  # loc holds a character offset, not a field
-        ctx = err.get("ctx") or {}
-        msg = f"request body is not valid JSON ({ctx.get('error', 'parse error')})"
-        return _error_response(APIError(400, msg))
-    param = _field_path(err.get("loc", ()))
-    msg = f"{param or 'body'}: {err.get('msg', 'invalid request')}"
-    return _error_response(APIError(400, msg, param=param))
-
-
-async def _internal_error(_: Request, exc: Exception):
-    logger.exception("unhandled error")
-    return _error_response(APIError(500, "internal server error", "internal_error"))
-
-
-class _Guard:
-    """Pure ASGI middleware in front of every route: the API key first (constant time over all
-    keys; the matching key's prefix-cache salt goes into the scope), then the body size limit:
-    Content-Length over the limit is refused before any byte is read, and a chunked body is counted
-    as it arrives and refused as soon as it passes the limit (never read whole)."""
-
-    _OPEN = frozenset(("/health",))
-
-    def __init__(self, app, api_keys: Sequence[str], max_body: int):
-        self.app = app
-        self.digests = [(hashlib.sha256(k.encode()).digest(), tenant_salt(k)) for k in api_keys]
-        self.max_body = max_body
-
-    def _tenant(self, scope) -> tuple[bool, Optional[str]]:
-        header = b""
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                header = value
-                break
-        token = header[7:] if header[:7].lower() == b"bearer " else b""
-        presented = hashlib.sha256(token).digest()
-        ok, salt = False, None
-        for digest, s in self.digests:  # no early exit: the time does not tell which key matched
-            match = hmac.compare_digest(presented, digest)
-            ok |= match
-            salt = s if match else salt
-        return ok, salt
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        if self.digests and scope["path"] not in self._OPEN:
-            ok, salt = self._tenant(scope)
-            if not ok:
-                return await _unauthorized()(scope, receive, send)
-            scope["raylight.tenant_salt"] = salt
-        length = None
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    return await _error_response(APIError(400, "bad Content-Length header"))(scope, receive, send)
-        if length is not None and length > self.max_body:
-            return await _too_large(self.max_body)(scope, receive, send)
-        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE") and not length:
-            return await self.app(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":  # the client went away
-                return
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                return await _too_large(self.max_body)(scope, receive, send)
-            chunks.append(chunk)
-            if not msg.get("more_body", False):
-                break
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replayed():
-            return replay.pop() if replay else await receive()
-
-        return await self.app(scope, replayed, send)
-
-
-_ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
-
-
 def build_api(server: OpenAIServer) -> FastAPI:
     """A new FastAPI app serving `server`: its routes, and its API keys checked by its own middleware.
     Nothing is shared between the apps of two servers."""
-    api = FastAPI(title="raylight", version=__version__, responses=_ERROR_RESPONSES)
-    api.add_middleware(_Guard, api_keys=server.api_keys, max_body=server.max_request_body_bytes)
+    api = FastAPI(title="raylight", version=__version__, responses=ERROR_RESPONSES)
+    api.add_middleware(Guard, api_keys=server.api_keys, max_body=server.max_request_body_bytes)
 
-    api.add_exception_handler(APIError, _api_error)
-    api.add_exception_handler(StarletteHTTPException, _http_error)
-    api.add_exception_handler(RequestValidationError, _validation_error)
-    api.add_exception_handler(Exception, _internal_error)
+    api.add_exception_handler(APIError, api_error)
+    api.add_exception_handler(StarletteHTTPException, http_error)
+    api.add_exception_handler(RequestValidationError, validation_error)
+    api.add_exception_handler(Exception, internal_error)
 
     @api.get("/health")
     async def health():

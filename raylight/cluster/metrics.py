@@ -7,7 +7,8 @@ replicas attach to their last message of each request, summed over replicas.
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -79,3 +80,38 @@ class ServerMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), "text/plain; version=0.0.4; charset=utf-8"
+
+
+class RequestTiming:
+    """Latency as the client sees it: TTFT, gaps between tokens, end to end."""
+
+    def __init__(self, metrics: "ServerMetrics"):
+        self.metrics = metrics
+        self.start = time.perf_counter()
+        self.last: Optional[float] = None
+        self.generated = 0
+        self.prompt = 0
+        self.finish_reasons: list[str] = []
+
+    def token(self, out) -> None:
+        if out is None:
+            return
+        now = time.perf_counter()
+        new = sum(len(c.delta_token_ids) for c in out.outputs)
+        if new:
+            if self.last is None:
+                self.metrics.ttft.observe(now - self.start)
+            else:
+                self.metrics.itl.observe(now - self.last)
+            self.last = now
+            self.generated += new
+        self.prompt = len(out.prompt_token_ids)
+        if out.finished:
+            self.finish_reasons = [c.finish_reason or "abort" for c in out.outputs]
+
+    def done(self) -> None:
+        self.metrics.e2e.observe(time.perf_counter() - self.start)
+        self.metrics.prompt_tokens.inc(self.prompt)
+        self.metrics.generation_tokens.inc(self.generated)
+        for reason in self.finish_reasons:
+            self.metrics.requests.labels(finished_reason=reason).inc()
