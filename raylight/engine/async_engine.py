@@ -87,8 +87,8 @@ class AsyncLLMEngine:
             raise EngineDeadError(f"engine loop died: {self.dead!r}")
         if self.draining:
             raise EngineDrainingError("the replica is shutting down; retry on another replica")
-        if self.max_queued_requests is not None and self.num_waiting() >= self.max_queued_requests:
-            raise QueueFullError(f"{self.num_waiting()} requests are already waiting "
+        if self.max_queued_requests is not None and self.num_queued() >= self.max_queued_requests:
+            raise QueueFullError(f"{self.num_queued()} requests are already waiting for a free slot "
                                  f"(max_queued_requests={self.max_queued_requests})")
         timeout = self.request_timeout_s
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -127,6 +127,13 @@ class AsyncLLMEngine:
 
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + self._inbox.qsize()
+
+    def num_queued(self) -> int:
+        """Requests that must wait for a running slot: those not running yet beyond the slots free
+        under max_num_seqs (a burst that the next step admits is not a queue). What
+        `max_queued_requests` bounds, so capacity is max_num_seqs + max_queued_requests."""
+        sched = self.engine.scheduler
+        return max(0, self.num_waiting() - max(0, sched.max_num_seqs - len(sched.running)))
 
     def healthy(self, stall_s: Optional[float] = None) -> bool:
         """False once the loop crashed, exited, or made no progress for `stall_s` (default: the

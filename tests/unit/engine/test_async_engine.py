@@ -12,7 +12,7 @@ import time
 import pytest
 
 from raylight.config import EngineArgs
-from raylight.engine.async_engine import (AsyncLLMEngine, EngineDeadError, EngineDrainingError,
+from raylight.engine.async_engine import (AsyncLLMEngine, EngineDeadError, EngineDrainingError, QueueFullError,
                                           RequestTimeoutError)
 from raylight.engine.llm_engine import LLMEngine
 from raylight.sampling_params import SamplingParams
@@ -101,6 +101,33 @@ def test_deadline_aborts_queued_and_running_requests_and_frees_blocks(model_dir,
         await collect(ae.generate(prompt(), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), "ok"),
                       short)
         assert short[-1].finished and len(short[-1].outputs[0].token_ids) == 3
+
+    try:
+        run(main())
+    finally:
+        ae.shutdown()
+
+
+def test_queue_bound_counts_only_requests_that_must_wait(model_dir, run):
+    """Row 25: capacity is max_num_seqs running + max_queued_requests waiting, also for a burst that
+    arrives before the engine admitted any of it; one more gets QueueFullError (429)."""
+    eng = make_engine(model_dir, max_num_seqs=2)
+    ae = AsyncLLMEngine(eng, max_queued_requests=2)
+
+    async def main():
+        gens = [ae.generate(prompt(start=i), long_params(), f"r{i}") for i in range(5)]
+        tasks = [asyncio.ensure_future(g.__anext__()) for g in gens[:4]]  # a burst: all in the inbox at once
+        await asyncio.sleep(0)
+        assert ae.num_waiting() == 4 and ae.num_queued() == 2
+        with pytest.raises(QueueFullError, match="max_queued_requests=2"):
+            await gens[4].__anext__()
+        await asyncio.gather(*tasks[:2])  # the first two run
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for g in gens[:4]:
+            await g.aclose()
+        await wait_idle(eng)
 
     try:
         run(main())
