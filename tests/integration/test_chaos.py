@@ -1,0 +1,135 @@
+"""Faults on a real Ray Serve app over HTTP on 127.0.0.1 (SmolLM2 on CPU): the engine replica's
+process SIGKILLed mid-stream (the client gets an error, never a hang; Serve replaces the replica and
+serves again in bounded time), and a rolling upgrade that stops the replica while it streams (Serve's
+graceful shutdown: the running request finishes, then the new replica serves). A stalled or crashed
+engine loop and the replica's drain are tested in one process (tests/unit/engine/test_async_engine.py).
+About a minute and a half on 2 cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("ray")
+
+from raylight.testing.helpers import serve_app
+
+MODEL = "SmolLM2-135M-Instruct"
+APP = "chaos"
+
+
+def config(**kw):
+    from raylight.cluster.app import AppConfig
+
+    return AppConfig(engine_args={"device": "cpu", "max_model_len": 2048, "max_num_seqs": 4},
+                     ray_actor_options={"num_cpus": 2}, max_queued_requests=8, default_max_tokens=8,
+                     graceful_shutdown_timeout_s=60, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir):
+    with serve_app(config(), APP) as base:
+        yield base
+
+
+def replica_pids() -> list[int]:
+    """Processes of this app's engine replicas (Ray titles a replica 'ray::ServeReplica:<app>:<deployment>')."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if f"ServeReplica:{APP}:EngineReplica".encode() in cmd:
+            pids.append(int(d))
+    return pids
+
+
+def completion_ok(base, timeout_s=30) -> bool:
+    try:
+        r = httpx.post(f"{base}/v1/completions", timeout=timeout_s,
+                       json={"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0})
+        return r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    except httpx.HTTPError:
+        return False
+
+
+def stream_body(max_tokens):
+    return {"model": MODEL, "prompt": "Write a long story about a lighthouse.", "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+
+
+def test_sigkill_replica_mid_stream_errors_then_serve_replaces_it(server):
+    assert completion_ok(server)
+    [pid] = replica_pids()
+    events, error = [], None
+    t0 = time.monotonic()
+    try:
+        with httpx.Client(timeout=httpx.Timeout(30.0)) as c:  # a hang fails on the read timeout
+            with c.stream("POST", f"{server}/v1/completions", json=stream_body(1500)) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                    if len(events) == 3:
+                        os.kill(pid, signal.SIGKILL)
+    except httpx.TransportError as e:  # the ingress lost the replica mid-stream and dropped the connection
+        error = e
+    took = time.monotonic() - t0
+    assert not isinstance(error, httpx.TimeoutException), "the stream hung after the replica died"
+    in_band = [e for e in events[3:] if e != "[DONE]" and "error" in json.loads(e)]
+    assert error is not None or in_band, events[-3:]  # an error, never a silent end or a full answer
+    assert not any(e == "[DONE]" for e in events) or in_band
+    assert took < 30, took
+    # Serve replaces the replica; a new request succeeds within a bounded time.
+    deadline = time.monotonic() + 120
+    while not completion_ok(server):
+        assert time.monotonic() < deadline, "no replica serving 120 s after the SIGKILL"
+        time.sleep(1)
+    assert replica_pids() and pid not in replica_pids()
+    print(f"stream error after {took:.1f}s ({type(error).__name__ if error else 'error event'}); "
+          f"serving again {time.monotonic() - t0:.1f}s after the kill")
+
+
+def test_rolling_upgrade_drains_the_running_stream(server):
+    """Row 33: a redeploy with a changed engine config stops the old replica gracefully (Serve's
+    graceful_shutdown_timeout_s from AppConfig): its running stream finishes with every token."""
+    from ray import serve
+
+    from raylight.cluster.app import build_app
+
+    [old] = replica_pids()
+    events, redeployed = [], threading.Event()
+
+    def redeploy():
+        serve.run(build_app(config(request_timeout_s=600)), name=APP, route_prefix="/")
+        redeployed.set()
+
+    with httpx.Client(timeout=httpx.Timeout(60.0)) as c:
+        with c.stream("POST", f"{server}/v1/completions", json=stream_body(160)) as r:
+            assert r.status_code == 200
+            upgrader = None
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                if len(events) == 2 and upgrader is None:
+                    upgrader = threading.Thread(target=redeploy, daemon=True)
+                    upgrader.start()
+    assert events[-1] == "[DONE]", events[-3:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not any("error" in ch for ch in chunks), chunks[-1]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert sum(1 for ch in chunks if ch["choices"] and ch["choices"][0]["text"]) >= 150  # all ~160 tokens
+    upgrader.join(120)
+    assert redeployed.is_set(), "the upgrade did not finish"
+    assert completion_ok(server)
+    assert old not in replica_pids()
