@@ -28,6 +28,10 @@ class AppConfig(BaseModel):
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1},
                                               description="Resources of one engine replica.")
     max_ongoing_requests: int = Field(1024, ge=1, description="Serve's in-flight cap per engine replica.")
+    max_constructor_retry_count: int = Field(
+        3, ge=1, description="Failed engine-replica starts (a bad model path, bad engine args) before Serve marks "
+        "the application DEPLOY_FAILED and stops retrying (Serve's deployment option of that name, default 20; "
+        "Serve also caps it at 3 per replica).")
     max_queued_requests: Optional[int] = Field(256, ge=0, description="Waiting requests before 429.")
     api_key: Optional[str] = Field(None, description="Bearer key required on every route but /health.")
     api_keys: list[str] = Field(default_factory=list, description=(
@@ -72,6 +76,7 @@ def build_app(args: dict[str, Any]):
         pool_opts["autoscaling_config"] = cfg.autoscaling_config
     else:
         pool_opts["num_replicas"] = cfg.num_replicas
+    pool_opts["max_constructor_retry_count"] = cfg.max_constructor_retry_count
     plan = replica_plan(cfg, engine_args)
     if plan is not None:
         pool_opts.update(deployment_options(plan, cfg.ray_actor_options))
@@ -80,7 +85,7 @@ def build_app(args: dict[str, Any]):
         engine_args.model_dump(exclude_none=True), cfg.max_queued_requests, cpu_threads, plan,
         cfg.request_timeout_s, cfg.health_stall_s)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=4096)
+                               max_ongoing_requests=4096, max_constructor_retry_count=cfg.max_constructor_retry_count)
     return ingress.bind(pool, name, cfg.model, engine_args.load_format, engine_args.max_model_len, cfg.api_key,
                         cfg.default_max_tokens, api_keys=cfg.api_keys,
                         max_request_body_bytes=cfg.max_request_body_bytes)

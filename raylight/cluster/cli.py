@@ -1,4 +1,5 @@
-"""`raylight` command line: `generate` (offline, one process) and `prepare-model`.
+"""`raylight` command line: `generate` (offline, one process), `serve` (Ray Serve, until Ctrl-C) and
+`prepare-model`.
 
 Engine flags are generated from `EngineArgs`, with vLLM's flag names
 (`--max-model-len`, `--max-num-seqs`, `--enable-prefix-caching`, ...).
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 import typing
 from typing import Any, Optional, Sequence
 
@@ -69,12 +72,80 @@ def _serve(ns: argparse.Namespace) -> int:
         model=engine_args.pop("model", None), served_model_name=ns.served_model_name, engine_args=engine_args,
         num_replicas=ns.num_replicas, ray_actor_options={"num_cpus": ns.num_cpus, "num_gpus": ns.num_gpus},
         max_queued_requests=ns.max_queued_requests, api_key=ns.api_key, default_max_tokens=ns.default_max_tokens,
+        max_constructor_retry_count=ns.max_constructor_retry_count,
     )
-    ray.init(address=ns.address, ignore_reinit_error=True)  # starts a local Ray when there is no cluster
-    serve.start(http_options={"host": ns.host, "port": ns.port})
-    print(f"raylight serving {cfg.model or 'SmolLM2-135M-Instruct'} on http://{ns.host}:{ns.port}/v1", flush=True)
-    serve.run(build_app(cfg), name="raylight", route_prefix="/", blocking=True)
-    return 0
+    # Starts a local Ray when there is none (Ray binds its dashboard to 127.0.0.1 unless told otherwise). Ray's
+    # own logs (controller, replicas, each failed start's traceback) stay in its log files unless --ray-logs:
+    # a failure is printed once, below.
+    ray.init(address=ns.address, ignore_reinit_error=True, log_to_driver=ns.ray_logs)
+    serving = False
+    try:
+        serve.start(http_options={"host": ns.host, "port": ns.port})
+        try:
+            # Returns once the application is RUNNING; raises when it is DEPLOY_FAILED (its replicas failed to
+            # start max_constructor_retry_count times).
+            serve.run(build_app(cfg), name="raylight", route_prefix="/")
+        except RuntimeError as e:
+            print(f"error: raylight failed to deploy: {deploy_error(str(e), _failed_deployments())}\n"
+                  f"(Ray's logs: {_ray_log_dir()})", file=sys.stderr, flush=True)
+            return 1
+        serving = True
+        print(f"raylight serving {cfg.model or 'SmolLM2-135M-Instruct'} on http://{ns.host}:{ns.port}/v1", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:  # Ctrl-C: a normal stop, no traceback
+        print("raylight: shutting down", file=sys.stderr, flush=True)
+        return 0 if serving else 130
+    finally:
+        _shutdown_quietly()
+
+
+def _failed_deployments() -> dict[str, str]:
+    """Each failed deployment's message (Serve puts its replica's traceback there)."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get("raylight")
+    except Exception:
+        return {}
+    if app is None:
+        return {}
+    return {name: d.message for name, d in app.deployments.items()
+            if str(getattr(d.status, "value", d.status)) in ("DEPLOY_FAILED", "UNHEALTHY") and d.message}
+
+
+def _ray_log_dir() -> str:
+    try:
+        import ray
+
+        return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    except Exception:
+        return "/tmp/ray/session_latest/logs"
+
+
+def _shutdown_quietly() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+        ray.shutdown()
+    except (Exception, KeyboardInterrupt):  # a second Ctrl-C, or Ray already gone: nothing more to stop
+        logging.getLogger("raylight.cli").debug("shutdown", exc_info=True)
+
+
+def deploy_error(app_message: str, deployments: dict[str, str]) -> str:
+    """One line per distinct error: each failed deployment's own exception (the last line of the
+    replica's traceback that Serve keeps in the deployment's message), the engine pool's first;
+    Serve's application message when there is none."""
+    errors: dict[str, list[str]] = {}
+    for name in sorted(deployments, key=lambda n: n != "EngineReplica"):
+        lines = [line.strip() for line in deployments[name].strip().splitlines() if line.strip()]
+        if lines:
+            errors.setdefault(lines[-1], []).append(name)
+    if not errors:
+        return app_message.strip()
+    return "\n".join(f"{', '.join(names)} replicas failed to start: {err}" for err, names in errors.items())
 
 
 def _prepare_model(ns: argparse.Namespace) -> int:
@@ -112,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "so at most 1)")
     srv.add_argument("--max-queued-requests", type=int, default=256)
     srv.add_argument("--default-max-tokens", type=int, default=256)
+    srv.add_argument("--max-constructor-retry-count", type=int, default=3,
+                     help="failed engine-replica starts before the deployment fails and raylight serve exits")
+    srv.add_argument("--ray-logs", action=argparse.BooleanOptionalAction, default=False,
+                     help="stream Ray's logs (Serve controller, replicas) to this terminal")
     srv.add_argument("--address", default=None, help="Ray cluster address (default: start or join a local one)")
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
@@ -129,6 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:  # bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C anywhere else (e.g. while Ray starts): no traceback
+        return 130
 
 
 if __name__ == "__main__":
