@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -170,7 +170,8 @@ class OpenAIServer:
             return None, it
         except Exception as e:
             stream.cancel()
-            raise APIError(503, f"engine replica unavailable ({type(e).__name__})", "service_unavailable") from None
+            raise APIError(503, f"engine replica unavailable ({type(e).__name__})", "service_unavailable",
+                           headers={"Retry-After": "1"}) from None
         self._raise_if_error(msg)
         return msg, it
 
@@ -184,7 +185,10 @@ class OpenAIServer:
             raise APIError(400, text, param=param_of(text))
         if status == 429:
             raise APIError(429, text, "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-        raise APIError(status, "the engine is unavailable; retry shortly", "service_unavailable")
+        if status in (408, 504):  # past request_timeout_s: aborted in the engine
+            raise APIError(status, text, "timeout_error", code="request_timeout")
+        raise APIError(status, "the engine is unavailable; retry shortly", "service_unavailable",
+                       headers={"Retry-After": "1"} if status == 503 else None)
 
     async def _run_to_end(self, request: Request, call: GenerateCall, timing) -> RequestOutput:
         stream = self._stream(call)
@@ -348,6 +352,9 @@ class OpenAIServer:
                         msgs = [await it.__anext__()]
                     except StopAsyncIteration:
                         break
+                    except Exception as e:  # the replica died mid-stream (SIGKILL, OOM): say so in-band
+                        raise APIError(503, f"engine replica lost ({type(e).__name__})",
+                                       "service_unavailable") from None
                 ended = True
                 if include_usage and last is not None:
                     yield chunk([], _usage(len(last.prompt_token_ids), sum(len(c.token_ids) for c in last.outputs),
@@ -357,6 +364,7 @@ class OpenAIServer:
             except APIError as e:  # mid-stream failure: report it in-band, then end the stream
                 ended = True
                 yield f"data: {json.dumps(e.body())}\n\n"
+                yield "data: [DONE]\n\n"  # as OpenAI/vLLM: an error event, then the end of the stream
             finally:
                 stream.cancel()  # no-op when finished; aborts the request when the client went away
                 if not ended:
@@ -415,6 +423,10 @@ class OpenAIServer:
 
 # ---------------------------------------------------------------- the HTTP app of one server
 
+# JSON, or server-sent events with stream=true
+_STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
+
+
 def build_api(server: OpenAIServer) -> FastAPI:
     """A new FastAPI app serving `server`: its routes, and its API keys checked by its own middleware.
     Nothing is shared between the apps of two servers."""
@@ -426,7 +438,8 @@ def build_api(server: OpenAIServer) -> FastAPI:
     api.add_exception_handler(RequestValidationError, validation_error)
     api.add_exception_handler(Exception, internal_error)
 
-    @api.get("/health")
+    @api.get("/health", response_class=Response, responses={200: {"description": "ready (empty body)",
+                                                                  "content": {}}})
     async def health():
         return await server.health()
 
@@ -434,7 +447,7 @@ def build_api(server: OpenAIServer) -> FastAPI:
     async def version():
         return await server.version()
 
-    @api.get("/metrics")
+    @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return await server.render_metrics()
 
@@ -450,11 +463,11 @@ def build_api(server: OpenAIServer) -> FastAPI:
     async def detokenize(body: DetokenizeRequest):
         return await server.detokenize(body)
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", responses=_STREAMED)
     async def completions(body: CompletionRequest, request: Request):
         return await server.completions(body, request)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", responses=_STREAMED)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await server.chat_completions(body, request)
 

@@ -51,13 +51,16 @@ _STRUCTURED = ("response_format", "guided_json", "guided_regex", "guided_choice"
                "structured_outputs")
 
 
+# Strict types: JSON `true` is not the integer 1, "5" is not 5 (a float field still takes an integer).
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: Optional[str] = None
     n: int = 1
@@ -176,7 +179,7 @@ _RESERVED_TEMPLATE_KWARGS = frozenset((
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal[_CHAT_ROLES]
     content: Union[None, str, list[dict[str, Any]]] = None
@@ -250,7 +253,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: Optional[str] = None
     prompt: Optional[str] = None
@@ -260,7 +263,7 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: Optional[str] = None
     tokens: list[int]
