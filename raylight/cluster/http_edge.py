@@ -8,6 +8,7 @@ a tenant with its own prefix-cache salt) and caps request bodies (413) before th
 import hashlib
 import hmac
 import logging
+import re
 from typing import Optional, Sequence
 
 from fastapi import Request
@@ -21,6 +22,17 @@ logger = logging.getLogger("raylight.ingress")
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 1024 * 1024
 _SALT_KEY = b"raylight prefix-cache salt v1"
+
+
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{4,}")
+_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[/\\](?:[\w.\-]+[/\\])+[\w.\-]*")
+
+
+def sanitize(message: str) -> str:
+    """An error text fit for a client: no memory addresses, no file paths, no traceback frames
+    (CVE-2026-22778)."""
+    message = message.split("Traceback (most recent call last)", 1)[0]
+    return _PATH.sub("<path>", _ADDRESS.sub("<address>", message)).strip()[:1000]
 
 
 def tenant_salt(api_key: str) -> str:

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raylight import __version__
 from raylight.cluster.http_edge import (DEFAULT_MAX_REQUEST_BODY_BYTES, ERROR_RESPONSES, Guard, api_error,
-                                        combine_salts, context_error, http_error, internal_error,
+                                        combine_salts, context_error, http_error, internal_error, sanitize,
                                         validation_error)
 from raylight.cluster.metrics import RequestTiming, ServerMetrics
 from raylight.cluster.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -140,9 +140,10 @@ class OpenAIServer:
         except APIError:
             raise
         except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
+            raise APIError(400, sanitize(str(e)), param="messages") from None
         except Exception as e:  # a template that raises on this conversation
-            raise APIError(400, f"chat template failed: {type(e).__name__}", param="messages") from None
+            raise APIError(400, f"chat template failed: {type(e).__name__}: {sanitize(str(e))}",
+                           param="messages") from None
 
     async def _chat_ids(self, conversation, add_generation_prompt: bool = True, kwargs=None) -> list[int]:
         return await self._off_loop(self._render, conversation, add_generation_prompt, kwargs, param="messages")
@@ -182,7 +183,7 @@ class OpenAIServer:
             return
         status, text = msg.error_status, msg.error_message or "error"
         if status == 400:
-            raise APIError(400, text, param=param_of(text))
+            raise APIError(400, sanitize(text), param=param_of(text))
         if status == 429:
             raise APIError(429, text, "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
         if status in (408, 504):  # past request_timeout_s: aborted in the engine

@@ -109,6 +109,9 @@ class FakeTokenizer:
         return SimpleNamespace(input_ids=[ord(c) % 90 + 1 for c in text])
 
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, **kwargs):
+        if any(m["content"] == "raise" for m in messages):  # a template error that leaks internals
+            raise RuntimeError("template error at /usr/lib/python3/site-packages/jinja2/x.py, object at "
+                               "0x7f3a2b1c9d80\nTraceback (most recent call last):\n  File \"/srv/a.py\"")
         text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<assistant>" if add_generation_prompt
                                                                            else "")
         return self(text).input_ids

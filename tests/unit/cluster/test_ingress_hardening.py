@@ -152,6 +152,19 @@ def test_validation_errors_name_the_field_path(body, param):  # row 1
     _err(client.post("/v1/chat/completions", json=body), 400, param)
 
 
+def test_error_messages_are_sanitized():  # row 22
+    from raylight.cluster.http_edge import sanitize
+
+    client, _ = _client()
+    err = _err(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "raise"}]}), 400,
+               "messages")
+    assert "/usr/lib" not in err["message"] and "0x7f" not in err["message"] and "/srv" not in err["message"]
+    assert err["message"].startswith("chat template failed: RuntimeError: template error at <path>")
+    # ordinary text with slashes is kept
+    assert sanitize("roles must alternate user/assistant/user") == "roles must alternate user/assistant/user"
+    assert sanitize("cannot open /opt/models/x.bin at 0xdeadbeef") == "cannot open <path> at <address>"
+
+
 # ---------------------------------------------------------------- 3. accepted and silently wrong (rows 2, 4, 10)
 
 @pytest.mark.parametrize("field, value", [
