@@ -13,6 +13,7 @@ agree.
 from __future__ import annotations
 
 import datetime
+import socket
 import time
 from typing import Callable, Optional
 from urllib.parse import urlparse
@@ -42,7 +43,11 @@ def host_world(world_size: int, init_method: str, device: torch.device, timeout_
     `dead()` (the launcher's) whether one has exited, then joins the world."""
     host, port = _address(init_method)
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+    # Listen on init_method's address only (127.0.0.1 for local ranks, the node's IP under Serve): a store
+    # TCPStore makes itself listens on every interface.
+    sock = socket.create_server((host, port), reuse_port=False, backlog=max(64, world_size))
+    store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, wait_for_workers=False,
+                          master_listen_fd=sock.detach())
     keys = [JOINED.format(r) for r in range(1, world_size)]
     deadline = time.monotonic() + timeout_s
     while not store.check(keys):
