@@ -40,7 +40,8 @@ class EngineReplica:
         logger.info("replica %s ready (%d torch threads)", self.replica_id, torch.get_num_threads())
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[ReplicaMessage]:
-        from raylight.engine.async_engine import EngineDeadError, EngineDrainingError, QueueFullError, RequestTimeoutError
+        from raylight.engine.async_engine import (EngineDeadError, EngineDrainingError, QueueFullError,
+                                                  RequestTimeoutError)
 
         try:
             async for out in self.async_engine.generate(call.prompt, call.params, call.request_id, call.cache_salt):

@@ -86,9 +86,11 @@ def test_sigkill_replica_mid_stream_errors_then_serve_replaces_it(server):
         error = e
     took = time.monotonic() - t0
     assert not isinstance(error, httpx.TimeoutException), "the stream hung after the replica died"
-    in_band = [e for e in events[3:] if e != "[DONE]" and "error" in json.loads(e)]
-    assert error is not None or in_band, events[-3:]  # an error, never a silent end or a full answer
-    assert not any(e == "[DONE]" for e in events) or in_band
+    # The ingress reports the lost replica in-band (an error event, then [DONE]); a dropped connection
+    # is the fallback a client must also handle. Never a hang, a silent end or a full answer.
+    if error is None:
+        assert events[-1] == "[DONE]" and "error" in json.loads(events[-2]), events[-3:]
+        assert json.loads(events[-2])["error"]["type"] == "service_unavailable"
     assert took < 30, took
     # Serve replaces the replica; a new request succeeds within a bounded time.
     deadline = time.monotonic() + 120
