@@ -217,3 +217,13 @@ def test_rank_failing_at_start_fails_the_engine_fast(qwen3, monkeypatch):
     assert time.monotonic() - t0 < 20
     msg = str(info.value)
     assert "rank 1" in msg and "could not convert string to float: 'not-a-number'" in msg, msg
+
+
+def test_local_ranks_listen_on_loopback_only(qwen3):
+    """Rank 0's rendezvous store and gloo sockets of an offline engine accept 127.0.0.1 only (torch's own
+    TCPStore would listen on every interface)."""
+    psutil = pytest.importorskip("psutil")
+    with LLM(qwen3[0], tensor_parallel_size=2, **ENGINE) as llm:
+        procs = [psutil.Process()] + [psutil.Process(pid) for pid in llm.engine.executor.launcher.pids]
+        listening = [c.laddr for p in procs for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
