@@ -365,6 +365,11 @@ class OpenAIServer:
             except APIError as e:  # mid-stream failure: report it in-band, then end the stream
                 ended = True
                 yield f"data: {json.dumps(e.body())}\n\n"
+            except Exception as e:  # the replica died mid-stream: an error event, never a silent cut
+                ended = True
+                logger.warning("stream %s failed: %s", rid, type(e).__name__)
+                err = APIError(503, "the engine replica failed; retry", "service_unavailable")
+                yield f"data: {json.dumps(err.body())}\n\n"
                 yield "data: [DONE]\n\n"  # as OpenAI/vLLM: an error event, then the end of the stream
             finally:
                 stream.cancel()  # no-op when finished; aborts the request when the client went away

@@ -46,6 +46,10 @@ def _unsupported(field: str, value: Any, allowed: tuple = (None,)) -> Any:
     raise ValueError(f"{field} is not supported by this server yet")
 
 
+# Stop strings are matched against every new token's text: a bounded list keeps that cheap.
+MAX_STOPS = 64
+MAX_STOP_CHARS = 1024
+
 # vLLM's structured-output extensions: not implemented, so a 400 rather than free text.
 _STRUCTURED = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
                "structured_outputs")
@@ -93,6 +97,15 @@ class _SamplingFields(BaseModel):
     guided_choice: Optional[Any] = None
     guided_grammar: Optional[Any] = None
     structured_outputs: Optional[Any] = None
+
+    @field_validator("stop", "stop_token_ids")
+    @classmethod
+    def _bounded_stops(cls, value, info):
+        if isinstance(value, list) and len(value) > MAX_STOPS:
+            raise ValueError(f"{info.field_name} takes at most {MAX_STOPS} entries, got {len(value)}")
+        if isinstance(value, list) and any(isinstance(v, str) and len(v) > MAX_STOP_CHARS for v in value):
+            raise ValueError(f"{info.field_name}: a stop string is longer than {MAX_STOP_CHARS} characters")
+        return value
 
     @field_validator(*_STRUCTURED, mode="before")
     @classmethod

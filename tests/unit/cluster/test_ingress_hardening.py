@@ -347,3 +347,67 @@ def test_disconnect_mid_stream_bumps_aborted_and_blocks_come_back():  # row 23
     finally:
         uv.should_exit = True
         thread.join(10)
+
+
+# ---------------------------------------------------------------- checklist rows 3, 5, 6, 7, 9 over HTTP
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": ""}, "prompt"),  # row 3
+    ("/v1/completions", {"prompt": []}, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/completions", {"prompt": [1], "max_tokens": 0}, "max_tokens"),  # row 5
+    ("/v1/completions", {"prompt": [1], "max_tokens": -5}, "max_tokens"),
+    ("/v1/completions", {"prompt": [1], "max_tokens": 10**12}, "max_tokens"),
+    ("/v1/completions", {"prompt": [1], "max_tokens": None, "min_tokens": 10**6}, "min_tokens"),
+    ("/v1/completions", {"prompt": [1], "best_of": 10**9}, "best_of"),  # row 6 (n: the engine's max_n)
+    ("/v1/completions", {"prompt": [1], "logprobs": 21}, "logprobs"),  # row 7
+    ("/v1/completions", {"prompt": [1], "logprobs": 30, "stream": True}, "logprobs"),
+    ("/v1/completions", {"prompt": [1], "prompt_logprobs": -1}, "prompt_logprobs"),
+    ("/v1/chat/completions", {"messages": MSG, "logprobs": True, "top_logprobs": 30}, "logprobs"),
+    ("/v1/completions", {"prompt": [1], "seed": 2**64}, "seed"),  # row 9
+    ("/v1/completions", {"prompt": [1], "top_p": 0}, "top_p"),
+    ("/v1/completions", {"prompt": [1], "top_p": 1.5}, "top_p"),
+    ("/v1/completions", {"prompt": [1], "stop": ["x"] * 10_000}, "stop"),
+    ("/v1/completions", {"prompt": [1], "stop": ["x" * 5000]}, "stop"),
+    ("/v1/completions", {"prompt": [1], "stop_token_ids": [1] * 10_000}, "stop_token_ids"),
+])
+def test_bad_parameters_get_400_before_the_engine(path, body, param):
+    client, server = _client()
+    _err(client.post(path, json=body), 400, param)
+    assert server.engine.calls == []
+
+
+@pytest.mark.parametrize("raw, param", [(b'{"prompt": [1], "temperature": NaN}', "temperature"),
+                                        (b'{"prompt": [1], "top_p": Infinity}', "top_p")])
+def test_nan_and_infinity_get_400(raw, param):  # row 9
+    client, server = _client()
+    _err(client.post("/v1/completions", content=raw, headers={"content-type": "application/json"}), 400, param)
+    assert server.engine.calls == []
+
+
+def test_a_replica_failing_mid_stream_ends_with_an_error_event():  # checklist (b) 6
+    engine = FakeEngine(endless=True)
+    make = engine._generate
+
+    class Dying:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            if self.stream.msgs:
+                return self.stream.msgs.pop(0)
+            raise RuntimeError("actor died at 0xdead in /srv/replica.py")
+
+        def cancel(self):
+            self.stream.cancel()
+
+    engine.generate.fn = lambda call: Dying(make(call))
+    client, server = _client(engine=engine)
+    r = client.post("/v1/completions", json={"prompt": [1], "stream": True})
+    assert r.status_code == 200
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert '"error"' in events[-1] and "0xdead" not in r.text and "/srv" not in r.text
+    assert "raylight:request_aborted_total 0.0" in client.get("/metrics").text  # not a client abort
