@@ -1,4 +1,7 @@
-"""`serve run configs/cluster.yaml` — the real command — starts, answers a chat request, shuts down cleanly."""
+"""`serve run configs/cluster.yaml` — the real command — starts, answers a chat request, shuts down cleanly.
+With replicas that cannot start, Serve gives up after the config's max_constructor_retry_count attempts
+(DEPLOY_FAILED, the replica's error in the log) and stops retrying; `serve run` itself (Ray's CLI) keeps
+running until Ctrl-C, which we cannot change from the config (`raylight serve` exits instead)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -50,3 +54,37 @@ def test_serve_run_cluster_yaml(smollm2_dir, tmp_path):
     assert rc == 0, (tmp_path / "serve.log").read_text()[-3000:]
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{base}/health", timeout=3)
+
+
+def test_serve_run_bad_model_fails_bounded_and_clear(tmp_path):
+    with open(os.path.join(REPO, "configs", "cluster.yaml")) as f:
+        config = yaml.safe_load(f)
+    port = free_port()
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"]["model"] = "/nonexistent/model"  # only the replicas trip on it
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve_bin = os.path.join(os.path.dirname(sys.executable), "serve")
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([serve_bin, "run", str(path)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    error = "ValueError: model '/nonexistent/model' is not a local directory"
+    try:
+        deadline = time.monotonic() + 240
+        while "Failed to update the deployments" not in log_path.read_text():  # Serve's DEPLOY_FAILED
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(1)
+        attempts = log_path.read_text().count(error)
+        # 3 attempts for each of the two deployments (the ingress loads the tokenizer from the same path)
+        assert 1 <= attempts <= 2 * config["applications"][0]["args"]["max_constructor_retry_count"], attempts
+        time.sleep(15)
+        assert log_path.read_text().count(error) == attempts  # no further attempts: bounded
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code != 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
