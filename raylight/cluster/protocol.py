@@ -97,6 +97,21 @@ class _SamplingFields(BaseModel):
     guided_choice: Optional[Any] = None
     guided_grammar: Optional[Any] = None
     structured_outputs: Optional[Any] = None
+    # vLLM extensions we do not implement: a 400 naming the field rather than silently ignoring it
+    allowed_token_ids: Optional[Any] = None
+    bad_words: Optional[Any] = None
+    prompt_embeds: Optional[Any] = None
+    logits_processors: Optional[Any] = None
+    use_beam_search: Optional[Any] = None
+    truncate_prompt_tokens: Optional[Any] = None
+    mm_processor_kwargs: Optional[Any] = None
+    media_io_kwargs: Optional[Any] = None
+
+    @field_validator("allowed_token_ids", "bad_words", "prompt_embeds", "logits_processors", "use_beam_search",
+                     "truncate_prompt_tokens", "mm_processor_kwargs", "media_io_kwargs", mode="before")
+    @classmethod
+    def _no_vllm_extension(cls, value, info):
+        return _unsupported(info.field_name, value, (None, False))
 
     @field_validator("stop", "stop_token_ids")
     @classmethod

@@ -174,13 +174,15 @@ def test_error_messages_are_sanitized():  # row 22
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
     ("functions", [{"name": "f"}]), ("function_call", "auto"), ("guided_json", {"type": "object"}),
     ("guided_regex", "(a+)+b"), ("structured_outputs", {"regex": "a"}),
+    ("allowed_token_ids", [1, 2]), ("bad_words", ["x"]), ("prompt_embeds", "AAAA"), ("use_beam_search", True),
+    ("truncate_prompt_tokens", 5), ("logits_processors", ["x"]), ("mm_processor_kwargs", {"fps": 1}),
 ])
 def test_unimplemented_fields_get_400_naming_them(field, value):  # rows 2, 10, 11
     client, server = _client()
     err = _err(client.post("/v1/chat/completions", json={"messages": MSG, field: value}), 400, field)
     assert "not supported" in err["message"]
     assert server.engine.calls == []
-    if field in ("response_format", "guided_json", "guided_regex", "structured_outputs"):
+    if field not in ("tools", "tool_choice", "functions", "function_call"):
         _err(client.post("/v1/completions", json={"prompt": [1], field: value}), 400, field)
 
 
