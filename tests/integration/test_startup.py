@@ -57,3 +57,30 @@ def test_raylight_serve_ctrl_c_exits_without_traceback(tmp_path):
     out = (tmp_path / "serve.log").read_text()
     assert rc in (0, 1, 130), out[-3000:]  # 1: the deploy failed before the signal landed
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+
+
+def test_raylight_serve_prints_the_url_once_running_and_stops_on_ctrl_c(smollm2_dir, tmp_path):
+    import httpx
+
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([RAYLIGHT, "serve", "--port", str(port), "--num-cpus", "1", "--model", smollm2_dir,
+                             "--device", "cpu", "--kv-cache-memory", str(2**26)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "raylight serving" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        # The URL comes once the app is RUNNING: it answers at once.
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    out = log_path.read_text()
+    assert rc == 0, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
