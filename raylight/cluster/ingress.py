@@ -365,6 +365,7 @@ class OpenAIServer:
             except APIError as e:  # mid-stream failure: report it in-band, then end the stream
                 ended = True
                 yield f"data: {json.dumps(e.body())}\n\n"
+                yield "data: [DONE]\n\n"  # e.g. request_timeout_s (504): error event, then [DONE]
             except Exception as e:  # the replica died mid-stream: an error event, never a silent cut
                 ended = True
                 logger.warning("stream %s failed: %s", rid, type(e).__name__)
