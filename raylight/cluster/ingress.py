@@ -430,8 +430,7 @@ class OpenAIServer:
 
 # ---------------------------------------------------------------- the HTTP app of one server
 
-# JSON, or server-sent events with stream=true
-_STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
+_STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}  # SSE with stream=true
 
 
 def build_api(server: OpenAIServer) -> FastAPI:
