@@ -411,5 +411,6 @@ def test_a_replica_failing_mid_stream_ends_with_an_error_event():  # checklist (
     r = client.post("/v1/completions", json={"prompt": [1], "stream": True})
     assert r.status_code == 200
     events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
-    assert '"error"' in events[-1] and "0xdead" not in r.text and "/srv" not in r.text
+    assert events[-1] == "[DONE]" and '"error"' in events[-2]  # an error event, then the end
+    assert "0xdead" not in r.text and "/srv" not in r.text
     assert "raylight:request_aborted_total 0.0" in client.get("/metrics").text  # not a client abort
