@@ -1,9 +1,10 @@
 """Faults on a real Ray Serve app over HTTP on 127.0.0.1 (SmolLM2 on CPU): the engine replica's
 process SIGKILLed mid-stream (the client gets an error, never a hang; Serve replaces the replica and
-serves again in bounded time), and a rolling upgrade that stops the replica while it streams (Serve's
-graceful shutdown: the running request finishes, then the new replica serves). A stalled or crashed
-engine loop and the replica's drain are tested in one process (tests/unit/engine/test_async_engine.py).
-About a minute and a half on 2 cores."""
+serves again in bounded time); a rolling upgrade that stops the replica while it streams (Serve's
+graceful shutdown: the running request finishes, then the new replica serves); an engine step longer
+than `health_stall_s` (a stall: /health 503, the waiting request fails with 503, Serve replaces the
+replica). The replica's drain and a crashed or hung loop are also tested in one process
+(tests/unit/engine/test_async_engine.py). About two minutes on 2 cores."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from raylight.testing.helpers import serve_app
 
 MODEL = "SmolLM2-135M-Instruct"
 APP = "chaos"
+STALL_S = 1.5  # health_stall_s after the upgrade: decode steps take ~0.05 s, a 1800-token prefill seconds
 
 
 def config(**kw):
@@ -112,8 +114,8 @@ def test_rolling_upgrade_drains_the_running_stream(server):
     [old] = replica_pids()
     events, redeployed = [], threading.Event()
 
-    def redeploy():
-        serve.run(build_app(config(request_timeout_s=600)), name=APP, route_prefix="/")
+    def redeploy():  # the next test wants a short stall threshold: this is the config change
+        serve.run(build_app(config(health_stall_s=STALL_S)), name=APP, route_prefix="/")
         redeployed.set()
 
     with httpx.Client(timeout=httpx.Timeout(60.0)) as c:
@@ -135,3 +137,41 @@ def test_rolling_upgrade_drains_the_running_stream(server):
     assert redeployed.is_set(), "the upgrade did not finish"
     assert completion_ok(server)
     assert old not in replica_pids()
+
+
+def test_stalled_engine_step_fails_waiting_request_and_replica_is_replaced(server):
+    """Row 29: a step that makes no progress for health_stall_s (here a real one: an 1800-token
+    prefill in one step on CPU, against STALL_S) turns /health to 503, fails the request waiting on
+    it with 503 + Retry-After instead of leaving it hanging, and Serve's check_health replaces the
+    replica."""
+    import asyncio
+
+    [old] = replica_pids()
+    long_prompt = [(i * 7919) % 40000 + 100 for i in range(1800)]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server, timeout=httpx.Timeout(60.0)) as c:
+            async def waiting():
+                return await c.post("/v1/completions", json={"model": MODEL, "prompt": long_prompt,
+                                                             "max_tokens": 4, "temperature": 0})
+
+            async def probe():
+                statuses = []
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 30 and 503 not in statuses:
+                    await asyncio.sleep(0.25)
+                    statuses.append((await c.get("/health")).status_code)
+                return statuses
+
+            return await asyncio.gather(waiting(), probe())
+
+    r, statuses = asyncio.run(asyncio.wait_for(run(), 90))
+    assert 503 in statuses, statuses
+    assert r.status_code == 503 and r.headers.get("retry-after"), (r.status_code, r.text)
+    assert r.json()["error"]["type"] == "service_unavailable"
+    t0 = time.monotonic()
+    while not completion_ok(server):
+        assert time.monotonic() - t0 < 120, "no replica serving 120 s after the stall"
+        time.sleep(1)
+    assert old not in replica_pids()
+    print(f"health 503 after {len(statuses)} probes; serving again {time.monotonic() - t0:.1f}s later")
