@@ -58,7 +58,8 @@ class _RankProcess:
         self.name = f"raylight-rank{rank}"
         self.tail: collections.deque[str] = collections.deque(maxlen=self.TAIL_LINES)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "raylight.workers.rank_main", str(rank), str(threads), str(level)],
+            [sys.executable, "-m", "raylight.workers.rank_main", str(rank), str(threads), str(level),
+             str(os.getpid())],
             stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env, close_fds=True)
         self.pid = self.proc.pid
         self._reader = threading.Thread(target=self._pump, name=f"{self.name}-stderr", daemon=True)
