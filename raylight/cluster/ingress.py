@@ -199,10 +199,16 @@ class OpenAIServer:
 
         async def consume():
             nonlocal final
-            async for msg in it:
-                self._raise_if_error(msg)
-                final = msg.output
-                timing.token(final)
+            try:
+                async for msg in it:
+                    self._raise_if_error(msg)
+                    final = msg.output
+                    timing.token(final)
+            except APIError:
+                raise
+            except Exception as e:  # the replica died mid-request (SIGKILL, OOM): 503, not 500
+                raise APIError(503, f"engine replica lost ({type(e).__name__})", "service_unavailable",
+                               headers={"Retry-After": "1"}) from None
 
         task = asyncio.ensure_future(consume())
         while not task.done():  # a non-streaming client that hangs up also aborts its request
