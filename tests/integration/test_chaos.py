@@ -74,6 +74,18 @@ def test_sigkill_replica_mid_stream_errors_then_serve_replaces_it(server):
     assert completion_ok(server)
     [pid] = replica_pids()
     events, error = [], None
+    plain = {}
+
+    def non_streaming():  # a non-streaming request on the same replica when it dies
+        try:
+            plain["r"] = httpx.post(f"{server}/v1/completions", timeout=30,
+                                    json={**stream_body(1500), "stream": False})
+        except httpx.TransportError as e:
+            plain["r"] = e
+
+    other = threading.Thread(target=non_streaming, daemon=True)
+    other.start()
+    time.sleep(1.0)  # it is decoding on the replica before the stream starts
     t0 = time.monotonic()
     try:
         with httpx.Client(timeout=httpx.Timeout(30.0)) as c:  # a hang fails on the read timeout
@@ -94,6 +106,12 @@ def test_sigkill_replica_mid_stream_errors_then_serve_replaces_it(server):
         assert events[-1] == "[DONE]" and "error" in json.loads(events[-2]), events[-3:]
         assert json.loads(events[-2])["error"]["type"] == "service_unavailable"
     assert took < 30, took
+    other.join(30)
+    r = plain["r"]  # the ingress answers 503 + Retry-After (not 500), or the connection drops
+    assert not isinstance(r, httpx.TimeoutException), "the non-streaming request hung"
+    if not isinstance(r, httpx.TransportError):
+        assert r.status_code == 503 and r.headers.get("retry-after"), (r.status_code, r.text)
+        assert r.json()["error"]["type"] == "service_unavailable"
     # Serve replaces the replica; a new request succeeds within a bounded time.
     deadline = time.monotonic() + 120
     while not completion_ok(server):
