@@ -214,7 +214,7 @@ class AsyncLLMEngine:
                 if not self.engine.has_unfinished_requests():
                     self._last_step_start = None  # idle gaps are not step periods
                     self.last_progress = time.monotonic()
-                    self._wakeup.wait(timeout=1.0)
+                    self._wakeup.wait(timeout=min(1.0, self.stall_s / 4))  # idle is progress
                     self._wakeup.clear()
                     continue
                 t0 = time.perf_counter()

@@ -223,6 +223,16 @@ def test_stalled_step_fails_waiting_requests_and_refuses_new_ones(model_dir, run
         ae.shutdown()
 
 
+def test_an_idle_engine_is_healthy_with_a_short_stall_threshold(model_dir):
+    ae = AsyncLLMEngine(make_engine(model_dir, step_s=0.0), stall_s=0.3)
+    try:
+        for _ in range(6):
+            time.sleep(0.2)
+            assert ae.healthy()
+    finally:
+        ae.shutdown()
+
+
 def test_crashed_step_fails_waiting_requests(model_dir, run):
     """Row 28 in one process: the step raises (a simulated illegal memory access)."""
     eng = make_engine(model_dir, step_s=0.0)
