@@ -46,8 +46,9 @@ class AppConfig(BaseModel):
         "the engine replica, like Ray Serve's request_timeout_s: past it the engine aborts the request, frees its "
         "KV blocks, and the client gets 504 (a streamed one an error event). None: no deadline.")
     health_stall_s: float = Field(
-        60.0, gt=0, description="An engine step that has not finished after this many seconds marks the replica "
-        "unhealthy: /health answers 503, its waiting requests fail with 503, and Serve's health check replaces it.")
+        60.0, ge=2, description="An engine step that has not finished after this many seconds marks the replica "
+        "unhealthy for good: /health answers 503, its waiting and new requests fail with 503, and Serve's health "
+        "check replaces it (the idle engine loop marks progress every second, hence at least 2).")
     graceful_shutdown_timeout_s: float = Field(
         20.0, ge=0, description="On shutdown (SIGTERM, upgrade, scale-down) running requests may finish for this "
         "long (Serve's graceful_shutdown_timeout_s); new ones get 503, those left are aborted.")

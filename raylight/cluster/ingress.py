@@ -44,6 +44,7 @@ logger = logging.getLogger("raylight.ingress")
 # when the head is already over the context window, the request is refused without
 # tokenizing (or templating) the rest.
 _CHARS_PER_TOKEN_CAP = 16
+_RETRY = {"Retry-After": "1"}  # on 503s: the engine is gone or going; another replica may answer
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
@@ -171,8 +172,7 @@ class OpenAIServer:
             return None, it
         except Exception as e:
             stream.cancel()
-            raise APIError(503, f"engine replica unavailable ({type(e).__name__})", "service_unavailable",
-                           headers={"Retry-After": "1"}) from None
+            raise APIError(503, f"engine replica unavailable ({type(e).__name__})", "service_unavailable", headers=_RETRY)
         self._raise_if_error(msg)
         return msg, it
 
@@ -188,8 +188,7 @@ class OpenAIServer:
             raise APIError(429, text, "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
         if status in (408, 504):  # past request_timeout_s: aborted in the engine
             raise APIError(status, text, "timeout_error", code="request_timeout")
-        raise APIError(status, "the engine is unavailable; retry shortly", "service_unavailable",
-                       headers={"Retry-After": "1"} if status == 503 else None)
+        raise APIError(status, "the engine is unavailable; retry shortly", "service_unavailable", headers=_RETRY)
 
     async def _run_to_end(self, request: Request, call: GenerateCall, timing) -> RequestOutput:
         stream = self._stream(call)
@@ -204,11 +203,9 @@ class OpenAIServer:
                     self._raise_if_error(msg)
                     final = msg.output
                     timing.token(final)
-            except APIError:
-                raise
-            except Exception as e:  # the replica died mid-request (SIGKILL, OOM): 503, not 500
-                raise APIError(503, f"engine replica lost ({type(e).__name__})", "service_unavailable",
-                               headers={"Retry-After": "1"}) from None
+            except Exception as e:  # a replica dying mid-request (SIGKILL, OOM) is a 503, not a 500
+                raise e if isinstance(e, APIError) else APIError(503, "engine replica lost", "service_unavailable",
+                                                                 headers=_RETRY)
 
         task = asyncio.ensure_future(consume())
         while not task.done():  # a non-streaming client that hangs up also aborts its request
@@ -359,9 +356,6 @@ class OpenAIServer:
                         msgs = [await it.__anext__()]
                     except StopAsyncIteration:
                         break
-                    except Exception as e:  # the replica died mid-stream (SIGKILL, OOM): say so in-band
-                        raise APIError(503, f"engine replica lost ({type(e).__name__})",
-                                       "service_unavailable") from None
                 ended = True
                 if include_usage and last is not None:
                     yield chunk([], _usage(len(last.prompt_token_ids), sum(len(c.token_ids) for c in last.outputs),

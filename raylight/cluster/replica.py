@@ -2,10 +2,17 @@
 
 Messages to and from the ingress are typed: `GenerateCall` in, `ReplicaMessage`s out (an
 output, or an error with the HTTP status the ingress should answer with).
+
+Each request is guarded (`_guarded`): it ends with a typed error, never a hang, and its engine request
+is aborted (blocks freed at the next step) when it passes `request_timeout_s` (504), when the engine
+loop stalls for `health_stall_s` or dies (503; a stall is sticky: the replica stays unhealthy until
+Serve replaces it, and new requests get 503), or when the drain at shutdown ends (503).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -15,6 +22,15 @@ from raylight.config import EngineArgs
 from raylight.messages import GenerateCall, ReplicaMessage, ReplicaStats
 
 logger = logging.getLogger("raylight.replica")
+POLL_S = 0.25  # how often a waiting request checks its deadline, the engine's health and the drain
+
+
+class RequestTimeoutError(RuntimeError):
+    """The request ran past `request_timeout_s`; its engine request was aborted (504)."""
+
+
+class ReplicaUnavailableError(RuntimeError):
+    """The engine stalled or died, or the replica is shutting down (503)."""
 
 
 class EngineReplica:
@@ -36,27 +52,77 @@ class EngineReplica:
         torch.set_num_threads(max(1, threads))
         self.replica_id = _replica_id()
         self.engine = LLMEngine(EngineArgs(**engine_args), placement=placement)
-        self.async_engine = AsyncLLMEngine(self.engine, max_queued_requests, request_timeout_s, health_stall_s)
+        self.async_engine = AsyncLLMEngine(self.engine, max_queued_requests)
+        self.request_timeout_s, self.health_stall_s = request_timeout_s, health_stall_s
+        self.stalled: Optional[str] = None  # why the engine was declared unusable (sticky)
+        self.drain_end: Optional[float] = None  # set by drain_and_stop: no new requests; leftovers end then
         logger.info("replica %s ready (%d torch threads)", self.replica_id, torch.get_num_threads())
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[ReplicaMessage]:
-        from raylight.engine.async_engine import (EngineDeadError, EngineDrainingError, QueueFullError,
-                                                  RequestTimeoutError)
+        from raylight.engine.async_engine import EngineDeadError, QueueFullError
 
         try:
-            async for out in self.async_engine.generate(call.prompt, call.params, call.request_id, call.cache_salt):
-                msg = ReplicaMessage(output=out, replica_id=self.replica_id)
-                if out.finished:
-                    msg.stats = self._metrics()
-                yield msg
+            if self.drain_end is not None:
+                raise ReplicaUnavailableError("the replica is shutting down; retry on another replica")
+            if not self.engine_ok():
+                raise ReplicaUnavailableError(f"engine unusable: {self.stalled}")
+            deadline = None if self.request_timeout_s is None else time.monotonic() + self.request_timeout_s
+            agen = self.async_engine.generate(call.prompt, call.params, call.request_id, call.cache_salt)
+            async with contextlib.aclosing(self._guarded(agen, call.request_id, deadline)) as outs:
+                async for out in outs:  # a caller that goes away closes both generators: the request aborts
+                    msg = ReplicaMessage(output=out, replica_id=self.replica_id)
+                    if out.finished:
+                        msg.stats = self._metrics()
+                    yield msg
         except ValueError as e:
             yield self._error(400, str(e))
         except QueueFullError as e:
             yield self._error(429, str(e))
         except RequestTimeoutError as e:  # the engine request is aborted already
             yield self._error(504, str(e))
-        except (EngineDeadError, EngineDrainingError) as e:
+        except (EngineDeadError, ReplicaUnavailableError) as e:
             yield self._error(503, str(e))
+
+    async def _guarded(self, agen, request_id: str, deadline: Optional[float]):
+        """`agen`'s outputs, until it ends or one of the failures above ends it; closing it (cancelling
+        its pending read) aborts the engine request."""
+        nxt = None
+        try:
+            while True:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise RequestTimeoutError(f"request {request_id} did not finish within request_timeout_s="
+                                              f"{self.request_timeout_s:g}s; it was aborted")
+                if self.drain_end is not None and now >= self.drain_end:
+                    raise ReplicaUnavailableError("the replica shut down before this request finished; aborted")
+                if not self.engine_ok():
+                    raise ReplicaUnavailableError(f"engine unusable: {self.stalled}")
+                nxt = nxt or asyncio.ensure_future(agen.__anext__())
+                wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - now))
+                done, _ = await asyncio.wait({nxt}, timeout=wait)
+                if done:
+                    task, nxt = nxt, None
+                    try:
+                        out = task.result()
+                    except StopAsyncIteration:
+                        return
+                    yield out
+        finally:
+            if nxt is not None:
+                nxt.cancel()  # CancelledError inside the engine's generate: it aborts the request
+                await asyncio.gather(nxt, return_exceptions=True)
+            await agen.aclose()
+
+    def engine_ok(self) -> bool:
+        """False once the engine loop died or made no progress for `health_stall_s` while it had
+        work; then for good (the step may never return): Serve's check_health replaces the replica."""
+        eng = self.async_engine
+        if self.stalled is None and not eng.healthy(self.health_stall_s):
+            since = time.monotonic() - eng.last_progress
+            self.stalled = f"engine loop died: {eng.dead!r}" if eng.dead is not None else (
+                f"no engine step finished in {since:.0f}s (stalled)")
+            logger.error("replica %s unhealthy: %s", self.replica_id, self.stalled)
+        return self.stalled is None
 
     def _error(self, status: int, message: str) -> ReplicaMessage:
         return ReplicaMessage(error_status=status, error_message=message, stats=self._metrics(),
@@ -69,18 +135,16 @@ class EngineReplica:
         return m
 
     async def stats(self) -> ReplicaStats:
-        return ReplicaStats(self.replica_id, self._metrics(), self.async_engine.last_step_time,
-                            self.async_engine.healthy())
+        return ReplicaStats(self.replica_id, self._metrics(), self.async_engine.last_step_time, self.engine_ok())
 
     async def health(self) -> bool:
-        return self.async_engine.healthy()
+        return self.engine_ok() and self.drain_end is None
 
     def check_health(self) -> None:
         """Serve's health probe: a dead or stalled engine loop, or a dead rank of a tensor/pipeline
         parallel replica (even an idle one), gets this replica replaced."""
-        if not self.async_engine.healthy():
-            raise RuntimeError(f"engine loop unhealthy (dead={self.async_engine.dead!r}, "
-                               f"last progress {time.monotonic() - self.async_engine.last_progress:.0f}s ago)")
+        if not self.engine_ok():
+            raise RuntimeError(f"engine loop unhealthy: {self.stalled}")
         self.engine.executor.check()
 
     def __del__(self):
@@ -89,8 +153,6 @@ class EngineReplica:
         for up to the deployment's `graceful_shutdown_timeout_s` (AppConfig): it returns the coroutine
         `drain_and_stop()`, which Serve awaits. Called by the garbage collector (no running loop), it
         stops the engine at once."""
-        import asyncio
-
         if getattr(self, "async_engine", None) is None:
             return None
         try:
@@ -104,7 +166,13 @@ class EngineReplica:
         """Requests still arriving get 503; those still running after `grace_s` are aborted with a 503
         (an error event, not a severed stream), their blocks freed; then the engine stops. Returns how
         many were aborted."""
-        aborted = await self.async_engine.drain(grace_s)
+        self.drain_end = time.monotonic() + grace_s
+        while self.async_engine.num_pending and time.monotonic() < self.drain_end:
+            await asyncio.sleep(0.05)
+        aborted = self.async_engine.num_pending
+        while (self.async_engine.num_pending or self.engine.has_unfinished_requests()) and \
+                time.monotonic() < self.drain_end + 2 * POLL_S + 1:
+            await asyncio.sleep(0.05)  # the guards end them within a poll; the engine aborts them at its next step
         if aborted:
             logger.warning("replica %s aborted %d requests at shutdown", self.replica_id, aborted)
         self._stop()

@@ -23,7 +23,7 @@ from raylight.testing.helpers import serve_app
 
 MODEL = "SmolLM2-135M-Instruct"
 APP = "chaos"
-STALL_S = 1.5  # health_stall_s after the upgrade: decode steps take ~0.05 s, a 1800-token prefill seconds
+STALL_S = 2.0  # health_stall_s after the upgrade: decode steps take ~0.05 s, a 1800-token prefill seconds
 
 
 def config(**kw):

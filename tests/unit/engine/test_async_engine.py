@@ -1,5 +1,6 @@
-"""AsyncLLMEngine (engine/async_engine.py) with a real small LLMEngine on CPU, in one process: request
-deadlines, disconnects (queued, mid-prefill, mid-decode), a stalled or crashed loop, and draining at
+"""AsyncLLMEngine (engine/async_engine.py) and the engine replica's request guard (cluster/replica.py,
+constructed in-process without Ray) with a real small LLMEngine on CPU: the queue bound, disconnects
+(queued, mid-prefill, mid-decode), request deadlines, a stalled or crashed loop, and draining at
 shutdown. Every case ends with the engine's gauges back to idle (no request, every KV block free).
 The step is slowed down (or hung) by wrapping the engine's `step` on the instance."""
 
@@ -12,8 +13,7 @@ import time
 import pytest
 
 from raylight.config import EngineArgs
-from raylight.engine.async_engine import (AsyncLLMEngine, EngineDeadError, EngineDrainingError, QueueFullError,
-                                          RequestTimeoutError)
+from raylight.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
 from raylight.engine.llm_engine import LLMEngine
 from raylight.sampling_params import SamplingParams
 from raylight.testing.helpers import make_random_hf_model
@@ -28,11 +28,29 @@ def model_dir(tmp_path_factory):
     return path
 
 
+ENGINE = dict(device="cpu", dtype="float32", block_size=4, num_kv_blocks=256, max_num_seqs=2, max_num_batched_tokens=16)
+
+
 def make_engine(model_dir, step_s=STEP_S, **kw) -> LLMEngine:
-    args = dict(model=model_dir, device="cpu", dtype="float32", block_size=4, num_kv_blocks=256,
-                max_num_seqs=2, max_num_batched_tokens=16)
-    args.update(kw)
-    eng = LLMEngine(EngineArgs(**args))
+    return slow_down(LLMEngine(EngineArgs(**{**ENGINE, "model": model_dir, **kw})), step_s)
+
+
+def make_replica(model_dir, step_s=STEP_S, request_timeout_s=None, health_stall_s=60.0, **kw):
+    from raylight.cluster.replica import EngineReplica
+
+    rep = EngineReplica({**ENGINE, "model": model_dir, **kw}, max_queued_requests=8, cpu_threads=1,
+                        request_timeout_s=request_timeout_s, health_stall_s=health_stall_s)
+    slow_down(rep.engine, step_s)
+    return rep
+
+
+async def messages(rep, rid, params, start=1):
+    from raylight.messages import GenerateCall
+
+    return [m async for m in rep.generate(GenerateCall(rid, prompt(start=start), params))]
+
+
+def slow_down(eng: LLMEngine, step_s: float) -> LLMEngine:
     step = eng.step
 
     def slow_step(*a, **k):
@@ -80,32 +98,30 @@ def run():
 
 
 def test_deadline_aborts_queued_and_running_requests_and_frees_blocks(model_dir, run):
-    eng = make_engine(model_dir, max_num_seqs=1)
-    ae = AsyncLLMEngine(eng, request_timeout_s=0.5)
+    """Row 27: request_timeout_s covers the whole request (queued or running); past it the replica
+    answers 504 and the engine request is aborted, its blocks freed."""
+    rep = make_replica(model_dir, request_timeout_s=0.5, max_num_seqs=1)
 
     async def main():
-        outs = [[], [], []]
         t0 = time.monotonic()
-        tasks = [asyncio.ensure_future(collect(ae.generate(prompt(start=i), long_params(), f"r{i}"), outs[i]))
-                 for i in range(3)]  # one running (max_num_seqs=1), two queued behind it
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        took = time.monotonic() - t0
-        assert all(isinstance(r, RequestTimeoutError) for r in results), results
-        assert "request_timeout_s=0.5" in str(results[0])
+        results = await asyncio.gather(*(messages(rep, f"r{i}", long_params(), start=i) for i in range(3)))
+        took = time.monotonic() - t0  # one running (max_num_seqs=1), two queued behind it
         assert 0.5 <= took < 3.0, took  # at the deadline, not after the 400 tokens (~8 s)
-        assert outs[0] and not outs[0][-1].finished  # the running one had streamed, then was cut
-        assert not outs[1] and not outs[2]  # the queued ones never started
-        await wait_idle(eng)
-        # the engine still serves: a short request within the deadline completes
-        short = []
-        await collect(ae.generate(prompt(), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), "ok"),
-                      short)
-        assert short[-1].finished and len(short[-1].outputs[0].token_ids) == 3
+        for msgs in results:
+            assert msgs[-1].error_status == 504 and "request_timeout_s=0.5" in msgs[-1].error_message
+            assert msgs[-1].stats is not None
+        assert len(results[0]) > 1 and results[0][-2].output is not None  # it had streamed, then was cut
+        assert len(results[1]) == len(results[2]) == 1  # the queued ones never started
+        await wait_idle(rep.engine)
+        rep.request_timeout_s = None  # no deadline (the default): a long request runs to its end
+        msgs = await messages(rep, "ok", long_params(30))
+        assert msgs[-1].output.finished and len(msgs[-1].output.outputs[0].token_ids) == 30
+        assert await rep.health()
 
     try:
         run(main())
     finally:
-        ae.shutdown()
+        rep._stop()
 
 
 def test_queue_bound_counts_only_requests_that_must_wait(model_dir, run):
@@ -118,7 +134,7 @@ def test_queue_bound_counts_only_requests_that_must_wait(model_dir, run):
         gens = [ae.generate(prompt(start=i), long_params(), f"r{i}") for i in range(5)]
         tasks = [asyncio.ensure_future(g.__anext__()) for g in gens[:4]]  # a burst: all in the inbox at once
         await asyncio.sleep(0)
-        assert ae.num_waiting() == 4 and ae.num_queued() == 2
+        assert ae.num_waiting() == 4  # two fit in max_num_seqs, two are queued
         with pytest.raises(QueueFullError, match="max_queued_requests=2"):
             await gens[4].__anext__()
         await asyncio.gather(*tasks[:2])  # the first two run
@@ -128,22 +144,6 @@ def test_queue_bound_counts_only_requests_that_must_wait(model_dir, run):
         for g in gens[:4]:
             await g.aclose()
         await wait_idle(eng)
-
-    try:
-        run(main())
-    finally:
-        ae.shutdown()
-
-
-def test_no_deadline_by_default(model_dir, run):
-    eng = make_engine(model_dir, step_s=0.0)
-    ae = AsyncLLMEngine(eng)
-    assert ae.request_timeout_s is None
-
-    async def main():
-        outs = []
-        await collect(ae.generate(prompt(), long_params(40), "a"), outs)
-        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 40
 
     try:
         run(main())
@@ -185,11 +185,11 @@ def test_disconnect_while_queued_mid_prefill_and_mid_decode_frees_everything(mod
 
 def test_stalled_step_fails_waiting_requests_and_refuses_new_ones(model_dir, run):
     """Row 29: a step that never returns (a wedged loop: NCCL deadlock, a hung kernel). After
-    stall_s, healthy() is False (/health 503, Serve's check_health restarts the replica) and the
-    requests waiting on the engine fail with EngineDeadError instead of hanging."""
-    eng = make_engine(model_dir, step_s=0.0)
+    health_stall_s the replica is unhealthy for good (/health 503, Serve's check_health raises and
+    replaces it), the requests waiting on the engine get 503 instead of hanging, and so do new ones."""
+    rep = make_replica(model_dir, step_s=0.0, health_stall_s=1.0)
     release = threading.Event()
-    step = eng.step
+    step = rep.engine.step
     calls = [0]
 
     def hanging_step(*a, **k):
@@ -198,39 +198,40 @@ def test_stalled_step_fails_waiting_requests_and_refuses_new_ones(model_dir, run
             release.wait(30)
         return step(*a, **k)
 
-    eng.step = hanging_step
-    ae = AsyncLLMEngine(eng, stall_s=0.5)
+    rep.engine.step = hanging_step
 
     async def main():
-        outs, queued = [], []
-        t1 = asyncio.ensure_future(collect(ae.generate(prompt(), long_params(), "a"), outs))
-        t2 = asyncio.ensure_future(collect(ae.generate(prompt(start=5), long_params(), "b"), queued))
+        t1 = asyncio.ensure_future(messages(rep, "a", long_params()))
+        t2 = asyncio.ensure_future(messages(rep, "b", long_params(), start=5))
+        await asyncio.sleep(0.3)
+        assert await rep.health()  # stuck, but not for health_stall_s yet
+        a, b = await asyncio.wait_for(asyncio.gather(t1, t2), 3)
+        for msgs in (a, b):
+            assert msgs[-1].error_status == 503 and "stalled" in msgs[-1].error_message, msgs[-1]
+        assert not await rep.health()
+        with pytest.raises(RuntimeError, match="unhealthy"):
+            rep.check_health()
+        assert (await messages(rep, "c", long_params()))[-1].error_status == 503
+        release.set()
         await asyncio.sleep(0.2)
-        assert ae.healthy()  # stuck, but not for stall_s yet
-        await asyncio.sleep(0.5)
-        assert not ae.healthy()
-        results = await asyncio.wait_for(asyncio.gather(t1, t2, return_exceptions=True), 2)
-        assert all(isinstance(r, EngineDeadError) for r in results), results
-        assert "stalled" in str(results[0])
-        with pytest.raises(EngineDeadError):
-            async for _ in ae.generate(prompt(), long_params(), "c"):
-                pass
+        assert not await rep.health()  # sticky: the replica is replaced, not trusted again
+        await wait_idle(rep.engine)  # the waiters' requests were aborted once the step returned
 
     try:
         run(main())
     finally:
         release.set()
-        ae.shutdown()
+        rep._stop()
 
 
-def test_an_idle_engine_is_healthy_with_a_short_stall_threshold(model_dir):
-    ae = AsyncLLMEngine(make_engine(model_dir, step_s=0.0), stall_s=0.3)
+def test_an_idle_replica_stays_healthy(model_dir):
+    rep = make_replica(model_dir, step_s=0.0, health_stall_s=2.0)
     try:
-        for _ in range(6):
-            time.sleep(0.2)
-            assert ae.healthy()
+        time.sleep(2.5)
+        assert rep.engine_ok()
+        rep.check_health()
     finally:
-        ae.shutdown()
+        rep._stop()
 
 
 def test_crashed_step_fails_waiting_requests(model_dir, run):
@@ -264,74 +265,27 @@ def test_crashed_step_fails_waiting_requests(model_dir, run):
 
 
 def test_drain_refuses_new_requests_lets_running_finish_then_aborts_the_rest(model_dir, run):
-    """Row 33 in one process: what the replica does at shutdown."""
-    eng = make_engine(model_dir)
-    ae = AsyncLLMEngine(eng)
+    """Row 33 in one process: what the replica does at shutdown (Serve awaits what __del__ returns)."""
+    rep = make_replica(model_dir)
 
     async def main():
-        short, long_ = [], []
-        t_short = asyncio.ensure_future(collect(ae.generate(prompt(), long_params(10), "short"), short))
-        t_long = asyncio.ensure_future(collect(ae.generate(prompt(start=3), long_params(), "long"), long_))
+        t_short = asyncio.ensure_future(messages(rep, "short", long_params(10)))
+        t_long = asyncio.ensure_future(messages(rep, "long", long_params(), start=3))
         await asyncio.sleep(0.05)
-        drain = asyncio.ensure_future(ae.drain(grace_s=1.0))
+        drain = asyncio.ensure_future(rep.drain_and_stop(grace_s=1.0))
         await asyncio.sleep(0.01)
-        with pytest.raises(EngineDrainingError):  # new work is refused at once
-            async for _ in ae.generate(prompt(), long_params(), "late"):
-                pass
-        await t_short  # running requests finish within the grace period
-        assert short[-1].finished and len(short[-1].outputs[0].token_ids) == 10
-        assert await drain == 1  # the 400-token one did not (8 s): aborted at the end of the grace
-        with pytest.raises(EngineDrainingError):
-            await t_long
-        assert long_ and not long_[-1].finished
-        await wait_idle(eng, 0.5)
-
-    try:
-        run(main())
-    finally:
-        ae.shutdown()
-
-
-def test_replica_maps_deadline_to_504_and_stall_to_503(model_dir, run):
-    """The replica turns the engine's errors into `ReplicaMessage.error_status`, which the ingress
-    answers with (an OpenAI-shaped error, or an error event mid-stream)."""
-    from raylight.cluster.replica import EngineReplica
-    from raylight.messages import GenerateCall
-
-    rep = EngineReplica(dict(model=model_dir, device="cpu", dtype="float32", block_size=4, num_kv_blocks=256,
-                             max_num_seqs=1), max_queued_requests=8, cpu_threads=1, request_timeout_s=0.3,
-                        health_stall_s=0.5)
-    step = rep.engine.step
-    hang = threading.Event()
-
-    def slow_step(*a, **k):
-        if hang.is_set():
-            time.sleep(1.0)
-        time.sleep(STEP_S)
-        return step(*a, **k)
-
-    rep.engine.step = slow_step
-
-    async def messages(call):
-        return [m async for m in rep.generate(call)]
-
-    async def main():
-        msgs = await messages(GenerateCall("t", prompt(), long_params()))
-        assert msgs[-1].error_status == 504 and "request_timeout_s" in msgs[-1].error_message
-        assert msgs[-1].stats is not None
-        await wait_idle(rep.engine)
-        assert await rep.health()
-        rep.check_health()
-        rep.async_engine.request_timeout_s = None
-        hang.set()  # every step now takes 1 s > health_stall_s
-        task = asyncio.ensure_future(messages(GenerateCall("s", prompt(), long_params())))
-        await asyncio.sleep(0.8)
-        assert not await rep.health()  # the ingress' /health answers 503
-        with pytest.raises(RuntimeError, match="unhealthy"):
-            rep.check_health()  # Serve replaces the replica
-        msgs = await asyncio.wait_for(task, 2)
-        assert msgs[-1].error_status == 503
-        assert (await messages(GenerateCall("n", prompt(), long_params())))[-1].error_status == 503
-        assert await rep.__del__() == 0  # Serve awaits what __del__ returns on its loop
+        assert not await rep.health()
+        late = await messages(rep, "late", long_params())  # new work is refused at once
+        assert late[-1].error_status == 503 and "shutting down" in late[-1].error_message
+        short = await t_short  # running requests finish within the grace period
+        assert short[-1].output.finished and len(short[-1].output.outputs[0].token_ids) == 10
+        assert await drain == 1  # the 400-token one (8 s) was aborted at the end of the grace period
+        long_ = await t_long
+        assert long_[-1].error_status == 503 and len(long_) > 1
+        assert idle(rep.engine), (rep.engine.get_metrics(), rep.engine.has_unfinished_requests(), rep.async_engine.num_pending)
 
     run(main())
+    rep2 = make_replica(model_dir)
+    async def via_del():
+        return await rep2.__del__()
+    assert run(via_del()) == 0
