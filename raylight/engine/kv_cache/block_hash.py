@@ -14,7 +14,7 @@ from typing import Optional
 
 
 def hash_block(parent: Optional[bytes], token_ids: list[int], extra: Optional[str] = None) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.blake2b(digest_size=32)  # 256 bits: no feasible collision between tenants' blocks
     h.update(parent or b"root")
     h.update(array("q", token_ids).tobytes())
     if extra is not None:

@@ -54,7 +54,7 @@ def free_queue_ids(kv: KVCacheManager) -> list[int]:
 def test_hash_block_deterministic_and_fixed_size():
     a = hash_block(None, [1, 2, 3, 4])
     assert a == hash_block(None, [1, 2, 3, 4])
-    assert isinstance(a, bytes) and len(a) == 16
+    assert isinstance(a, bytes) and len(a) == 32
 
 
 def test_hash_block_same_tokens_same_parent_same_hash():
