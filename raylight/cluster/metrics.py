@@ -18,31 +18,44 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2
 
 
 class _ReplicaCollector:
-    def __init__(self):
-        self.snapshots: dict[str, dict[str, Any]] = {}
+    """Sums the replicas' last snapshots. A snapshot that shows work in flight and has not been refreshed
+    for `stale_s` is left out of the gauges: its replica died or stalled (a live busy replica reports with
+    every request it finishes), and its queue must not show as load for ever. Counters keep every
+    snapshot, so they never go down."""
 
-    def _sum(self, key: str) -> float:
-        return float(sum(s.get(key, 0) for s in self.snapshots.values()))
+    def __init__(self, stale_s: float = 60.0):
+        self.stale_s = stale_s
+        self.snapshots: dict[str, dict[str, Any]] = {}
+        self.seen: dict[str, float] = {}
+
+    def _live(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [s for rid, s in self.snapshots.items()
+                if now - self.seen.get(rid, now) < self.stale_s or not (s.get("num_running") or s.get("num_waiting"))]
+
+    def _sum(self, key: str, snapshots: Optional[list[dict[str, Any]]] = None) -> float:
+        return float(sum(s.get(key, 0) for s in (self.snapshots.values() if snapshots is None else snapshots)))
 
     def collect(self):
+        live = self._live()
         gauges = {
-            "raylight:num_requests_running": ("Requests running in the engines", self._sum("num_running")),
-            "raylight:num_requests_waiting": ("Requests waiting in the engines", self._sum("num_waiting")),
+            "raylight:num_requests_running": ("Requests running in the engines", self._sum("num_running", live)),
+            "raylight:num_requests_waiting": ("Requests waiting in the engines", self._sum("num_waiting", live)),
         }
-        total = self._sum("kv_blocks_total")
+        total = self._sum("kv_blocks_total", live)
         gauges["raylight:kv_cache_free_blocks"] = ("Free KV cache blocks (summed over replicas)",
-                                                   self._sum("kv_blocks_free"))
+                                                   self._sum("kv_blocks_free", live))
         gauges["raylight:kv_cache_total_blocks"] = ("KV cache blocks (summed over replicas)", total)
         gauges["raylight:kv_cache_usage_perc"] = (
-            "Fraction of KV cache blocks in use", (total - self._sum("kv_blocks_free")) / total if total else 0.0)
+            "Fraction of KV cache blocks in use", (total - self._sum("kv_blocks_free", live)) / total if total else 0.0)
         queries = self._sum("prefix_cache_queries")
         gauges["raylight:prefix_cache_hit_rate"] = (
             "Prompt tokens found in the prefix cache / looked up", self._sum("prefix_cache_hit_tokens") / queries
             if queries else 0.0)
-        steps = [s.get("step_time_p50_s", 0.0) for s in self.snapshots.values()]
+        steps = [s.get("step_time_p50_s", 0.0) for s in live]
         gauges["raylight:engine_step_time_p50_seconds"] = (
             "Median engine step time (recent steps; the slowest replica)", max(steps) if steps else 0.0)
-        periods = [s.get("step_period_p50_s", 0.0) for s in self.snapshots.values()]
+        periods = [s.get("step_period_p50_s", 0.0) for s in live]
         gauges["raylight:engine_step_period_p50_seconds"] = (
             "Median start-to-start time of consecutive busy engine steps (the slowest replica)",
             max(periods) if periods else 0.0)
@@ -77,6 +90,7 @@ class ServerMetrics:
 
     def update_replica(self, replica_id: str, stats: dict[str, Any]) -> None:
         self._replicas.snapshots[replica_id] = stats
+        self._replicas.seen[replica_id] = time.monotonic()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), "text/plain; version=0.0.4; charset=utf-8"

@@ -1,0 +1,30 @@
+"""cluster/metrics: a replica that died busy stops counting as load once its snapshot is stale; its
+counters stay (they never go down); idle and fresh snapshots count."""
+
+from __future__ import annotations
+
+from raylight.cluster.metrics import ServerMetrics
+
+
+def _value(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise KeyError(name)
+
+
+def test_a_dead_busy_replica_stops_counting_as_load():
+    m = ServerMetrics()
+    busy = dict(num_running=8, num_waiting=7, kv_blocks_total=100, kv_blocks_free=10, preemptions=3)
+    idle = dict(num_running=0, num_waiting=0, kv_blocks_total=100, kv_blocks_free=100, preemptions=2)
+    m.update_replica("dead", busy)
+    m.update_replica("alive", idle)
+    text = m.render()[0].decode()
+    assert _value(text, "raylight:num_requests_running") == 8 and _value(text, "raylight:kv_cache_free_blocks") == 110
+    m._replicas.seen["dead"] -= m._replicas.stale_s + 1  # nothing heard from it since: it died mid-work
+    text = m.render()[0].decode()
+    assert _value(text, "raylight:num_requests_running") == 0 and _value(text, "raylight:num_requests_waiting") == 0
+    assert _value(text, "raylight:kv_cache_free_blocks") == 100 and _value(text, "raylight:kv_cache_total_blocks") == 100
+    assert _value(text, "raylight:num_preemptions_total") == 5  # counters keep the dead replica's share
+    m._replicas.seen["alive"] -= m._replicas.stale_s + 1  # an idle replica is simply idle: it still counts
+    assert _value(m.render()[0].decode(), "raylight:kv_cache_total_blocks") == 100
