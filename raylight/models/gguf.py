@@ -22,7 +22,15 @@ logger = logging.getLogger(__name__)
 def cache_root() -> str:
     """Where raylight keeps converted models. Override with RAYLIGHT_CACHE_DIR."""
     root = os.environ.get("RAYLIGHT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "raylight")
-    os.makedirs(root, exist_ok=True)
+    # Private: converted weights are loaded as they are found, so nobody else may write them.
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    mode = os.stat(root).st_mode & 0o777
+    if mode & 0o022:
+        if os.stat(root).st_uid == os.getuid():
+            os.chmod(root, mode & ~0o077)
+        else:
+            raise PermissionError(f"the model cache {root} is writable by other users and not ours; "
+                                  f"set RAYLIGHT_CACHE_DIR to a private directory")
     return root
 
 
