@@ -102,7 +102,7 @@ async def soak(base: str, app: str, args) -> dict:
         if pending:
             await asyncio.wait(pending, timeout=args.client_timeout + 5)
         idle = None
-        for _ in range(30):
+        for _ in range(90):  # a killed replica's busy snapshot leaves the gauges 60 s after its last report
             text = (await c.get("/metrics")).text
             m = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
                  if ln.startswith("raylight:") and "{" not in ln}
@@ -133,6 +133,7 @@ def main() -> int:
     p.add_argument("--request-timeout", type=float, default=30)
     p.add_argument("--client-timeout", type=float, default=90)
     p.add_argument("--recover-s", type=float, default=120)
+    p.add_argument("--out", default=None, help="folder for a JSON record (e.g. benchmarks/results)")
     args = p.parse_args()
 
     from raylight.cluster.app import AppConfig
@@ -144,6 +145,19 @@ def main() -> int:
     with serve_app(cfg, "soak") as base:
         summary = asyncio.run(soak(base, "soak", args))
     print(json.dumps(summary, indent=2))
+    if args.out:
+        import datetime
+        import subprocess
+
+        now = datetime.datetime.now(datetime.timezone.utc)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        record = dict(benchmark="soak_chaos", date=now.isoformat(), commit=commit, device="cpu",
+                      workload=vars(args), **summary)
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"soak-chaos-cpu-{now:%Y%m%d-%H%M%S}.json")
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+        print("wrote", path)
     return 1 if summary["failures"] else 0
 
 
