@@ -75,11 +75,13 @@ def test_serve_run_bad_model_fails_bounded_and_clear(tmp_path):
         while "Failed to update the deployments" not in log_path.read_text():  # Serve's DEPLOY_FAILED
             assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(1)
-        attempts = log_path.read_text().count(error)
-        # 3 attempts for each of the two deployments (the ingress loads the tokenizer from the same path)
-        assert 1 <= attempts <= 2 * config["applications"][0]["args"]["max_constructor_retry_count"], attempts
+        # At most max_constructor_retry_count attempts for each of the two deployments (the ingress loads
+        # the tokenizer from the same path). The replicas' log lines reach this log out of order with the
+        # controller's, so the last attempt's line may arrive after DEPLOY_FAILED: wait, then count.
+        bound = 2 * config["applications"][0]["args"]["max_constructor_retry_count"]
         time.sleep(15)
-        assert log_path.read_text().count(error) == attempts  # no further attempts: bounded
+        attempts = log_path.read_text().count(error)
+        assert 1 <= attempts <= bound, attempts  # bounded: no attempt beyond the allowed ones
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code != 200
     finally:
         proc.send_signal(signal.SIGINT)
