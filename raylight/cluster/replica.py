@@ -56,6 +56,7 @@ class EngineReplica:
         self.request_timeout_s, self.health_stall_s = request_timeout_s, health_stall_s
         self.stalled: Optional[str] = None  # why the engine was declared unusable (sticky)
         self.drain_end: Optional[float] = None  # set by drain_and_stop: no new requests; leftovers end then
+        self.drain_expired = False  # set by drain_and_stop once it has counted the leftovers: guards end them
         logger.info("replica %s ready (%d torch threads)", self.replica_id, torch.get_num_threads())
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[ReplicaMessage]:
@@ -93,7 +94,7 @@ class EngineReplica:
                 if deadline is not None and now >= deadline:
                     raise RequestTimeoutError(f"request {request_id} did not finish within request_timeout_s="
                                               f"{self.request_timeout_s:g}s; it was aborted")
-                if self.drain_end is not None and now >= self.drain_end:
+                if self.drain_expired:
                     raise ReplicaUnavailableError("the replica shut down before this request finished; aborted")
                 if not self.engine_ok():
                     raise ReplicaUnavailableError(f"engine unusable: {self.stalled}")
@@ -170,6 +171,7 @@ class EngineReplica:
         while self.async_engine.num_pending and time.monotonic() < self.drain_end:
             await asyncio.sleep(0.05)
         aborted = self.async_engine.num_pending
+        self.drain_expired = True  # only now: a guard ending its request first would hide it from the count
         while (self.async_engine.num_pending or self.engine.has_unfinished_requests()) and \
                 time.monotonic() < self.drain_end + 2 * POLL_S + 1:
             await asyncio.sleep(0.05)  # the guards end them within a poll; the engine aborts them at its next step

@@ -271,7 +271,10 @@ def test_drain_refuses_new_requests_lets_running_finish_then_aborts_the_rest(mod
     async def main():
         t_short = asyncio.ensure_future(messages(rep, "short", long_params(10)))
         t_long = asyncio.ensure_future(messages(rep, "long", long_params(), start=3))
-        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        while rep.async_engine.num_pending < 2:  # both accepted before the drain starts (a loaded CI machine
+            assert time.monotonic() - t0 < 10  # may take longer than any fixed sleep)
+            await asyncio.sleep(0.01)
         drain = asyncio.ensure_future(rep.drain_and_stop(grace_s=1.0))
         await asyncio.sleep(0.01)
         assert not await rep.health()
