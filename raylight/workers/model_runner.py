@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 class StepHandle:
     """A launched step: its device work is queued; `collect` waits for the sampled ids."""
 
-    request_ids: list[str]
     rows: list[SampleRow]
     prompt_logprobs: dict[str, list[PromptLogprob]]
     inputs: Optional[StepInputs] = None  # set until the step's compute has run on this rank
@@ -155,7 +154,7 @@ class ModelRunner:
                             seq_lens, block_tables, slot_mapping, np.array(logits_rows, dtype=np.int64),
                             list(sched.block_copies), prompt_logit_spans=spans,
                             placeholder_pos=np.array(placeholder_pos, dtype=np.int64))
-        handle = StepHandle([sched.request_ids[i] for i in order], rows, {}, inputs, prompt_chunks=prompt_chunks)
+        handle = StepHandle(rows, {}, inputs, prompt_chunks=prompt_chunks)
         return handle, src
 
     def forward(self, inputs: StepInputs, fill_values: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -23,7 +23,7 @@ import traceback
 def _watch_parent(parent: int, poll_s: float = 1.0) -> None:
     """Ends this process once `parent` (the engine's) is gone, from the first instant on: loading
     torch and the model takes a while, and a rank without rank 0 would otherwise wait in the
-    rendezvous until its timeout. (worker._exit_with_parent does the same once the rank runs.)"""
+    rendezvous until its timeout. The rank's only parent watch: it lasts the process's whole life."""
 
     def watch():
         while os.getppid() == parent:

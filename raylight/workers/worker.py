@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -225,8 +223,7 @@ def run_rank(spec: RankSpec, rank: int, device: torch.device) -> int:
 
 def local_rank_main(spec: RankSpec, rank: int, num_threads: int) -> None:
     """Runs a rank that `LocalRanks` started (a child process of the engine's, see rank_main.py)."""
-    torch.set_num_threads(num_threads)
-    _exit_with_parent()
+    torch.set_num_threads(num_threads)  # rank_main already watches the engine's process (ends us with it)
     hang_s = float(os.environ.get("RAYLIGHT_DUMP_STACKS_AFTER_S", "0"))
     if hang_s > 0:  # debugging a stuck replica: every rank prints its stacks after this long
         import faulthandler
@@ -238,16 +235,3 @@ def local_rank_main(spec: RankSpec, rank: int, num_threads: int) -> None:
     except BaseException:
         logger.exception("rank %d failed", rank)
         os._exit(1)  # skip atexit handlers that could wait on the broken process group
-
-
-def _exit_with_parent(poll_s: float = 1.0) -> None:
-    """A rank is useless without rank 0: end it if the engine's process goes away, even while it
-    is still loading weights (afterwards a broken connection would end it too)."""
-    parent = os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="raylight-parent-watch", daemon=True).start()
