@@ -69,11 +69,24 @@ class AddRequest:
     params: SamplingParams
     cache_salt: Optional[str]
     sink: "OutputSink"
+    # Disaggregated serving. Decode side: reserve blocks for a remote prefill (the first item the sink
+    # gets is a `KVReservation`) unless the uncached part of the prompt is shorter than this many tokens.
+    remote_prefill_threshold: Optional[int] = None
+    # Prefill side: push the prompt's KV into these decode blocks as it is computed.
+    kv_push: Optional["KVPushTarget"] = None
 
 
 @dataclass
 class AbortRequest:
     request_id: str
+
+
+@dataclass
+class RemotePrefillFailed:
+    """The prefill side of a disaggregated request failed or gave up: prefill it locally."""
+
+    transfer_id: int
+    reason: str
 
 
 @dataclass
@@ -86,6 +99,57 @@ class OutputSink:
 
     def put(self, item: Union[RequestOutput, BaseException]) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+# ---------------------------------------------------------------- disaggregated prefill/decode
+
+@dataclass
+class KVReservation:
+    """A decode replica's answer to a disaggregated request (decode first): where the prompt's KV must
+    go. `local`: the decode replica prefills it itself (`reason` says why: "short", "prompt_logprobs",
+    "disabled"); otherwise a prefill replica computes prompt positions [num_cached_tokens,
+    num_prompt_tokens - 1) and pushes them into `block_ids` (the decode side computes the last prompt
+    position itself and samples, so sampling state never leaves the decode replica)."""
+
+    request_id: str
+    transfer_id: int
+    local: bool
+    reason: str
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0  # the decode side's own prefix-cache hit (whole blocks)
+    block_ids: list[int] = field(default_factory=list)  # decode block table for positions [0, P - 1)
+    host: str = ""  # the decode replica's KV endpoint (its rank 0's store)
+    port: int = 0
+    lease_s: float = 0.0  # the decode side falls back to local prefill if the KV has not landed by then
+    replica_id: str = ""
+
+    def push_target(self) -> "KVPushTarget":
+        return KVPushTarget(self.transfer_id, self.host, self.port, self.num_cached_tokens, list(self.block_ids))
+
+
+@dataclass
+class KVPushTarget:
+    """What a prefill engine needs to push one request's KV: the decode endpoint, the first position
+    to ship (the decode side's cached prefix, a block boundary) and the decode block table."""
+
+    transfer_id: int
+    host: str
+    port: int
+    start_token: int
+    block_ids: list[int]
+
+
+@dataclass(slots=True)
+class KVPush:
+    """One step's share of a push, per request (scheduler -> runner -> every rank): decode blocks
+    `dst_block_ids` receive the KV of prefill blocks `src_block_ids`; `last`: the request's final chunk."""
+
+    transfer_id: int
+    host: str
+    port: int
+    src_block_ids: list[int]
+    dst_block_ids: list[int]
+    last: bool
 
 
 # ---------------------------------------------------------------- scheduler -> model runner
@@ -143,6 +207,7 @@ class SchedulerOutput:
     sample_rows: list[list[SampleRow]] = field(default_factory=list)  # per request; n rows on a fork step
     prompt_logprobs: list[Optional[PromptLogprobTask]] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks to copy first
+    kv_pushes: list[KVPush] = field(default_factory=list)  # disaggregated prefill: KV to ship this step
     preempted: list[Any] = field(default_factory=list)
     out_of_blocks: bool = False  # a running request did not get its blocks (and nothing was preempted)
 
@@ -174,6 +239,7 @@ class StepInputs:
     # Flat rows whose input id is a placeholder (async scheduling): the token the step before samples,
     # filled in on the device; under TP rank 0 broadcasts those ids to its peers first.
     placeholder_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    kv_pushes: list[KVPush] = field(default_factory=list)  # pushed layer by layer as the forward runs
 
     @property
     def is_decode_only(self) -> bool:
