@@ -122,6 +122,7 @@ class KVReservation:
     port: int = 0
     lease_s: float = 0.0  # the decode side falls back to local prefill if the KV has not landed by then
     replica_id: str = ""
+    prompt_token_ids: list[int] = field(default_factory=list)  # the tokenized prompt (the prefill side's input)
 
     def push_target(self) -> "KVPushTarget":
         return KVPushTarget(self.transfer_id, self.host, self.port, self.num_cached_tokens, list(self.block_ids))
