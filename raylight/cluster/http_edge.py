@@ -1,7 +1,8 @@
 """The HTTP edge of the ingress, shared by every server's app: OpenAI-shaped errors for every
 failure (our APIError, FastAPI's validation and body-parsing errors, Starlette's 404/405, anything
 unhandled), and `Guard`, the pure ASGI middleware that checks API keys in constant time (each key is
-a tenant with its own prefix-cache salt) and caps request bodies (413) before they are read whole."""
+a tenant with its own prefix-cache salt), caps request bodies (413) before they are read whole, and
+refuses requests with too many or too large headers (431)."""
 
 # No `from __future__ import annotations`: FastAPI reads handler signatures at runtime.
 
@@ -21,6 +22,12 @@ from raylight.cluster.protocol import APIError, ErrorResponse
 logger = logging.getLogger("raylight.ingress")
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 1024 * 1024
+# Header limits (CVE-2025-48956: one huge header exhausted vLLM's memory). Ray Serve's HTTP proxy runs
+# uvicorn with httptools, which has no limit on the size or number of headers (a 10 MB header or 100,000
+# headers reach the app): the ingress refuses them here, before auth and before any route. vLLM's h11
+# limits are 4 MB and 256 headers; browsers and proxies (nginx, Node) stop at 8-80 KB.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_COUNT = 256
 _SALT_KEY = b"raylight prefix-cache salt v1"
 
 
@@ -65,6 +72,13 @@ def _error_response(err: APIError) -> JSONResponse:
 def _unauthorized() -> JSONResponse:
     return _error_response(APIError(401, "invalid or missing API key", "authentication_error",
                                     code="invalid_api_key"))
+
+
+def _headers_too_large(count: int, size: int, max_count: int, max_bytes: int) -> JSONResponse:
+    what = (f"{count} request headers (at most {max_count})" if count > max_count
+            else f"request headers of {size} bytes (at most {max_bytes})")
+    return _error_response(APIError(431, f"{what}: request header fields too large", param=None,
+                                    code="request_header_fields_too_large"))
 
 
 def _too_large(limit: int) -> JSONResponse:
@@ -121,14 +135,18 @@ class Guard:
     """Pure ASGI middleware in front of every route: the API key first (constant time over all
     keys; the matching key's prefix-cache salt goes into the scope), then the body size limit:
     Content-Length over the limit is refused before any byte is read, and a chunked body is counted
-    as it arrives and refused as soon as it passes the limit (never read whole)."""
+    as it arrives and refused as soon as it passes the limit (never read whole). Before both: more
+    than `max_header_count` headers, or headers (names and values) over `max_header_bytes` in all,
+    get 431 on every path."""
 
     _OPEN = frozenset(("/health",))
 
-    def __init__(self, app, api_keys: Sequence[str], max_body: int):
+    def __init__(self, app, api_keys: Sequence[str], max_body: int, max_header_bytes: int = MAX_HEADER_BYTES,
+                 max_header_count: int = MAX_HEADER_COUNT):
         self.app = app
         self.digests = [(hashlib.sha256(k.encode()).digest(), tenant_salt(k)) for k in api_keys]
         self.max_body = max_body
+        self.max_header_bytes, self.max_header_count = max_header_bytes, max_header_count
 
     def _tenant(self, scope) -> tuple[bool, Optional[str]]:
         header = b""
@@ -148,6 +166,11 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = scope.get("headers", ())
+        count, size = len(headers), sum(len(n) + len(v) for n, v in headers)
+        if count > self.max_header_count or size > self.max_header_bytes:
+            return await _headers_too_large(count, size, self.max_header_count, self.max_header_bytes)(
+                scope, receive, send)
         if self.digests and scope["path"] not in self._OPEN:
             ok, salt = self._tenant(scope)
             if not ok:
@@ -184,4 +207,4 @@ class Guard:
         return await self.app(scope, replayed, send)
 
 
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 431, 500, 503)}
