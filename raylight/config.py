@@ -41,6 +41,18 @@ class EngineArgs(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     num_kv_blocks: Optional[int] = Field(None, ge=1, description="Override the computed block count.")
     enable_prefix_caching: bool = True
+    kv_role: Literal["none", "prefill", "decode", "both"] = Field(
+        "none", description="Disaggregated serving: 'decode' hosts a KV endpoint that prefill replicas push "
+        "prompt KV into; 'prefill' pushes the KV of requests that name a decode destination; 'both' does both.")
+    kv_host: Optional[str] = Field(
+        None, description="Address a decode replica advertises for its KV endpoint; None: the Ray node's "
+        "address under Ray, else 127.0.0.1. The endpoint has no authentication: keep it on a private network.")
+    kv_lease_s: float = Field(30.0, gt=0, description=(
+        "Decode side: a reservation whose KV has not landed this long after it was made falls back to local "
+        "prefill; its blocks stay quarantined until then plus this again, so a late write never lands in a reused block."))
+    kv_max_peers: int = Field(64, ge=1, description=(
+        "Prefill side: most decode ranks a rank keeps a connection (a pair process group) to; the least "
+        "recently used is closed beyond that. Bounds memory: an NCCL pair communicator costs 50-100 MB of GPU memory."))
     enable_kv_events: bool = Field(
         False, description="Log what enters and leaves the prefix cache (LLMEngine.take_kv_events: BlockStored / "
         "BlockRemoved with chained block hashes), for a router that tracks which replica holds which prefix.")

@@ -17,7 +17,8 @@ import time
 from typing import AsyncIterator, Optional
 
 from raylight.engine.llm_engine import LLMEngine
-from raylight.messages import AbortRequest, AddRequest, OutputSink, PromptType
+from raylight.messages import (AbortRequest, AddRequest, KVPushTarget, KVReservation, OutputSink, PromptType,
+                               RemotePrefillFailed)
 from raylight.outputs import RequestOutput
 from raylight.sampling_params import SamplingParams
 
@@ -52,9 +53,13 @@ class AsyncLLMEngine:
 
     # ---- called on the event loop ----
     async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str,
-                       cache_salt: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: Optional[str] = None, remote_prefill_threshold: Optional[int] = None,
+                       kv_push: Optional[KVPushTarget] = None) -> AsyncIterator[RequestOutput]:
         """Streams this request's outputs. Validation errors raise ValueError before the first
-        output; breaking out (or being cancelled) aborts the request."""
+        output; breaking out (or being cancelled) aborts the request.
+
+        Disaggregated serving: with `remote_prefill_threshold` (decode role) the first item is the
+        request's `KVReservation`; with `kv_push` (prefill role) the prompt's KV is pushed there."""
         if self.dead is not None:
             raise EngineDeadError(f"engine loop died: {self.dead!r}")
         # Capacity is max_num_seqs running + max_queued_requests waiting: a burst the next step admits is no queue.
@@ -64,7 +69,7 @@ class AsyncLLMEngine:
                                  f"(max_queued_requests={self.max_queued_requests})")
         sink = OutputSink(asyncio.get_running_loop(), asyncio.Queue())
         self.num_pending += 1
-        self._inbox.put(AddRequest(request_id, prompt, params, cache_salt, sink))
+        self._inbox.put(AddRequest(request_id, prompt, params, cache_salt, sink, remote_prefill_threshold, kv_push))
         self._wakeup.set()
         finished = False
         try:
@@ -73,7 +78,7 @@ class AsyncLLMEngine:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                if item.finished:
+                if not isinstance(item, KVReservation) and item.finished:
                     finished = True
                     return
         finally:
@@ -83,6 +88,11 @@ class AsyncLLMEngine:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(AbortRequest(request_id))
+        self._wakeup.set()
+
+    def remote_prefill_failed(self, transfer_id: int, reason: str) -> None:
+        """Decode role: the prefill side of this transfer failed; the request is prefilled here."""
+        self._inbox.put(RemotePrefillFailed(transfer_id, reason))
         self._wakeup.set()
 
     def num_waiting(self) -> int:
@@ -105,10 +115,17 @@ class AsyncLLMEngine:
                 return
             if isinstance(item, AddRequest):
                 try:
-                    self.engine.add_request(item.prompt, item.params, item.request_id, item.cache_salt)
+                    if item.remote_prefill_threshold is not None:
+                        item.sink.put(self.engine.reserve_remote(item.prompt, item.params, item.request_id,
+                                                                 item.cache_salt, item.remote_prefill_threshold))
+                    else:
+                        self.engine.add_request(item.prompt, item.params, item.request_id, item.cache_salt,
+                                                kv_push=item.kv_push)
                     self._sinks[item.request_id] = item.sink
                 except Exception as e:  # bad input: reaches the caller before any output
                     item.sink.put(e if isinstance(e, ValueError) else ValueError(str(e)))
+            elif isinstance(item, RemotePrefillFailed):
+                self.engine.remote_prefill_failed(item.transfer_id, item.reason)
             else:  # AbortRequest
                 self._sinks.pop(item.request_id, None)
                 self.engine.abort_request([item.request_id])

@@ -21,7 +21,7 @@ from raylight.engine.overlap import OverlapPolicy
 from raylight.engine.request import Request, RequestStatus
 from raylight.engine.scheduler import Scheduler
 from raylight.engine.tokenizer import load_tokenizer
-from raylight.messages import KVEvent, PromptType, RankReport, SchedulerOutput
+from raylight.messages import KVEvent, KVPushTarget, KVReservation, PromptType, RankReport, SchedulerOutput
 from raylight.models.loader import resolve_model
 from raylight.outputs import RequestOutput
 from raylight.sampling_params import SamplingParams
@@ -72,7 +72,17 @@ class LLMEngine:
         self.runner = ModelRunner(rank.stage_model, self.attn_backend, self.kv_caches, args.block_size, self.device,
                                   args.seed, graphs=graphs,
                                   dispatch=self.executor.dispatch if self.executor.world_size > 1 else None,
-                                  share_ids=rank.groups.broadcast_from_tp0 if args.tensor_parallel_size > 1 else None)
+                                  share_ids=rank.groups.broadcast_from_tp0 if args.tensor_parallel_size > 1 else None,
+                                  kv_sender=rank.kv_sender)
+        self.kv_sender = rank.kv_sender  # kv_role prefill: pushes prompt KV to decode replicas
+        self.remote = None  # kv_role decode: the requests whose prompt KV another replica computes
+        if rank.kv_endpoint is not None:
+            from raylight.engine.remote_prefill import RemotePrefills
+            from raylight.workers.worker import kv_layout
+
+            elem = torch.empty((), dtype=self.dtype).element_size()
+            self.remote = RemotePrefills(self.kv, self.scheduler, rank.kv_endpoint, args.kv_lease_s,
+                                         kv_layout(args, arch, rank.groups, self.dtype).block_bytes(elem))
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.runner.release)
         self.policy = OverlapPolicy.from_args(args, self.device)
         self.async_scheduling = self.policy.run_ahead
@@ -160,6 +170,27 @@ class LLMEngine:
         req = Request(rid, ids, params, max_tokens, self.eos_token_ids, text, cache_salt, forks=forks)
         return req
 
+    def reserve_remote(self, prompt: PromptType, params: Optional[SamplingParams], request_id: Optional[str],
+                       cache_salt: Optional[str], threshold: int) -> KVReservation:
+        """Decode role (decode first): validates the request and either queues it for local prefill or
+        reserves its blocks for a prefill replica's push (see engine/remote_prefill.py). Its outputs
+        then come out of `step()` like any request's."""
+        req = self.make_request(prompt, params, request_id, cache_salt)
+        if self.remote is None:
+            self.enqueue(req)
+            return KVReservation(req.request_id, 0, True, "disabled", req.num_prompt_tokens,
+                                 prompt_token_ids=list(req.prompt_token_ids))
+        res, local = self.remote.reserve(req, threshold)
+        self.outputs.add(req, False)
+        self.prompt_tokens_total += req.num_prompt_tokens
+        if local:
+            self.scheduler.add_request(req)
+        return res
+
+    def remote_prefill_failed(self, transfer_id: int, reason: str) -> None:
+        if self.remote is not None:
+            self.remote.failed(transfer_id, reason)
+
     def enqueue(self, req: Request, final_only: bool = False) -> None:
         """Queues a request from make_request. `final_only`: no per-step outputs, only the finished one
         (saves building a RequestOutput per request per step in offline batches)."""
@@ -168,8 +199,20 @@ class LLMEngine:
         self.prompt_tokens_total += req.num_prompt_tokens
 
     def add_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
-                    request_id: Optional[str] = None, cache_salt: Optional[str] = None) -> str:
+                    request_id: Optional[str] = None, cache_salt: Optional[str] = None,
+                    kv_push: Optional[KVPushTarget] = None) -> str:
+        """`kv_push` (prefill role): push the prompt's KV into a decode replica's blocks as it is computed."""
         req = self.make_request(prompt, params, request_id, cache_salt)
+        if kv_push is not None:
+            if self.kv_sender is None:
+                raise ValueError("this engine does not push KV (kv_role is not 'prefill' or 'both')")
+            if (len(kv_push.block_ids) < self.kv.blocks_needed(req.num_prompt_tokens)
+                    or kv_push.start_token % self.block_size or not 0 <= kv_push.start_token < req.num_prompt_tokens):
+                raise ValueError(f"kv_push: {len(kv_push.block_ids)} destination blocks from position "
+                                 f"{kv_push.start_token} do not fit a {req.num_prompt_tokens}-token prompt in "
+                                 f"{self.block_size}-token blocks")
+            req.kv_push = kv_push
+            req.num_pushed_tokens = kv_push.start_token
         self.enqueue(req)
         return req.request_id
 
@@ -177,6 +220,8 @@ class LLMEngine:
         """Aborts whole requests (all n sequences); their blocks are free when this returns."""
         outputs = []
         for rid in request_ids:
+            if self.remote is not None:
+                self.remote.abort(rid)
             self.scheduler.abort(self.outputs.seq_ids(rid))
             out = self.outputs.abort(rid)
             if out is not None:
@@ -184,7 +229,8 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending) or bool(self._in_flight)
+        return (self.scheduler.has_unfinished() or bool(self._pending) or bool(self._in_flight)
+                or (self.remote is not None and self.remote.num_held > 0))
 
     # ---- the step loop ----
     def step(self, emit: Optional[Callable[[list[RequestOutput]], None]] = None) -> list[RequestOutput]:
@@ -193,6 +239,8 @@ class LLMEngine:
         `emit`, when given, receives those as soon as they are ready instead of at return."""
         t0 = time.perf_counter()
         outputs: list[RequestOutput] = []
+        if self.remote is not None and self.remote.num_held:
+            self.remote.poll()  # admits requests whose KV landed; failed handoffs go back to the queue
         sched = self._schedule()
         if not sched.requests and self._in_flight:
             # Nothing new can run beside the steps in flight: finish the oldest, then try again.
@@ -202,6 +250,8 @@ class LLMEngine:
             self._launch(sched, t0)
         outputs += self.outputs.process(self._take_pending())
         if not sched.requests and not self._in_flight:
+            if self.remote is not None and self.remote.num_held and not self.scheduler.has_unfinished():
+                time.sleep(0.001)  # only waiting for KV to land: poll again soon, without spinning
             return outputs + self._end_unschedulable()
         if emit is not None and outputs:
             emit(outputs)
@@ -297,7 +347,14 @@ class LLMEngine:
             "generation_tokens_total": self.generation_tokens_total,
             "num_steps": self.num_steps,
             "step_time_p50_s": float(np.median(self.step_times)) if self.step_times else 0.0,
+            **(self.remote.metrics() if self.remote is not None else {}),
+            **(self._sender_metrics() if self.kv_sender is not None else {}),
         }
+
+    def _sender_metrics(self) -> dict[str, Any]:
+        s = self.kv_sender.stats  # rank 0's share; under TP/PP the other ranks send theirs too
+        return {"kv_blocks_sent": s.blocks_sent, "kv_bytes_sent": s.bytes_sent, "kv_push_seconds_total": s.send_seconds,
+                "kv_pushes_failed": s.transfers_failed}
 
 
 def _resolve_device(name: str) -> torch.device:

@@ -65,6 +65,9 @@ class Request:
         self.fork_params: list[SamplingParams] = [fp for _, fp in forks]
         # prompt_logprobs: prompt positions whose logprob is known (position 0 has none).
         self.num_prompt_logprobs = 1
+        # Disaggregated prefill: where this prompt's KV goes (a KVPushTarget), and how far it was pushed.
+        self.kv_push = None
+        self.num_pushed_tokens = 0
 
     @property
     def num_prompt_tokens(self) -> int:

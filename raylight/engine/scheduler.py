@@ -16,7 +16,7 @@ from typing import Iterable
 
 from raylight.engine.kv_cache.manager import KVCacheManager
 from raylight.engine.request import Request, RequestStatus
-from raylight.messages import PromptLogprobTask, SampleRow, SchedulerOutput
+from raylight.messages import KVPush, PromptLogprobTask, SampleRow, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +135,33 @@ class Scheduler:
         out.sample_rows.append(rows)
         out.prompt_logprobs.append(self._prompt_logprob_task(req, before, num_new) if req.needs_prompt_logprobs
                                    else None)
+        if req.kv_push is not None:
+            self._push(out, req, before + num_new)
         req.num_in_flight_tokens = in_flight + num_new
         if samples:
             req.num_pending_tokens = pending + 1
+
+    def _push(self, out: SchedulerOutput, req: Request, end: int) -> None:
+        """Disaggregated prefill: ship the blocks holding prompt positions [pushed so far, end) (whole
+        blocks; a partly filled one is sent again with the next chunk). Positions the decode side
+        holds already (`start_token`), and positions this replica had cached, go with the first chunk."""
+        target, bs = req.kv_push, self.kv.block_size
+        lo, hi = max(req.num_pushed_tokens, target.start_token), min(end, req.num_prompt_tokens)
+        if hi <= lo:
+            return
+        b0, b1 = lo // bs, -(-hi // bs)
+        out.kv_pushes.append(KVPush(target.transfer_id, target.host, target.port,
+                                    self.kv.req_block_ids[req.request_id][b0:b1], target.block_ids[b0:b1],
+                                    last=hi >= req.num_prompt_tokens))
+        req.num_pushed_tokens = hi
+
+    def admit(self, req: Request, num_computed: int) -> None:
+        """A request whose first `num_computed` tokens' KV another replica wrote into its (already
+        allocated) blocks: it runs from here like any other."""
+        req.num_computed_tokens = num_computed
+        req.status = RequestStatus.RUNNING
+        self.requests[req.request_id] = req
+        self.running.append(req)
 
     @staticmethod
     def _prompt_logprob_task(req: Request, before: int, num_new: int) -> PromptLogprobTask:

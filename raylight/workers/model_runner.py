@@ -63,7 +63,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, attn_backend, kv_caches: list[torch.Tensor],
                  block_size: int, device: torch.device, seed: int = 0, graphs=None,
                  dispatch: Optional[Callable[[StepInputs], None]] = None,
-                 share_ids: Optional[Callable[[torch.Tensor], None]] = None):
+                 share_ids: Optional[Callable[[torch.Tensor], None]] = None, kv_sender=None):
         self.model = model
         self.graphs = graphs  # a CudaGraphRunner for decode-only steps, or None (eager)
         self._staged: Optional[torch.cuda.Event] = None  # the last step's inputs were queued for the device
@@ -74,6 +74,8 @@ class ModelRunner:
         self.dispatch = dispatch
         # TP with async scheduling: broadcasts placeholder ids from rank 0 to its peers, in place.
         self.share_ids = share_ids
+        # Disaggregated prefill: pushes each layer's KV of the step's `kv_pushes` as the layer finishes.
+        self.kv_sender = kv_sender
         self.device = device
         self.sampler = Sampler(device, seed)
         self.sampling = SamplingState(model.config.vocab_size, device)
@@ -153,7 +155,7 @@ class ModelRunner:
         inputs = StepInputs(np.array(token_ids, dtype=np.int64), positions, num_decodes, query_start_loc,
                             seq_lens, block_tables, slot_mapping, np.array(logits_rows, dtype=np.int64),
                             list(sched.block_copies), prompt_logit_spans=spans,
-                            placeholder_pos=np.array(placeholder_pos, dtype=np.int64))
+                            placeholder_pos=np.array(placeholder_pos, dtype=np.int64), kv_pushes=sched.kv_pushes)
         handle = StepHandle(rows, {}, inputs, prompt_chunks=prompt_chunks)
         return handle, src
 
@@ -181,7 +183,8 @@ class ModelRunner:
             self._staged.synchronize()
         staged = torch.cuda.Event() if dev.type == "cuda" else None
         self._staged = staged
-        if (self.graphs is not None and inputs.is_decode_only
+        pushes = inputs.kv_pushes if self.kv_sender is not None else None
+        if (self.graphs is not None and inputs.is_decode_only and not pushes
                 and self.graphs.can_run(len(inputs.seq_lens), inputs.block_tables.shape[1])):
             return self.graphs.run(inputs.input_ids, inputs.positions, inputs.seq_lens, inputs.block_tables,
                                    inputs.slot_mapping, staged, fill_ids)
@@ -195,7 +198,13 @@ class ModelRunner:
             staged.record()
         if fill_ids is not None:
             ids[fill_ids[0]] = fill_ids[1]
-        return self.model(ids, positions, self.kv_caches, attn_meta)
+        if not pushes:
+            return self.model(ids, positions, self.kv_caches, attn_meta)
+        self.kv_sender.begin_step(pushes)  # the layers' forward hooks push as each layer finishes
+        try:
+            return self.model(ids, positions, self.kv_caches, attn_meta)
+        finally:
+            self.kv_sender.end_step()
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, defer_compute: bool = False,

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from raylight.messages import RankReport, StepInputs
+from raylight.messages import KVPush, RankReport, StepInputs
 
 _STOP, _STEP, _REPORT = 0, 1, 2
 # Header fields, in order.
-_OP, _LEN, _T, _B, _DECODES, _WIDTH, _S, _C, _K, _SEQ, _P = range(11)
+_OP, _LEN, _T, _B, _DECODES, _WIDTH, _S, _C, _K, _SEQ, _P, _KV = range(12)
 HEADER = 16
 DEFAULT_CAPACITY = 16384  # int64 elements (128 KiB): a 256-sequence decode step with ~50 blocks each fits
 # Ranks other than 0 wait this long for the next step: an idle replica is not a failure. A dead
@@ -56,12 +56,12 @@ class StepChannel:
         W = x.block_tables.shape[1] if B else 0
         parts = [x.input_ids, x.positions, x.slot_mapping, x.query_start_loc, x.seq_lens, x.block_tables.reshape(-1),
                  x.logits_rows, np.asarray(x.prompt_logit_spans, dtype=np.int64).reshape(-1),
-                 np.asarray(x.kv_copies, dtype=np.int64).reshape(-1), x.placeholder_pos]
+                 np.asarray(x.kv_copies, dtype=np.int64).reshape(-1), x.placeholder_pos, encode_pushes(x.kv_pushes)]
         length = sum(len(p) for p in parts)
         header = np.zeros(HEADER, dtype=np.int64)
-        header[[_OP, _LEN, _T, _B, _DECODES, _WIDTH, _S, _C, _K, _SEQ, _P]] = (
+        header[[_OP, _LEN, _T, _B, _DECODES, _WIDTH, _S, _C, _K, _SEQ, _P, _KV]] = (
             _STEP, length, T, B, x.num_decodes, W, len(x.logits_rows), len(x.prompt_logit_spans), len(x.kv_copies),
-            self._seq, len(x.placeholder_pos))
+            self._seq, len(x.placeholder_pos), len(parts[-1]))
         self._seq += 1
         payload = np.concatenate([header] + parts)
         first = payload[: self.capacity]
@@ -103,7 +103,7 @@ class StepChannel:
         while True:
             self.group.broadcast([self._buf], opts).wait()
             buf = self._buf.numpy()
-            op, length, T, B, decodes, W, S, C, K, seq, P = (int(v) for v in buf[:11])
+            op, length, T, B, decodes, W, S, C, K, seq, P, KV = (int(v) for v in buf[:12])
             if op == _STOP:
                 return None
             if op == _STEP:
@@ -120,18 +120,42 @@ class StepChannel:
             payload = np.concatenate([payload, rest.numpy()])
         arrays = []
         at = 0
-        for n in (T, T, T, B + 1, B, B * W, S, 2 * C, 2 * K, P):
+        for n in (T, T, T, B + 1, B, B * W, S, 2 * C, 2 * K, P, KV):
             arrays.append(payload[at : at + n])
             at += n
-        ids, pos, slots, qsl, seq_lens, tables, rows, spans, copies, placeholders = arrays
+        ids, pos, slots, qsl, seq_lens, tables, rows, spans, copies, placeholders, pushes = arrays
         return StepInputs(input_ids=ids, positions=pos, num_decodes=decodes, query_start_loc=qsl, seq_lens=seq_lens,
                           block_tables=tables.reshape(B, W), slot_mapping=slots, logits_rows=rows,
                           kv_copies=[tuple(c) for c in copies.reshape(K, 2).tolist()],
                           prompt_logit_spans=[tuple(s) for s in spans.reshape(C, 2).tolist()],
-                          placeholder_pos=placeholders)
+                          placeholder_pos=placeholders, kv_pushes=decode_pushes(pushes))
 
     def _broadcast(self, t: torch.Tensor) -> None:
         dist.broadcast(t, src=0, group=self.group)
+
+
+# ---------------------------------------------------------------- KV pushes (disaggregated prefill)
+
+def encode_pushes(pushes: list[KVPush]) -> np.ndarray:
+    """Per push: [transfer_id, port, last, num_blocks, len(host), host bytes..., src ids..., dst ids...]."""
+    out: list[int] = []
+    for p in pushes:
+        host = p.host.encode()
+        out += [p.transfer_id, p.port, int(p.last), len(p.src_block_ids), len(host), *host,
+                *p.src_block_ids, *p.dst_block_ids]
+    return np.asarray(out, dtype=np.int64)
+
+
+def decode_pushes(a: np.ndarray) -> list[KVPush]:
+    vals, at, pushes = a.tolist(), 0, []
+    while at < len(vals):
+        tid, port, last, n, h = vals[at : at + 5]
+        at += 5
+        host = bytes(vals[at : at + h]).decode()
+        at += h
+        pushes.append(KVPush(tid, host, port, vals[at : at + n], vals[at + n : at + 2 * n], bool(last)))
+        at += 2 * n
+    return pushes
 
 
 # ---------------------------------------------------------------- reports back to rank 0

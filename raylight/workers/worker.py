@@ -54,6 +54,8 @@ class RankModel:
     device: torch.device
     graphs: Optional[object] = None  # CudaGraphRunner
     graph_capture_s: float = 0.0
+    kv_endpoint: Optional[object] = None  # KVEndpoint (kv_role decode/both): prefill ranks push KV here
+    kv_sender: Optional[object] = None  # KVSender (kv_role prefill/both): pushes KV to decode replicas
 
 
 def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups, device: torch.device,
@@ -100,8 +102,36 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
                                  block_size=bs, device=device)
         capture_s = graphs.capture()
     stage = model if groups.pp_size == 1 else StageModel(model, groups)
+    endpoint, sender = _kv_transfer(args, arch, groups, model, kv_caches, device, dtype)
     return RankModel(groups, model, stage, backend, kv_caches, num_blocks, bs, bytes_per_block, device, graphs,
-                     capture_s)
+                     capture_s, endpoint, sender)
+
+
+def kv_layout(args: EngineArgs, arch, groups: ParallelGroups, dtype: torch.dtype):
+    """This replica's KV cache layout as a disaggregation peer sees it."""
+    from raylight.kvtransfer.layout import KVLayout
+
+    return KVLayout(arch.num_hidden_layers, arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim,
+                    args.block_size, str(dtype).replace("torch.", ""), groups.tp_size,
+                    tuple(groups.config.layer_ranges(arch.num_hidden_layers)))
+
+
+def _kv_transfer(args: EngineArgs, arch, groups: ParallelGroups, model, kv_caches, device, dtype):
+    """The KV endpoint (decode role) and sender (prefill role) of this rank; collective when the
+    replica has several ranks (rank 0 tells the others where its endpoint's store is)."""
+    if args.kv_role == "none":
+        return None, None
+    from raylight.kvtransfer.endpoint import KVEndpoint
+    from raylight.kvtransfer.sender import KVSender
+
+    layout = kv_layout(args, arch, groups, dtype)
+    endpoint = sender = None
+    if args.kv_role in ("decode", "both"):
+        endpoint = KVEndpoint.start(layout, groups.rank, kv_caches, device, groups.cpu_group, args.kv_host)
+    if args.kv_role in ("prefill", "both"):
+        sender = KVSender(layout, groups.rank, kv_caches, device, args.kv_max_peers)
+        sender.install(model)
+    return endpoint, sender
 
 
 def _min_over_ranks(value: int, groups: ParallelGroups) -> int:
@@ -164,7 +194,7 @@ def serve_steps(rank: RankModel, channel: StepChannel) -> int:
     requests in between (`rank_report`)."""
     share = rank.groups.broadcast_from_tp0 if rank.groups.tp_size > 1 else None
     runner = ModelRunner(rank.stage_model, rank.attn_backend, rank.kv_caches, rank.block_size, rank.device,
-                         graphs=rank.graphs, share_ids=share)
+                         graphs=rank.graphs, share_ids=share, kv_sender=rank.kv_sender)
     steps = 0
     channel.report = lambda: rank_report(rank, steps)
     while (inputs := channel.receive()) is not None:

@@ -56,11 +56,13 @@ class KVCacheManager:
         return hits, len(hits) * self.block_size
 
     def allocate_slots(self, req: Request, num_new_tokens: int,
-                       computed_blocks: Optional[list[KVCacheBlock]] = None) -> bool:
+                       computed_blocks: Optional[list[KVCacheBlock]] = None, cache: bool = True) -> bool:
         """Makes room for `num_new_tokens` more tokens of KV after what `req` has computed
         (and after `computed_blocks`, a prefix hit for a request being scheduled fresh).
-        Returns False, changing nothing, when the pool cannot supply the blocks."""
-        if not computed_blocks:
+        Returns False, changing nothing, when the pool cannot supply the blocks. `cache=False`: the
+        new blocks are not entered in the prefix cache yet (a reservation whose KV another replica
+        will write: `commit` enters them once it has landed)."""
+        if not computed_blocks and cache:
             # The common case, a decode step inside its last block: nothing to allocate, and
             # usually no block newly full to register either.
             blocks = self.req_blocks.get(req.request_id)
@@ -91,8 +93,24 @@ class KVCacheManager:
             new = self.pool.get_new_blocks(num_new_blocks)
             blocks.extend(new)
             block_ids.extend(b.block_id for b in new)
-        self._cache_full_blocks(req, total)
+        if cache:
+            self._cache_full_blocks(req, total)
         return True
+
+    def commit(self, req: Request, num_tokens: int) -> None:
+        """The KV of `req`'s first `num_tokens` tokens is in its blocks now (written by a prefill
+        replica): its full blocks join the prefix cache."""
+        self._cache_full_blocks(req, num_tokens)
+
+    def detach(self, req: Request) -> list[KVCacheBlock]:
+        """Takes `req`'s blocks out of its table without freeing them (they stay referenced): a write
+        into them may still land. Give them back with `release` once none can."""
+        blocks = self.req_blocks.get(req.request_id, [])
+        self._drop(req.request_id)
+        return blocks
+
+    def release(self, blocks: list[KVCacheBlock]) -> None:
+        self.pool.free_blocks(reversed(blocks))
 
     def _cache_full_blocks(self, req: Request, num_tokens: int) -> None:
         """Registers the blocks that will be full once this step's tokens are written. Safe within

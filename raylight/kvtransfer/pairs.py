@@ -1,0 +1,93 @@
+"""The byte path between one prefill rank and one decode rank: a two-rank process group of its
+own (gloo on CPU, NCCL between GPUs), built from the decode replica's store, beside each side's
+own TP/PP groups.
+
+Rendezvous: the decode replica's rank 0 hosts a `TCPStore` (its KV endpoint). A sender takes a
+ticket `conn/<dst>/<i>` there and writes a unique pair name under it; the destination rank's
+acceptor thread waits for tickets in order and joins the pair group as its rank 1. Only KV bytes
+and fixed int64 headers travel on a pair group; nothing is ever pickled.
+
+Wire format, per message: an int64 header [op, transfer_id, layer, head_lo, head_hi, num_blocks,
+num_pairs, 0]; for DATA then the destination block ids (int64 [num_blocks]) and the KV itself
+([num_blocks, 2, block_size, head_hi - head_lo, head_dim] in the cache's dtype). END closes one
+sender's share of a transfer; CLOSE ends the pair.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import uuid
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+HEADER_LEN = 8
+OP_DATA, OP_END, OP_CLOSE = 1, 2, 3
+TICKET_WAIT = datetime.timedelta(hours=1)  # an acceptor's wait for the next sender (a timeout only loops)
+PAIR_TIMEOUT = datetime.timedelta(seconds=60)  # an idle pair's recv waits longer: see Receiver
+IDLE_RECV = datetime.timedelta(days=365)
+
+
+def header(op: int, transfer_id: int = 0, layer: int = 0, head_lo: int = 0, head_hi: int = 0,
+           num_blocks: int = 0, num_pairs: int = 0) -> torch.Tensor:
+    """`num_pairs` (END only): how many (sender rank, receiver rank) pairs the transfer's plan has,
+    so the decode side knows how many ENDs make it complete."""
+    return torch.tensor([op, transfer_id, layer, head_lo, head_hi, num_blocks, num_pairs, 0], dtype=torch.int64)
+
+
+def advertised_host(configured: Optional[str]) -> str:
+    """The address peers reach this node's KV endpoint at."""
+    if configured:
+        return configured
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:
+        pass
+    return "127.0.0.1"
+
+
+def host_store(host: str) -> dist.TCPStore:
+    """The decode replica's store, on a free port (listening on every interface of this node)."""
+    return dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=30))
+
+
+def connect_store(host: str, port: int, timeout_s: float = 10.0) -> dist.TCPStore:
+    return dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def new_pair_group(store: dist.Store, name: str, rank: int, device: torch.device) -> dist.ProcessGroup:
+    """Rank 0 is the sender, rank 1 the receiver; both block here until the other joins (for as long
+    as the store's timeout). The sender's sends give up after PAIR_TIMEOUT (a stuck receiver must not
+    stall the prefill replica's other transfers); the receiver waits for the next message as long as
+    the pair lives (an idle pair is no failure; a dead sender ends the wait at once)."""
+    prefixed = dist.PrefixStore(f"pair/{name}/", store)
+    timeout = PAIR_TIMEOUT if rank == 0 else IDLE_RECV
+    if device.type == "cuda":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
+    return dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
+
+
+def open_pair(store: dist.Store, dst_rank: int, device: torch.device) -> dist.ProcessGroup:
+    """Sender side: takes a ticket at destination rank `dst_rank`'s acceptor and joins the pair."""
+    name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    ticket = store.add(f"conn/{dst_rank}/n", 1) - 1
+    store.set(f"conn/{dst_rank}/{ticket}", name)
+    return new_pair_group(store, name, 0, device)
+
+
+def send(group: dist.ProcessGroup, t: torch.Tensor) -> None:
+    group.send([t], 1, 0).wait()
+
+
+def recv(group: dist.ProcessGroup, t: torch.Tensor) -> None:
+    group.recv([t], 0, 0).wait()
