@@ -58,7 +58,7 @@ def host_store(host: str) -> dist.TCPStore:
                          timeout=datetime.timedelta(seconds=30))
 
 
-def connect_store(host: str, port: int, timeout_s: float = 10.0) -> dist.TCPStore:
+def connect_store(host: str, port: int, timeout_s: float = 5.0) -> dist.TCPStore:
     return dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
                          timeout=datetime.timedelta(seconds=timeout_s))
 
