@@ -3,6 +3,7 @@ the gloo pair path; every output equals the plain engine's, and no block leaks o
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -184,3 +185,69 @@ def test_smollm2_disaggregated_equals_plain(smollm2_dir):
     finally:
         for e in (plain, prefill, decode):
             e.shutdown()
+
+
+# ---------------------------------------------------------------- through AsyncLLMEngine, as the Serve replicas use it
+
+def _async_pair(engines):
+    from raylight.engine.async_engine import AsyncLLMEngine
+
+    _, prefill, decode = engines
+    return AsyncLLMEngine(prefill), AsyncLLMEngine(decode)
+
+
+async def _disagg_stream(aprefill, adecode, ids, rid, cancel_after=None):
+    """The router's flow: decode first, the prefill call beside it; returns (reservation, tokens)."""
+    from raylight.messages import KVReservation
+
+    tokens, res, prefill_task = [], None, None
+
+    async def prefill_call(r):
+        agen = aprefill.generate({"prompt_token_ids": ids[: r.num_prompt_tokens - 1]},
+                                 SamplingParams(max_tokens=1, temperature=0.0), f"{rid}-p", kv_push=r.push_target())
+        async for _ in agen:
+            pass
+
+    agen = adecode.generate(ids, GREEDY, rid, remote_prefill_threshold=1)
+    try:
+        async for item in agen:
+            if isinstance(item, KVReservation):
+                res = item
+                if not res.local:
+                    prefill_task = asyncio.ensure_future(prefill_call(res))
+                if cancel_after == "reserve":
+                    break
+                continue
+            tokens = item.outputs[0].token_ids
+            if cancel_after == "token":
+                break
+    finally:
+        await agen.aclose()  # a client that goes away: the decode request aborts
+        if prefill_task is not None:
+            await prefill_task
+    return res, tokens
+
+
+def test_async_engines_stream_and_free_everything_on_disconnect(engines):
+    plain = engines[0]
+    aprefill, adecode = _async_pair(engines)
+    ids = random_prompts(1, 512, 37, 37, seed=15)[0]
+    async def main():
+        res, tokens = await _disagg_stream(aprefill, adecode, ids, "async-ok")
+        assert not res.local and tokens == _ids(plain_generate(plain, ids, GREEDY, "async-ok"))
+        for stage in ("reserve", "token"):  # a client gone while the KV travels, and while decoding
+            await _disagg_stream(aprefill, adecode, ids[:-3], f"async-{stage}", cancel_after=stage)
+        deadline = time.monotonic() + 15
+        while (adecode.engine.get_metrics()["kv_reservations_held"] or adecode.engine.has_unfinished_requests()) \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(main())
+        for eng in (adecode.engine, aprefill.engine):
+            assert_no_leaks(eng)
+        assert adecode.engine.get_metrics()["kv_reservations_held"] == 0
+        assert adecode.dead is None and aprefill.dead is None
+    finally:
+        aprefill.shutdown()
+        adecode.shutdown()
