@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from raylight.kvtransfer import pairs
+from raylight.kvtransfer import cuda_ipc, pairs
 from raylight.kvtransfer.layout import KVLayout
 
 logger = logging.getLogger("raylight.kvtransfer")
@@ -38,6 +38,8 @@ class KVEndpoint:
         self.head_lo = layout.kv_heads_of(rank)[0]
         self._stopped = False
         self._pairs: list[dist.ProcessGroup] = []
+        # Same-node senders map this rank's caches over CUDA IPC instead of joining a pair group.
+        self._ipc_token = cuda_ipc.publish(store, rank, kv_caches, device)
         self._acceptor = threading.Thread(target=self._accept, name=f"raylight-kv-accept-{rank}", daemon=True)
         self._acceptor.start()
 
@@ -86,6 +88,7 @@ class KVEndpoint:
 
     def close(self) -> None:
         self._stopped = True
+        cuda_ipc.unpublish(self._ipc_token)
 
     # ---- every rank ----
     def _accept(self) -> None:

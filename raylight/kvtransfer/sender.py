@@ -8,6 +8,10 @@ step cannot change what is sent) and queues it; a sender thread slices it into t
 decode rank needs (kvtransfer/layout.py) and sends them over pair groups (kvtransfer/pairs.py).
 After a request's last chunk each pair gets an END.
 
+A decode endpoint on the same node, when both sides are CUDA, is written over CUDA IPC instead
+(kvtransfer/cuda_ipc.py: its caches mapped here once, a push is a device-to-device copy on a side
+stream, no communicator); the first chunk of a transfer picks its transport, the rest follow it.
+
 Connections are lazy and bounded: at most `max_peers` pair groups per rank, the least recently
 used closed beyond that. A decode endpoint that cannot be reached or fails mid-send marks its
 transfers failed in its store (when it is still reachable), so the decode side prefills locally
@@ -27,7 +31,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from raylight.kvtransfer import pairs
+from raylight.kvtransfer import cuda_ipc, pairs
 from raylight.kvtransfer.endpoint import FAILED
 from raylight.kvtransfer.layout import KVLayout, Piece, plan_pieces
 from raylight.messages import KVPush
@@ -70,6 +74,9 @@ class KVSender:
         self._down: dict[tuple[str, int], float] = {}  # endpoints that failed -> when
         self._failed: set[int] = set()  # transfer ids given up on
         self._lru: collections.OrderedDict = collections.OrderedDict()  # (endpoint, dst rank) -> None
+        self.ipc = cuda_ipc.IpcPusher(layout, rank, kv_caches, device, self.stats)
+        self._routes: dict[int, Optional[cuda_ipc.IpcPeer]] = {}  # transfer id -> its IPC peer (None: pairs)
+        self.transports: dict[tuple[str, int], str] = {}  # endpoint -> the transport its last new transfer took
         self._thread = threading.Thread(target=self._run, name=f"raylight-kv-send-{rank}", daemon=True)
         self._thread.start()
 
@@ -80,10 +87,34 @@ class KVSender:
 
     # ---- the forward's thread ----
     def begin_step(self, pushes: list[KVPush]) -> None:
+        routed = [(p, self._route(p)) for p in pushes]
+        self.ipc.begin_step([(p, peer) for p, peer in routed if peer is not None])
         self._pushes = [(p, torch.tensor(p.src_block_ids, dtype=torch.int64).to(self.device, non_blocking=True))
-                        for p in pushes]
+                        for p, peer in routed if peer is None]
+
+    def _route(self, push: KVPush) -> Optional[cuda_ipc.IpcPeer]:
+        """The IPC peer a transfer's chunks are copied to, or None (pair groups): its first chunk decides."""
+        tid = push.transfer_id
+        if tid in self._routes:
+            peer = self._routes[tid]
+        else:
+            key = (push.host, push.port)
+            peer, why = self.ipc.peer(key)
+            transport = cuda_ipc.TRANSPORT if peer is not None else "pairs"
+            if self.transports.get(key) != transport:
+                self.transports[key] = transport
+                if peer is not None:
+                    logger.info("KV push rank %d -> %s:%d: CUDA IPC (%s)", self.rank, *key, peer.how)
+                else:
+                    logger.info("KV push rank %d -> %s:%d: pair groups (%s)%s", self.rank, *key,
+                                "nccl" if self.device.type == "cuda" else "gloo", f"; no CUDA IPC: {why}" if why else "")
+            self._routes[tid] = peer
+        if push.last:
+            self._routes.pop(tid, None)
+        return peer
 
     def _layer_done(self, i: int) -> None:
+        self.ipc.layer_done(i)
         if not self._pushes:
             return
         cache = self.kv_caches[i]
@@ -96,6 +127,7 @@ class KVSender:
             self._queue.put(("data", push, self.layer_lo + i, data, ready))
 
     def end_step(self) -> None:
+        self.ipc.end_step()
         for push, _ in self._pushes:
             if push.last:
                 self._queue.put(("end", push, 0, None, None))
@@ -103,6 +135,7 @@ class KVSender:
 
     def close(self) -> None:
         self._queue.put(None)
+        self.ipc.close()
 
     # ---- the sender thread ----
     def _run(self) -> None:
