@@ -61,19 +61,34 @@ def _generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def split_keys(values: Optional[Sequence[str]]) -> list[str]:
+    """`--api-keys` given once or more, each a comma-separated list: the keys in order, blanks dropped."""
+    return [k.strip() for v in values or () for k in v.split(",") if k.strip()]
+
+
+def app_config_from(ns: argparse.Namespace):
+    """The AppConfig of `raylight serve`'s flags (pydantic checks it: an error names the field). Flags left
+    out keep AppConfig's defaults."""
+    from raylight.cluster.app import AppConfig
+
+    engine_args = engine_args_from(ns)
+    optional = {} if ns.max_request_body_bytes is None else {"max_request_body_bytes": ns.max_request_body_bytes}
+    return AppConfig(
+        model=engine_args.pop("model", None), served_model_name=ns.served_model_name, engine_args=engine_args,
+        num_replicas=ns.num_replicas, ray_actor_options={"num_cpus": ns.num_cpus, "num_gpus": ns.num_gpus},
+        max_queued_requests=ns.max_queued_requests, api_key=ns.api_key, api_keys=split_keys(ns.api_keys),
+        default_max_tokens=ns.default_max_tokens, max_constructor_retry_count=ns.max_constructor_retry_count,
+        **optional,
+    )
+
+
 def _serve(ns: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from raylight.cluster.app import AppConfig, build_app
+    from raylight.cluster.app import build_app
 
-    engine_args = engine_args_from(ns)
-    cfg = AppConfig(
-        model=engine_args.pop("model", None), served_model_name=ns.served_model_name, engine_args=engine_args,
-        num_replicas=ns.num_replicas, ray_actor_options={"num_cpus": ns.num_cpus, "num_gpus": ns.num_gpus},
-        max_queued_requests=ns.max_queued_requests, api_key=ns.api_key, default_max_tokens=ns.default_max_tokens,
-        max_constructor_retry_count=ns.max_constructor_retry_count,
-    )
+    cfg = app_config_from(ns)  # bad flags fail here, before Ray starts
     # Starts a local Ray when there is none (Ray binds its dashboard to 127.0.0.1 unless told otherwise). Ray's
     # own logs (controller, replicas, each failed start's traceback) stay in its log files unless --ray-logs:
     # a failure is printed once, below.
@@ -174,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None, help="require this bearer key on every route but /health")
+    srv.add_argument("--api-keys", action="append", default=None, metavar="KEY[,KEY...]",
+                     help="more bearer keys, beside --api-key: comma-separated, and/or the flag repeated; each key "
+                     "is a tenant with its own prefix-cache salt")
+    srv.add_argument("--max-request-body-bytes", type=int, default=None,
+                     help="largest request body accepted (at least 1024); larger ones get 413 before they are read "
+                     "(default 16 MiB)")
     srv.add_argument("--served-model-name", default=None)
     srv.add_argument("--num-replicas", type=int, default=1)
     srv.add_argument("--num-cpus", type=float, default=2,
