@@ -48,6 +48,9 @@ class ReplicaMessage:
     error_message: Optional[str] = None
     stats: Optional[dict[str, Any]] = None  # engine gauges, sent with the last message
     replica_id: str = ""
+    # Disaggregated decode replica -> router only (never reaches the ingress): the first message of a
+    # request says where its prompt KV must go.
+    reservation: Optional["KVReservation"] = None
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Builds the Ray Serve application from one typed config.
 
 `serve run configs/cluster.yaml` imports `raylight.cluster.app:build_app` and passes the
-file's `args:`; `raylight serve` builds the same `AppConfig` from flags.
+file's `args:`; `raylight serve` builds the same `AppConfig` from flags. `serve run
+configs/cluster-disagg.yaml` imports `build_disagg_app` (a `DisaggAppConfig`: a prefill pool and a
+decode pool behind a router, cluster/disagg.py).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raylight.config import EngineArgs
 from raylight.placement import ClusterTopology, PlacementPlan, check_fits, deployment_options, plan_for_replica
@@ -17,22 +19,31 @@ from raylight.placement import ClusterTopology, PlacementPlan, check_fits, deplo
 logger = logging.getLogger("raylight.app")
 
 
-class AppConfig(BaseModel):
+class PoolConfig(BaseModel):
+    """One engine pool: its replicas' engine arguments, count and resources."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: Optional[str] = Field(None, description="Model to serve; None for the default SmolLM2-135M-Instruct.")
-    served_model_name: Optional[str] = Field(None, description="Name clients use; defaults to the model's.")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="EngineArgs for every replica.")
     num_replicas: Optional[int] = Field(1, ge=1, description="Fixed replica count (ignored with autoscaling).")
     autoscaling_config: Optional[dict[str, Any]] = Field(None, description="Serve autoscaling for the engine pool.")
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1},
                                               description="Resources of one engine replica.")
     max_ongoing_requests: int = Field(1024, ge=1, description="Serve's in-flight cap per engine replica.")
+    max_queued_requests: Optional[int] = Field(256, ge=0, description="Waiting requests before 429.")
+
+
+class ServerConfig(BaseModel):
+    """What every application has: the model, the HTTP front end, the request guards."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: Optional[str] = Field(None, description="Model to serve; None for the default SmolLM2-135M-Instruct.")
+    served_model_name: Optional[str] = Field(None, description="Name clients use; defaults to the model's.")
     max_constructor_retry_count: int = Field(
         3, ge=1, description="Failed engine-replica starts (a bad model path, bad engine args) before Serve marks "
         "the application DEPLOY_FAILED and stops retrying (Serve's deployment option of that name, default 20; "
         "Serve also caps it at 3 per replica).")
-    max_queued_requests: Optional[int] = Field(256, ge=0, description="Waiting requests before 429.")
     api_key: Optional[str] = Field(None, description="Bearer key required on every route but /health.")
     api_keys: list[str] = Field(default_factory=list, description=(
         "More bearer keys (tenants), beside api_key. Each key gets its own prefix-cache salt (a keyed hash of "
@@ -53,46 +64,127 @@ class AppConfig(BaseModel):
         20.0, ge=0, description="On shutdown (SIGTERM, upgrade, scale-down) running requests may finish for this "
         "long (Serve's graceful_shutdown_timeout_s); new ones get 503, those left are aborted.")
 
+
+class AppConfig(ServerConfig, PoolConfig):
+    """The colocated application: one engine pool behind the ingress."""
+
     def engine(self) -> EngineArgs:
         return EngineArgs(model=self.model, **self.engine_args)
 
 
+class DisaggAppConfig(ServerConfig):
+    """The disaggregated application: the ingress, a router, a prefill pool and a decode pool."""
+
+    engine_args: dict[str, Any] = Field(default_factory=dict, description=(
+        "EngineArgs shared by both pools; a pool's own engine_args override them key by key."))
+    prefill: PoolConfig = Field(default_factory=PoolConfig, description="The prefill pool (computes prompt KV).")
+    decode: PoolConfig = Field(default_factory=PoolConfig, description="The decode pool (streams the answers).")
+    remote_prefill_threshold: int = Field(512, ge=0, description=(
+        "Prompts whose part not already in the decode replica's prefix cache is shorter than this many tokens "
+        "are prefilled on the decode replica itself; longer ones on a prefill replica."))
+    kv_transfer_timeout_s: float = Field(30.0, gt=0, description=(
+        "Longest wait for a prefill replica to compute and push a prompt's KV (also bounded by the decode "
+        "replica's kv_lease_s); past it the decode replica prefills locally."))
+    prefill_probe_s: float = Field(2.0, gt=0, description=(
+        "After a prefill call fails, how often the router probes the prefill pool (decode replicas prefill "
+        "locally until it answers)."))
+
+    @model_validator(mode="after")
+    def _check_pools(self):
+        for role in ("prefill", "decode"):
+            if "model" in getattr(self, role).engine_args or "model" in self.engine_args:
+                raise ValueError(f"{role}.engine_args: set the model once, with the top-level `model`")
+        p, d = self.engine("prefill"), self.engine("decode")
+        for key in ("block_size", "dtype", "load_format", "revision"):
+            if getattr(p, key) != getattr(d, key):
+                raise ValueError(f"prefill.engine_args.{key} ({getattr(p, key)!r}) must equal "
+                                 f"decode.engine_args.{key} ({getattr(d, key)!r}): the pools share KV blocks")
+        return self
+
+    def engine(self, role: str) -> EngineArgs:
+        """The EngineArgs of the `role` pool ("prefill" or "decode"), with its KV role."""
+        args = {**self.engine_args, **getattr(self, role).engine_args}
+        if "kv_role" in EngineArgs.model_fields:
+            args.setdefault("kv_role", role)
+        return EngineArgs(model=self.model, **args)
+
+
 def build_app(args: dict[str, Any]):
     """Serve application builder: ingress deployment in front of a pool of engine replicas. Each
-    ingress replica builds its own FastAPI app with this config's API key (nothing module-level)."""
+    ingress replica builds its own FastAPI app with this config's API key (nothing module-level).
+    Args with a `prefill` or `decode` pool build the disaggregated application (`build_disagg_app`)."""
+    from raylight.cluster.replica import EngineReplica
+
+    if isinstance(args, DisaggAppConfig) or (isinstance(args, dict) and ("prefill" in args or "decode" in args)):
+        return build_disagg_app(args)
+    cfg = args if isinstance(args, AppConfig) else AppConfig(**(args or {}))
+    engine_args = cfg.engine()  # validate once, here, with field names in the error
+    pool = _engine_pool(EngineReplica, "EngineReplica", cfg, cfg, engine_args)
+    return _ingress(cfg, pool, engine_args)
+
+
+def build_disagg_app(args: dict[str, Any]):
+    """Serve application builder of disaggregated serving (`serve run configs/cluster-disagg.yaml`): the
+    same ingress in front of a router (cluster/disagg.py) that streams each request from the decode pool
+    and has the prefill pool compute long prompts' KV and push it to the decode replica."""
+    from ray import serve
+
+    from raylight.cluster.disagg import DisaggRouter, TargetedRequestRouter
+    from raylight.cluster.roles import DecodeReplica, PrefillReplica
+
+    cfg = args if isinstance(args, DisaggAppConfig) else DisaggAppConfig(**(args or {}))
+    prefill_args, decode_args = cfg.engine("prefill"), cfg.engine("decode")
+    extra: dict[str, Any] = {}
+    if TargetedRequestRouter is not None:  # the router's remote_prefill_failed reaches the replica it names
+        from ray.serve.config import RequestRouterConfig
+
+        extra["request_router_config"] = RequestRouterConfig(request_router_class=TargetedRequestRouter)
+    decode = _engine_pool(DecodeReplica, "DecodeReplica", cfg, cfg.decode, decode_args, **extra)
+    prefill = _engine_pool(PrefillReplica, "PrefillReplica", cfg, cfg.prefill, prefill_args)
+    router = serve.deployment(DisaggRouter, name="DisaggRouter", ray_actor_options={"num_cpus": 0},
+                              max_ongoing_requests=4096, max_constructor_retry_count=cfg.max_constructor_retry_count)
+    return _ingress(cfg, router.bind(decode, prefill, cfg.remote_prefill_threshold, cfg.kv_transfer_timeout_s,
+                                     cfg.prefill_probe_s), decode_args)
+
+
+def _engine_pool(cls, name: str, cfg: ServerConfig, pool: PoolConfig, engine_args: EngineArgs, **options):
+    """A bound deployment of engine replicas (`cls`: EngineReplica or a role of it) for `pool`."""
+    from ray import serve
+
+    opts: dict[str, Any] = dict(ray_actor_options=pool.ray_actor_options,
+                                max_ongoing_requests=pool.max_ongoing_requests,
+                                health_check_period_s=10, health_check_timeout_s=60,
+                                graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s)
+    if pool.autoscaling_config:
+        opts["autoscaling_config"] = pool.autoscaling_config
+    else:
+        opts["num_replicas"] = pool.num_replicas
+    opts["max_constructor_retry_count"] = cfg.max_constructor_retry_count
+    plan = replica_plan(pool, engine_args)
+    if plan is not None:
+        opts.update(deployment_options(plan, pool.ray_actor_options))
+    opts.update(options)
+    cpu_threads = int(pool.ray_actor_options.get("num_cpus", 1) or 1)
+    return serve.deployment(cls, name=name, **opts).bind(
+        engine_args.model_dump(exclude_none=True), pool.max_queued_requests, cpu_threads, plan,
+        cfg.request_timeout_s, cfg.health_stall_s)
+
+
+def _ingress(cfg: ServerConfig, engine, engine_args: EngineArgs):
     from ray import serve
 
     from raylight.cluster.ingress import OpenAIIngress
-    from raylight.cluster.replica import EngineReplica
     from raylight.defaults import DEFAULT_MODEL_NAME
 
-    cfg = args if isinstance(args, AppConfig) else AppConfig(**(args or {}))
-    engine_args = cfg.engine()  # validate once, here, with field names in the error
     name = cfg.served_model_name or (cfg.model or DEFAULT_MODEL_NAME)
-    pool_opts: dict[str, Any] = dict(ray_actor_options=cfg.ray_actor_options,
-                                     max_ongoing_requests=cfg.max_ongoing_requests,
-                                     health_check_period_s=10, health_check_timeout_s=60,
-                                     graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s)
-    if cfg.autoscaling_config:
-        pool_opts["autoscaling_config"] = cfg.autoscaling_config
-    else:
-        pool_opts["num_replicas"] = cfg.num_replicas
-    pool_opts["max_constructor_retry_count"] = cfg.max_constructor_retry_count
-    plan = replica_plan(cfg, engine_args)
-    if plan is not None:
-        pool_opts.update(deployment_options(plan, cfg.ray_actor_options))
-    cpu_threads = int(cfg.ray_actor_options.get("num_cpus", 1) or 1)
-    pool = serve.deployment(EngineReplica, name="EngineReplica", **pool_opts).bind(
-        engine_args.model_dump(exclude_none=True), cfg.max_queued_requests, cpu_threads, plan,
-        cfg.request_timeout_s, cfg.health_stall_s)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=4096, max_constructor_retry_count=cfg.max_constructor_retry_count)
-    return ingress.bind(pool, name, cfg.model, engine_args.load_format, engine_args.max_model_len, cfg.api_key,
+    return ingress.bind(engine, name, cfg.model, engine_args.load_format, engine_args.max_model_len, cfg.api_key,
                         cfg.default_max_tokens, api_keys=cfg.api_keys,
                         max_request_body_bytes=cfg.max_request_body_bytes)
 
 
-def placement_options(cfg: AppConfig, engine_args: EngineArgs) -> dict[str, Any]:
+def placement_options(cfg: PoolConfig, engine_args: EngineArgs) -> dict[str, Any]:
     """Placement-group options for the engine pool: none for a single-rank replica; for
     TP x PP > 1, the planner's bundles and strategy, with `ray_actor_options` read as one
     rank's share (the replica actor is rank 0)."""
@@ -100,7 +192,7 @@ def placement_options(cfg: AppConfig, engine_args: EngineArgs) -> dict[str, Any]
     return {} if plan is None else deployment_options(plan, cfg.ray_actor_options)
 
 
-def replica_plan(cfg: AppConfig, engine_args: EngineArgs) -> Optional[PlacementPlan]:
+def replica_plan(cfg: PoolConfig, engine_args: EngineArgs) -> Optional[PlacementPlan]:
     """The placement plan of each engine replica, None for a single-rank one. The replica gets it
     too: it places its other ranks (Ray actors) into the bundles the plan says."""
     tp, pp = engine_args.tensor_parallel_size, engine_args.pipeline_parallel_size
@@ -113,7 +205,7 @@ def replica_plan(cfg: AppConfig, engine_args: EngineArgs) -> Optional[PlacementP
     return plan
 
 
-def _warn_if_cluster_too_small(plan: PlacementPlan, cfg: AppConfig) -> None:
+def _warn_if_cluster_too_small(plan: PlacementPlan, cfg: PoolConfig) -> None:
     """A placement group that does not fit waits silently, so say so now. Only a warning:
     an autoscaling Ray cluster may still add the nodes."""
     try:

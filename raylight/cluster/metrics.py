@@ -1,12 +1,14 @@
 """Prometheus metrics of the server, names prefixed `raylight:`.
 
 Latencies, token counts and client aborts are observed in the ingress (what clients see); engine gauges
-and counters (queue lengths, KV usage and free blocks, prefix cache, preemptions) come from snapshots the
-replicas attach to their last message of each request, summed over replicas.
+and counters (queue lengths, KV usage and free blocks, prefix cache, preemptions, the disaggregated KV
+handoff) come from snapshots the replicas attach to their last message of each request, summed over
+replicas (a disaggregated router forwards its replicas' snapshots together).
 """
 
 from __future__ import annotations
 
+import numbers
 import time
 from typing import Any, Optional
 
@@ -34,7 +36,8 @@ class _ReplicaCollector:
                 if now - self.seen.get(rid, now) < self.stale_s or not (s.get("num_running") or s.get("num_waiting"))]
 
     def _sum(self, key: str, snapshots: Optional[list[dict[str, Any]]] = None) -> float:
-        return float(sum(s.get(key, 0) for s in (self.snapshots.values() if snapshots is None else snapshots)))
+        return float(sum(v for s in (self.snapshots.values() if snapshots is None else snapshots)
+                         if isinstance(v := s.get(key, 0), numbers.Real)))
 
     def collect(self):
         live = self._live()
@@ -68,6 +71,53 @@ class _ReplicaCollector:
         }
         for name, (doc, key) in counters.items():
             yield CounterMetricFamily(name, doc, value=self._sum(key))
+        yield from self._disagg(live)
+
+    def _disagg(self, live: list[dict[str, Any]]):
+        """Disaggregated prefill/decode: the KV handoff (decode and prefill replicas report these keys;
+        a colocated replica none, which reads as 0)."""
+        for name, doc, key in (
+                ("raylight:kv_reservations_held", "Decode-side KV reservations held (awaiting a push, or "
+                 "quarantined after a failed one)", "kv_reservations_held"),
+                ("raylight:kv_blocks_quarantined", "Decode KV blocks held back after a failed or aborted push "
+                 "(until no late write can land)", "kv_blocks_quarantined")):
+            yield GaugeMetricFamily(name, doc, value=self._sum(key, live))
+        seconds, sent = self._sum("kv_push_seconds_total"), self._sum("kv_bytes_sent")
+        yield GaugeMetricFamily("raylight:kv_push_bandwidth_bytes_per_second",
+                                "KV bytes pushed / time prefill replicas spent pushing, since start",
+                                value=sent / seconds if seconds else 0.0)
+        counters = {
+            "raylight:kv_remote_prefills": ("Prompts prefilled on a prefill replica and pushed to decode",
+                                            "kv_remote_prefills"),
+            "raylight:kv_blocks_received": ("KV blocks received by decode replicas", "kv_blocks_received"),
+            "raylight:kv_bytes_received": ("KV bytes received by decode replicas", "kv_bytes_received"),
+            "raylight:kv_transfer_seconds": ("Time from reservation to landed KV, summed over remote prefills",
+                                             "kv_transfer_seconds_total"),
+            "raylight:kv_blocks_sent": ("KV blocks pushed by prefill replicas", "kv_blocks_sent"),
+            "raylight:kv_bytes_sent": ("KV bytes pushed by prefill replicas", "kv_bytes_sent"),
+            "raylight:kv_push_seconds": ("Time prefill replicas spent pushing KV", "kv_push_seconds_total"),
+            "raylight:kv_pushes_failed": ("KV pushes a prefill replica could not complete", "kv_pushes_failed"),
+        }
+        for name, (doc, key) in counters.items():
+            yield CounterMetricFamily(name, doc, value=self._sum(key))
+        for name, doc, key in (
+                ("raylight:kv_local_prefills", "Disaggregated requests prefilled on their decode replica, by "
+                 "reason (short, prompt_logprobs, no_prefill, a failed handoff's reason, ...)", "kv_local_prefills"),
+                ("raylight:kv_handoff_failures", "KV handoffs that fell back to local prefill, by reason",
+                 "kv_handoff_failures")):
+            family = CounterMetricFamily(name, doc, labels=["reason"])
+            for reason, value in sorted(self._sum_by_label(key).items()):
+                family.add_metric([reason], value)
+            yield family
+
+    def _sum_by_label(self, key: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for s in self.snapshots.values():
+            counts = s.get(key)
+            if isinstance(counts, dict):
+                for label, n in counts.items():
+                    out[str(label)] = out.get(str(label), 0.0) + float(n or 0)
+        return out
 
 
 class ServerMetrics:
@@ -89,6 +139,18 @@ class ServerMetrics:
         r.register(self._replicas)
 
     def update_replica(self, replica_id: str, stats: dict[str, Any]) -> None:
+        """One replica's snapshot, or a disaggregated router's bundle of several (`{"replicas": {id:
+        snapshot}}`). A snapshot with a `snapshot_t` replaces only an older one of its replica (a bundle
+        repeats what the router heard last, which must not make a dead replica look alive)."""
+        if isinstance(stats.get("replicas"), dict):
+            for rid, snapshot in stats["replicas"].items():
+                if isinstance(snapshot, dict):
+                    self.update_replica(rid, snapshot)
+            return
+        old = self._replicas.snapshots.get(replica_id)
+        t = stats.get("snapshot_t")
+        if old is not None and t is not None and old.get("snapshot_t", float("-inf")) >= t:
+            return
         self._replicas.snapshots[replica_id] = stats
         self._replicas.seen[replica_id] = time.monotonic()
 

@@ -19,7 +19,7 @@ import time
 from typing import Any, AsyncIterator, Optional
 
 from raylight.config import EngineArgs
-from raylight.messages import GenerateCall, ReplicaMessage, ReplicaStats
+from raylight.messages import GenerateCall, KVReservation, ReplicaMessage, ReplicaStats
 
 logger = logging.getLogger("raylight.replica")
 POLL_S = 0.25  # how often a waiting request checks its deadline, the engine's health and the drain
@@ -60,6 +60,13 @@ class EngineReplica:
         logger.info("replica %s ready (%d torch threads)", self.replica_id, torch.get_num_threads())
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[ReplicaMessage]:
+        async with contextlib.aclosing(self._generate(call)) as msgs:  # closing this closes that: abort
+            async for msg in msgs:
+                yield msg
+
+    async def _generate(self, call: GenerateCall, **engine_kwargs) -> AsyncIterator[ReplicaMessage]:
+        """`generate`, with keyword arguments for the engine's generate (the disaggregated roles in
+        cluster/roles.py pass `remote_prefill_threshold` or `kv_push`)."""
         from raylight.engine.async_engine import EngineDeadError, QueueFullError
 
         try:
@@ -68,13 +75,11 @@ class EngineReplica:
             if not self.engine_ok():
                 raise ReplicaUnavailableError(f"engine unusable: {self.stalled}")
             deadline = None if self.request_timeout_s is None else time.monotonic() + self.request_timeout_s
-            agen = self.async_engine.generate(call.prompt, call.params, call.request_id, call.cache_salt)
+            agen = self.async_engine.generate(call.prompt, call.params, call.request_id, call.cache_salt,
+                                              **engine_kwargs)
             async with contextlib.aclosing(self._guarded(agen, call.request_id, deadline)) as outs:
                 async for out in outs:  # a caller that goes away closes both generators: the request aborts
-                    msg = ReplicaMessage(output=out, replica_id=self.replica_id)
-                    if out.finished:
-                        msg.stats = self._metrics()
-                    yield msg
+                    yield self._message(out)
         except ValueError as e:
             yield self._error(400, str(e))
         except QueueFullError as e:
@@ -124,6 +129,14 @@ class EngineReplica:
                 f"no engine step finished in {since:.0f}s (stalled)")
             logger.error("replica %s unhealthy: %s", self.replica_id, self.stalled)
         return self.stalled is None
+
+    def _message(self, out) -> ReplicaMessage:
+        if isinstance(out, KVReservation):  # a disaggregated decode request's first item, for the router
+            return ReplicaMessage(reservation=out, replica_id=self.replica_id)
+        msg = ReplicaMessage(output=out, replica_id=self.replica_id)
+        if out.finished:
+            msg.stats = self._metrics()
+        return msg
 
     def _error(self, status: int, message: str) -> ReplicaMessage:
         return ReplicaMessage(error_status=status, error_message=message, stats=self._metrics(),
