@@ -225,10 +225,15 @@ def copy_blocks(dst: torch.Tensor, dst_ids: torch.Tensor, dst_heads: slice, src:
         for s, d, n in block_runs:
             dst[d : d + n, :, :, dst_heads].copy_(src[s : s + n, :, :, src_heads], non_blocking=True)
         return
-    part = src[src_ids, :, :, src_heads]
+    # index_select + index_copy_: row kernels over whole blocks, several times faster on a GPU than
+    # the gather and index_put of advanced indexing (measured on an H200: 363 GB/s with those).
+    part = src.index_select(0, src_ids)
+    if src_heads != slice(0, src.shape[3]):
+        part = part[:, :, :, src_heads]
     if part.device != dst.device:
         part = part.to(dst.device, non_blocking=True)
-    dst[dst_ids, :, :, dst_heads] = part
+    target = dst if dst_heads == slice(0, dst.shape[3]) else dst[:, :, :, dst_heads]
+    target.index_copy_(0, dst_ids, part)
 
 
 @dataclass
