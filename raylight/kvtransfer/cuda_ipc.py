@@ -40,6 +40,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from raylight.kernels import kv_copy
 from raylight.kvtransfer import pairs
 from raylight.kvtransfer.layout import KVLayout, Piece, plan_pieces
 
@@ -224,6 +225,10 @@ def copy_blocks(dst: torch.Tensor, dst_ids: torch.Tensor, dst_heads: slice, src:
     if block_runs is not None:
         for s, d, n in block_runs:
             dst[d : d + n, :, :, dst_heads].copy_(src[s : s + n, :, :, src_heads], non_blocking=True)
+        return
+    if (src_heads == slice(0, src.shape[3]) and dst_heads == slice(0, dst.shape[3])
+            and kv_copy.can_copy(dst, src)):
+        kv_copy.copy_blocks(dst, dst_ids, src, src_ids)  # one pass: see kernels/kv_copy.py
         return
     # index_select + index_copy_: row kernels over whole blocks, several times faster on a GPU than
     # the gather and index_put of advanced indexing (measured on an H200: 363 GB/s with those).
