@@ -21,6 +21,7 @@ which these shared hosts forbid. Measured in the same runs (scripts/bench_parall
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Optional
 
@@ -28,6 +29,9 @@ import torch
 import torch.distributed as dist
 
 from raylight.kernels import allreduce as kernels
+from raylight.utils.cuda_ipc_handles import decode_share, describe, view
+
+_GATHER_BYTES = 4096  # one rank's buffer description (about 400 bytes of JSON) in the start-up exchange
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +60,6 @@ class CustomAllReduce:
                ) -> Optional["CustomAllReduce"]:
         """Collective over the world (every rank calls it, each with its own TP group's ranks), even with
         `enabled` False (then every rank returns None)."""
-        from torch.multiprocessing.reductions import reduce_tensor
-
         world, rank = len(tp_ranks), tp_ranks.index(dist.get_rank())
         max_bytes = (max_bytes or (8 << 20) // world) // 16 * 16
         ok, why, mine = True, "", None
@@ -73,17 +75,21 @@ class CustomAllReduce:
                 torch.cuda.synchronize(device)  # filled before a peer maps it
         except Exception as e:  # noqa: BLE001 - any failure means: stay with NCCL
             ok, why = False, f"{type(e).__name__}: {e}"
-        shared = reduce_tensor(mine) if ok else None
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, shared, group=cpu_group)
+        shared = None
+        if ok:
+            try:
+                shared = describe(mine)
+            except Exception as e:  # noqa: BLE001
+                ok, why = False, f"{type(e).__name__}: {e}"
+        everyone = _all_gather_json(shared, cpu_group)
         group_shares = [everyone[r] for r in tp_ranks]
         if ok and any(s is None for s in group_shares):
             ok, why = False, "a peer could not set up its buffer"
         keep, addrs = [mine], []
         if ok:
             try:
-                for r, (fn, args) in enumerate(group_shares):
-                    t = mine if r == rank else fn(*_on_device(args, device.index))
+                for r, d in enumerate(group_shares):
+                    t = mine if r == rank else _open(d, device)
                     keep.append(t)
                     addrs.append(t.data_ptr())
             except Exception as e:  # noqa: BLE001
@@ -96,8 +102,7 @@ class CustomAllReduce:
             except Exception as e:  # noqa: BLE001
                 car, why = None, f"self-check failed: {type(e).__name__}: {e}"
         # Every rank of the group must agree, or one rank would wait in the kernel for a peer on NCCL.
-        verdicts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(verdicts, car is not None, group=cpu_group)
+        verdicts = _all_gather_json(car is not None, cpu_group)
         if not all(verdicts[r] for r in tp_ranks):
             logger.warning("custom all-reduce off for TP ranks %s (%s): NCCL for every all-reduce",
                            tp_ranks, why or "a peer failed")
@@ -180,12 +185,28 @@ class CustomAllReduce:
             raise RuntimeError("; ".join(problems))
 
 
-def _on_device(args: tuple, index: int) -> tuple:
-    """torch's rebuild_cuda_tensor arguments with the mapping opened on GPU `index` (ours) rather
-    than on the peer's: a kernel on our GPU may only touch peer memory mapped in our own context,
-    where cudaIpcOpenMemHandle enables peer access. No IPC event to wait for: the peer synchronised
-    before sharing."""
-    args = list(args)
-    args[6] = index  # storage_device
-    args[-1] = False  # event_sync_required
-    return tuple(args)
+def _all_gather_json(value, group: dist.ProcessGroup) -> list:
+    """Every rank's JSON-able `value`, as uint8 tensors over the gloo group: no pickle on the socket."""
+    raw = json.dumps(value).encode()
+    if len(raw) > _GATHER_BYTES - 4:
+        raise ValueError(f"{len(raw)} bytes do not fit the {_GATHER_BYTES}-byte exchange")
+    buf = torch.zeros(_GATHER_BYTES, dtype=torch.uint8)
+    buf[:4] = torch.tensor(list(len(raw).to_bytes(4, "little")), dtype=torch.uint8)
+    buf[4 : 4 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    out = [torch.empty_like(buf) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, buf, group=group)
+    values = []
+    for b in out:
+        n = int.from_bytes(bytes(b[:4].tolist()), "little")
+        values.append(json.loads(bytes(b[4 : 4 + n].tolist()).decode()))
+    return values
+
+
+def _open(d: dict, device: torch.device) -> torch.Tensor:
+    """A peer's buffer, mapped on GPU `device` (ours) rather than on the peer's: a kernel on our GPU
+    may only touch peer memory mapped in our own context, where cudaIpcOpenMemHandle enables peer
+    access. No IPC event to wait for: the peer synchronised before sharing."""
+    share = list(decode_share(d, device.index))
+    share[-1] = False  # event_sync_required
+    storage = torch.UntypedStorage._new_shared_cuda(*share)
+    return view(storage, d, device)

@@ -52,9 +52,6 @@ PICKLE_ALLOWED = {
     "workers/launchers.py": "pickles rank 0's own RankSpec into the stdin pipe of the rank process it just "
                             "started (same machine, a pipe it created; what multiprocessing's spawn does)",
     "workers/rank_main.py": "the child end of that pipe: unpickles what its parent wrote to its stdin",
-    "parallel/custom_allreduce.py": "KNOWN FINDING, to fix in parallel/: at start-up on CUDA, TP ranks of one node "
-                                    "swap their CUDA-IPC handles with dist.all_gather_object (pickle over the "
-                                    "replica's gloo group); should be a uint8/int64 tensor all-gather",
 }
 PICKLE_MODULES = {"pickle", "cloudpickle", "dill", "marshal", "shelve", "_pickle", "joblib"}
 PICKLING_CALLS = {"load", "loads",  # torch.load, pickle.load(s), numpy.load(..., allow_pickle=True)

@@ -1,0 +1,37 @@
+"""The custom all-reduce's buffer exchange without pickle: a buffer described as JSON
+(utils/cuda_ipc_handles.py) in one process is opened by another (parallel/custom_allreduce._open)
+and both see the same memory. One GPU suffices: the two processes share it."""
+
+import json
+import multiprocessing as mp
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+
+def _child(desc: str, q) -> None:
+    from raylight.parallel.custom_allreduce import _open
+
+    t = _open(json.loads(desc), torch.device("cuda", 0))
+    q.put(t[:8].tolist())
+    t[8:16] = 7  # written here, read in the parent
+    torch.cuda.synchronize()
+    q.put("written")
+
+
+def test_buffer_opens_in_another_process():
+    from raylight.utils.cuda_ipc_handles import describe
+
+    buf = torch.arange(64, dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(json.dumps(describe(buf)), q))
+    p.start()
+    assert q.get(timeout=120) == list(range(8))
+    assert q.get(timeout=60) == "written"
+    p.join(timeout=60)
+    assert p.exitcode == 0
+    assert buf[8:16].tolist() == [7] * 8
