@@ -11,24 +11,15 @@ import torch
 pytestmark = pytest.mark.gpu
 
 
-def _child(desc: str, q) -> None:
-    from raylight.parallel.custom_allreduce import _open
-
-    t = _open(json.loads(desc), torch.device("cuda", 0))
-    q.put(t[:8].tolist())
-    t[8:16] = 7  # written here, read in the parent
-    torch.cuda.synchronize()
-    q.put("written")
-
-
 def test_buffer_opens_in_another_process():
+    from raylight.testing.ipc_child import open_and_write
     from raylight.utils.cuda_ipc_handles import describe
 
     buf = torch.arange(64, dtype=torch.uint8, device="cuda")
     torch.cuda.synchronize()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(json.dumps(describe(buf)), q))
+    p = ctx.Process(target=open_and_write, args=(json.dumps(describe(buf)), q))
     p.start()
     assert q.get(timeout=120) == list(range(8))
     assert q.get(timeout=60) == "written"
