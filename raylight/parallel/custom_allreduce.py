@@ -206,6 +206,7 @@ def _open(d: dict, device: torch.device) -> torch.Tensor:
     """A peer's buffer, mapped on GPU `device` (ours) rather than on the peer's: a kernel on our GPU
     may only touch peer memory mapped in our own context, where cudaIpcOpenMemHandle enables peer
     access. No IPC event to wait for: the peer synchronised before sharing."""
+    torch.cuda.init()  # _new_shared_cuda does not initialise CUDA itself (a fresh process segfaults)
     share = list(decode_share(d, device.index))
     share[-1] = False  # event_sync_required
     storage = torch.UntypedStorage._new_shared_cuda(*share)
