@@ -87,8 +87,10 @@ class KVEndpoint:
                 pass
 
     def close(self) -> None:
+        """Stops accepting pushes; on rank 0 the store (its listening socket) goes with the last reference."""
         self._stopped = True
         cuda_ipc.unpublish(self._ipc_token)
+        self.store = None
 
     # ---- every rank ----
     def _accept(self) -> None:

@@ -53,9 +53,12 @@ def advertised_host(configured: Optional[str]) -> str:
 
 
 def host_store(host: str) -> dist.TCPStore:
-    """The decode replica's store, on a free port (listening on every interface of this node)."""
-    return dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=30))
+    """The decode replica's store, on a free port of `host` only (a TCPStore that makes its own
+    socket listens on every interface: 127.0.0.1 stays private when that is what peers use)."""
+    sock = socket.create_server((host, 0), backlog=128)
+    port = sock.getsockname()[1]
+    return dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=30), master_listen_fd=sock.detach())
 
 
 def connect_store(host: str, port: int, timeout_s: float = 5.0) -> dist.TCPStore:

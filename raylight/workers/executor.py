@@ -135,6 +135,9 @@ class Executor:
     def shutdown(self) -> None:
         """Stops every other rank and leaves the torch.distributed world; idempotent."""
         rank = getattr(self, "rank", None)  # None when building this rank failed
+        for part in (rank.kv_endpoint, rank.kv_sender) if rank is not None else ():
+            if part is not None:
+                part.close()  # the KV endpoint's store stops listening; the sender's thread ends
         graphs = rank.graphs if rank is not None and self.launcher is not None else None
         if graphs is not None and self._all_ranks_alive():  # else the device may never finish: NCCL was aborted
             graphs.release()  # before the NCCL communicators its graphs captured go away

@@ -246,6 +246,9 @@ def run_rank(spec: RankSpec, rank: int, device: torch.device) -> int:
                     built.model.layer_range, built.num_blocks)
         return serve_steps(built, StepChannel(groups.cpu_group, rank, spec.channel_capacity))
     finally:
+        for part in (built.kv_endpoint, built.kv_sender) if built is not None else ():
+            if part is not None:
+                part.close()
         if built is not None and built.graphs is not None:
             built.graphs.release()  # before leaving the world: see CudaGraphRunner.release
         leave_distributed()
