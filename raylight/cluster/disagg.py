@@ -32,8 +32,8 @@ import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from raylight.cluster.replica import _replica_id
+from raylight.engine.remote_prefill import prefill_params
 from raylight.messages import GenerateCall, KVReservation, ReplicaMessage, ReplicaStats
-from raylight.sampling_params import SamplingParams
 
 logger = logging.getLogger("raylight.disagg")
 
@@ -44,12 +44,6 @@ _SNAPSHOT_TTL_S = 3600.0  # a replica not heard of for this long is forgotten
 
 class DecodeLost(RuntimeError):
     """The decode replica failed (died, or answered 503) before the request finished."""
-
-
-def prefill_params(params: SamplingParams) -> SamplingParams:
-    """What the prefill side runs: the prompt's KV and one throwaway greedy token. Nothing of the
-    request's sampling (n, logprobs, stop strings, penalties, seed): the decode side samples."""
-    return SamplingParams(max_tokens=1, temperature=0.0)
 
 
 async def _result(response, timeout_s: Optional[float] = None):

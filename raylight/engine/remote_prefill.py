@@ -19,13 +19,20 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Optional
 
 from raylight.engine.request import Request, RequestStatus
 from raylight.kvtransfer.handoff import Handoff, HandoffState
 from raylight.messages import KVReservation
+from raylight.sampling_params import SamplingParams
 
 logger = logging.getLogger("raylight.engine")
+
+
+def prefill_params(params: SamplingParams) -> SamplingParams:
+    """What the prefill side runs for a request with `params`: the prompt's KV and one throwaway greedy
+    token. Nothing of the request's sampling (n, logprobs, stop strings, penalties, seed): the decode
+    side samples."""
+    return SamplingParams(max_tokens=1, temperature=0.0)
 
 
 class RemotePrefills:

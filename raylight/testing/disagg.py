@@ -6,13 +6,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from raylight.engine.remote_prefill import prefill_params
 from raylight.messages import KVReservation
 from raylight.sampling_params import SamplingParams
-
-
-def prefill_params(params: SamplingParams) -> SamplingParams:
-    """What a prefill replica runs: the prompt's KV and one throwaway token (the decode side samples)."""
-    return SamplingParams(max_tokens=1, temperature=0.0)
 
 
 def drain(engine, outputs: Optional[dict] = None) -> dict:
