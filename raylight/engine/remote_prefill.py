@@ -99,13 +99,17 @@ class RemotePrefills:
     # ---- every engine step ----
     def poll(self) -> None:
         now = time.monotonic()
+        try:
+            look = self.endpoint.anything_landed()  # one store read per step while nothing changes
+        except Exception:
+            look = True  # the per-transfer read below fails too, and says so
         for tid, h in list(self.pending.items()):
             if h.request.is_finished:  # ended while waiting (aborted through the scheduler's view)
                 self._quarantine(self.pending.pop(tid), "aborted")
                 self.by_request.pop(h.request.request_id, None)
                 continue
             try:
-                landed = self.endpoint.landed(tid)
+                landed = self.endpoint.landed(tid) if look else False
             except Exception as e:  # our own store: should not fail; treat like a failed prefill
                 logger.warning("KV endpoint store read failed for transfer %d: %s", tid, e)
                 landed = None

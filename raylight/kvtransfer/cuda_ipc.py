@@ -412,15 +412,12 @@ class IpcPusher:
             if not ok or peer.broken:
                 raise RuntimeError("a copy failed" if not ok else "the endpoint's store failed before")
             for _ in peer.dst_ranks:  # what a pair's END does on the decode side, once per pair of ours
-                peer.store.set(f"expect/{tid}", str(peer.num_pairs))
-                peer.store.add(f"landed/{tid}", 1)
+                pairs.mark_landed(peer.store, tid, peer.num_pairs)
             self.stats.transfers_done += 1
         except Exception as e:
             logger.warning("KV push of transfer %d to %s:%d over CUDA IPC failed: %s", tid, *peer.key, e)
             self.stats.transfers_failed += 1
-            from raylight.kvtransfer.endpoint import FAILED  # (endpoint imports this module)
-
             try:
-                peer.store.add(f"landed/{tid}", FAILED)
+                pairs.mark_failed(peer.store, tid)
             except Exception:
                 peer.broken = True

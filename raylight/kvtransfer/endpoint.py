@@ -13,7 +13,6 @@ them beside a forward is safe.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import threading
 import time
@@ -26,7 +25,6 @@ from raylight.kvtransfer import cuda_ipc, pairs
 from raylight.kvtransfer.layout import KVLayout
 
 logger = logging.getLogger("raylight.kvtransfer")
-FAILED = -(1 << 40)  # added to a transfer's landed counter by a sender that gave up on it
 
 
 class KVEndpoint:
@@ -37,6 +35,7 @@ class KVEndpoint:
         self.layer_lo = layout.layers_of(rank)[0]
         self.head_lo = layout.kv_heads_of(rank)[0]
         self._stopped = False
+        self._any_seen = 0  # pairs.ANY_KEY as last read (anything_landed)
         self._pairs: list[dist.ProcessGroup] = []
         # Same-node senders map this rank's caches over CUDA IPC instead of joining a pair group.
         self._ipc_token = cuda_ipc.publish(store, rank, kv_caches, device)
@@ -69,6 +68,13 @@ class KVEndpoint:
         return cls(layout, rank, kv_caches, store, host, port, device)
 
     # ---- rank 0: the engine's view ----
+    def anything_landed(self) -> bool:
+        """Whether any transfer landed or failed since the last call: one store read per engine step,
+        not one per pending transfer."""
+        n = self.store.add(pairs.ANY_KEY, 0)
+        changed, self._any_seen = n != self._any_seen, n
+        return changed
+
     def landed(self, transfer_id: int) -> Optional[bool]:
         """True once every sender's share of the transfer is in the caches of every rank, False while
         not, None if a sender gave up on it."""
@@ -130,8 +136,7 @@ class KVEndpoint:
                 if op == pairs.OP_END:
                     if cuda:
                         torch.cuda.current_stream(self.device).synchronize()  # the scatters are done
-                    store.set(f"expect/{tid}", str(total))
-                    store.add(f"landed/{tid}", 1)
+                    pairs.mark_landed(store, tid, total)
                     continue
                 ids = torch.empty(n, dtype=torch.int64, device=self.device)
                 pairs.recv(group, ids)

@@ -88,6 +88,23 @@ def open_pair(store: dist.Store, dst_rank: int, device: torch.device) -> dist.Pr
     return new_pair_group(store, name, 0, device)
 
 
+# ---- the decode store's landing bookkeeping (written by receivers and IPC senders, read by the engine)
+FAILED = -(1 << 40)  # added to a transfer's landed counter by a sender that gave up on it
+ANY_KEY = "landed/any"  # bumped after every change of any transfer's counter: one read tells whether to look
+
+
+def mark_landed(store: dist.Store, transfer_id: int, num_pairs: int) -> None:
+    """One (sender rank, receiver rank) pair's share of a transfer is in the decode cache."""
+    store.set(f"expect/{transfer_id}", str(num_pairs))
+    store.add(f"landed/{transfer_id}", 1)
+    store.add(ANY_KEY, 1)
+
+
+def mark_failed(store: dist.Store, transfer_id: int) -> None:
+    store.add(f"landed/{transfer_id}", FAILED)
+    store.add(ANY_KEY, 1)
+
+
 def send(group: dist.ProcessGroup, t: torch.Tensor) -> None:
     group.send([t], 1, 0).wait()
 

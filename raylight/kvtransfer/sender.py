@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 
 from raylight.kvtransfer import cuda_ipc, pairs
-from raylight.kvtransfer.endpoint import FAILED
 from raylight.kvtransfer.layout import KVLayout, Piece, plan_pieces
 from raylight.messages import KVPush
 
@@ -225,6 +224,6 @@ class KVSender:
             del self._lru[lru_key]
         try:  # tell the decode side now rather than at its lease's end
             store = remote.store if remote is not None else pairs.connect_store(*key, timeout_s=2.0)
-            store.add(f"landed/{push.transfer_id}", FAILED)
+            pairs.mark_failed(store, push.transfer_id)
         except Exception:
             pass
