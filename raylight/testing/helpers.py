@@ -100,6 +100,38 @@ def assert_no_leaks(llm) -> None:
     assert m["num_running"] == 0 and m["num_waiting"] == 0, m
 
 
+def read_metrics(base: str, headers=None, timeout: float = 10, labelled: bool = False) -> dict[str, float]:
+    """The server's `raylight:` series from /metrics, name -> value; `labelled`: also the series with
+    labels (keyed by name and labels as printed), else only the plain ones."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"{base}/metrics", headers=headers, timeout=timeout).text.splitlines():
+        if line.startswith("raylight:") and (labelled or "{" not in line):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def serve_replica_pids(app: str, deployment: str) -> list[int]:
+    """Processes of a Serve app's replicas of one deployment (Ray titles a replica
+    'ray::ServeReplica:<app>:<deployment>')."""
+    import os
+
+    tag = f"ServeReplica:{app}:{deployment}".encode()
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if tag in f.read():
+                    pids.append(int(d))
+        except OSError:
+            continue
+    return pids
+
+
 def free_port() -> int:
     import socket
 

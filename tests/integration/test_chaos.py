@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raylight.testing.helpers import serve_app
+from raylight.testing.helpers import serve_app, serve_replica_pids
 
 MODEL = "SmolLM2-135M-Instruct"
 APP = "chaos"
@@ -41,19 +41,7 @@ def server(smollm2_dir):
 
 
 def replica_pids() -> list[int]:
-    """Processes of this app's engine replicas (Ray titles a replica 'ray::ServeReplica:<app>:<deployment>')."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if f"ServeReplica:{APP}:EngineReplica".encode() in cmd:
-            pids.append(int(d))
-    return pids
+    return serve_replica_pids(APP, "EngineReplica")
 
 
 def completion_ok(base, timeout_s=30) -> bool:

@@ -29,7 +29,7 @@ import yaml
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
-from raylight.testing.helpers import serve_app
+from raylight.testing.helpers import read_metrics, serve_app, serve_replica_pids
 
 MODEL = "SmolLM2-135M-Instruct"
 APP = "disagg"
@@ -71,12 +71,7 @@ def client(server):
 
 
 def metrics(base) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
-        if line.startswith("raylight:"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+    return read_metrics(base, labelled=True)
 
 
 def local(m, reason) -> float:
@@ -115,22 +110,14 @@ def wait_reserved(remote_before: int, timeout_s=60):
 
 def long_ids(server, seed: int, n: int = 500) -> list[int]:
     """n token ids of English text (distinct per seed, so nothing is in the decode replica's cache)."""
-    ids = httpx.post(f"{server}/tokenize", json={"prompt": f"Story {seed}. " + LONG_TEXT * 3}, timeout=30).json()["tokens"]
+    text = f"Story {seed}. " + LONG_TEXT * (3 * -(-n // 500))
+    ids = httpx.post(f"{server}/tokenize", json={"prompt": text}, timeout=30).json()["tokens"]
     assert len(ids) >= n
     return ids[:n]
 
 
 def prefill_pids() -> list[int]:
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                cmd = pathlib.Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            if f"ServeReplica:{APP}:PrefillReplica".encode() in cmd:
-                pids.append(int(d))
-    return pids
+    return serve_replica_pids(APP, "PrefillReplica")
 
 
 def test_openai_client_chat_streaming_and_not(client):
@@ -209,7 +196,10 @@ def test_prefill_replica_killed_mid_transfer_request_completes_locally_and_nothi
 
     def request():
         result["r"] = httpx.post(f"{server}/v1/completions", timeout=120, json={
-            "model": MODEL, "prompt": long_ids(server, 4), "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+            # 1,800 tokens: the prefill runs long enough on a CPU for the kill to land while it pushes (with
+            # 500 a busy CI machine could see the push land first, and nothing fail)
+            "model": MODEL, "prompt": long_ids(server, 4, n=1800), "max_tokens": 4, "temperature": 0,
+            "ignore_eos": True})
 
     t = threading.Thread(target=request, daemon=True)
     t.start()

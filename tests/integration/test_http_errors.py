@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
-from raylight.testing.helpers import serve_app
+from raylight.testing.helpers import serve_app, read_metrics
 
 KEY_A, KEY_B = "sk-tenant-a", "sk-tenant-b"
 MODEL = "SmolLM2-135M-Instruct"
@@ -36,12 +36,7 @@ def auth(key=KEY_A):
 
 
 def metrics(base) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(f"{base}/metrics", headers=auth(), timeout=10).text.splitlines():
-        if line.startswith("raylight:") and "{" not in line:
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+    return read_metrics(base, headers=auth())
 
 
 def _error(r, status):

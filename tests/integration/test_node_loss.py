@@ -15,7 +15,6 @@ state, and losing it ends the cluster (tests/README.md, row 32)."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 
@@ -24,7 +23,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from raylight.testing.helpers import free_port, wait_healthy
+from raylight.testing.helpers import free_port, serve_replica_pids, wait_healthy
 
 MODEL = "SmolLM2-135M-Instruct"
 APP = "node-loss"
@@ -65,18 +64,7 @@ def deployment_status(name: str) -> str:
 
 
 def replica_pids() -> list[int]:
-    """Processes of this app's engine replicas (Ray titles a replica 'ray::ServeReplica:<app>:<deployment>')."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                if f"ServeReplica:{APP}:EngineReplica".encode() in f.read():
-                    pids.append(int(d))
-        except OSError:
-            continue
-    return pids
+    return serve_replica_pids(APP, "EngineReplica")
 
 
 def raylet_of(pid: int) -> int:

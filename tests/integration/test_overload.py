@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raylight.testing.helpers import serve_app
+from raylight.testing.helpers import serve_app, read_metrics
 
 MODEL = "SmolLM2-135M-Instruct"
 MAX_NUM_SEQS, MAX_QUEUED = 4, 4
@@ -35,12 +35,7 @@ def server(smollm2_dir):
 
 
 def gauges(base) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
-        if line.startswith("raylight:") and "{" not in line:
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+    return read_metrics(base)
 
 
 def wait_gauges_idle(base, timeout_s=15.0) -> dict[str, float]:

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
-from raylight.testing.helpers import serve_app
+from raylight.testing.helpers import serve_app, read_metrics
 
 API_KEY = "sk-raylight-test"
 MODEL = "SmolLM2-135M-Instruct"
@@ -38,13 +38,7 @@ def auth():
 
 
 def metrics(base) -> dict[str, float]:
-    text = httpx.get(f"{base}/metrics", headers=auth(), timeout=10).text
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("raylight:") and "{" not in line:
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+    return read_metrics(base, headers=auth())
 
 
 def test_models_and_misc_routes(server, client):

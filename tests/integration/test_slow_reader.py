@@ -23,7 +23,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raylight.testing.helpers import serve_app
+from raylight.testing.helpers import serve_app, read_metrics
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -39,12 +39,7 @@ def server(smollm2_dir):
 
 
 def metrics(base) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
-        if line.startswith("raylight:") and "{" not in line:
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+    return read_metrics(base, timeout=30)
 
 
 def wait_idle(base, aborted: float, timeout_s: float = 30.0) -> dict[str, float]:
