@@ -12,6 +12,21 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+class EPLBConfig(BaseModel):
+    """Expert-parallel load balancing, with vLLM's field names and defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_size: int = Field(1000, ge=1, description="Steps of expert load the rebalancer looks at.")
+    step_interval: int = Field(3000, ge=1, description="Steps between rebalances (the first comes after a quarter "
+                               "of it); only the last window_size steps' load counts.")
+    num_redundant_experts: int = Field(0, ge=0, description="Extra expert slots (replicas of the busiest experts); "
+                                       "experts + redundant must divide by the EP size.")
+    log_balancedness: bool = Field(False, description="Compute balancedness every log_balancedness_interval steps "
+                                   "(an all-reduce each time) and log it; otherwise only at each rebalance.")
+    log_balancedness_interval: int = Field(1, ge=1)
+
+
 class EngineArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -104,6 +119,15 @@ class EngineArgs(BaseModel):
     pipeline_layer_split: Optional[list[int]] = Field(
         None, description="Layers of each pipeline stage, first stage first (default: as even as possible, the "
         "extra layers on the first stages); must sum to the model's layer count.")
+    enable_expert_parallel: bool = Field(
+        False, description="Mixture-of-experts models: shard the experts over the tensor-parallel ranks (expert "
+        "parallelism, EP size = tensor_parallel_size) and move tokens to them (all-to-all dispatch/combine) instead "
+        "of splitting every expert's matrices over the ranks. Attention stays tensor parallel.")
+    enable_eplb: bool = Field(
+        False, description="Expert-parallel load balancing: record each expert's load while serving and, every "
+        "eplb_config.step_interval steps, re-place (and replicate) experts over the ranks, moving weights layer "
+        "by layer between steps. Needs enable_expert_parallel.")
+    eplb_config: "EPLBConfig" = Field(default_factory=lambda: EPLBConfig(), description="EPLB settings (vLLM's names).")
     distributed_timeout_s: float = Field(
         300.0, gt=0, description="Seconds a rank waits on another (a collective, a stage hand-off, startup) before "
         "the replica fails instead of hanging.")
@@ -128,7 +152,14 @@ class EngineArgs(BaseModel):
         if split is not None and len(split) != self.pipeline_parallel_size:
             raise ValueError(f"pipeline_layer_split has {len(split)} entries but pipeline_parallel_size="
                              f"{self.pipeline_parallel_size}")
+        if self.enable_eplb and not self.enable_expert_parallel:
+            raise ValueError("enable_eplb needs enable_expert_parallel=True (EPLB places experts over EP ranks)")
+        if self.eplb_config.num_redundant_experts and not self.enable_eplb:
+            raise ValueError("eplb_config.num_redundant_experts needs enable_eplb=True: without rebalancing, "
+                             "redundant experts would only copy the initial placement")
         return self
 
+
+EngineArgs.model_rebuild()
 
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3

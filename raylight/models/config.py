@@ -31,6 +31,14 @@ class ModelArchConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: Optional[str] = None
     hidden_act: str = "silu"
+    # Mixture of experts (0 experts: a dense model). `moe_layers`: the layers whose MLP is the
+    # sparse block; the others keep a dense MLP of `intermediate_size`.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to one
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's gated shared expert; 0: none
+    moe_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelArchConfig":
@@ -106,6 +114,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8192),
         bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16",
+    ),
+    # Qwen3-30B-A3B's shape (48 layers, 128 experts, top-8, expert width 768), about 61 GB in bf16.
+    "qwen3-30b-a3b": dict(
+        architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, max_position_embeddings=40960, tie_word_embeddings=False,
+        bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16",
+    ),
+    # A small MoE of the same family, for CPU runs of the MoE paths with dummy weights.
+    "qwen3-moe-tiny": dict(
+        architectures=["Qwen3MoeForCausalLM"], vocab_size=4096, hidden_size=256, intermediate_size=512,
+        moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4, norm_topk_prob=True,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, max_position_embeddings=4096, tie_word_embeddings=False, torch_dtype="bfloat16",
     ),
     "llama-3.1-8b": dict(
         architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096, intermediate_size=14336,

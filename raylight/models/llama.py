@@ -17,7 +17,7 @@ the embedding, the last one the final norm and the LM head.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -90,10 +90,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, attn_backend, groups: ParallelGroups, kernels: KernelConfig):
+    def __init__(self, cfg: ModelArchConfig, attn_backend, groups: ParallelGroups, kernels: KernelConfig,
+                 mlp: Optional[nn.Module] = None):
         super().__init__()
         self.self_attn = LlamaAttention(cfg, attn_backend, groups, kernels)
-        self.mlp = LlamaMLP(cfg, groups, kernels)
+        # A MoE model passes its sparse block; it too returns this TP rank's partial sum.
+        self.mlp = mlp if mlp is not None else LlamaMLP(cfg, groups, kernels)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels.fused_kernels)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels.fused_kernels)
         self.groups = groups
@@ -114,13 +116,14 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelArchConfig, attn_backend, max_positions: int, groups: ParallelGroups,
-                 kernels: KernelConfig):
+                 kernels: KernelConfig, make_mlp: Optional[Callable[[int], Optional[nn.Module]]] = None):
         super().__init__()
         self.start_layer, self.end_layer = groups.layer_range(cfg.num_hidden_layers)
         self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, groups)
                              if groups.is_first_stage else None)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, attn_backend, groups, kernels) if self.start_layer <= i < self.end_layer
+            LlamaDecoderLayer(cfg, attn_backend, groups, kernels, make_mlp(i) if make_mlp else None)
+            if self.start_layer <= i < self.end_layer
             else nn.Identity()
             for i in range(cfg.num_hidden_layers))
         self.local_layers = list(self.layers)[self.start_layer : self.end_layer]
@@ -163,7 +166,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.groups = groups = groups or ParallelGroups.single()
         self.kernels = kernels
-        self.model = LlamaModel(cfg, attn_backend, max_positions, groups, kernels)
+        self.model = LlamaModel(cfg, attn_backend, max_positions, groups, kernels, self.make_mlp)
         if not groups.is_last_stage:
             self.lm_head = None
         else:
@@ -171,6 +174,10 @@ class LlamaForCausalLM(nn.Module):
             # the last stage keeps its own copy, filled from the checkpoint's embedding.
             tie_to = self.model.embed_tokens if cfg.tie_word_embeddings else None
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, groups, tie_to=tie_to, kernels=kernels)
+
+    def make_mlp(self, layer: int) -> Optional[nn.Module]:
+        """Layer `layer`'s MLP when it is not the dense one (a MoE model's sparse block); None: dense."""
+        return None
 
     @classmethod
     def local_head_counts(cls, cfg: ModelArchConfig, tp_size: int, tp_rank: int = 0) -> tuple[int, int]:

@@ -145,10 +145,16 @@ def build_model(resolved: ResolvedModel, attn_backend, dtype: torch.dtype, devic
 def _init_dummy(model: torch.nn.Module, seed: int) -> None:
     """Random weights with real shapes (benchmarks); norms stay at one so activations stay sane."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    fill_experts = getattr(model, "fill_dummy_experts", None)
     for name, p in model.named_parameters():
+        if fill_experts is not None and name.endswith((".experts.w13_weight", ".experts.w2_weight")):
+            continue  # per expert, below
         if "norm" in name:
             p.fill_(1.0)
         elif name.endswith("bias"):
             p.zero_()
         else:
             p.normal_(0.0, 0.02, generator=gen)
+    if fill_experts is not None:
+        # Seeded by (layer, expert), not by slot: replicas match, and so do EP layouts of one model.
+        fill_experts(seed)

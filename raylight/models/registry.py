@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from raylight.models.llama import LlamaForCausalLM
+from raylight.models.moe import MoEForCausalLM
 
 if TYPE_CHECKING:
     from raylight.models.config import ModelArchConfig
@@ -35,12 +36,39 @@ def _qwen_window(d: dict[str, Any]) -> dict[str, Any]:
     return {} if d.get("use_sliding_window", False) else {"sliding_window": None}
 
 
+def _sparse_layers(d: dict[str, Any], num_experts: int) -> tuple[int, ...]:
+    """Qwen-MoE's rule for which layers are sparse: every decoder_sparse_step-th, minus mlp_only_layers."""
+    step, dense = int(d.get("decoder_sparse_step") or 1), set(d.get("mlp_only_layers") or ())
+    return tuple(i for i in range(d["num_hidden_layers"]) if num_experts and (i + 1) % step == 0 and i not in dense)
+
+
+def _qwen_moe(d: dict[str, Any]) -> dict[str, Any]:
+    # transformers 5 writes num_local_experts where Hub configs say num_experts.
+    experts = int(d.get("num_experts") or d.get("num_local_experts") or 0)
+    return dict(num_experts=experts, num_experts_per_tok=int(d["num_experts_per_tok"]),
+                moe_intermediate_size=int(d["moe_intermediate_size"]), norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
+                moe_layers=_sparse_layers(d, experts), **_qwen_window(d))
+
+
+def _mixtral(d: dict[str, Any]) -> dict[str, Any]:
+    # Every layer is sparse; the experts' width is intermediate_size; top-k weights always renormalised.
+    experts = int(d["num_local_experts"])
+    return dict(num_experts=experts, num_experts_per_tok=int(d["num_experts_per_tok"]),
+                moe_intermediate_size=int(d["intermediate_size"]), norm_topk_prob=True,
+                moe_layers=tuple(range(d["num_hidden_layers"])))
+
+
 REGISTRY: dict[str, ModelEntry] = {
     "LlamaForCausalLM": ModelEntry(LlamaForCausalLM, ("llama",)),
     "MistralForCausalLM": ModelEntry(LlamaForCausalLM, ("mistral",)),
     "Qwen2ForCausalLM": ModelEntry(LlamaForCausalLM, ("qwen2",),
                                    lambda d: {"attention_bias": True, **_qwen_window(d)}),
     "Qwen3ForCausalLM": ModelEntry(LlamaForCausalLM, ("qwen3",), lambda d: {"qk_norm": True, **_qwen_window(d)}),
+    "Qwen3MoeForCausalLM": ModelEntry(MoEForCausalLM, ("qwen3_moe",), lambda d: {"qk_norm": True, **_qwen_moe(d)}),
+    "Qwen2MoeForCausalLM": ModelEntry(MoEForCausalLM, ("qwen2_moe",),
+                                      lambda d: {"attention_bias": bool(d.get("qkv_bias", True)), **_qwen_moe(d)}),
+    "MixtralForCausalLM": ModelEntry(MoEForCausalLM, ("mixtral",), _mixtral),
 }
 
 

@@ -38,6 +38,10 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     # Layers per PP stage, first stage first; None splits them evenly.
     pipeline_layer_split: Optional[tuple[int, ...]] = None
+    # Mixture-of-experts layers: experts sharded over each stage's TP ranks (EP size = tp) instead of
+    # every expert's matrices split over them; and the extra expert slots EPLB may fill with replicas.
+    enable_expert_parallel: bool = False
+    num_redundant_experts: int = 0
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1:
@@ -54,6 +58,11 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def ep_size(self) -> int:
+        """Ranks a MoE layer's experts are spread over: the stage's TP ranks under EP, else 1."""
+        return self.tensor_parallel_size if self.enable_expert_parallel else 1
 
     def global_rank(self, tp_rank: int, pp_rank: int) -> int:
         """The rank of (tp_rank, pp_rank): stages in descending rank order, rank 0 in the last one."""
@@ -179,6 +188,20 @@ class ParallelGroups:
     @property
     def world_size(self) -> int:
         return self.config.world_size
+
+    @property
+    def ep_size(self) -> int:
+        return self.config.ep_size
+
+    @property
+    def ep_rank(self) -> int:
+        """This rank's place among the ranks its stage's experts are spread over (its TP rank under EP)."""
+        return self.tp_rank if self.config.enable_expert_parallel else 0
+
+    @property
+    def ep_group(self) -> Optional[dist.ProcessGroup]:
+        """The group expert-parallel tokens and weights move over: the stage's TP group (None: one rank)."""
+        return self.tp_group if self.ep_size > 1 else None
 
     @property
     def is_first_stage(self) -> bool:

@@ -59,10 +59,23 @@ def make_random_hf_model(kind: str, path: str, seed: int = 0, embed_std: float =
         cfg = transformers.Qwen3Config(**common, head_dim=32)
     elif kind == "mistral":
         cfg = transformers.MistralConfig(**common, sliding_window=16)  # exercises the window mask
+    elif kind == "qwen3-moe":  # layer 1 dense (mlp_only_layers), the others sparse; renormalised top-k
+        moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+                   mlp_only_layers=[1])
+        cfg = transformers.Qwen3MoeConfig(**{**moe, **common}, head_dim=32)
+    elif kind == "qwen2-moe":  # gated shared expert, top-k weights not renormalised
+        moe = dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, shared_expert_intermediate_size=96,
+                   norm_topk_prob=False)
+        cfg = transformers.Qwen2MoeConfig(**{**moe, **common})
+    elif kind == "mixtral":
+        moe = dict(num_local_experts=6, num_experts_per_tok=2, intermediate_size=48)
+        cfg = transformers.MixtralConfig(**{**common, **moe})
     else:
         raise ValueError(kind)
     cls = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
-           "mistral": transformers.MistralForCausalLM}.get(kind, transformers.LlamaForCausalLM)
+           "mistral": transformers.MistralForCausalLM, "qwen3-moe": transformers.Qwen3MoeForCausalLM,
+           "qwen2-moe": transformers.Qwen2MoeForCausalLM, "mixtral": transformers.MixtralForCausalLM,
+           }.get(kind, transformers.LlamaForCausalLM)
     model = cls(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

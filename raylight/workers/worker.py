@@ -36,7 +36,9 @@ logger = logging.getLogger("raylight.worker")
 
 def parallel_config(args: EngineArgs) -> ParallelConfig:
     split = tuple(args.pipeline_layer_split) if args.pipeline_layer_split is not None else None
-    return ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size, split)
+    return ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size, split,
+                          enable_expert_parallel=args.enable_expert_parallel,
+                          num_redundant_experts=args.eplb_config.num_redundant_experts if args.enable_eplb else 0)
 
 
 @dataclass
