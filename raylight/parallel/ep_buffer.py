@@ -107,7 +107,9 @@ def _unpack(packed: torch.Tensor, like: list[tuple[torch.dtype, int]]) -> list[t
     out, at = [], 0
     for dtype, width in like:
         nbytes = width * torch.tensor([], dtype=dtype).element_size()
-        out.append(packed[:, at : at + nbytes].contiguous().view(dtype))
+        # A fresh copy: a slice can count as contiguous (one row) yet keep a stride dtype views reject.
+        col = packed.new_empty(packed.shape[0], nbytes).copy_(packed[:, at : at + nbytes])
+        out.append(col.view(dtype))
         at += nbytes
     return out
 
