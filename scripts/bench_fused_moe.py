@@ -13,8 +13,8 @@ ratio there; the loop cannot be captured, so it is always eager). FLOPs counted 
 2 * T * K * 3 * H * I (three [H x I] GEMMs per routed pair); TFLOP/s = that / time.
 Correctness: max relative error (max |a - b| / max |b|) of ours and grouped_mm against the loop.
 
---sweep first times each GEMM of ours over candidate tile configurations per T (eager, CUDA
-events), uses the best for the comparison, and prints a CONFIGS table for kernels/fused_moe.py.
+--sweep first times each GEMM of ours over candidate tile configurations per T (graph replay up
+to --graph-max, eager CUDA events above), uses the best for the comparison, and prints a CONFIGS table for kernels/fused_moe.py.
 
     python scripts/bench_fused_moe.py [--sweep] [--out benchmarks/results]
 """
@@ -40,7 +40,8 @@ from raylight.kernels import fused_moe, moe_align  # noqa: E402
 E, K, H, I = 128, 8, 2048, 768
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 
-SMALL = [(32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (64, 64, 1, 4, 4), (128, 64, 1, 4, 3), (64, 256, 1, 4, 3)]
+SMALL = [(32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (64, 64, 1, 4, 4), (128, 64, 1, 4, 3), (64, 256, 1, 4, 3),
+         (16, 256, 1, 2, 3), (32, 256, 1, 4, 3), (16, 128, 1, 2, 4), (32, 64, 1, 2, 4)]
 LARGE = [(64, 64, 8, 4, 4), (128, 64, 8, 4, 3), (64, 128, 8, 4, 3), (128, 64, 8, 8, 4), (128, 128, 8, 8, 3),
          (256, 64, 8, 8, 3)]
 
@@ -127,25 +128,27 @@ def max_rel(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def sweep(T, x, w13, w2, w, ids, reps):
-    """Best (BLOCK_M, cfg1, cfg2) for this T by timing align + each GEMM alone per candidate."""
+def sweep(T, x, w13, w2, w, ids, reps, graph: bool):
+    """Best (BLOCK_M, cfg1, cfg2) for this T by timing align + each GEMM alone per candidate
+    (replayed from a CUDA graph when `graph`: small T are launch-bound when eager)."""
     tw = w.float().contiguous()
+    timed = timed_graph if graph else timed_eager
     best = None
     rows = []
     for bm in block_ms(T):
         align = moe_align.moe_align_block_size(ids, bm, E)
         cands = SMALL if bm <= 32 else LARGE
-        t_align = timed_eager(lambda: moe_align.moe_align_block_size(ids, bm, E), reps)
+        t_align = timed(lambda: moe_align.moe_align_block_size(ids, bm, E), reps)
         c1 = fused_moe.gemm1(x, w13, *align, K, bm, cands[0])
         c2_dtype = torch.float32 if T * K <= fused_moe.SMALL_PAIRS else x.dtype
         res1, res2 = [], []
         for cfg in cands:
             try:
-                res1.append((timed_eager(lambda: fused_moe.gemm1(x, w13, *align, K, bm, cfg), reps), cfg))
+                res1.append((timed(lambda: fused_moe.gemm1(x, w13, *align, K, bm, cfg), reps), cfg))
             except Exception as exc:  # out of shared memory / registers
                 print(f"  T={T} bm={bm} gemm1 {cfg}: {type(exc).__name__}")
             try:
-                res2.append((timed_eager(lambda: fused_moe.gemm2(c1, w2, *align, tw, K, bm, cfg, c2_dtype), reps), cfg))
+                res2.append((timed(lambda: fused_moe.gemm2(c1, w2, *align, tw, K, bm, cfg, c2_dtype), reps), cfg))
             except Exception as exc:
                 print(f"  T={T} bm={bm} gemm2 {cfg}: {type(exc).__name__}")
         if not res1 or not res2:
@@ -165,6 +168,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--graph-max", type=int, default=512, help="CUDA graphs for T up to this")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep-max", type=int, default=1 << 30, help="sweep only T up to this (table above)")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = p.parse_args(argv)
     dev = torch.device("cuda")
@@ -183,8 +187,8 @@ def main(argv=None):
         x = torch.randn(T, H, device=dev).to(torch.bfloat16)
         w, ids = fused_moe.select_experts(torch.randn(T, E, device=dev), K, True)
         cfg = None
-        if args.sweep:
-            cfg, rows = sweep(T, x, w13, w2, w, ids, max(5, args.reps // 3))
+        if args.sweep and T <= args.sweep_max:
+            cfg, rows = sweep(T, x, w13, w2, w, ids, max(5, args.reps // 3), T <= args.graph_max)
             record["tuned"][str(T)] = {"best": cfg, "candidates": rows}
         ours = (lambda: fused_moe.triton_fused_experts(x, w13, w2, w, ids, config=cfg))
         grouped = (lambda: grouped_mm_moe(x, w13, w2, w, ids))
@@ -214,7 +218,7 @@ def main(argv=None):
             json.dump(record, f, indent=2)
     if args.sweep:
         print("CONFIGS[(%d, %d, %d)] = [" % (E, H, I))
-        for T in args.tokens:
+        for T in [t for t in args.tokens if str(t) in record["tuned"]]:
             print(f"    ({T}, {tuple(record['tuned'][str(T)]['best']) if record['tuned'][str(T)]['best'] else None}),")
         print("]")
     print(f"wrote {path}")

@@ -11,11 +11,13 @@
 shapes alone: nothing is read back to the host, so the whole thing can be captured in a CUDA graph
 and the GEMMs' grids are sized from it (their programs past `num_tokens_post_padded` exit at once).
 
-On CUDA (or under TRITON_INTERPRET=1) three small Triton kernels do it: per-pair rank within its
+On CUDA (or under TRITON_INTERPRET=1), up to SMALL_PAIRS pairs (decode), one Triton program does
+it all (counts and ranks from compare matrices). Above, three kernels: per-pair rank within its
 expert by atomic counters, one program for the padded prefix sums + block->expert map + sentinel
 fill, and a scatter. The order of the pairs inside an expert's group is then unspecified (atomics);
 the GEMMs do not depend on it (every output row is its own dot products; the reduction over k is in
-fixed order). The torch fallback (`torch_moe_align_block_size`) is ordered by flat index.
+fixed order). The single-program kernel and the torch fallback (`torch_moe_align_block_size`)
+order them by flat index.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 
 triton = None
 tl = None
+
+SMALL_PAIRS = 128  # up to this many (token, k) pairs one program lays them all out
 
 
 def max_blocks(num_pairs: int, block_size: int, num_experts: int) -> int:
@@ -84,6 +88,40 @@ def _scatter_kernel(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, TK, E, BLOCK: tl.
     tl.store(sorted_ptr + dest, offs.to(tl.int32), mask=valid)
 
 
+def _align_small_kernel(ids_ptr, sorted_ptr, expert_ids_ptr, ntp_ptr, TK, E, n_blocks,
+                        BLOCK_SIZE: tl.constexpr, TK_POW2: tl.constexpr, E_POW2: tl.constexpr,
+                        CHUNK: tl.constexpr, FILL: tl.constexpr):
+    # The whole layout in one program for a few pairs (decode): counts and ranks from compare
+    # matrices, pairs in flat-index order inside each expert (as the torch fallback orders them).
+    i = tl.arange(0, TK_POW2)
+    e = tl.load(ids_ptr + i, mask=i < TK, other=-1).to(tl.int32)
+    valid = (i < TK) & (e >= 0) & (e < E)
+    e = tl.where(valid, e, -1)
+    es = tl.arange(0, E_POW2)
+    emask = es < E
+    onehot = (e[:, None] == es[None, :]) & valid[:, None]  # [TK_POW2, E_POW2]
+    c = tl.sum(onehot.to(tl.int32), 0)
+    padded = (c + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    tl.store(ntp_ptr, tl.sum(padded, 0))
+    j = tl.arange(0, TK_POW2)
+    same = (e[:, None] == e[None, :]) & (j[None, :] < i[:, None])
+    rank = tl.sum(same.to(tl.int32), 1)
+    dest = tl.sum(tl.where(onehot, starts[None, :], 0), 1) + rank
+    for b0 in range(0, n_blocks, CHUNK):
+        bs = b0 + tl.arange(0, CHUNK)
+        before = (ends[None, :] <= (bs * BLOCK_SIZE)[:, None]) & emask[None, :]
+        eid = tl.sum(before.to(tl.int32), 1)
+        tl.store(expert_ids_ptr + bs, tl.where(eid >= E, -1, eid), mask=bs < n_blocks)
+    n_sorted = n_blocks * BLOCK_SIZE
+    for s0 in range(0, n_sorted, FILL):
+        ss = s0 + tl.arange(0, FILL)
+        tl.store(sorted_ptr + ss, tl.full([FILL], 0, tl.int32) + TK, mask=ss < n_sorted)
+    tl.debug_barrier()  # the sentinels land before the pairs overwrite some of them
+    tl.store(sorted_ptr + dest, i, mask=valid)
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels() -> SimpleNamespace:
     global triton, tl
@@ -91,7 +129,7 @@ def _kernels() -> SimpleNamespace:
     import triton.language as tl
 
     return SimpleNamespace(rank=triton.jit(_rank_kernel), layout=triton.jit(_layout_kernel),
-                           scatter=triton.jit(_scatter_kernel))
+                           scatter=triton.jit(_scatter_kernel), small=triton.jit(_align_small_kernel))
 
 
 def torch_moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: int):
@@ -135,19 +173,23 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: i
         ids = ids.contiguous()
     TK = ids.numel()
     n_blocks = max_blocks(TK, block_size, num_experts)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)
-    rank = torch.empty(max(TK, 1), dtype=torch.int32, device=dev)
-    starts = torch.empty(num_experts, dtype=torch.int32, device=dev)
     sorted_ids = torch.empty(n_blocks * block_size, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(n_blocks, dtype=torch.int32, device=dev)
     ntp = torch.empty(1, dtype=torch.int32, device=dev)
     k = _kernels()
+    e_pow2 = max(16, _next_pow2(num_experts))
+    chunk = max(16, min(256, 8192 // e_pow2))
+    if TK <= SMALL_PAIRS and e_pow2 <= 1024:  # one launch instead of four
+        k.small[(1,)](ids, sorted_ids, expert_ids, ntp, TK, num_experts, n_blocks, BLOCK_SIZE=block_size,
+                      TK_POW2=max(16, _next_pow2(TK)), E_POW2=e_pow2, CHUNK=chunk, FILL=2048, num_warps=8)
+        return sorted_ids, expert_ids, ntp
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)
+    rank = torch.empty(max(TK, 1), dtype=torch.int32, device=dev)
+    starts = torch.empty(num_experts, dtype=torch.int32, device=dev)
     block = 1024
     grid = (max(1, -(-TK // block)),)
     if TK:
         k.rank[grid](ids, counts, rank, TK, num_experts, BLOCK=block, num_warps=4)
-    e_pow2 = max(16, _next_pow2(num_experts))
-    chunk = max(16, min(256, 8192 // e_pow2))
     k.layout[(1,)](counts, starts, expert_ids, sorted_ids, ntp, num_experts, TK, n_blocks,
                    BLOCK_SIZE=block_size, E_POW2=e_pow2, CHUNK=chunk, FILL=2048, num_warps=8)
     if TK:

@@ -42,7 +42,7 @@ def test_triton_fp32_and_minus_one():
     assert fused_moe.fused_experts(x[:0], w13, w2, w[:0], ids[:0]).shape == (0, 256)
 
 
-@pytest.mark.parametrize("T,block", [(1, 16), (333, 16), (4096, 64), (5000, 128)])
+@pytest.mark.parametrize("T,block", [(1, 16), (16, 16), (333, 16), (4096, 64), (5000, 128)])
 def test_align_layout_on_device(T, block):
     _, _, _, _, ids = moe_case(T, E, K, 8, 8, device="cuda", seed=T)
     ids[::7, 0] = -1
