@@ -354,6 +354,47 @@ def _moe(ck, buf, rank, world, dev, topk, w, experts, e_loc, kw):
     ck.expect("moe_ll", torch.allclose(got, want, rtol=1e-5, atol=1e-5), f"max err {_err(got, want)}")
 
 
+def graph_checks(rank: int, world: int, dev: torch.device) -> dict[str, list[str]]:
+    """LL dispatch+combine and num_worst_tokens dispatch+combine captured in a CUDA graph: replays
+    with fresh inputs copied into the static ones equal the eager calls (CUDA only)."""
+    ck = Checker()
+    experts, k, t = 4 * world, 3, 10
+    buf = EPBuffer(dist.group.WORLD, experts, H, TMAX)
+
+    def inputs(seed):
+        topk, w = make_routing(rank, t, experts, k, seed)
+        x = torch.randn(t, H, generator=torch.Generator().manual_seed(seed * 10 + rank))
+        return x.to(dev), topk.to(dev), w.to(dev)
+
+    sx, stopk, sw = inputs(0)
+
+    def ll_step():
+        lx, _, lh, _, _ = buf.low_latency_dispatch(sx, stopk, TMAX, experts, use_fp8=False)
+        return buf.low_latency_combine(lx * 2, stopk, sw, lh)[0]
+
+    def worst_step():
+        rx, _, _, _, h, _ = buf.dispatch(sx, topk_idx=stopk, topk_weights=sw, num_worst_tokens=world * TMAX)
+        return buf.combine(rx * 2, h)[0]
+
+    for name, step in (("ll_capture", ll_step), ("worst_capture", worst_step)):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream (NCCL setup, allocator)
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        for seed in (1, 2):
+            for static, fresh in zip((sx, stopk, sw), inputs(seed)):
+                static.copy_(fresh)
+            graph.replay()
+            want = step()
+            ck.expect(name, torch.equal(out, want), f"replay with seed {seed} differs from eager")
+    return {f"graph/{c}": v for c, v in ck.failures.items()}
+
+
 def gpu_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     """torch.multiprocessing.spawn target for the NCCL run: one process per GPU, results as JSON."""
     from raylight.parallel.state import init_distributed, leave_distributed
@@ -361,6 +402,7 @@ def gpu_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     init_distributed(rank, world, f"tcp://127.0.0.1:{port}", f"cuda:{rank}", timeout_s=120)
     try:
         res = ep_contract_checks(rank, world, device=f"cuda:{rank}")
+        res.update(graph_checks(rank, world, torch.device(f"cuda:{rank}")))
         dist.barrier()
     finally:
         leave_distributed()
