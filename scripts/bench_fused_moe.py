@@ -140,7 +140,7 @@ def sweep(T, x, w13, w2, w, ids, reps, graph: bool):
         cands = SMALL if bm <= 32 else LARGE
         t_align = timed(lambda: moe_align.moe_align_block_size(ids, bm, E), reps)
         c1 = fused_moe.gemm1(x, w13, *align, K, bm, cands[0])
-        c2_dtype = torch.float32 if T * K <= fused_moe.SMALL_PAIRS else x.dtype
+        c2_dtype = torch.float32 if T * K <= fused_moe.FP32_CACHE_PAIRS else x.dtype
         res1, res2 = [], []
         for cfg in cands:
             try:

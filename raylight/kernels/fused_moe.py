@@ -18,7 +18,7 @@ Triton path (no host synchronisation, CUDA-graph capturable; grids from shapes o
   2. GEMM 1: each program computes a BLOCK_M x BLOCK_N tile of gate and the matching tile of up
      over H and writes silu(g) * u (rounded as the torch path rounds) -> cache1 [padded rows, I];
   3. GEMM 2: cache1 x W2[e]^T times the routing weight -> cache2 [T*K, H] (float32 for small
-     batches, x.dtype above SMALL_PAIRS pairs);
+     batches, x.dtype above FP32_CACHE_PAIRS pairs);
   4. a sum over k (in k order, float32, skipping -1 entries) -> out [T, H].
 Tile configurations per (E, H, I) and token bucket come from `CONFIGS` (tuned on an H200 by
 scripts/bench_fused_moe.py --sweep), else from `default_config`.
@@ -42,16 +42,16 @@ tl = None
 # (E, H, I) -> [(max tokens T, config), ...] ascending; the first bucket with T <= max applies.
 CONFIGS: dict = {
     # Qwen3-30B-A3B (TP=1 / EP): bench_fused_moe.py --sweep on an H200, torch 2.11, triton 3.6
+    # (T <= 256 timed in CUDA graphs, above eagerly; benchmarks/results/fused-moe-20261204-*.json)
     (128, 2048, 768): [
-        (1, (16, (128, 64, 1, 4, 3), (128, 64, 1, 4, 3))),
-        (2, (16, (64, 128, 1, 4, 4), (64, 128, 1, 4, 4))),
-        (4, (16, (64, 256, 1, 4, 3), (128, 64, 1, 4, 3))),
-        (8, (16, (64, 256, 1, 4, 3), (32, 128, 1, 4, 4))),
-        (16, (16, (32, 128, 1, 4, 4), (64, 128, 1, 4, 4))),
-        (32, (16, (64, 128, 1, 4, 4), (128, 64, 1, 4, 3))),
-        (64, (32, (64, 64, 1, 4, 4), (64, 128, 1, 4, 4))),
-        (128, (64, (128, 64, 8, 8, 4), (128, 64, 8, 8, 4))),
-        (256, (32, (64, 64, 1, 4, 4), (64, 128, 1, 4, 4))),
+        (1, (16, (64, 128, 1, 4, 4), (64, 64, 1, 4, 4))),
+        (2, (16, (32, 128, 1, 4, 4), (64, 64, 1, 4, 4))),
+        (4, (16, (32, 256, 1, 4, 3), (64, 64, 1, 4, 4))),
+        (8, (16, (32, 256, 1, 4, 3), (32, 128, 1, 4, 4))),
+        (32, (16, (32, 256, 1, 4, 3), (64, 128, 1, 4, 4))),
+        (64, (16, (32, 128, 1, 4, 4), (64, 128, 1, 4, 4))),
+        (128, (16, (32, 256, 1, 4, 3), (64, 128, 1, 4, 4))),
+        (256, (32, (64, 64, 1, 4, 4), (128, 64, 1, 4, 3))),
         (512, (64, (64, 64, 8, 4, 4), (128, 64, 8, 4, 3))),
         (1024, (64, (64, 64, 8, 4, 4), (128, 64, 8, 4, 3))),
         (2048, (128, (128, 64, 8, 8, 4), (128, 64, 8, 4, 3))),
@@ -59,18 +59,21 @@ CONFIGS: dict = {
         (1 << 62, (128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 3))),
     ],
 }
-SMALL_PAIRS = 4096  # cache2 is float32 up to this many (token, k) pairs
+FP32_CACHE_PAIRS = 4096  # cache2 is float32 up to this many (token, k) pairs
 
 
 def default_config(E: int, H: int, I: int, T: int, top_k: int):
+    """Shapes not in CONFIGS: the H200 table's picks by pairs per expert."""
     per_expert = T * top_k / max(1, E)
-    if per_expert <= 4:
-        return (16, (64, 128, 1, 4, 4), (64, 128, 1, 4, 4))
+    if per_expert <= 2:
+        return (16, (32, 256, 1, 4, 3), (64, 128, 1, 4, 4))
+    if per_expert <= 8:
+        return (16, (32, 128, 1, 4, 4), (64, 128, 1, 4, 4))
     if per_expert <= 16:
-        return (32, (64, 128, 1, 4, 4), (64, 128, 1, 4, 4))
+        return (32, (64, 64, 1, 4, 4), (128, 64, 1, 4, 3))
     if per_expert <= 64:
-        return (64, (64, 64, 8, 4, 4), (128, 64, 8, 4, 4))
-    return (128, (64, 64, 8, 8, 4), (128, 64, 8, 8, 3))
+        return (64, (64, 64, 8, 4, 4), (128, 64, 8, 4, 3))
+    return (128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 3))
 
 
 def get_config(E: int, H: int, I: int, T: int, top_k: int):
@@ -337,7 +340,7 @@ def triton_fused_experts(x, w13, w2, topk_weights, topk_ids, config=None):
     block_m, cfg1, cfg2 = config or get_config(E, H, two_i // 2, T, K)
     sorted_ids, expert_ids, ntp = moe_align.moe_align_block_size(topk_ids, block_m, E)
     cache1 = gemm1(x, w13, sorted_ids, expert_ids, ntp, K, block_m, cfg1)
-    c2_dtype = torch.float32 if T * K <= SMALL_PAIRS else x.dtype
+    c2_dtype = torch.float32 if T * K <= FP32_CACHE_PAIRS else x.dtype
     cache2 = gemm2(cache1, w2, sorted_ids, expert_ids, ntp, tw, K, block_m, cfg2, c2_dtype)
     return sum_k(cache2, topk_ids, E, x.dtype)
 
