@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from raylight.parallel.ep_low_latency import (check_low_latency_args, exchange, ll_combine, ll_dispatch,
-                                              low_latency_buffer_bytes, wire_view)
+                                              ll_dispatch_fp8, low_latency_buffer_bytes, wire_view)
 
 
 class EventOverlap:
@@ -279,14 +279,19 @@ class EPBuffer:
                              use_ue8m0: bool = False, async_finish: bool = False, return_recv_hook: bool = False):
         """-> (recv_x [E_loc, R*Tmax, H], recv_count [E_loc] int32, handle, event, hook). Fixed
         shapes, no host read: CUDA-graph capturable. Only the first recv_count[e] rows of expert e
-        are valid. The exchange has completed on return, so the hook (if asked for) does nothing."""
-        if use_fp8 or round_scale or use_ue8m0:
-            raise NotImplementedError("EPBuffer's low-latency dispatch moves x as is: call it with use_fp8=False "
-                                      "(FP8 per-128-channel quantisation is not implemented here)")
+        are valid. use_fp8 (DeepEP's default): recv_x = (e4m3 [E_loc, R*Tmax, H], float32 scales
+        [E_loc, R*Tmax, H/128]), quantised per 128 channels before sending. The exchange has
+        completed on return, so the hook (if asked for) does nothing."""
+        if use_ue8m0:
+            raise NotImplementedError("UE8M0 packed scales are not implemented in EPBuffer")
         check_low_latency_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.num_experts,
                                self.world, self.hidden)
-        recv_x, recv_count, handle = ll_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                                                 self.group, self.world, cumulative_local_expert_recv_stats)
+        if use_fp8 and x.shape[1] % 128:  # a shape fact, so it raises before any collective
+            raise ValueError(f"use_fp8 needs hidden % 128 == 0, got {x.shape[1]}; pass use_fp8=False")
+        move = ll_dispatch_fp8 if use_fp8 else ll_dispatch
+        extra = dict(round_scale=round_scale) if use_fp8 else {}
+        recv_x, recv_count, handle = move(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                          self.group, self.world, cumulative_local_expert_recv_stats, **extra)
         return recv_x, recv_count, handle, EventOverlap(), (_done if return_recv_hook else None)
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle,

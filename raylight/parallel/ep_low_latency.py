@@ -14,6 +14,9 @@ all_to_all_single moves the whole buffer, i.e. `E * Tmax * H * elt` bytes per ra
 denser wire format (`Tmax * min(K, E_loc)` slots per destination rank, re-laid out by the
 receiver) would cut that by E_loc/K; not done here.
 
+FP8 (DeepEP's default `use_fp8=True`): rows are quantised to e4m3 with one float32 scale per 128
+channels before sending (values and scales as one byte row), halving the dispatch bytes.
+
 This module also holds `exchange`, the one collective both modes use (ep_buffer.py imports it).
 """
 
@@ -166,6 +169,38 @@ def ll_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tens
     if out is None:
         return acc.to(x.dtype)
     return out.copy_(acc)
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_fp8_per_128(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepEP's FP8 dispatch format: e4m3 values and one float32 scale per 128 channels,
+    x ~= x_fp8 * scale. round_scale: scales rounded up to a power of two (exact to apply)."""
+    t, h = x.shape
+    if h % 128:
+        raise ValueError(f"FP8 dispatch needs hidden % 128 == 0, got {h}")
+    groups = x.float().view(t, h // 128, 128)
+    scale = groups.abs().amax(-1).clamp(min=1e-4) / FP8_MAX
+    if round_scale:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    q = (groups / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(t, h), scale
+
+
+def ll_dispatch_fp8(x: torch.Tensor, topk_idx: torch.Tensor, tmax: int, num_experts: int, group, world: int,
+                    stats: Optional[torch.Tensor] = None, round_scale: bool = False):
+    """ll_dispatch of the quantised rows: -> ((recv_fp8 [E_loc, R*Tmax, H], scales [E_loc, R*Tmax, H/128]),
+    recv_count, handle). Values and scales travel as one byte row (one exchange); the scales come
+    back column-major in the last two dims, as DeepEP returns them for TMA loads."""
+    h = x.shape[1]
+    q, scale = quantize_fp8_per_128(x, round_scale)
+    packed = torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], 1)
+    recv, recv_count, handle = ll_dispatch(packed, topk_idx, tmax, num_experts, group, world, stats)
+    recv_q = recv[..., :h].contiguous().view(torch.float8_e4m3fn)
+    recv_scale = recv[..., h:].contiguous().view(torch.float32)
+    recv_scale = recv_scale.transpose(1, 2).contiguous().transpose(1, 2)
+    return (recv_q, recv_scale), recv_count, handle._replace(hidden=h)
 
 
 def low_latency_buffer_bytes(num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int,

@@ -21,7 +21,7 @@ from raylight.parallel.ep_buffer import EPBuffer
 TMAX = 16
 H = 8
 CHECKS = ("layout", "no_expert_tokens", "once_per_rank", "source_order", "recv_topk", "expert_counts",
-          "combine_identity", "worst_tokens", "cached", "ll_recv", "ll_combine", "ll_no_sync", "determinism",
+          "combine_identity", "worst_tokens", "cached", "ll_recv", "ll_combine", "ll_no_sync", "ll_fp8", "determinism",
           "moe_normal", "moe_ll")
 
 
@@ -319,10 +319,33 @@ def _low_latency(ck, buf, rank, world, dev, x, topk, w, all_topk, e_loc, k):
     except ValueError:
         ck.expect("ll_no_sync", True, "")
     try:
-        buf.low_latency_dispatch(x, topk, TMAX, experts)  # DeepEP's default use_fp8=True
-        ck.expect("ll_no_sync", False, "use_fp8=True did not raise")
-    except NotImplementedError:
+        buf.low_latency_dispatch(x, topk, TMAX, experts)  # DeepEP's default use_fp8=True, but H % 128 != 0
+        ck.expect("ll_no_sync", False, "use_fp8 with hidden 8 did not raise")
+    except ValueError:
         pass
+    _low_latency_fp8(ck, buf, rank, world, dev, topk, w, e_loc)
+
+
+def _low_latency_fp8(ck, buf, rank, world, dev, topk, w, e_loc):
+    """use_fp8=True: e4m3 values, float32 scales per 128 channels (column-major), dequantised rows
+    within e4m3's 2^-4 relative step of the bf16 path, combine of the dequantised rows ~ x * sum w."""
+    h, experts, t = 256, buf.num_experts, topk.shape[0]
+    fbuf = EPBuffer(buf.group, experts, h, TMAX)
+    x = (torch.randn(t, h, generator=torch.Generator().manual_seed(7 + rank)) * 3).to(dev)
+    ref, ref_count, _, _, _ = fbuf.low_latency_dispatch(x, topk, TMAX, experts, use_fp8=False)
+    with forbid_host_sync():
+        (q, sc), count, fh, _, _ = fbuf.low_latency_dispatch(x, topk, TMAX, experts)
+        deq = q.float() * sc.repeat_interleave(128, -1)
+        y = fbuf.low_latency_combine(deq, topk, w, fh)[0]
+        (_, sc2), _, _, _, _ = fbuf.low_latency_dispatch(x, topk, TMAX, experts, round_scale=True)
+    ck.expect("ll_fp8", q.dtype == torch.float8_e4m3fn and q.shape == (e_loc, world * TMAX, h)
+              and sc.shape == (e_loc, world * TMAX, 2) and sc.stride(-2) == 1, "dtypes / shapes / scale layout")
+    ck.expect("ll_fp8", torch.equal(count, ref_count), "counts differ from the bf16 path")
+    amax = float(x.abs().max()) if t else 1.0
+    ck.expect("ll_fp8", bool(((deq - ref).abs() <= ref.abs() / 16 + amax * 1e-3).all()), "dequantised rows")
+    want = x * torch.where(topk >= 0, w, 0.0).sum(1, keepdim=True)
+    ck.expect("ll_fp8", torch.allclose(y, want, rtol=0.1, atol=amax * 0.02), f"fp8 combine err {_err(y, want)}")
+    ck.expect("ll_fp8", torch.equal(torch.log2(sc2), torch.log2(sc2).round()), "round_scale: not powers of two")
 
 
 def _err(a, b) -> float:

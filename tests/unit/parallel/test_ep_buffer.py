@@ -99,6 +99,10 @@ def test_low_latency_no_host_sync_and_overflow_raises_early(ranks):
     _assert_ok(ranks, ["ll_no_sync"])
 
 
+def test_low_latency_fp8_per_128_channel_scales(ranks):
+    _assert_ok(ranks, ["ll_fp8"])
+
+
 # ---------------------------------------------------------------- contract 7: the edge cases
 
 def test_zero_token_ranks(ranks):
@@ -168,8 +172,37 @@ def test_argument_errors_raise_before_any_collective():
         buf.dispatch(torch.zeros(3, 8), topk_idx=torch.zeros(3, 1, dtype=torch.long), num_worst_tokens=8)
     with pytest.raises(ValueError, match="built for"):
         buf.get_dispatch_layout(torch.zeros(1, 1, dtype=torch.long), 8)
-    with pytest.raises(NotImplementedError, match="use_fp8=False"):
+    with pytest.raises(ValueError, match="use_fp8=False"):  # hidden 8 is no multiple of 128
         buf.low_latency_dispatch(torch.zeros(1, 8), torch.zeros(1, 1, dtype=torch.long), 2, 4)
+    with pytest.raises(NotImplementedError, match="UE8M0"):
+        buf.low_latency_dispatch(torch.zeros(1, 8), torch.zeros(1, 1, dtype=torch.long), 2, 4, use_ue8m0=True)
+
+
+def test_normal_dispatch_moves_fp8_with_scales():
+    """x given as (e4m3 [T, H], scales [T, H/128]) travels as bytes and comes back as the same pair."""
+    from raylight.parallel.ep_low_latency import quantize_fp8_per_128
+
+    buf = EPBuffer(None, 4, 256)
+    x = torch.randn(5, 256)
+    q, sc = quantize_fp8_per_128(x)
+    topk = torch.tensor([[0, 1], [-1, -1], [3, -1], [2, 0], [1, 1]])
+    (rq, rsc), *_ , h, _ = buf.dispatch((q, sc), topk_idx=topk, topk_weights=torch.rand(5, 2))
+    keep = torch.tensor([0, 2, 3, 4])
+    assert rq.dtype == torch.float8_e4m3fn and torch.equal(rq.view(torch.uint8), q[keep].view(torch.uint8))
+    assert torch.equal(rsc, sc[keep])
+    (cq, csc), *_ = buf.dispatch((q, sc), handle=h)
+    assert torch.equal(cq.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(csc, rsc)
+
+
+def test_non_deterministic_combine_gives_the_same_sums():
+    """deterministic=False reduces all ranks' rows in one index_add_ (atomics on CUDA): same values."""
+    x, topk = torch.randn(6, 8), torch.tensor([[0, 3], [1, -1], [-1, -1], [2, 3], [0, 1], [3, 2]])
+    outs = []
+    for det in (True, False):
+        buf = EPBuffer(None, 4, 8, deterministic=det)
+        rx, _, _, _, h, _ = buf.dispatch(x, topk_idx=topk, topk_weights=torch.ones(6, 2))
+        outs.append(buf.combine(rx * 2, h)[0])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0][2], torch.zeros(8))
 
 
 def test_make_ep_buffer_falls_back_to_ours_and_events_are_harmless():
