@@ -57,14 +57,16 @@ def block_ms(T: int):
 
 
 def git_commit() -> str:
+    # The device machine's copy of the tree may carry a stale .git: the commit written into
+    # .device_commit before the run (git-ignored, carried there) wins, as in bench_throughput.py.
+    stamp = os.path.join(REPO, ".device_commit")
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            return f.read().strip()
     try:
         return subprocess.check_output(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
     except Exception:
-        stamp = os.path.join(REPO, ".device_commit")
-        if os.path.exists(stamp):
-            with open(stamp) as f:
-                return f.read().strip()
         return "unknown"
 
 

@@ -217,3 +217,13 @@ def test_triton_path_configs_and_edges():
     assert rel_err(fused_moe.fused_experts(x, w13, w2, w, ids, use_triton=True), ref) < 1e-5
     x0 = x[:0]
     assert fused_moe.fused_experts(x0, w13, w2, w[:0], ids[:0], use_triton=True).shape == (0, 64)
+
+
+def test_fit_config_shrinks_to_shared_memory():
+    limit = 232448  # H200
+    big = (128, 64, 8, 8, 4)
+    assert fused_moe.fit_config(big, 128, 2, 2, limit) == big  # the bf16 table entry fits as tuned
+    bn, bk, _, _, stages = fused_moe.fit_config(big, 128, 2, 4, limit * 3 // 4)  # fp32: shrinks
+    assert stages * (128 * bk + 2 * bk * bn) * 4 <= limit * 3 // 4 and stages >= 2
+    assert fused_moe.fit_config((64, 64, 8, 4, 4), 64, 1, 4, limit * 3 // 4) == (64, 64, 8, 4, 4)
+    assert fused_moe.fit_config((256, 64, 8, 8, 3), 128, 1, 2, limit) == (256, 64, 8, 8, 3)
