@@ -73,7 +73,7 @@ class LLMEngine:
                                   args.seed, graphs=graphs,
                                   dispatch=self.executor.dispatch if self.executor.world_size > 1 else None,
                                   share_ids=rank.groups.broadcast_from_tp0 if args.tensor_parallel_size > 1 else None,
-                                  kv_sender=rank.kv_sender)
+                                  kv_sender=rank.kv_sender, after_forward=rank.eplb.step if rank.eplb else None)
         self.kv_sender = rank.kv_sender  # kv_role prefill: pushes prompt KV to decode replicas
         self.remote = None  # kv_role decode: the requests whose prompt KV another replica computes
         if rank.kv_endpoint is not None:
@@ -348,7 +348,7 @@ class LLMEngine:
             "num_steps": self.num_steps,
             "step_time_p50_s": float(np.median(self.step_times)) if self.step_times else 0.0,
             **(self.remote.metrics() if self.remote is not None else {}),
-            **(self._sender_metrics() if self.kv_sender is not None else {}),
+            **(self._sender_metrics() if self.kv_sender is not None else {}), **self.executor.rank.metrics(),
         }
 
     def _sender_metrics(self) -> dict[str, Any]:

@@ -38,6 +38,7 @@ class ModelArchConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to one
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's gated shared expert; 0: none
+    router_weights_in_model_dtype: bool = False  # Qwen-MoE rounds the top-k weights to the model dtype (Mixtral not)
     moe_layers: tuple[int, ...] = ()
 
     @classmethod

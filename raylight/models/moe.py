@@ -36,7 +36,7 @@ class SparseMoeBlock(nn.Module):
         # The router is small and replicated: every rank routes the tokens it runs.
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = FusedMoE(ctx, moe_index, cfg.moe_intermediate_size, cfg.num_experts_per_tok,
-                                cfg.norm_topk_prob)
+                                cfg.norm_topk_prob, cfg.router_weights_in_model_dtype)
         self.shared_expert = self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size:
             shared = ModelArchConfig(**{**cfg.__dict__, "intermediate_size": cfg.shared_expert_intermediate_size})

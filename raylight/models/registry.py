@@ -43,18 +43,21 @@ def _sparse_layers(d: dict[str, Any], num_experts: int) -> tuple[int, ...]:
 
 
 def _qwen_moe(d: dict[str, Any]) -> dict[str, Any]:
-    # transformers 5 writes num_local_experts where Hub configs say num_experts.
-    experts = int(d.get("num_experts") or d.get("num_local_experts") or 0)
-    return dict(num_experts=experts, num_experts_per_tok=int(d["num_experts_per_tok"]),
-                moe_intermediate_size=int(d["moe_intermediate_size"]), norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+    # transformers 5 writes num_local_experts where Hub configs say num_experts. Missing keys take
+    # transformers' Qwen3MoeConfig defaults (real configs carry them all).
+    experts = int(d.get("num_experts") or d.get("num_local_experts") or 128)
+    return dict(num_experts=experts, num_experts_per_tok=int(d.get("num_experts_per_tok", 8)),
+                moe_intermediate_size=int(d.get("moe_intermediate_size", 768)),
+                norm_topk_prob=bool(d.get("norm_topk_prob", False)),
                 shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
+                router_weights_in_model_dtype=True,
                 moe_layers=_sparse_layers(d, experts), **_qwen_window(d))
 
 
 def _mixtral(d: dict[str, Any]) -> dict[str, Any]:
     # Every layer is sparse; the experts' width is intermediate_size; top-k weights always renormalised.
-    experts = int(d["num_local_experts"])
-    return dict(num_experts=experts, num_experts_per_tok=int(d["num_experts_per_tok"]),
+    experts = int(d.get("num_local_experts", 8))  # transformers' MixtralConfig defaults where missing
+    return dict(num_experts=experts, num_experts_per_tok=int(d.get("num_experts_per_tok", 2)),
                 moe_intermediate_size=int(d["intermediate_size"]), norm_topk_prob=True,
                 moe_layers=tuple(range(d["num_hidden_layers"])))
 

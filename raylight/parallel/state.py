@@ -140,8 +140,13 @@ class ParallelGroups:
     custom_ar: Optional["CustomAllReduce"] = None
 
     @classmethod
-    def single(cls) -> "ParallelGroups":
-        return cls(ParallelConfig())
+    def single(cls, config: Optional[ParallelConfig] = None) -> "ParallelGroups":
+        """One process: no torch.distributed. `config` carries the settings that still apply to it (a
+        MoE model's expert slots); its world must be 1."""
+        config = config or ParallelConfig()
+        if config.world_size != 1:
+            raise ValueError(f"a single process cannot hold a world of {config.world_size} ranks")
+        return cls(config)
 
     @classmethod
     def from_world(cls, config: ParallelConfig, kernels: Optional[KernelConfig] = None) -> "ParallelGroups":
@@ -150,7 +155,7 @@ class ParallelGroups:
         engine's KernelConfig (its `custom_allreduce`; every rank must pass the same); None: from the
         environment."""
         if config.world_size == 1 and not dist.is_initialized():
-            return cls.single()
+            return cls.single(config)
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: call init_distributed first")
         if dist.get_world_size() != config.world_size:

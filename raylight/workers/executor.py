@@ -58,7 +58,7 @@ class Executor:
         self.channel: Optional[StepChannel] = None
         self._monitor: Optional[_Monitor] = None
         if self.world_size == 1:
-            groups = ParallelGroups.single()
+            groups = ParallelGroups.single(config)
         else:
             if dist.is_initialized():
                 raise RuntimeError("this process already belongs to a torch.distributed world (another engine with "

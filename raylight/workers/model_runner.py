@@ -63,7 +63,8 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, attn_backend, kv_caches: list[torch.Tensor],
                  block_size: int, device: torch.device, seed: int = 0, graphs=None,
                  dispatch: Optional[Callable[[StepInputs], None]] = None,
-                 share_ids: Optional[Callable[[torch.Tensor], None]] = None, kv_sender=None):
+                 share_ids: Optional[Callable[[torch.Tensor], None]] = None, kv_sender=None,
+                 after_forward: Optional[Callable[[], None]] = None):
         self.model = model
         self.graphs = graphs  # a CudaGraphRunner for decode-only steps, or None (eager)
         self._staged: Optional[torch.cuda.Event] = None  # the last step's inputs were queued for the device
@@ -76,6 +77,8 @@ class ModelRunner:
         self.share_ids = share_ids
         # Disaggregated prefill: pushes each layer's KV of the step's `kv_pushes` as the layer finishes.
         self.kv_sender = kv_sender
+        # Runs after every forward on every rank, in lock-step (EPLB's record/rebalance step).
+        self.after_forward = after_forward
         self.device = device
         self.sampler = Sampler(device, seed)
         self.sampling = SamplingState(model.config.vocab_size, device)
@@ -160,6 +163,12 @@ class ModelRunner:
         return handle, src
 
     def forward(self, inputs: StepInputs, fill_values: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = self._forward(inputs, fill_values)
+        if self.after_forward is not None:
+            self.after_forward()
+        return out
+
+    def _forward(self, inputs: StepInputs, fill_values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The model over the step's tokens (a CUDA graph replay for decode-only steps that fit one).
         `fill_values`: on rank 0, the device ids of the placeholder tokens (`inputs.placeholder_pos`);
         a TP peer receives them from rank 0 here."""

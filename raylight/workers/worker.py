@@ -58,6 +58,18 @@ class RankModel:
     graph_capture_s: float = 0.0
     kv_endpoint: Optional[object] = None  # KVEndpoint (kv_role decode/both): prefill ranks push KV here
     kv_sender: Optional[object] = None  # KVSender (kv_role prefill/both): pushes KV to decode replicas
+    eplb: Optional[object] = None  # EplbState (enable_eplb on a MoE model): steps after every forward
+
+    def metrics(self) -> dict:
+        """This rank's figures for the engine's metrics: EPLB's, whose balancedness comes from the load
+        all-reduced over the EP group (under PP: rank 0's stage)."""
+        e = self.eplb
+        if e is None:
+            return {}
+        b = e.last_balancedness
+        return {"expert_balancedness_vllm": b.get("vllm", 1.0), "expert_balancedness_sglang": b.get("sglang", 1.0),
+                "eplb_rebalances": e.num_rebalances, "eplb_bytes_moved": e.bytes_moved,
+                "eplb_last_rebalance_s": e.last_rebalance_s}
 
 
 def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups, device: torch.device,
@@ -69,6 +81,9 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
     backend = get_attention_backend(args.attention_backend, AttentionSpec(
         bs, heads, kv_heads, arch.head_dim, dtype, device, arch.sliding_window), kernels)
     model = build_model(resolved, backend, dtype, device, max_model_len, args.seed, groups=groups, kernels=kernels)
+    if args.enable_eplb and getattr(model, "ep", None) is not None and model.ep.num_moe_layers:
+        # Before profiling and capture, so the graphs route through the placement and record load.
+        model.enable_eplb(args.eplb_config.window_size, device)
     elem = torch.empty((), dtype=dtype).element_size()
     bytes_per_block = model.num_local_layers * 2 * bs * kv_heads * arch.head_dim * elem
 
@@ -106,7 +121,23 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
     stage = model if groups.pp_size == 1 else StageModel(model, groups)
     endpoint, sender = _kv_transfer(args, arch, groups, model, kv_caches, device, dtype)
     return RankModel(groups, model, stage, backend, kv_caches, num_blocks, bs, bytes_per_block, device, graphs,
-                     capture_s, endpoint, sender)
+                     capture_s, endpoint, sender, _eplb_state(args, model, groups))
+
+
+def _eplb_state(args: EngineArgs, model, groups: ParallelGroups):
+    """The load balancer of this rank's MoE layers, or None. Its recorder starts empty: profiling and
+    graph capture ran forwards that were not traffic."""
+    ep = getattr(model, "ep", None)
+    if ep is None or ep.recorder is None:
+        return None
+    from raylight.parallel.eplb import EplbState
+
+    ep.recorder.reset()
+    c = args.eplb_config
+    return EplbState(ep.placement, ep.recorder, model.expert_weights(), groups.ep_rank, groups.ep_size,
+                     groups.ep_group, c.step_interval, log_balancedness=c.log_balancedness,
+                     log_balancedness_interval=c.log_balancedness_interval,
+                     first_rebalance_after=max(1, c.step_interval // 4))  # as vLLM: the first one comes early
 
 
 def kv_layout(args: EngineArgs, arch, groups: ParallelGroups, dtype: torch.dtype):
@@ -196,7 +227,8 @@ def serve_steps(rank: RankModel, channel: StepChannel) -> int:
     requests in between (`rank_report`)."""
     share = rank.groups.broadcast_from_tp0 if rank.groups.tp_size > 1 else None
     runner = ModelRunner(rank.stage_model, rank.attn_backend, rank.kv_caches, rank.block_size, rank.device,
-                         graphs=rank.graphs, share_ids=share, kv_sender=rank.kv_sender)
+                         graphs=rank.graphs, share_ids=share, kv_sender=rank.kv_sender,
+                         after_forward=rank.eplb.step if rank.eplb is not None else None)
     steps = 0
     channel.report = lambda: rank_report(rank, steps)
     while (inputs := channel.receive()) is not None:
