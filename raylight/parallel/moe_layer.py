@@ -24,6 +24,7 @@ Each checkpoint expert tensor is loaded into every local slot that holds its exp
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -59,6 +60,11 @@ class ExpertParallelContext:
         self.recorder = None  # ExpertLoadRecorder, with EPLB
         self._buffer = None
         self.ll_max_tokens = LL_MAX_TOKENS_PER_RANK
+        # Benchmarks only (scripts/bench_eplb.py): RAYLIGHT_MOE_ROUTER_ZIPF=s adds log of a Zipf(s) popularity
+        # to every router's logits, a skewed load EPLB must undo (dummy weights route almost uniformly).
+        skew = float(os.environ.get("RAYLIGHT_MOE_ROUTER_ZIPF", "0") or 0)
+        self.router_bias = (-skew * torch.log(torch.arange(1, num_experts + 1, dtype=torch.float32))
+                            if skew > 0 else None)
 
     def local_slots(self) -> range:
         """This rank's physical slots."""
@@ -183,6 +189,11 @@ class FusedMoE(nn.Module):
 
     def _route(self, router_logits):
         """(float32 weights, logical expert ids), [T, top_k] each."""
+        bias = self.ctx.router_bias
+        if bias is not None:
+            if bias.device != router_logits.device:
+                bias = self.ctx.router_bias = bias.to(router_logits.device)
+            router_logits = router_logits + bias.to(router_logits.dtype)
         return select_experts(router_logits, self.top_k, self.renormalize,
                               router_logits.dtype if self.round_weights else None)
 
