@@ -9,9 +9,9 @@ decode pool behind a router, cluster/disagg.py).
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raylight.config import EngineArgs
 from raylight.placement import ClusterTopology, PlacementPlan, check_fits, deployment_options, plan_for_replica
@@ -68,8 +68,34 @@ class ServerConfig(BaseModel):
 class AppConfig(ServerConfig, PoolConfig):
     """The colocated application: one engine pool behind the ingress."""
 
+    @model_validator(mode="after")
+    def _check_engine_args(self):
+        # Here, not first in build_app: `raylight serve` builds this before it starts Ray, and a bad
+        # combination (enable_eplb without enable_expert_parallel, ...) must fail then, with EngineArgs' words.
+        if "model" in self.engine_args:
+            raise ValueError("engine_args: set the model once, with the top-level `model`")
+        engine_args_checked(lambda: self.engine())
+        return self
+
     def engine(self) -> EngineArgs:
         return EngineArgs(model=self.model, **self.engine_args)
+
+
+def engine_args_checked(make: Callable[[], EngineArgs], where: str = "engine_args") -> EngineArgs:
+    """`make()` (an EngineArgs), its validation errors re-raised as one ValueError that names `where` and
+    each field with EngineArgs' own message (a nested pydantic error would otherwise read as the
+    outer model's)."""
+    try:
+        return make()
+    except ValidationError as e:
+        raise ValueError(f"{where}: " + "; ".join(_problem(err) for err in e.errors())) from None
+
+
+def _problem(err: dict[str, Any]) -> str:
+    """One pydantic error as "field: message" ("message" alone for a check across fields)."""
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    loc = ".".join(map(str, err["loc"]))
+    return f"{loc}: {msg}" if loc else msg
 
 
 class DisaggAppConfig(ServerConfig):
@@ -94,7 +120,8 @@ class DisaggAppConfig(ServerConfig):
         for role in ("prefill", "decode"):
             if "model" in getattr(self, role).engine_args or "model" in self.engine_args:
                 raise ValueError(f"{role}.engine_args: set the model once, with the top-level `model`")
-        p, d = self.engine("prefill"), self.engine("decode")
+        p = engine_args_checked(lambda: self.engine("prefill"), "prefill.engine_args")
+        d = engine_args_checked(lambda: self.engine("decode"), "decode.engine_args")
         for key in ("block_size", "dtype", "load_format", "revision"):
             if getattr(p, key) != getattr(d, key):
                 raise ValueError(f"prefill.engine_args.{key} ({getattr(p, key)!r}) must equal "
@@ -194,13 +221,15 @@ def placement_options(cfg: PoolConfig, engine_args: EngineArgs) -> dict[str, Any
 
 def replica_plan(cfg: PoolConfig, engine_args: EngineArgs) -> Optional[PlacementPlan]:
     """The placement plan of each engine replica, None for a single-rank one. The replica gets it
-    too: it places its other ranks (Ray actors) into the bundles the plan says."""
+    too: it places its other ranks (Ray actors) into the bundles the plan says. Under expert
+    parallelism the EP ranks are the TP ranks (EP size = tensor_parallel_size, per stage under PP):
+    the same bundles, the plan says so."""
     tp, pp = engine_args.tensor_parallel_size, engine_args.pipeline_parallel_size
     if tp * pp == 1:
         return None
-    plan = plan_for_replica(cfg.ray_actor_options, tp, pp, device=engine_args.device)
-    logger.info("engine replicas are %s placement groups: bundles %s, strategy %s", plan.name,
-                plan.bundle_list(), plan.strategy)
+    plan = plan_for_replica(cfg.ray_actor_options, tp, pp, device=engine_args.device,
+                            expert_parallel=engine_args.enable_expert_parallel)
+    logger.info("engine replicas are placement groups %s", plan.description)
     _warn_if_cluster_too_small(plan, cfg)
     return plan
 

@@ -2,18 +2,23 @@
 `prepare-model`.
 
 Engine flags are generated from `EngineArgs`, with vLLM's flag names
-(`--max-model-len`, `--max-num-seqs`, `--enable-prefix-caching`, ...).
+(`--max-model-len`, `--max-num-seqs`, `--enable-prefix-caching`, `--enable-expert-parallel`,
+`--enable-eplb`, ...); a nested settings model takes JSON, as vLLM's does (`--eplb-config
+'{"window_size": 1000, "num_redundant_experts": 8}'`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import time
 import typing
 from typing import Any, Optional, Sequence
+
+from pydantic import BaseModel, ValidationError
 
 from raylight.config import EngineArgs
 
@@ -31,11 +36,34 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         elif typing.get_origin(base) is list:  # e.g. --pipeline-layer-split 15 15
             group.add_argument(flag, dest=name, nargs="+", type=typing.get_args(base)[0], default=None,
                                help=help_text)
+        elif isinstance(base, type) and issubclass(base, BaseModel):  # e.g. --eplb-config '{"window_size": 10}'
+            group.add_argument(flag, dest=name, type=json_settings(base), default=None, metavar="JSON",
+                               help=help_text)
         elif typing.get_origin(base) is typing.Literal:
             group.add_argument(flag, dest=name, choices=typing.get_args(base), default=None, help=help_text)
         else:
             group.add_argument(flag, dest=name, type=base if base in (int, float) else str, default=None,
                                help=help_text)
+
+
+def json_settings(model: type[BaseModel]):
+    """An argparse `type` for a settings model given as a JSON object: the object's keys as given (the
+    model's defaults stay the single source of truth), checked now so a typo is a usage error naming it."""
+    def parse(text: str) -> dict[str, Any]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"expected a JSON object of {model.__name__} fields, got {text!r}")
+        try:
+            model.model_validate(value)
+        except ValidationError as e:
+            raise argparse.ArgumentTypeError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                                       for err in e.errors())) from None
+        return value
+
+    return parse
 
 
 def engine_args_from(ns: argparse.Namespace) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Latencies, token counts and client aborts are observed in the ingress (what clients see); engine gauges
 and counters (queue lengths, KV usage and free blocks, prefix cache, preemptions, the disaggregated KV
 handoff) come from snapshots the replicas attach to their last message of each request, summed over
-replicas (a disaggregated router forwards its replicas' snapshots together).
+replicas (a disaggregated router forwards its replicas' snapshots together). A mixture-of-experts model
+with EPLB adds expert balancedness (the worst replica's) and rebalance counters.
 """
 
 from __future__ import annotations
@@ -72,6 +73,31 @@ class _ReplicaCollector:
         for name, (doc, key) in counters.items():
             yield CounterMetricFamily(name, doc, value=self._sum(key))
         yield from self._disagg(live)
+        yield from self._eplb(live)
+
+    def _eplb(self, live: list[dict[str, Any]]):
+        """Expert load balance of MoE replicas with EPLB. Balancedness is mean load / max load over the EP
+        ranks, 1.0 when perfectly even, in vLLM's form (sum over layers of the mean / sum of the max) and
+        SGLang's (mean over layers of each layer's mean / max); the gauge is the MINIMUM over the live replicas
+        that report it, because the worst-balanced replica sets the fleet's tail latency. Replicas without
+        the key (dense models, MoE without EPLB) are skipped, and with none reporting no sample is emitted:
+        a made-up 1.0 would read as "perfectly balanced" for a model that has no experts, and would hide a
+        fleet whose MoE replicas all died behind a healthy-looking value (an absent series is what
+        `absent()` alerts look for)."""
+        family = GaugeMetricFamily("raylight:expert_balancedness", "Expert load balancedness (mean / max load "
+                                   "over EP ranks; 1 = even), the worst live replica's", labels=["definition"])
+        for definition in ("vllm", "sglang"):
+            values = [v for s in live if _is_number(v := s.get(f"expert_balancedness_{definition}"))]
+            if values:
+                family.add_metric([definition], float(min(values)))
+        if family.samples:
+            yield family
+        for name, doc, key in (
+                ("raylight:eplb_rebalances", "Expert re-placements done by EPLB, summed over replicas",
+                 "eplb_rebalances"),
+                ("raylight:eplb_bytes_moved", "Expert weight bytes EPLB moved between ranks, summed over replicas",
+                 "eplb_bytes_moved")):
+            yield CounterMetricFamily(name, doc, value=self._sum(key))
 
     def _disagg(self, live: list[dict[str, Any]]):
         """Disaggregated prefill/decode: the KV handoff (decode and prefill replicas report these keys;
@@ -118,6 +144,10 @@ class _ReplicaCollector:
                 for label, n in counts.items():
                     out[str(label)] = out.get(str(label), 0.0) + float(n or 0)
         return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 class ServerMetrics:

@@ -19,16 +19,20 @@ _RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_ty
 
 def plan_for_replica(ray_actor_options: Mapping[str, Any], tensor_parallel_size: int, pipeline_parallel_size: int,
                      *, device: str = "auto", role: Role = "unified", topology: Optional[ClusterTopology] = None,
-                     num_replicas: int = 1) -> PlacementPlan:
+                     num_replicas: int = 1, expert_parallel: bool = False) -> PlacementPlan:
     """Plan from a deployment's per-rank actor options.
+
+    `expert_parallel` (the engine's enable_expert_parallel) shards the experts over each stage's
+    TP ranks (EP size = tensor_parallel_size): one bundle per stage still, the plan only says so.
 
     Ranks use GPUs when the options reserve some (`num_gpus` > 0) or the engine is told
     `device: cuda` (then one GPU per rank); otherwise the plan is the CPU-only variant.
     """
     num_gpus = float(ray_actor_options.get("num_gpus") or 0)
     if num_gpus > 1:
+        ep = f" (EP size {tensor_parallel_size})" if expert_parallel else ""
         raise ValueError(
-            f"ray_actor_options.num_gpus={num_gpus:g}: with tensor_parallel_size={tensor_parallel_size} x "
+            f"ray_actor_options.num_gpus={num_gpus:g}: with tensor_parallel_size={tensor_parallel_size}{ep} x "
             f"pipeline_parallel_size={pipeline_parallel_size}, ray_actor_options describe one rank (one GPU); "
             f"the placement group reserves the replica's {tensor_parallel_size * pipeline_parallel_size} GPUs. "
             f"Set num_gpus: 1")
@@ -42,7 +46,7 @@ def plan_for_replica(ray_actor_options: Mapping[str, Any], tensor_parallel_size:
         memory_per_rank=ray_actor_options.get("memory"),
         resources_per_rank=ray_actor_options.get("resources"),
         accelerator_type=ray_actor_options.get("accelerator_type"),
-        topology=topology, num_replicas=num_replicas)
+        topology=topology, num_replicas=num_replicas, expert_parallel=expert_parallel)
 
 
 def deployment_options(plan: PlacementPlan, ray_actor_options: Mapping[str, Any]) -> dict[str, Any]:

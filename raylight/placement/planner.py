@@ -1,4 +1,4 @@
-"""Turn (TP, PP, role, per-rank resources) into Ray placement-group bundles and a strategy.
+"""Turn (TP, PP, EP, role, per-rank resources) into Ray placement-group bundles and a strategy.
 
 How the layout follows from Ray's rules:
 
@@ -18,6 +18,12 @@ Global rank order is TP fastest, stages in descending order:
 rank = (pipeline_parallel_size - 1 - pp_rank) * tensor_parallel_size + tp_rank, and bundle
 b holds ranks [b * tp, (b + 1) * tp): the ranks of one TP group are consecutive (the order
 torch.distributed groups are built in) and share a bundle.
+
+Expert parallelism (a MoE model's `enable_expert_parallel`) adds no ranks: the experts are sharded
+over the TP ranks of each stage (EP size = tensor_parallel_size, one EP group per stage under PP), so
+the layout is the same. It matters for where the bundle goes all the same: the EP group's all-to-all
+token dispatch wants one node even more than TP's all-reduce, and one bundle per stage guarantees it.
+The plan records it so its name, log line and errors say what the TP ranks are carrying.
 """
 
 from __future__ import annotations
@@ -94,6 +100,12 @@ class PlacementPlan:
     bundles: tuple[dict[str, float], ...]
     strategy: str
     ranks: tuple[RankPlacement, ...]
+    expert_parallel: bool = False  # experts sharded over each stage's TP ranks (EP size = TP)
+
+    @property
+    def expert_parallel_size(self) -> int:
+        """Ranks one expert group is sharded over: the TP size under EP (vLLM's rule), else 1."""
+        return self.tensor_parallel_size if self.expert_parallel else 1
 
     @property
     def world_size(self) -> int:
@@ -105,8 +117,18 @@ class PlacementPlan:
 
     @property
     def name(self) -> str:
-        """A short label for logs and actor names, e.g. "decode-tp2-pp1"."""
-        return f"{self.role}-tp{self.tensor_parallel_size}-pp{self.pipeline_parallel_size}"
+        """A short label for logs and actor names, e.g. "decode-tp2-pp1" ("-ep2" added under EP)."""
+        ep = f"-ep{self.expert_parallel_size}" if self.expert_parallel else ""
+        return f"{self.role}-tp{self.tensor_parallel_size}-pp{self.pipeline_parallel_size}{ep}"
+
+    @property
+    def description(self) -> str:
+        """One line for logs: ranks, what they shard, the bundles and the strategy."""
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        ep = (f"; experts sharded over EP={self.expert_parallel_size} ranks (EP size = tensor_parallel_size"
+              f"{', one EP group per stage' if pp > 1 else ''})" if self.expert_parallel else "")
+        return (f"{self.name}: {self.world_size} ranks (TP={tp} x PP={pp}{ep}), one bundle per stage holding its "
+                f"{tp} {'EP/TP' if self.expert_parallel else 'TP'} ranks: {self.bundle_list()}, {self.strategy}")
 
     def rank_of(self, tp_rank: int, pp_rank: int) -> RankPlacement:
         if not (0 <= tp_rank < self.tensor_parallel_size and 0 <= pp_rank < self.pipeline_parallel_size):
@@ -156,6 +178,7 @@ def plan_placement(
     accelerator_type: Optional[str] = None,
     topology: Optional[ClusterTopology] = None,
     num_replicas: int = 1,
+    expert_parallel: bool = False,
 ) -> PlacementPlan:
     """Plan one replica's placement group.
 
@@ -164,6 +187,9 @@ def plan_placement(
     gpus_per_rank below 1 lets several ranks share a GPU (small models, tests).
     With `topology`, a layout that the cluster can never hold (`num_replicas` copies of it
     at once) raises ValueError here instead of leaving a placement group pending forever.
+    expert_parallel=True (a MoE model's enable_expert_parallel) keeps the layout: EP size =
+    tensor_parallel_size, each stage's EP ranks in its bundle; with pipeline_parallel_size > 1
+    every stage is its own EP group.
     """
     tp = _positive_int("tensor_parallel_size", tensor_parallel_size)
     pp = _positive_int("pipeline_parallel_size", pipeline_parallel_size)
@@ -180,7 +206,8 @@ def plan_placement(
                   for b in range(pp) for t in range(tp))
     plan = PlacementPlan(tensor_parallel_size=tp, pipeline_parallel_size=pp, role=role,
                          rank_resources=per_rank, bundles=bundles,
-                         strategy=STRICT_PACK if pp == 1 else PACK, ranks=ranks)
+                         strategy=STRICT_PACK if pp == 1 else PACK, ranks=ranks,
+                         expert_parallel=bool(expert_parallel))
     if topology is not None:
         check_fits(plan, topology, num_replicas)
     return plan
@@ -192,17 +219,17 @@ def check_fits(plan: PlacementPlan, topology: ClusterTopology, num_replicas: int
     when the topology knows them; custom resources and memory are left to Ray."""
     stage = plan.bundles[0]
     gpus, cpus = stage.get("GPU", 0.0), stage.get("CPU", 0.0)
-    tp = plan.tensor_parallel_size
+    tp = _tp_setting(plan)
     per_node = topology.copies_per_node(gpus, cpus)
     if max(per_node) < 1:
         if gpus > topology.max_gpus_per_node + 1e-6:
             raise ValueError(
-                f"tensor_parallel_size={tp} needs {_num(gpus)} GPUs on one node (the TP ranks of a "
-                f"pipeline stage always share a node), but the largest node has "
+                f"{tp} needs {_num(gpus)} GPUs on one node (the {'EP/' if plan.expert_parallel else ''}TP "
+                f"ranks of a pipeline stage always share a node), but the largest node has "
                 f"{_num(topology.max_gpus_per_node)} GPUs; lower tensor_parallel_size "
                 f"(and raise pipeline_parallel_size to spread layers over nodes)")
         raise ValueError(
-            f"tensor_parallel_size={tp} x {_num(plan.rank_resources.num_cpus)} CPUs per rank needs "
+            f"{tp} x {_num(plan.rank_resources.num_cpus)} CPUs per rank needs "
             f"{_num(cpus)} CPUs{f' and {_num(gpus)} GPUs' if gpus else ''} on one node, but no node has "
             f"them (GPUs per node {_nums(topology.gpus_per_node)}, CPUs per node "
             f"{_nums(topology.cpus_per_node or ())}); lower the CPUs per rank or tensor_parallel_size")
@@ -214,6 +241,13 @@ def check_fits(plan: PlacementPlan, topology: ClusterTopology, num_replicas: int
             f"pipeline_parallel_size={plan.pipeline_parallel_size}{replicas} needs {needed} stage bundles "
             f"of {_bundle_str(stage)}, but the cluster holds at most {_num(capacity)} at once "
             f"({', '.join(_num(n) for n in per_node)} per node)")
+
+
+def _tp_setting(plan: PlacementPlan) -> str:
+    """How errors name the TP size: under EP it is also the EP size, and a user who set
+    enable_expert_parallel should see why lowering it shrinks the expert groups too."""
+    tp = f"tensor_parallel_size={plan.tensor_parallel_size}"
+    return f"{tp} (also the expert-parallel size: EP = TP)" if plan.expert_parallel else tp
 
 
 def _rank_resources(use_gpu: bool, cpus_per_rank: float, gpus_per_rank: float, memory_per_rank: Optional[int],

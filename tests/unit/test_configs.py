@@ -23,7 +23,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def test_there_are_configs():
-    assert {p.name for p in CONFIGS} >= {"cluster.yaml", "cluster-tp2.yaml"}
+    assert {p.name for p in CONFIGS} >= {"cluster.yaml", "cluster-tp2.yaml", "cluster-moe.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
