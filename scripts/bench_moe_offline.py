@@ -59,7 +59,8 @@ def run_engine(args, experts_by_grouped_mm: bool) -> dict:
     sp = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     out = {"startup_s": startup_s, "graph_capture_s": llm.engine.graph_capture_s}
-    for name, subset in (("all", prompts), ("hf_subset", prompts[:args.hf_prompts])):
+    runs = [("all", prompts)] + [(f"all_again{i}", prompts) for i in range(1, args.repeat)]
+    for name, subset in runs + [("hf_subset", prompts[:args.hf_prompts])]:
         _sync()
         t = time.perf_counter()
         res = llm.generate(subset, sp, use_tqdm=False)
@@ -148,6 +149,7 @@ def main(argv=None):
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, help="time the whole workload this many times (JIT warm-up shows)")
     ap.add_argument("--part", choices=["ours", "grouped_mm", "hf"])
     ap.add_argument("--parts", default="ours,grouped_mm,hf")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
