@@ -36,8 +36,9 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def prompts_for(args, vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
+def prompts_for(args, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Random prompts; each timed pass gets its own seed, so no pass hits another's prefix cache."""
+    g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (args.input_len,), generator=g).tolist() for _ in range(args.num_prompts)]
 
 
@@ -59,8 +60,8 @@ def run_engine(args, experts_by_grouped_mm: bool) -> dict:
     sp = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     out = {"startup_s": startup_s, "graph_capture_s": llm.engine.graph_capture_s}
-    runs = [("all", prompts)] + [(f"all_again{i}", prompts) for i in range(1, args.repeat)]
-    for name, subset in runs + [("hf_subset", prompts[:args.hf_prompts])]:
+    runs = [("all", prompts)] + [(f"all_again{i}", prompts_for(args, vocab, 100 + i)) for i in range(1, args.repeat)]
+    for name, subset in runs + [("hf_subset", prompts_for(args, vocab, 1)[:args.hf_prompts])]:
         _sync()
         t = time.perf_counter()
         res = llm.generate(subset, sp, use_tqdm=False)
@@ -91,7 +92,7 @@ def run_hf(args) -> dict:
         for p in model.parameters():
             p.normal_(0.0, 0.02)
     startup_s = time.perf_counter() - t0
-    prompts = prompts_for(args, cfg.vocab_size)[:args.hf_prompts]
+    prompts = prompts_for(args, cfg.vocab_size, 1)[:args.hf_prompts]
     impl = getattr(model.config, "_experts_implementation", None)
 
     def generate(batch, new):

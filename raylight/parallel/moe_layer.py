@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from raylight.kernels.fused_moe import fused_experts, select_experts
+from raylight.kernels.fused_moe import fused_experts, select_experts, warmup_fused_experts
 from raylight.parallel.eplb.placement import initial_phy2log
 from raylight.parallel.state import ParallelGroups, shard_range
 
@@ -196,6 +196,12 @@ class FusedMoE(nn.Module):
             router_logits = router_logits + bias.to(router_logits.dtype)
         return select_experts(router_logits, self.top_k, self.renormalize,
                               router_logits.dtype if self.round_weights else None)
+
+    def warmup(self, max_tokens: int) -> int:
+        """JIT-compiles the expert kernels for every step size up to `max_tokens` (see
+        `warmup_fused_experts`); under EP a rank's experts see up to top_k x tokens rows."""
+        rows = max_tokens if not self.ctx.expert_parallel else max_tokens * self.top_k
+        return warmup_fused_experts(self.w13_weight, self.w2_weight, self.top_k, rows)
 
     def token_share(self, num_tokens: int) -> tuple[int, int]:
         """(start, count) of the tokens this EP rank routes."""

@@ -107,6 +107,8 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
     kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_local_layers)]
     if device.type == "cuda" and hasattr(backend, "warmup"):
         backend.warmup(kv_caches[0])  # compile kernels now, not during a live step
+    if device.type == "cuda" and getattr(model, "moe_blocks", None):  # the MoE kernels likewise (all layers share them)
+        model.moe_blocks[0].experts.warmup(args.max_num_batched_tokens or 8192)
     graphs, capture_s = None, 0.0
     if use_graphs:
         from raylight.workers.cuda_graphs import CudaGraphRunner
