@@ -277,7 +277,11 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    return (triton.jit(_gemm1_kernel), triton.jit(_gemm2_kernel), triton.jit(_sum_k_kernel))
+    # The counts that change with every step's size are not specialised on (Triton would compile a
+    # variant per divisibility-by-16 of each): one compile per tile config, done at engine start.
+    vary = ["TK", "n_blocks"]
+    return (triton.jit(_gemm1_kernel, do_not_specialize=vary), triton.jit(_gemm2_kernel, do_not_specialize=vary),
+            triton.jit(_sum_k_kernel))
 
 
 # ---------------------------------------------------------------------------------------------

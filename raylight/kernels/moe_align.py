@@ -128,8 +128,10 @@ def _kernels() -> SimpleNamespace:
     import triton
     import triton.language as tl
 
-    return SimpleNamespace(rank=triton.jit(_rank_kernel), layout=triton.jit(_layout_kernel),
-                           scatter=triton.jit(_scatter_kernel), small=triton.jit(_align_small_kernel))
+    # TK and n_blocks change with every step's size: no variant per value's divisibility (see fused_moe.py).
+    jit = lambda fn, vary: triton.jit(fn, do_not_specialize=vary)  # noqa: E731
+    return SimpleNamespace(rank=jit(_rank_kernel, ["TK"]), layout=jit(_layout_kernel, ["TK", "n_blocks"]),
+                           scatter=jit(_scatter_kernel, ["TK"]), small=jit(_align_small_kernel, ["TK", "n_blocks"]))
 
 
 def torch_moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: int):
