@@ -116,6 +116,9 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
         # Every TP rank captures the same sizes in the same order (their all-reduces are inside),
         # and replays the same one each step: the choice depends only on the broadcast inputs.
         max_bs = args.max_cuda_graph_batch_size or min(args.max_num_seqs, 512)
+        ep = getattr(model, "ep", None)
+        if ep is not None and ep.ep_size > 1:  # every captured size must take the EP dispatch with no host sync
+            ep.ll_max_tokens = max(ep.ll_max_tokens, -(-max_bs // ep.ep_size))
         max_blocks = min(-(-max_model_len // bs), num_blocks)
         graphs = CudaGraphRunner(model, backend, kv_caches, max_bs, max_blocks, scratch_block=num_blocks,
                                  block_size=bs, device=device)

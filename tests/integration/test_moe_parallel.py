@@ -31,8 +31,10 @@ def moe_model(request, tmp_path_factory):
     dict(tensor_parallel_size=2, enable_expert_parallel=True, max_num_batched_tokens=512),  # normal path too
     dict(tensor_parallel_size=2, enable_expert_parallel=True, max_num_batched_tokens=512, **EPLB),
     dict(tensor_parallel_size=4, enable_expert_parallel=True, max_num_batched_tokens=64, **EPLB),
+    dict(tensor_parallel_size=2, pipeline_parallel_size=2, enable_expert_parallel=True, max_num_batched_tokens=64,
+         **EPLB),  # one EP group per stage, each balancing its own layers
     dict(tensor_parallel_size=2, max_num_batched_tokens=64),  # experts split by features, not placed
-], ids=["ep2-ll", "ep2-normal", "ep2-eplb", "ep4-eplb", "tp2-no-ep"])
+], ids=["ep2-ll", "ep2-normal", "ep2-eplb", "ep4-eplb", "ep2xpp2-eplb", "tp2-no-ep"])
 def test_expert_parallel_matches_single_process(moe_model, case):
     path, ref = moe_model
     with LLM(path, **ENGINE, **case) as llm:
