@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -36,6 +35,9 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from raylight.kernels import fused_moe, moe_align  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_throughput import git_commit  # noqa: E402  (.device_commit first: the device's .git is stale)
 
 E, K, H, I = 128, 8, 2048, 768
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
@@ -54,20 +56,6 @@ def block_ms(T: int):
     if T <= 2048:
         return [32, 64, 128]
     return [64, 128]
-
-
-def git_commit() -> str:
-    # The device machine's copy of the tree may carry a stale .git: the commit written into
-    # .device_commit before the run (git-ignored, carried there) wins, as in bench_throughput.py.
-    stamp = os.path.join(REPO, ".device_commit")
-    if os.path.exists(stamp):
-        with open(stamp) as f:
-            return f.read().strip()
-    try:
-        return subprocess.check_output(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
 
 
 def timed_eager(fn, reps: int, warmup: int = 3) -> float:

@@ -15,7 +15,6 @@ import re
 from typing import Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from raylight.kernels.config import DEFAULT_KERNELS, KernelConfig

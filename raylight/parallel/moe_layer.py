@@ -25,7 +25,6 @@ Each checkpoint expert tensor is loaded into every local slot that holds its exp
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from torch import nn
