@@ -7,7 +7,6 @@ logging time, never on the per-step path.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 _EPS = 1e-5  # SGLang's smoothing: an idle layer counts as balanced instead of 0/0
