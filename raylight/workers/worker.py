@@ -81,9 +81,13 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
     backend = get_attention_backend(args.attention_backend, AttentionSpec(
         bs, heads, kv_heads, arch.head_dim, dtype, device, arch.sliding_window), kernels)
     model = build_model(resolved, backend, dtype, device, max_model_len, args.seed, groups=groups, kernels=kernels)
-    if args.enable_eplb and getattr(model, "ep", None) is not None and model.ep.num_moe_layers:
+    has_experts = getattr(model, "ep", None) is not None and model.ep.num_moe_layers > 0
+    if args.enable_eplb and has_experts:
         # Before profiling and capture, so the graphs route through the placement and record load.
         model.enable_eplb(args.eplb_config.window_size, device)
+    elif (args.enable_expert_parallel or args.enable_eplb) and groups.rank == 0:
+        logger.warning("enable_expert_parallel / enable_eplb have no effect: %s has no mixture-of-experts layers%s",
+                       arch.architecture, " on this pipeline stage" if getattr(model, "ep", None) else "")
     elem = torch.empty((), dtype=dtype).element_size()
     bytes_per_block = model.num_local_layers * 2 * bs * kv_heads * arch.head_dim * elem
 
