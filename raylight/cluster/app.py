@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raylight.cluster.autoscaling import serve_autoscaling_config
 from raylight.config import EngineArgs
 from raylight.placement import ClusterTopology, PlacementPlan, check_fits, deployment_options, plan_for_replica
 
@@ -26,11 +27,19 @@ class PoolConfig(BaseModel):
 
     engine_args: dict[str, Any] = Field(default_factory=dict, description="EngineArgs for every replica.")
     num_replicas: Optional[int] = Field(1, ge=1, description="Fixed replica count (ignored with autoscaling).")
-    autoscaling_config: Optional[dict[str, Any]] = Field(None, description="Serve autoscaling for the engine pool.")
+    autoscaling_config: Optional[dict[str, Any]] = Field(None, description=(
+        "Serve autoscaling for the engine pool (Serve's keys); with an `slo` section (ttft_p90_s, itl_p90_s, "
+        "max_waiting_per_replica, max_kv_usage) the pool scales on those targets (cluster/autoscaling.py)."))
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1},
                                               description="Resources of one engine replica.")
     max_ongoing_requests: int = Field(1024, ge=1, description="Serve's in-flight cap per engine replica.")
     max_queued_requests: Optional[int] = Field(256, ge=0, description="Waiting requests before 429.")
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _check_autoscaling(cls, v):
+        serve_autoscaling_config(v)  # a bad target or Serve key fails here, with its name
+        return v
 
 
 class ServerConfig(BaseModel):
@@ -183,7 +192,7 @@ def _engine_pool(cls, name: str, cfg: ServerConfig, pool: PoolConfig, engine_arg
                                 health_check_period_s=10, health_check_timeout_s=60,
                                 graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s)
     if pool.autoscaling_config:
-        opts["autoscaling_config"] = pool.autoscaling_config
+        opts["autoscaling_config"] = serve_autoscaling_config(pool.autoscaling_config)
     else:
         opts["num_replicas"] = pool.num_replicas
     opts["max_constructor_retry_count"] = cfg.max_constructor_retry_count

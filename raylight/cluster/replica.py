@@ -18,6 +18,7 @@ import os
 import time
 from typing import Any, AsyncIterator, Optional
 
+from raylight.cluster.autoscaling import SLORecorder, new_tokens
 from raylight.config import EngineArgs
 from raylight.messages import GenerateCall, KVReservation, ReplicaMessage, ReplicaStats
 
@@ -57,6 +58,7 @@ class EngineReplica:
         self.stalled: Optional[str] = None  # why the engine was declared unusable (sticky)
         self.drain_end: Optional[float] = None  # set by drain_and_stop: no new requests; leftovers end then
         self.drain_expired = False  # set by drain_and_stop once it has counted the leftovers: guards end them
+        self.slo = SLORecorder()  # TTFT/ITL for SLO autoscaling (cluster/autoscaling.py)
         logger.info("replica %s ready (%d torch threads)", self.replica_id, torch.get_num_threads())
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[ReplicaMessage]:
@@ -77,8 +79,10 @@ class EngineReplica:
             deadline = None if self.request_timeout_s is None else time.monotonic() + self.request_timeout_s
             agen = self.async_engine.generate(call.prompt, call.params, call.request_id, call.cache_salt,
                                               **engine_kwargs)
+            clock = self.slo.request()
             async with contextlib.aclosing(self._guarded(agen, call.request_id, deadline)) as outs:
                 async for out in outs:  # a caller that goes away closes both generators: the request aborts
+                    clock.tokens(new_tokens(out))
                     yield self._message(out)
         except ValueError as e:
             yield self._error(400, str(e))
@@ -150,6 +154,12 @@ class EngineReplica:
 
     async def stats(self) -> ReplicaStats:
         return ReplicaStats(self.replica_id, self._metrics(), self.async_engine.last_step_time, self.engine_ok())
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this while the pool autoscales (every look_back_period_s / 5 s): TTFT and ITL bucket
+        counts since the previous call, waiting and running requests, KV usage (cluster/autoscaling.py)."""
+        running = len(self.engine.scheduler.running)
+        return self.slo.take(max(0, self.async_engine.num_pending - running), running, self.engine.kv.usage())
 
     async def health(self) -> bool:
         return self.engine_ok() and self.drain_end is None

@@ -364,6 +364,9 @@ def make_role(cls):
     rep = cls.__new__(cls)
     rep.replica_id, rep.engine, rep.async_engine = "me", FakeLLMEngine(), FakeAsyncEngine()
     rep.request_timeout_s, rep.health_stall_s, rep.stalled, rep.drain_end, rep.drain_expired = None, 60.0, None, None, False
+    from raylight.cluster.autoscaling import SLORecorder
+
+    rep.slo = SLORecorder()
     return rep
 
 
