@@ -26,6 +26,8 @@ ALLOWED = {
     "cluster": {"api", "engine", "workers", "models", "parallel", "kernels", "placement", "kvtransfer"},
     # the public API (raylight/__init__.py, llm.py) sits beside cluster
     "api": {"engine", "workers", "models", "parallel", "kernels", "placement", "kvtransfer"},
+    # offline batch jobs (torchrun): the public API's engine with the server's request models (cluster/protocol)
+    "batch": {"api", "cluster", "engine", "workers", "models", "parallel", "kernels", "placement", "kvtransfer"},
     "testing": None,  # test support: may import anything
 }
 ALLOWED.update({leaf: set() for leaf in LEAVES})
