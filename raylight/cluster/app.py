@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raylight.cluster.autoscaling import serve_autoscaling_config
+from raylight.cluster.kv_index import RoutingConfig
 from raylight.config import EngineArgs
 from raylight.placement import ClusterTopology, PlacementPlan, check_fits, deployment_options, plan_for_replica
 
@@ -34,6 +35,8 @@ class PoolConfig(BaseModel):
                                               description="Resources of one engine replica.")
     max_ongoing_requests: int = Field(1024, ge=1, description="Serve's in-flight cap per engine replica.")
     max_queued_requests: Optional[int] = Field(256, ge=0, description="Waiting requests before 429.")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig, description=(
+        "How a request picks a replica of this pool: Serve's default, or kv_aware (cluster/kv_router.py)."))
 
     @field_validator("autoscaling_config")
     @classmethod
@@ -171,7 +174,7 @@ def build_disagg_app(args: dict[str, Any]):
     cfg = args if isinstance(args, DisaggAppConfig) else DisaggAppConfig(**(args or {}))
     prefill_args, decode_args = cfg.engine("prefill"), cfg.engine("decode")
     extra: dict[str, Any] = {}
-    if TargetedRequestRouter is not None:  # the router's remote_prefill_failed reaches the replica it names
+    if TargetedRequestRouter is not None and cfg.decode.routing.policy != "kv_aware":  # (kv_aware targets too)
         from ray.serve.config import RequestRouterConfig
 
         extra["request_router_config"] = RequestRouterConfig(request_router_class=TargetedRequestRouter)
@@ -199,6 +202,11 @@ def _engine_pool(cls, name: str, cfg: ServerConfig, pool: PoolConfig, engine_arg
     plan = replica_plan(pool, engine_args)
     if plan is not None:
         opts.update(deployment_options(plan, pool.ray_actor_options))
+    if pool.routing.policy == "kv_aware":  # the engines publish KV events; the pool gets our request router
+        from raylight.cluster.kv_router import request_router_config
+
+        engine_args = engine_args.model_copy(update={"enable_kv_events": True})
+        opts["request_router_config"] = request_router_config(pool.routing, engine_args.block_size)
     opts.update(options)
     cpu_threads = int(pool.ray_actor_options.get("num_cpus", 1) or 1)
     return serve.deployment(cls, name=name, **opts).bind(

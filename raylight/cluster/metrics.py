@@ -14,7 +14,7 @@ import time
 from typing import Any, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0)
@@ -150,6 +150,37 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+class _RouterCollector:
+    """The KV-aware request routers of this process (cluster/kv_router.py, one per engine-pool handle):
+    requests routed by prefix overlap vs by load alone, per replica, the index size and the event lag."""
+
+    def collect(self):
+        from raylight.cluster.kv_index import live_routers
+
+        stats = [r.stats() for r in live_routers()]
+        by = CounterMetricFamily("raylight:kv_router_requests_routed", "Requests the KV-aware router sent to "
+                                 "a replica holding part of their prompt (overlap) or by load alone (load)",
+                                 labels=["by"])
+        by.add_metric(["overlap"], float(sum(s["routed_overlap"] for s in stats)))
+        by.add_metric(["load"], float(sum(s["routed_load"] for s in stats)))
+        yield by
+        per = CounterMetricFamily("raylight:kv_router_replica_requests", "Requests the KV-aware router sent to "
+                                  "each replica", labels=["replica"])
+        totals: dict[str, float] = {}
+        for s in stats:
+            for rid, n in s["routed_to"].items():
+                totals[rid] = totals.get(rid, 0.0) + n
+        for rid, n in sorted(totals.items()):
+            per.add_metric([rid], n)
+        yield per
+        yield GaugeMetricFamily("raylight:kv_router_index_blocks", "Blocks in the KV-aware router's index "
+                                "(over replicas, from their KV events)", value=float(sum(s["index_blocks"]
+                                                                                         for s in stats)))
+        yield SummaryMetricFamily("raylight:kv_router_event_lag_seconds", "Time from a replica storing a "
+                                  "block to the router knowing", count_value=sum(s["event_lag_count"] for s in stats),
+                                  sum_value=float(sum(s["event_lag_sum_s"] for s in stats)))
+
+
 class ServerMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
@@ -167,6 +198,7 @@ class ServerMetrics:
                                "before the end", registry=r)
         self._replicas = _ReplicaCollector()
         r.register(self._replicas)
+        r.register(_RouterCollector())
 
     def update_replica(self, replica_id: str, stats: dict[str, Any]) -> None:
         """One replica's snapshot, or a disaggregated router's bundle of several (`{"replicas": {id:

@@ -19,11 +19,13 @@ import time
 from typing import Any, AsyncIterator, Optional
 
 from raylight.cluster.autoscaling import SLORecorder, new_tokens
+from raylight.cluster.kv_index import KVEventLog
 from raylight.config import EngineArgs
 from raylight.messages import GenerateCall, KVReservation, ReplicaMessage, ReplicaStats
 
 logger = logging.getLogger("raylight.replica")
 POLL_S = 0.25  # how often a waiting request checks its deadline, the engine's health and the drain
+KV_TICK_S = 0.05  # how often the engine's KV events are moved into the replica's log (when a router pulls)
 
 
 class RequestTimeoutError(RuntimeError):
@@ -58,6 +60,9 @@ class EngineReplica:
         self.stalled: Optional[str] = None  # why the engine was declared unusable (sticky)
         self.drain_end: Optional[float] = None  # set by drain_and_stop: no new requests; leftovers end then
         self.drain_expired = False  # set by drain_and_stop once it has counted the leftovers: guards end them
+        # KV-aware routing (cluster/kv_router.py): the engine's KV events, numbered for routers that pull them.
+        self.kv_log = KVEventLog() if self.engine.args.enable_kv_events else None
+        self._kv_ticker: Optional[asyncio.Task] = None
         self.slo = SLORecorder()  # TTFT/ITL for SLO autoscaling (cluster/autoscaling.py)
         logger.info("replica %s ready (%d torch threads)", self.replica_id, torch.get_num_threads())
 
@@ -161,6 +166,50 @@ class EngineReplica:
         running = len(self.engine.scheduler.running)
         return self.slo.take(max(0, self.async_engine.num_pending - running), running, self.engine.kv.usage())
 
+    # ---- KV-aware routing (cluster/kv_router.py) ----
+    def _load(self) -> dict[str, Any]:
+        kv = self.engine.kv
+        return {"num_running": len(self.engine.scheduler.running), "num_waiting": self.async_engine.num_waiting(),
+                "kv_blocks_free": kv.num_free_blocks, "kv_blocks_total": kv.num_blocks, "t": time.time()}
+
+    def _kv_drain(self) -> None:
+        """Moves the engine's new KV events into the log, stamped now. The engine thread appends to its
+        list while we read; taking a counted head with one `del` (atomic under the GIL) loses none."""
+        pool = getattr(self.engine.kv, "pool", None)
+        events = getattr(pool, "events", None)
+        if events is None:
+            self.kv_log.add(self.engine.take_kv_events())
+            return
+        n = len(events)
+        if n:
+            head = events[:n]
+            del events[:n]
+            self.kv_log.add(head)
+
+    async def _kv_tick(self) -> None:
+        """Drains every KV_TICK_S, so an event's stamp (the event lag's start) is at most that late."""
+        while True:
+            self._kv_drain()
+            await asyncio.sleep(KV_TICK_S)
+
+    async def kv_events(self, epoch: str = "", seq: int = -1) -> dict[str, Any]:
+        """What a router with cursor (`epoch`, `seq`) has not seen (kv_index.KVEventLog.since), and the load."""
+        if self.kv_log is None:
+            return {}
+        if self._kv_ticker is None or self._kv_ticker.done():
+            self._kv_ticker = asyncio.ensure_future(self._kv_tick())
+        self._kv_drain()
+        return {**self.kv_log.since(str(epoch), int(seq)), **self._load()}
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's controller asks this every `request_routing_stats_period_s` and passes it to every router
+        of the deployment: the load and how far the KV event log is. Empty without KV events (the default
+        router reads none of it, and an unchanging answer makes Serve broadcast nothing)."""
+        if self.kv_log is None:
+            return {}
+        self._kv_drain()
+        return {**self._load(), "epoch": self.kv_log.epoch, "seq": self.kv_log.seq}
+
     async def health(self) -> bool:
         return self.engine_ok() and self.drain_end is None
 
@@ -204,6 +253,9 @@ class EngineReplica:
         return aborted
 
     def _stop(self) -> None:
+        ticker = getattr(self, "_kv_ticker", None)
+        if ticker is not None:
+            ticker.cancel()
         eng = self.async_engine
         eng.shutdown()
         eng.engine.shutdown()
