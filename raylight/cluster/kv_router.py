@@ -9,7 +9,7 @@ the pool: the ingress replicas, the disaggregated router):
   log's epoch and sequence number) is collected by Serve's controller every `stats_period_s` and
   broadcast to every router with the replica list (`RunningReplica.routing_stats`).
 * KV events, pulled: a task on the router's event loop calls each replica's `kv_events(epoch, seq)`
-  (through the replica actor, as Serve sends requests) every `event_poll_s` while this router has work
+  (sent to that replica as Serve sends requests) every `event_poll_s` while this router has work
   there, has just had, or the broadcast says the replica has newer events; every `idle_poll_s` otherwise.
   The answer is the events after the router's cursor plus the replica's load, or a full snapshot of its
   cached blocks when the cursor is from another epoch (a new replica process) or fell out of the log.
@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import pickle
 import random
 import time
 import uuid
@@ -48,7 +47,7 @@ PULL_TIMEOUT_S = 5.0
 
 try:
     from ray.serve._private.common import RequestMetadata
-    from ray.serve.request_router import RequestRouter
+    from ray.serve.request_router import PendingRequest, RequestRouter
 except ImportError:  # pragma: no cover (another Ray version)
     RequestRouter = None
 
@@ -173,8 +172,10 @@ if RequestRouter is not None:
                 epoch, seq = self.core.cursor_of(name)
                 rid = f"kv-events-{uuid.uuid4().hex[:12]}"
                 meta = RequestMetadata(request_id=rid, internal_request_id=rid, call_method="kv_events")
-                ref = replica._actor_handle.handle_request.remote(pickle.dumps(meta), epoch, seq)
-                msg = await asyncio.wait_for(ref, PULL_TIMEOUT_S)
+                # As Serve's router sends a request (the replica counts it, and answers on its event loop).
+                result = replica.try_send_request(PendingRequest(args=[epoch, seq], kwargs={}, metadata=meta),
+                                                  with_rejection=False)
+                msg = await asyncio.wait_for(result.get_async(), PULL_TIMEOUT_S)
                 if isinstance(msg, dict) and name in {replica_name(r) for r in self._replicas_list}:
                     self.core.apply(name, msg)
             except asyncio.CancelledError:

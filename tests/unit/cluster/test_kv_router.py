@@ -262,3 +262,26 @@ def test_metrics_of_the_routers_in_this_process():
     assert 'raylight:kv_router_replica_requests_total{replica="B"}' in text
     assert "raylight:kv_router_index_blocks" in text and "raylight:kv_router_event_lag_seconds_count" in text
     del core
+
+
+def test_build_app_plugs_the_router_in():
+    from raylight.cluster.app import build_app
+    from raylight.cluster.kv_router import KVAwareRequestRouter
+
+    def pool(args):
+        return build_app(args)._bound_deployment.init_args[0]._bound_deployment
+
+    kv = pool({"engine_args": {"load_format": "dummy", "block_size": 32}, "routing": {"policy": "kv_aware"}})
+    rc = kv._deployment_config.request_router_config
+    assert rc.request_router_class.endswith(KVAwareRequestRouter.__name__) and rc.request_router_kwargs[
+        "block_size"] == 32
+    assert kv.init_args[0]["enable_kv_events"] is True
+    default = pool({"engine_args": {"load_format": "dummy"}})
+    assert "KVAware" not in default._deployment_config.request_router_config.request_router_class
+    assert not default.init_args[0].get("enable_kv_events")
+    # The disaggregated app: the decode pool routed by KV (and still targeted), the prefill pool by default.
+    app = build_app({"engine_args": {"load_format": "dummy"}, "decode": {"routing": {"policy": "kv_aware"}}})
+    router = app._bound_deployment.init_args[0]._bound_deployment
+    decode, prefill = (a._bound_deployment for a in router.init_args[:2])
+    assert "KVAware" in decode._deployment_config.request_router_config.request_router_class
+    assert "KVAware" not in prefill._deployment_config.request_router_config.request_router_class
