@@ -20,7 +20,10 @@ A decode replica lost before anything reached the client is retried once on anot
 gets a typed 503 (`ReplicaMessage.error_status`).
 
 Metrics: the replicas' snapshots (decode messages, prefill outcomes, `stats()` polls) travel to the
-ingress together, as `{"replicas": {replica_id: snapshot}}` (cluster/metrics.py unpacks them).
+ingress together, as `{"replicas": {replica_id: snapshot}}` (cluster/metrics.py unpacks them), with the
+stats of this process's KV-aware request routers (`"kv_router"`) when a pool has `routing.policy: kv_aware`:
+then Serve's handle to that pool routes by cached prefix (cluster/kv_router.py), so the decode replica is
+the one that holds most of the prompt for its load, and targeted calls still reach their replica.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
+from raylight.cluster.kv_index import live_routers, router_stats
 from raylight.cluster.replica import _replica_id
 from raylight.engine.remote_prefill import prefill_params
 from raylight.messages import GenerateCall, KVReservation, ReplicaMessage, ReplicaStats
@@ -248,7 +252,10 @@ class DisaggRouter:
         now = time.time()
         for rid in [rid for rid, s in self.snapshots.items() if now - s.get("snapshot_t", now) > _SNAPSHOT_TTL_S]:
             del self.snapshots[rid]
-        return {"replicas": dict(self.snapshots)}
+        out: dict[str, Any] = {"replicas": dict(self.snapshots)}
+        if live_routers():  # the pools' KV-aware request routers live in this process
+            out["kv_router"] = {"id": self.replica_id, **router_stats()}
+        return out
 
     def __del__(self):
         health = getattr(self, "prefill_health", None)

@@ -278,6 +278,18 @@ def live_routers() -> list["KVRouterCore"]:
     return list(_ROUTERS)
 
 
+def router_stats(stats: Optional[Iterable[dict[str, Any]]] = None) -> dict[str, Any]:
+    """`KVRouterCore.stats()` summed over routers (by default this process's live ones)."""
+    out: dict[str, Any] = {"routed_overlap": 0, "routed_load": 0, "index_blocks": 0, "event_lag_sum_s": 0.0,
+                           "event_lag_count": 0, "routed_to": {}}
+    for s in (r.stats() for r in live_routers()) if stats is None else stats:
+        for k in ("routed_overlap", "routed_load", "index_blocks", "event_lag_sum_s", "event_lag_count"):
+            out[k] += s.get(k, 0)
+        for rid, n in s.get("routed_to", {}).items():
+            out["routed_to"][rid] = out["routed_to"].get(rid, 0) + n
+    return out
+
+
 class KVRouterCore:
     """Everything the KV-aware request router decides with, for one deployment, in one process."""
 

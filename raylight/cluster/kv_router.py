@@ -100,6 +100,8 @@ if RequestRouter is not None:
                 bs = self.core.block_size
                 self._keys[iid] = (self.core.keys(prompt, getattr(call, "cache_salt", None)),
                                    max(0, (len(prompt) - 1) // bs))
+                # Cancelled before Serve sent it anywhere: no completion will come, so let go of it here.
+                pending_request.future.add_done_callback(lambda f, iid=iid: f.cancelled() and self._cancelled(iid))
             keys, nblocks = self._keys[iid]
             by_name = {replica_name(r): r for r in candidate_replicas}
             ranked = self.core.rank(keys, list(by_name), nblocks)
@@ -122,6 +124,10 @@ if RequestRouter is not None:
             replica = self.core.predicted.finish(internal_request_id)
             if replica is not None:  # its last blocks were stored: look soon
                 self._recent[replica] = time.monotonic() + 2 * self.event_poll_s + 1.0
+
+        def _cancelled(self, iid: str) -> None:
+            self._keys.pop(iid, None)
+            self.core.finished(iid)
 
         def update_replicas(self, replicas):
             super().update_replicas(replicas)

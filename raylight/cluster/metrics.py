@@ -151,13 +151,17 @@ def _is_number(v: Any) -> bool:
 
 
 class _RouterCollector:
-    """The KV-aware request routers of this process (cluster/kv_router.py, one per engine-pool handle):
-    requests routed by prefix overlap vs by load alone, per replica, the index size and the event lag."""
+    """The KV-aware request routers of this process (cluster/kv_router.py, one per engine-pool handle) and
+    those a disaggregated router reported (its bundle's "kv_router"): requests routed by prefix overlap vs by
+    load alone, per replica, the index size and the event lag."""
+
+    def __init__(self):
+        self.remote: dict[str, dict[str, Any]] = {}  # a disaggregated router's id -> its routers' stats
 
     def collect(self):
         from raylight.cluster.kv_index import live_routers
 
-        stats = [r.stats() for r in live_routers()]
+        stats = [r.stats() for r in live_routers()] + list(self.remote.values())
         by = CounterMetricFamily("raylight:kv_router_requests_routed", "Requests the KV-aware router sent to "
                                  "a replica holding part of their prompt (overlap) or by load alone (load)",
                                  labels=["by"])
@@ -198,12 +202,15 @@ class ServerMetrics:
                                "before the end", registry=r)
         self._replicas = _ReplicaCollector()
         r.register(self._replicas)
-        r.register(_RouterCollector())
+        self._routers = _RouterCollector()
+        r.register(self._routers)
 
     def update_replica(self, replica_id: str, stats: dict[str, Any]) -> None:
         """One replica's snapshot, or a disaggregated router's bundle of several (`{"replicas": {id:
         snapshot}}`). A snapshot with a `snapshot_t` replaces only an older one of its replica (a bundle
         repeats what the router heard last, which must not make a dead replica look alive)."""
+        if isinstance(stats.get("kv_router"), dict) and stats["kv_router"].get("id"):
+            self._routers.remote[str(stats["kv_router"]["id"])] = stats["kv_router"]
         if isinstance(stats.get("replicas"), dict):
             for rid, snapshot in stats["replicas"].items():
                 if isinstance(snapshot, dict):

@@ -285,3 +285,17 @@ def test_build_app_plugs_the_router_in():
     decode, prefill = (a._bound_deployment for a in router.init_args[:2])
     assert "KVAware" in decode._deployment_config.request_router_config.request_router_class
     assert "KVAware" not in prefill._deployment_config.request_router_config.request_router_class
+
+
+def test_a_disaggregated_routers_bundle_reaches_the_ingress_metrics():
+    from raylight.cluster.kv_index import router_stats
+    from raylight.cluster.metrics import ServerMetrics
+
+    remote = {"id": "disagg-router-1", **router_stats([{"routed_overlap": 5, "routed_load": 2, "index_blocks": 9,
+                                                          "event_lag_sum_s": 0.5, "event_lag_count": 5,
+                                                          "routed_to": {"D1": 7}}])}
+    m = ServerMetrics()
+    m.update_replica("D1", {"replicas": {}, "kv_router": remote})
+    text = m.render()[0].decode()
+    assert 'raylight:kv_router_replica_requests_total{replica="D1"} 7.0' in text
+    assert float(text.split("raylight:kv_router_index_blocks ")[1].split()[0]) >= 9  # + this process's routers
