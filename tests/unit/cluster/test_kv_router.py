@@ -298,4 +298,4 @@ def test_a_disaggregated_routers_bundle_reaches_the_ingress_metrics():
     m.update_replica("D1", {"replicas": {}, "kv_router": remote})
     text = m.render()[0].decode()
     assert 'raylight:kv_router_replica_requests_total{replica="D1"} 7.0' in text
-    assert float(text.split("raylight:kv_router_index_blocks ")[1].split()[0]) >= 9  # + this process's routers
+    assert float(text.split("\nraylight:kv_router_index_blocks ")[1].split()[0]) >= 9  # + this process's routers
