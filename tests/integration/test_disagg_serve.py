@@ -196,15 +196,18 @@ def test_prefill_replica_killed_mid_transfer_request_completes_locally_and_nothi
 
     def request():
         result["r"] = httpx.post(f"{server}/v1/completions", timeout=120, json={
-            # 1,800 tokens: the prefill runs long enough on a CPU for the kill to land while it pushes (with
-            # 500 a busy CI machine could see the push land first, and nothing fail)
             "model": MODEL, "prompt": long_ids(server, 4, n=1800), "max_tokens": 4, "temperature": 0,
             "ignore_eos": True})
 
+    # Frozen first, so the kill lands while the handoff is in flight on any machine: racing a running prefill
+    # (even of 1,800 tokens) lost on a loaded CI machine, where the push could finish before the kill.
+    os.kill(pid, signal.SIGSTOP)
     t = threading.Thread(target=request, daemon=True)
     t.start()
-    wait_reserved(d0.get("kv_remote_prefills", 0))
-    os.kill(pid, signal.SIGKILL)  # the prefill replica dies while it computes and pushes
+    try:
+        wait_reserved(d0.get("kv_remote_prefills", 0))
+    finally:
+        os.kill(pid, signal.SIGKILL)  # the prefill replica dies with the request's prefill in its hands
     t.join(120)
     r = result["r"]
     assert r.status_code == 200, r.text
