@@ -222,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     world.barrier("scanned")  # nobody writes a part file before every rank has read them all
     mine = pending[engine_index::num_engines] if leader else []
     if world.rank == 0:
-        logger.info("%d lines, %d already done, %d to run on %d engine(s) of %d rank(s)", len(items),
+        logger.info("%d lines, %d already done, %d to run on %d engine(s), %d rank(s) each", len(items),
                     len(items) - len(pending), len(pending), num_engines, group)
     progress = Progress(world, len(pending), ns.progress_interval_s)
     if mine:

@@ -98,10 +98,11 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.ready_s = time.monotonic() - t0
         logger.info(
-            "engine ready in %.1fs: model=%s dtype=%s device=%s tp=%d pp=%d attention=%s cuda_graphs=%s KV cache: "
+            "engine ready in %.1fs: model=%s dtype=%s device=%s tp=%d pp=%d%s attention=%s cuda_graphs=%s KV cache: "
             "%d blocks x %d tokens = %d tokens, %.2f GiB; max_model_len=%d; steps: %s",
             self.ready_s, self.model_name, str(self.dtype).replace("torch.", ""), self.device,
             args.tensor_parallel_size, args.pipeline_parallel_size,
+            f" ep={args.tensor_parallel_size}{' eplb' if rank.eplb else ''}" if args.enable_expert_parallel else "",
             self.attn_backend.name, graphs is not None, self.num_blocks, args.block_size,
             self.num_blocks * args.block_size, self.kv_cache_bytes / 2**30, self.max_model_len, self.policy.name)
 
