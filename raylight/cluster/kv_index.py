@@ -18,7 +18,7 @@ Cost of replica r for a prompt of n blocks of which r holds the first o_r (Dynam
     cost_r = overlap_weight * new_r + load_weight * (load_r + new_r)
 where load_r is r's decode load in blocks: the larger of the blocks this router's running requests hold
 there (shared prefixes counted once, one partial block per request) and the replica's own report (blocks
-in use), and `+ new_r` is what this request would add. Lowest cost wins; ties go to the replica with fewer
+in use; other routers' requests are only in that), and `+ new_r` is what this request would add. Lowest cost wins; ties go to the replica with fewer
 running requests, then to the one this router sent fewer requests (round robin when idle).
 """
 
@@ -301,6 +301,7 @@ class KVRouterCore:
         self.predicted = PredictedBlocks(predict_ttl_s)
         self.cursor: dict[str, tuple[str, int]] = {}  # replica -> (epoch, seq) applied
         self.reports: dict[str, dict[str, Any]] = {}  # replica -> newest load report
+        self.finished_at: dict[str, float] = {}  # replica -> when one of our requests there last ended
         self.routed: collections.Counter = collections.Counter()  # "overlap" / "load"
         self.routed_to: collections.Counter = collections.Counter()  # replica -> requests
         self.lag_sum, self.lag_count, self.lag_last = 0.0, 0, 0.0
@@ -369,6 +370,7 @@ class KVRouterCore:
         self.predicted.drop(replica)
         self.cursor.pop(replica, None)
         self.reports.pop(replica, None)
+        self.finished_at.pop(replica, None)
 
     def keep_only(self, replicas: Iterable[str]) -> None:
         keep = set(replicas)
@@ -384,7 +386,9 @@ class KVRouterCore:
     def load(self, replica: str) -> float:
         local = self.predicted.load_blocks(replica)
         rep = self.reports.get(replica)
-        if rep and "kv_blocks_total" in rep:
+        # A report from before one of our requests there ended still counts its blocks: our own count is
+        # exact for our requests, so such a report is left out until a newer one comes.
+        if rep and "kv_blocks_total" in rep and rep.get("t", 0.0) >= self.finished_at.get(replica, 0.0):
             reported = float(rep["kv_blocks_total"]) - float(rep.get("kv_blocks_free", rep["kv_blocks_total"]))
             return max(float(local), reported)
         return float(local)
@@ -415,8 +419,12 @@ class KVRouterCore:
             self.routed_to[replica] += 1
             self.predicted.start(request_id, replica, entry[1])
 
-    def finished(self, request_id: str) -> None:
-        self.predicted.finish(request_id)
+    def finished(self, request_id: str) -> Optional[str]:
+        """The request ended; returns its replica (None if unknown)."""
+        replica = self.predicted.finish(request_id)
+        if replica is not None:
+            self.finished_at[replica] = time.time()
+        return replica
 
     def stats(self) -> dict[str, Any]:
         return {"routed_overlap": self.routed["overlap"], "routed_load": self.routed["load"],

@@ -121,7 +121,7 @@ if RequestRouter is not None:
 
         def on_request_completed(self, replica_id, internal_request_id: str) -> None:
             self._keys.pop(internal_request_id, None)
-            replica = self.core.predicted.finish(internal_request_id)
+            replica = self.core.finished(internal_request_id)
             if replica is not None:  # its last blocks were stored: look soon
                 self._recent[replica] = time.monotonic() + 2 * self.event_poll_s + 1.0
 

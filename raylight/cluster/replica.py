@@ -63,6 +63,8 @@ class EngineReplica:
         # KV-aware routing (cluster/kv_router.py): the engine's KV events, numbered for routers that pull them.
         self.kv_log = KVEventLog() if self.engine.args.enable_kv_events else None
         self._kv_ticker: Optional[asyncio.Task] = None
+        if self.kv_log is not None:
+            _quiet_kv_pulls()
         self.slo = SLORecorder()  # TTFT/ITL for SLO autoscaling (cluster/autoscaling.py)
         logger.info("replica %s ready (%d torch threads)", self.replica_id, torch.get_num_threads())
 
@@ -259,6 +261,18 @@ class EngineReplica:
         eng = self.async_engine
         eng.shutdown()
         eng.engine.shutdown()
+
+
+def _quiet_kv_pulls() -> None:
+    """Serve writes an access-log line per call; the routers' KV-event pulls (several a second while busy)
+    would drown the requests' lines, so their successful ones are left out (failures still show)."""
+    serve_logger = logging.getLogger("ray.serve")
+    if not any(getattr(f, "raylight_kv_pulls", False) for f in serve_logger.filters):
+        def keep(record: logging.LogRecord) -> bool:
+            return not (getattr(record, "serve_access_log", False) and " kv_events OK " in f" {record.msg} ")
+
+        keep.raylight_kv_pulls = True
+        serve_logger.addFilter(keep)
 
 
 def _replica_id() -> str:

@@ -299,3 +299,14 @@ def test_a_disaggregated_routers_bundle_reaches_the_ingress_metrics():
     text = m.render()[0].decode()
     assert 'raylight:kv_router_replica_requests_total{replica="D1"} 7.0' in text
     assert float(text.split("\nraylight:kv_router_index_blocks ")[1].split()[0]) >= 9  # + this process's routers
+
+
+def test_a_report_older_than_our_last_finish_is_left_out():
+    core = KVRouterCore(block_size=BS)
+    core.routed_request("r", "A", [1, 2, 3], 0)
+    core.report("A", {"t": time.time(), "kv_blocks_total": 100, "kv_blocks_free": 60})
+    assert core.load("A") == 40  # the report (other routers' requests too) outweighs our 3 + 1
+    core.finished("r")
+    assert core.load("A") == 0  # that report still counted our request
+    core.report("A", {"t": time.time() + 0.01, "kv_blocks_total": 100, "kv_blocks_free": 90})
+    assert core.load("A") == 10
