@@ -139,6 +139,7 @@ def test_two_ranks_equal_one_process(job, smollm2_dir):
     check_single(single, ids)
     log = run(torchrun(*batch_args(d / "requests.jsonl", d / "dp.jsonl", smollm2_dir)), d / "dp.log")
     assert "on 2 engine(s)" in log, log[-3000:]
+    assert f"{len(ids)}/{len(ids)}" in log  # rank 0's bar counted both ranks' rows
     dp = read_rows(d / "dp.jsonl")
     assert [stable(r) for r in dp] == [stable(r) for r in single]
     assert not list(d.glob("dp.jsonl.part-*"))  # merged and removed
