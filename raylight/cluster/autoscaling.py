@@ -22,7 +22,8 @@ are Serve's own (`min_replicas`, `max_replicas`, `initial_replicas`, `look_back_
 Without `slo`, Serve's default policy (`target_ongoing_requests`) runs.
 
 What each replica measures (`SLORecorder`, read by `EngineReplica.record_autoscaling_stats`, which Serve
-calls every `look_back_period_s / 5` seconds and pushes to its controller every `metrics_interval_s`):
+calls every min(`look_back_period_s` / 5, `metrics_interval_s`) seconds, keeping the points of the last
+`look_back_period_s`, and pushes to its controller every `metrics_interval_s`):
 
 * TTFT: from the request's arrival at the replica (engine queue included) to its first token;
 * ITL: time between consecutive token outputs of a request, divided by the tokens that output carried;
