@@ -281,12 +281,13 @@ def live_routers() -> list["KVRouterCore"]:
 def router_stats(stats: Optional[Iterable[dict[str, Any]]] = None) -> dict[str, Any]:
     """`KVRouterCore.stats()` summed over routers (by default this process's live ones)."""
     out: dict[str, Any] = {"routed_overlap": 0, "routed_load": 0, "index_blocks": 0, "event_lag_sum_s": 0.0,
-                           "event_lag_count": 0, "routed_to": {}}
+                           "event_lag_count": 0, "routed_to": {}, "index_by_replica": {}}
     for s in (r.stats() for r in live_routers()) if stats is None else stats:
         for k in ("routed_overlap", "routed_load", "index_blocks", "event_lag_sum_s", "event_lag_count"):
             out[k] += s.get(k, 0)
-        for rid, n in s.get("routed_to", {}).items():
-            out["routed_to"][rid] = out["routed_to"].get(rid, 0) + n
+        for key in ("routed_to", "index_by_replica"):
+            for rid, n in s.get(key, {}).items():
+                out[key][rid] = out[key].get(rid, 0) + n
     return out
 
 
@@ -430,4 +431,5 @@ class KVRouterCore:
         return {"routed_overlap": self.routed["overlap"], "routed_load": self.routed["load"],
                 "index_blocks": self.cached.size(), "predicted_blocks": self.predicted.index.size(),
                 "event_lag_sum_s": self.lag_sum, "event_lag_count": self.lag_count, "event_lag_last_s": self.lag_last,
-                "snapshots": self.snapshots, "routed_to": dict(self.routed_to)}
+                "snapshots": self.snapshots, "routed_to": dict(self.routed_to),
+                "index_by_replica": {r: len(keys) for r, keys in self.cached.by_replica.items()}}

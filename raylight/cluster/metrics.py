@@ -159,30 +159,29 @@ class _RouterCollector:
         self.remote: dict[str, dict[str, Any]] = {}  # a disaggregated router's id -> its routers' stats
 
     def collect(self):
-        from raylight.cluster.kv_index import live_routers
+        from raylight.cluster.kv_index import live_routers, router_stats
 
-        stats = [r.stats() for r in live_routers()] + list(self.remote.values())
+        s = router_stats([r.stats() for r in live_routers()] + list(self.remote.values()))
         by = CounterMetricFamily("raylight:kv_router_requests_routed", "Requests the KV-aware router sent to "
                                  "a replica holding part of their prompt (overlap) or by load alone (load)",
                                  labels=["by"])
-        by.add_metric(["overlap"], float(sum(s["routed_overlap"] for s in stats)))
-        by.add_metric(["load"], float(sum(s["routed_load"] for s in stats)))
+        by.add_metric(["overlap"], float(s["routed_overlap"]))
+        by.add_metric(["load"], float(s["routed_load"]))
         yield by
-        per = CounterMetricFamily("raylight:kv_router_replica_requests", "Requests the KV-aware router sent to "
-                                  "each replica", labels=["replica"])
-        totals: dict[str, float] = {}
-        for s in stats:
-            for rid, n in s["routed_to"].items():
-                totals[rid] = totals.get(rid, 0.0) + n
-        for rid, n in sorted(totals.items()):
-            per.add_metric([rid], n)
-        yield per
         yield GaugeMetricFamily("raylight:kv_router_index_blocks", "Blocks in the KV-aware router's index "
-                                "(over replicas, from their KV events)", value=float(sum(s["index_blocks"]
-                                                                                         for s in stats)))
+                                "(over replicas, from their KV events)", value=float(s["index_blocks"]))
         yield SummaryMetricFamily("raylight:kv_router_event_lag_seconds", "Time from a replica storing a "
-                                  "block to the router knowing", count_value=sum(s["event_lag_count"] for s in stats),
-                                  sum_value=float(sum(s["event_lag_sum_s"] for s in stats)))
+                                  "block to the router knowing", count_value=s["event_lag_count"],
+                                  sum_value=float(s["event_lag_sum_s"]))
+        for name, doc, key in (
+                ("raylight:kv_router_replica_requests", "Requests the KV-aware router sent to each replica",
+                 "routed_to"),
+                ("raylight:kv_router_replica_index_blocks", "Blocks the KV-aware router's index holds for each "
+                 "replica (a replica gone from Serve's list is dropped)", "index_by_replica")):
+            family = (CounterMetricFamily if key == "routed_to" else GaugeMetricFamily)(name, doc, labels=["replica"])
+            for rid, n in sorted(s[key].items()):
+                family.add_metric([rid], float(n))
+            yield family
 
 
 class ServerMetrics:
