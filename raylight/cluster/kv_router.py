@@ -142,6 +142,9 @@ if RequestRouter is not None:
             self.core.keep_only(names)
             for name in [n for n in self._pulls if n not in names]:
                 self._pulls.pop(name).cancel()
+            for d in (self._last_pull, self._recent):
+                for name in [n for n in d if n not in names]:
+                    del d[name]
             self._ensure_poller()
 
         def on_replica_actor_died(self, replica_id):
