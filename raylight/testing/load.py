@@ -1,8 +1,10 @@
-"""A steady stream of HTTP requests for the scaling tests (tests/integration/test_autoscaling*.py), and a
-wait on a Serve deployment's replica states."""
+"""A steady stream of HTTP requests for the scaling tests (tests/integration/test_autoscaling*.py), an app
+served with the stream already running when it comes up, and a wait on a Serve deployment's replica
+states."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -15,12 +17,15 @@ MODEL = "SmolLM2-135M-Instruct"
 class Load:
     """`clients` threads that each send completions back to back (streamed and not, alternately) until
     the context exits; records each request's (status, completion tokens, error text). `prompt_words`
-    pads each prompt with that many words (long prompts go through a disaggregated app's prefill pool)."""
+    pads each prompt with that many words (long prompts go through a disaggregated app's prefill pool).
+    Started before the app is up, it records nothing until its first success (`ready`, at `ready_t`):
+    failures before that are the app not being there yet."""
 
     def __init__(self, base: str, clients: int, max_tokens: int, prompt_words: int = 0, model: str = MODEL):
         self.base, self.max_tokens, self.model, self.stop = base, max_tokens, model, threading.Event()
         self.pad = " ".join(f"word{i % 50}" for i in range(prompt_words))
         self.results: list[tuple[int, int, str]] = []
+        self.ready, self.ready_t = threading.Event(), None
         self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
 
     def __enter__(self):
@@ -29,9 +34,14 @@ class Load:
         return self
 
     def __exit__(self, *exc):
+        self.finish()
+
+    def finish(self) -> None:
+        """Stops the stream and waits for the requests in flight."""
         self.stop.set()
         for t in self.threads:
-            t.join(120)
+            if t.is_alive():
+                t.join(120)
 
     def _client(self, i: int) -> None:
         body = {"model": self.model, "max_tokens": self.max_tokens, "temperature": 0, "ignore_eos": True}
@@ -44,12 +54,19 @@ class Load:
                     if n % 2:
                         r = c.post("/v1/completions", json=body)
                         ok = r.status_code == 200
-                        self.results.append((r.status_code, r.json()["usage"]["completion_tokens"] if ok else 0,
-                                             "" if ok else r.text[:200]))
+                        result = (r.status_code, r.json()["usage"]["completion_tokens"] if ok else 0,
+                                  "" if ok else r.text[:200])
                     else:
-                        self.results.append(self._stream(c, body))
+                        result = self._stream(c, body)
                 except httpx.HTTPError as e:
-                    self.results.append((0, 0, repr(e)))
+                    result = (0, 0, repr(e))
+                if result[0] == 200 and not self.ready.is_set():
+                    self.ready_t = time.monotonic()
+                    self.ready.set()
+                if self.ready.is_set():
+                    self.results.append(result)
+                else:
+                    time.sleep(0.2)  # the app is not up yet
 
     @staticmethod
     def _stream(c: httpx.Client, body) -> tuple[int, int, str]:
@@ -71,6 +88,36 @@ class Load:
     def check_all_complete(self) -> None:
         bad = [r for r in self.results if r[0] != 200 or r[1] != self.max_tokens]
         assert not bad, f"{len(bad)} of {len(self.results)} requests failed or were cut: {bad[:5]}"
+
+
+@contextlib.contextmanager
+def serve_app_under_load(cfg, name: str, timeout_s: float = 240, **load_kwargs):
+    """Like helpers.serve_app (a fresh local Ray + Serve on a free port), with a `Load(**load_kwargs)`
+    streaming from before `serve.run`: an autoscaling pool comes up already loaded, so it cannot scale
+    down idle before a test's stream starts. Yields (base URL, the load), the load running; stops it and
+    shuts down after."""
+    import ray
+    from ray import serve
+
+    from raylight.cluster.app import build_app
+    from raylight.testing.helpers import free_port
+
+    if ray.is_initialized():
+        ray.shutdown()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=2, include_dashboard=False)
+    load = Load(base, **load_kwargs)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        with load:
+            serve.run(build_app(cfg), name=name, route_prefix="/")
+            if not load.ready.wait(timeout_s):
+                raise TimeoutError(f"the {name} server answered no request in {timeout_s:.0f}s")
+            yield base, load
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def replica_states(app: str, *deployments: str) -> dict[str, dict[str, int]]:

@@ -1,9 +1,10 @@
 """Data-parallel replicas under the SLO autoscaler (raylight/cluster/autoscaling.py) on a real Ray Serve app
 over HTTP on 127.0.0.1 (SmolLM2 on CPU, 3 replicas sharing 2 cores):
 
-* graceful drain: the pool starts at 3 replicas (initial_replicas) under a steady stream of requests well
-  under its targets; the policy scales it 3 -> 2 -> 1 while the stream runs, and every request completes
-  with all its tokens (a removed replica stops taking requests and finishes its running ones first);
+* graceful drain: the pool comes up with 3 replicas (initial_replicas) under a steady stream of requests
+  (started before the app is up) well under its targets; the policy scales it 3 -> 2 -> 1 while the stream
+  runs, and every request completes with all its tokens (a removed replica stops taking requests and
+  finishes its running ones first);
 * scale up and back: a burst the single replica cannot serve (its waiting queue above
   max_waiting_per_replica) makes the policy add replicas; when the load ends it removes them again.
 
@@ -18,8 +19,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raylight.testing.helpers import serve_app
-from raylight.testing.load import Load, replica_states, wait_replica_states
+from raylight.testing.load import Load, replica_states, serve_app_under_load, wait_replica_states
 
 APP = "autoscale"
 MAX_NUM_SEQS = 4
@@ -28,6 +28,8 @@ MAX_WAITING = 2  # slo.max_waiting_per_replica
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir):
+    """The app, and a stream of 3 clients that runs from before the app is up (so the 3 replicas never
+    idle) until the first test stops it."""
     from raylight.cluster.app import AppConfig
 
     cfg = AppConfig(
@@ -38,8 +40,8 @@ def server(smollm2_dir):
                             "metrics_interval_s": 0.5, "look_back_period_s": 2.0,
                             "upscale_delay_s": 1.0, "downscale_delay_s": 4.0,
                             "slo": {"max_waiting_per_replica": MAX_WAITING, "ttft_p90_s": 10.0, "min_samples": 2}})
-    with serve_app(cfg, APP, timeout_s=240) as base:
-        yield base
+    with serve_app_under_load(cfg, APP, clients=3, max_tokens=24) as (base, load):
+        yield base, load
 
 
 def wait_states(want: dict[str, int], timeout_s: float) -> float:
@@ -47,22 +49,25 @@ def wait_states(want: dict[str, int], timeout_s: float) -> float:
 
 
 def test_scale_down_3_to_1_under_a_steady_stream_drops_no_request(server):
-    wait_states({"RUNNING": 3}, 120)
-    with Load(server, clients=3, max_tokens=24) as load:
-        took = wait_states({"RUNNING": 1}, 90)  # 3 -> 2 -> 1, each after downscale_delay_s, each drained
-        during = len(load.results)
-        time.sleep(2.0)  # and the one left keeps serving
+    _, load = server
+    up = time.monotonic() - load.ready_t  # the stream ran before the pool was up: every removal is under load
+    took = wait_states({"RUNNING": 1}, 90)  # 3 -> 2 -> 1, each after downscale_delay_s, each drained
+    during = len(load.results)
+    time.sleep(2.0)  # and the one left keeps serving
+    load.finish()
     load.check_all_complete()
     assert during >= 6, load.results
-    print(f"3 -> 1 replicas in {took:.1f}s under load; {len(load.results)} requests, all complete")
+    print(f"3 -> 1 replicas {up + took:.1f}s into a steady stream; {len(load.results)} requests, all complete")
 
 
 def test_a_queue_the_pool_cannot_serve_scales_it_up_then_down(server):
-    wait_states({"RUNNING": 1}, 60)
+    base, first = server
+    first.finish()
+    wait_states({"RUNNING": 1}, 90)
     seen = 1
     t0 = time.monotonic()
     # 4x the single replica's capacity: about 12 requests waiting, far above max_waiting_per_replica
-    with Load(server, clients=4 * MAX_NUM_SEQS, max_tokens=32) as load:
+    with Load(base, clients=4 * MAX_NUM_SEQS, max_tokens=32) as load:
         while seen < 2:
             states = replica_states(APP, "EngineReplica")["EngineReplica"]
             assert time.monotonic() - t0 < 90, f"no scale-up under a queue: {states}"
