@@ -57,7 +57,8 @@ is the hysteresis: a pool that just scaled up does not scale down until its load
 A replica removed by a scale-down drains (Serve stops routing to it and waits for its running requests, up
 to the app's `graceful_shutdown_timeout_s`; see `EngineReplica.drain_and_stop`).
 
-Serve pickles this module by value into its controller, so it imports nothing from raylight.
+Serve pickles this module by value into its controller; it imports nothing from raylight, so the controller
+never loads the engine's modules (tests/unit/cluster/test_autoscaling.py checks the round trip).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """SLO autoscaling (raylight/cluster/autoscaling.py): the decision rule as a pure function, the pool's
 signals from Serve-shaped raw metrics (a fake AutoscalingContext), the replica-side recorder, and the
-config's translation into Serve's autoscaling_config (validation with field names)."""
+config's translation into Serve's autoscaling_config (validation with field names), and the policy's trip
+through Serve's pickling into a fresh process."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -212,3 +214,32 @@ def test_pools_deploy_with_the_policy():
     for dep, key, value in ((prefill, "ttft_p90_s", 1.0), (decode, "itl_p90_s", 0.05)):
         asc = dep._deployment_config.autoscaling_config
         assert asc.policy.policy_function == POLICY_PATH and asc.policy.policy_kwargs[key] == value
+
+
+def test_policy_survives_serves_pickling_into_a_fresh_process(tmp_path):
+    """Serve cloudpickles the policy class by value and its controller unpickles and builds it with
+    policy_kwargs: the same in a fresh interpreter, which must not import raylight's engine to do it."""
+    pytest.importorskip("ray.serve")
+    import subprocess
+    import sys
+
+    from ray.serve.config import AutoscalingConfig
+
+    cfg = AutoscalingConfig(**serve_autoscaling_config({"max_replicas": 4, "slo": {"max_waiting_per_replica": 2}}))
+    blob = tmp_path / "policy.bin"
+    blob.write_bytes(cfg.policy.get_serialized_policy_def())
+    code = f"""
+import json, sys
+from types import SimpleNamespace
+from ray import cloudpickle
+cls = cloudpickle.loads(open({str(blob)!r}, "rb").read())
+policy = cls(**json.loads({json.dumps(cfg.policy.policy_kwargs)!r}))
+raw = {{{WAITING_KEY!r}: {{"a": [SimpleNamespace(value=9.0)]}}}}
+ctx = SimpleNamespace(raw_metrics=raw, running_replicas=["a"], current_num_replicas=1, target_num_replicas=1,
+                      total_queued_requests=0.0, capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=4,
+                      policy_state={{}}, deployment_name="EngineReplica")
+print(policy(ctx)[0], any(m.startswith("raylight.engine") for m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["2", "False"]
