@@ -193,3 +193,17 @@ def wait_healthy(base: str, timeout_s: float, still_running=lambda: True) -> boo
             pass
         time.sleep(1)
     return False
+
+
+def raylet_of(pid: int) -> int:
+    """The pid of the raylet (the simulated node) that started worker process `pid`."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    return int(env[b"RAY_RAYLET_PID"])
+
+
+def raylet_pid(node) -> int:
+    """The raylet pid of a `ray.cluster_utils.Cluster` node."""
+    import ray
+
+    return node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAYLET][0].process.pid

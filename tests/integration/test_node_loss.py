@@ -23,7 +23,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from raylight.testing.helpers import free_port, serve_replica_pids, wait_healthy
+from raylight.testing.helpers import free_port, raylet_of, raylet_pid, serve_replica_pids, wait_healthy
 
 MODEL = "SmolLM2-135M-Instruct"
 APP = "node-loss"
@@ -65,17 +65,6 @@ def deployment_status(name: str) -> str:
 
 def replica_pids() -> list[int]:
     return serve_replica_pids(APP, "EngineReplica")
-
-
-def raylet_of(pid: int) -> int:
-    """The pid of the raylet (the node) that started worker process `pid`."""
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-    return int(env[b"RAY_RAYLET_PID"])
-
-
-def raylet_pid(node) -> int:
-    return node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
 
 
 def completion_ok(base) -> bool:

@@ -28,7 +28,7 @@ import yaml
 ray = pytest.importorskip("ray")
 pytest.importorskip("jsonschema")
 
-from raylight.testing.helpers import free_port, serve_replica_pids, wait_healthy
+from raylight.testing.helpers import free_port, raylet_of, raylet_pid, serve_replica_pids, wait_healthy
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "configs" / "ray-cluster.yaml"
@@ -143,16 +143,6 @@ def simulated_cluster():
             finally:
                 ray.shutdown()
                 c.shutdown()
-
-
-def raylet_of(pid: int) -> int:
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-    return int(env[b"RAY_RAYLET_PID"])
-
-
-def raylet_pid(node) -> int:
-    return node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
 
 
 def pids_titled(tag: bytes) -> list[int]:
