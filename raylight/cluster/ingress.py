@@ -15,6 +15,7 @@ after the constructor (`@serve.ingress()` without an app) to get the instance's 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
 
 import asyncio
+import contextlib
 import concurrent.futures
 import json
 import logging
@@ -32,7 +33,7 @@ from raylight import __version__
 from raylight.cluster.http_edge import (DEFAULT_MAX_REQUEST_BODY_BYTES, ERROR_RESPONSES, Guard, api_error,
                                         combine_salts, context_error, http_error, internal_error, sanitize,
                                         validation_error)
-from raylight.cluster.metrics import RequestTiming, ServerMetrics
+from raylight.cluster.metrics import RequestTiming, ServerMetrics, running_replica_ids
 from raylight.cluster.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest, param_of)
 from raylight.messages import GenerateCall, ReplicaMessage
@@ -232,11 +233,10 @@ class OpenAIServer:
         return {"version": __version__}
 
     async def render_metrics(self):
-        try:
+        with contextlib.suppress(Exception):  # else serve what we last heard
             stats = await asyncio.wait_for(self.engine.stats.remote(), timeout=2)
             self.metrics.update_replica(stats.replica_id, stats.metrics)
-        except Exception:
-            pass  # serve what we last heard
+        self.metrics.retain_replicas(await running_replica_ids())  # a scaled-down replica's KV leaves the gauges
         body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
 

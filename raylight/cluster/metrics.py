@@ -9,7 +9,9 @@ with EPLB adds expert balancedness (the worst replica's) and rebalance counters.
 
 from __future__ import annotations
 
+import asyncio
 import numbers
+import re
 import time
 from typing import Any, Optional
 
@@ -23,18 +25,24 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2
 class _ReplicaCollector:
     """Sums the replicas' last snapshots. A snapshot that shows work in flight and has not been refreshed
     for `stale_s` is left out of the gauges: its replica died or stalled (a live busy replica reports with
-    every request it finishes), and its queue must not show as load for ever. Counters keep every
+    every request it finishes), and its queue must not show as load for ever. So is a replica Serve no
+    longer runs (`retain`: scaled down, replaced), idle or not: its KV blocks are gone. Counters keep every
     snapshot, so they never go down."""
 
     def __init__(self, stale_s: float = 60.0):
         self.stale_s = stale_s
         self.snapshots: dict[str, dict[str, Any]] = {}
         self.seen: dict[str, float] = {}
+        self.gone: set[str] = set()
 
     def _live(self) -> list[dict[str, Any]]:
         now = time.monotonic()
-        return [s for rid, s in self.snapshots.items()
-                if now - self.seen.get(rid, now) < self.stale_s or not (s.get("num_running") or s.get("num_waiting"))]
+        return [s for rid, s in self.snapshots.items() if rid not in self.gone and (
+                now - self.seen.get(rid, now) < self.stale_s or not (s.get("num_running") or s.get("num_waiting")))]
+
+    def retain(self, running: set[str]) -> None:
+        """Serve runs exactly the replicas with these unique ids: the others' snapshots leave the gauges."""
+        self.gone = {rid for rid in self.snapshots if _unique_id(rid) not in running}
 
     def _sum(self, key: str, snapshots: Optional[list[dict[str, Any]]] = None) -> float:
         return float(sum(v for s in (self.snapshots.values() if snapshots is None else snapshots)
@@ -146,6 +154,28 @@ class _ReplicaCollector:
         return out
 
 
+def _unique_id(replica_id: str) -> str:
+    """Serve's unique replica id inside our snapshot key (str of a ReplicaID: "Replica(id='abc', ...)")."""
+    m = re.search(r"id='([^']+)'", replica_id)
+    return m.group(1) if m else replica_id
+
+
+async def running_replica_ids(timeout_s: float = 2.0) -> Optional[set[str]]:
+    """The unique ids of every replica Serve runs now (any app, any state), or None when it cannot say
+    (not under Serve, controller slow). One controller call, off the event loop."""
+    def fetch() -> set[str]:
+        from ray.serve.context import _get_global_client  # Serve's own client, as serve.status() uses
+
+        details = _get_global_client().get_serve_details()
+        return {str(r["replica_id"]) for app in (details.get("applications") or {}).values()
+                for d in (app.get("deployments") or {}).values() for r in d.get("replicas") or ()}
+
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(fetch), timeout_s)
+    except Exception:
+        return None
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
@@ -221,6 +251,12 @@ class ServerMetrics:
             return
         self._replicas.snapshots[replica_id] = stats
         self._replicas.seen[replica_id] = time.monotonic()
+        self._replicas.gone.discard(replica_id)  # it speaks: it runs
+
+    def retain_replicas(self, running: Optional[set[str]]) -> None:
+        """Leaves replicas Serve no longer runs out of the gauges (None: unknown, keep all)."""
+        if running is not None:
+            self._replicas.retain(running)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), "text/plain; version=0.0.4; charset=utf-8"

@@ -19,6 +19,7 @@ import pytest
 
 pytest.importorskip("ray")
 
+from raylight.testing.helpers import read_metrics
 from raylight.testing.load import Load, replica_states, serve_app_under_load, wait_replica_states
 
 APP = "autoscale"
@@ -49,7 +50,7 @@ def wait_states(want: dict[str, int], timeout_s: float) -> float:
 
 
 def test_scale_down_3_to_1_under_a_steady_stream_drops_no_request(server):
-    _, load = server
+    base, load = server
     up = time.monotonic() - load.ready_t  # the stream ran before the pool was up: every removal is under load
     took = wait_states({"RUNNING": 1}, 90)  # 3 -> 2 -> 1, each after downscale_delay_s, each drained
     during = len(load.results)
@@ -57,6 +58,11 @@ def test_scale_down_3_to_1_under_a_steady_stream_drops_no_request(server):
     load.finish()
     load.check_all_complete()
     assert during >= 6, load.results
+    # /metrics counts the one replica left: the removed ones' KV blocks are gone from the gauges.
+    from ray import serve
+
+    one = serve.get_deployment_handle("EngineReplica", APP).stats.remote().result(timeout_s=30).metrics
+    assert read_metrics(base)["raylight:kv_cache_total_blocks"] == one["kv_blocks_total"]
     print(f"3 -> 1 replicas {up + took:.1f}s into a steady stream; {len(load.results)} requests, all complete")
 
 

@@ -28,3 +28,24 @@ def test_a_dead_busy_replica_stops_counting_as_load():
     assert _value(text, "raylight:num_preemptions_total") == 5  # counters keep the dead replica's share
     m._replicas.seen["alive"] -= m._replicas.stale_s + 1  # an idle replica is simply idle: it still counts
     assert _value(m.render()[0].decode(), "raylight:kv_cache_total_blocks") == 100
+
+
+def test_replicas_serve_no_longer_runs_leave_the_gauges_but_not_the_counters():
+    """After a scale-down the removed replica's idle snapshot must not count its KV blocks any more;
+    its counters stay (they never go down); a replica heard from again counts again."""
+    from raylight.cluster.metrics import ServerMetrics
+
+    m = ServerMetrics()
+    ids = ["Replica(id='a1', deployment='EngineReplica', app='x')", "Replica(id='b2', deployment='EngineReplica', app='x')"]
+    for rid in ids:
+        m.update_replica(rid, {"kv_blocks_total": 100, "kv_blocks_free": 100, "preemptions": 3, "num_running": 0})
+    total = lambda: _value(m.render()[0].decode(), "raylight:kv_cache_total_blocks")  # noqa: E731
+    assert total() == 200
+    m.retain_replicas({"b2"})  # Serve runs b2 only now
+    text = m.render()[0].decode()
+    assert total() == 100 and _value(text, "raylight:kv_cache_free_blocks") == 100
+    assert _value(text, "raylight:num_preemptions_total") == 6
+    m.retain_replicas(None)  # unknown (not under Serve): nothing changes
+    assert total() == 100
+    m.update_replica(ids[0], {"kv_blocks_total": 100, "kv_blocks_free": 50, "num_running": 1})
+    assert total() == 200
