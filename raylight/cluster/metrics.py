@@ -163,13 +163,20 @@ def _unique_id(replica_id: str) -> str:
 async def running_replica_ids(timeout_s: float = 2.0) -> Optional[set[str]]:
     """The unique ids of every replica Serve runs now (any app, any state), or None when it cannot say
     (not under Serve, controller slow). One controller call, off the event loop."""
-    def fetch() -> set[str]:
+    def fetch() -> Optional[set[str]]:
         from ray.serve.context import _get_global_client  # Serve's own client, as serve.status() uses
 
-        details = _get_global_client().get_serve_details()
+        client = _get_global_client(raise_if_no_controller_running=False)
+        if client is None:
+            return None
+        details = client.get_serve_details()
         return {str(r["replica_id"]) for app in (details.get("applications") or {}).values()
                 for d in (app.get("deployments") or {}).values() for r in d.get("replicas") or ()}
 
+    import ray
+
+    if not ray.is_initialized():  # a server outside Ray (tests, embedding): asking would start a Ray
+        return None
     try:
         return await asyncio.wait_for(asyncio.to_thread(fetch), timeout_s)
     except Exception:
