@@ -11,6 +11,7 @@ Checkpoint names: per-expert tensors `...mlp.experts.{e}.{gate,up,down}_proj.wei
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Iterable, Optional
 
@@ -38,7 +39,7 @@ class SparseMoeBlock(nn.Module):
                                 cfg.norm_topk_prob, cfg.router_weights_in_model_dtype)
         self.shared_expert = self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size:
-            shared = ModelArchConfig(**{**cfg.__dict__, "intermediate_size": cfg.shared_expert_intermediate_size})
+            shared = dataclasses.replace(cfg, intermediate_size=cfg.shared_expert_intermediate_size)
             self.shared_expert = LlamaMLP(shared, groups, kernels)  # TP-split, a partial sum like the experts'
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
         self.ctx = ctx

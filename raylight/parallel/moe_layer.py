@@ -71,10 +71,10 @@ class ExpertParallelContext:
 
     def local_logical(self, moe_index: int) -> list[int]:
         """The logical expert each local slot of MoE layer `moe_index` holds now."""
+        slots = self.local_slots()
         if self.placement is not None:
-            return self.placement.phy2log[moe_index, self.local_slots().start:self.local_slots().stop].tolist()
-        table = initial_phy2log(self.num_logical, self.num_physical)
-        return [table[s] for s in self.local_slots()]
+            return self.placement.phy2log[moe_index, slots.start:slots.stop].tolist()
+        return initial_phy2log(self.num_logical, self.num_physical)[slots.start:slots.stop]
 
     @property
     def buffer(self):
@@ -178,8 +178,9 @@ class FusedMoE(nn.Module):
         xs = x[lo:lo + n]
         weights, ids = self._route(router_logits)
         ids = ctx.to_physical(self.moe_index, ids)
-        if -(-x.shape[0] // ctx.ep_size) <= ctx.ll_max_tokens:
-            out = self._low_latency(xs, weights, ids, -(-x.shape[0] // ctx.ep_size))
+        per_rank = -(-x.shape[0] // ctx.ep_size)  # the most tokens any EP rank routes
+        if per_rank <= ctx.ll_max_tokens:
+            out = self._low_latency(xs, weights, ids, per_rank)
         else:
             out = self._normal(xs, weights, ids)
         partial = torch.zeros_like(x)
@@ -198,9 +199,14 @@ class FusedMoE(nn.Module):
 
     def warmup(self, max_tokens: int) -> int:
         """JIT-compiles the expert kernels for every step size up to `max_tokens` (see
-        `warmup_fused_experts`); under EP a rank's experts see up to top_k x tokens rows."""
-        rows = max_tokens if not self.ctx.expert_parallel else max_tokens * self.top_k
-        return warmup_fused_experts(self.w13_weight, self.w2_weight, self.top_k, rows)
+        `warmup_fused_experts`). Under EP the normal dispatch hands a rank at most every token once, with
+        top_k ids each; the low-latency path one id per row, local slots x ranks x its token cap rows."""
+        calls = warmup_fused_experts(self.w13_weight, self.w2_weight, self.top_k, max_tokens)
+        ctx = self.ctx
+        if ctx.expert_parallel and ctx.ep_size > 1:
+            rows = ctx.slots_per_rank * ctx.ep_size * ctx.ll_max_tokens
+            calls += warmup_fused_experts(self.w13_weight, self.w2_weight, 1, rows)
+        return calls
 
     def token_share(self, num_tokens: int) -> tuple[int, int]:
         """(start, count) of the tokens this EP rank routes."""
