@@ -44,9 +44,10 @@ class EngineArgs(BaseModel):
     max_model_len: Optional[int] = Field(None, ge=1, description="Context window; defaults to the model's.")
     revision: Optional[str] = None
     attention_backend: Literal["auto", "torch", "triton", "flashinfer", "flashinfer+triton"] = Field(
-        "auto", description="auto: FlashInfer on CUDA in half precision when installed, else our Triton kernels "
-        "on CUDA when triton is installed, else the torch reference. flashinfer+triton: FlashInfer for eager "
-        "steps (prefill, mixed), our Triton decode inside CUDA graphs (no per-step host plan).")
+        "auto", description="auto: on CUDA our Triton kernels for every step, with FlashInfer (when installed, "
+        "half precision) for steps whose prefill rows attend over 4,096+ tokens, where it is faster; FlashInfer "
+        "alone without triton; else the torch reference. flashinfer+triton: FlashInfer for every eager step "
+        "(prefill, mixed), our Triton decode inside CUDA graphs.")
 
     # --- KV cache ---
     block_size: int = Field(16, ge=1, le=1024)
@@ -93,6 +94,12 @@ class EngineArgs(BaseModel):
         "sampled tokens filled in on the device, so the device never waits for the host between steps (default: "
         "on for CUDA without pipeline parallelism and with one micro-batch; under TP rank 0 broadcasts the sampled "
         "ids to its peers). A request that stops on a sampled token wastes one token of compute.")
+    warmup: Optional[bool] = Field(
+        None, description="Before the engine says it is ready, run a few synthetic requests through the real step "
+        "path (a prefill of the whole token budget, a mixed step, decodes; greedy and sampled rows), so every kernel "
+        "the configured shapes use is compiled or loaded from its cache and the allocator holds its working set: a "
+        "user's first request never waits for a compiler. Leaves no trace (blocks, prefix cache, KV events, "
+        "metrics). Default: on for CUDA.")
     max_cuda_graph_batch_size: Optional[int] = Field(
         None, ge=1, description="Largest decode batch replayed from a CUDA graph (default: min(max_num_seqs, 512)); "
         "larger decode batches run eagerly.")

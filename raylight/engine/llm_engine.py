@@ -96,15 +96,21 @@ class LLMEngine:
         # (requests, tokens, decode requests, seconds) of recent steps, for benchmarks' per-phase timings
         self.step_log: collections.deque[tuple[int, int, int, float]] = collections.deque(maxlen=65536)
         self.prompt_tokens_total = 0
+        self.warmup_s = 0.0
+        if args.warmup if args.warmup is not None else self.device.type == "cuda":
+            from raylight.engine.warmup import warm_up
+
+            self.warmup_s = warm_up(self)
         self.ready_s = time.monotonic() - t0
         logger.info(
             "engine ready in %.1fs: model=%s dtype=%s device=%s tp=%d pp=%d%s attention=%s cuda_graphs=%s KV cache: "
-            "%d blocks x %d tokens = %d tokens, %.2f GiB; max_model_len=%d; steps: %s",
+            "%d blocks x %d tokens = %d tokens, %.2f GiB; max_model_len=%d; steps: %s; warm-up %.1fs",
             self.ready_s, self.model_name, str(self.dtype).replace("torch.", ""), self.device,
             args.tensor_parallel_size, args.pipeline_parallel_size,
             f" ep={args.tensor_parallel_size}{' eplb' if rank.eplb else ''}" if args.enable_expert_parallel else "",
             self.attn_backend.name, graphs is not None, self.num_blocks, args.block_size,
-            self.num_blocks * args.block_size, self.kv_cache_bytes / 2**30, self.max_model_len, self.policy.name)
+            self.num_blocks * args.block_size, self.kv_cache_bytes / 2**30, self.max_model_len, self.policy.name,
+            self.warmup_s)
 
     # ---- sizing ----
     @property

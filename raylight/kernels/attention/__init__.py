@@ -57,23 +57,41 @@ def _triton_usable(spec: AttentionSpec, allow_interpreter: bool) -> bool:
 BACKENDS = ("auto", "torch", "triton", "flashinfer", "flashinfer+triton")
 
 
-def get_attention_backend(name: str, spec: AttentionSpec, kernels: Optional[KernelConfig] = None):
-    """`auto`: FlashInfer on CUDA in half precision when importable, with CUDA-graph decode steps
-    through our Triton decode when triton is importable too ("flashinfer+triton"); else our Triton
-    kernels on CUDA when triton is importable; else the torch reference.
+# `auto`'s long-context threshold (prefill rows attending over at least this many tokens go to
+# FlashInfer); RAYLIGHT_LONG_PREFILL_MIN_CONTEXT overrides it, for benchmarks that sweep it.
+LONG_PREFILL_MIN_CONTEXT = 4096
 
-    Why the split by default: same-call H200 figures (benchmarks/results/*-20261122-110*): W1 at
-    batch 256 40.0k output tok/s split vs 37.6k FlashInfer alone (decode replay 3.02 vs 3.49 ms, and
-    FlashInfer's per-step decode plan on the host on top); batch-1 8B decode 4.38 vs 4.74 ms
-    replay (Triton decode). FlashInfer still runs every prefill and mixed step.
+
+def get_attention_backend(name: str, spec: AttentionSpec, kernels: Optional[KernelConfig] = None):
+    """`auto` on CUDA in half precision with triton importable: our Triton kernels for every step
+    (prefill, mixed, CUDA-graph decode), and FlashInfer (when importable, for the model's head dim)
+    for the eager steps whose prefill rows attend over long contexts ("triton+flashinfer-long",
+    kernels/attention/split_backend.py). Without triton: FlashInfer when importable; else the torch
+    reference.
+
+    Why, by same-call H200 measurements: W1 (256 x 512 -> 256, Llama-3.2-1B shape) 49.1k output tok/s
+    with Triton alone against 43.9-45.2k with FlashInfer's eager steps (its per-step host plan, and its
+    decode kernel for the decode rows of mixed steps); batch-1 8B on par (228.6 / 230.2); but prompts
+    of 8,192 tokens prefill at 40 ms per 8,192-token step with FlashInfer against 48 ms with ours
+    (benchmarks/results/throughput-gpu-fixed-*-20261204-2034*).
 
     `kernels`: the engine's KernelConfig (FlashInfer's decode tensor cores); None: from the environment."""
     if kernels is None:
         kernels = KernelConfig.from_args(None)
     if name not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}; got {name!r}")
-    if name == "auto" and _flashinfer_usable(spec) and _triton_usable(spec, allow_interpreter=False):
-        name = "flashinfer+triton"
+    if name == "auto" and _triton_usable(spec, allow_interpreter=False):
+        from raylight.kernels.attention.split_backend import SplitAttentionBackend
+
+        triton_backend = get_attention_backend("triton", spec, kernels)
+        if not _flashinfer_usable(spec):
+            return triton_backend
+        threshold = int(os.environ.get("RAYLIGHT_LONG_PREFILL_MIN_CONTEXT", LONG_PREFILL_MIN_CONTEXT))
+        backend = SplitAttentionBackend(triton_backend, triton_backend,
+                                        long=get_attention_backend("flashinfer", spec, kernels),
+                                        long_min_context=threshold)
+        logger.info("attention backend: %s (from %d tokens of context)", backend.name, threshold)
+        return backend
     if "+" in name:  # eager steps + CUDA-graph decode steps (kernels/attention/split_backend.py)
         from raylight.kernels.attention.split_backend import SplitAttentionBackend
 

@@ -82,6 +82,20 @@ class FlashInferBackend:
                                s.num_heads, s.num_kv_heads, s.head_dim, bs, causal=True, **kw)
         return FlashInferMetadata(common.slot_mapping, nd, has_prefill, self._decode)
 
+    def warmup(self, kv_cache: torch.Tensor) -> None:
+        """JIT-compiles (or loads from FlashInfer's disk cache) the decode and prefill modules a step
+        can use, now rather than inside a user's first request (12 s on a fresh H200). The modules
+        depend on dtypes, head dims and masks, not on sizes, so one tiny step covers them. Reads
+        block 0; writes nothing."""
+        s, dev = self.spec, kv_cache.device
+        common = CommonAttentionMetadata(
+            num_decodes=1, query_start_loc=np.array([0, 1, 3]), seq_lens=np.array([1, 2]),
+            block_tables=np.zeros((2, 1), dtype=np.int32), slot_mapping=torch.zeros(3, dtype=torch.long, device=dev))
+        meta = self.build(common)
+        q = torch.zeros(3, s.num_heads, s.head_dim, dtype=s.dtype, device=dev)
+        meta.decode.run(q[:1], kv_cache)
+        self._prefill.run(q[1:], kv_cache)
+
     # ---- CUDA graphs: one decode wrapper per captured batch size, over persistent buffers ----
     def make_graph_metadata(self, batch_size: int, max_blocks: int) -> FlashInferMetadata:
         import flashinfer

@@ -5,6 +5,12 @@ plans every step on the host, and that plan pushed the step past the GPU's work 
 against a 4.04 ms graph replay), while our Triton decode only refills its graph buffers in place
 (4.50 ms per step against 4.33 ms, same call; benchmarks/results/throughput-gpu-fixed-*-20261122-08*).
 Both read and write the one KV layout, so a step may take either.
+
+A third, optional backend takes the eager steps whose prefill rows attend over long contexts
+(`long`, from `long_min_context` tokens): the default on CUDA is our Triton kernels everywhere (no
+per-step host plan; W1 49.1k against 43.9-45.2k output tok/s with FlashInfer's eager steps, same
+H200 call), with FlashInfer's prefill for long contexts, where it is faster (32 x 8,192-token prompts:
+40 against 48 ms per 8,192-token step, benchmarks/results/throughput-gpu-fixed-*-20261204-2034*).
 """
 
 from __future__ import annotations
@@ -23,21 +29,42 @@ class _GraphMeta:
     inner: object
 
 
+@dataclass
+class _LongMeta:
+    """Metadata of an eager step with a long-context prefill row: marks the steps the long backend runs."""
+
+    inner: object
+
+
 class SplitAttentionBackend:
     supports_cuda_graphs = True
 
-    def __init__(self, eager, graph):
+    def __init__(self, eager, graph, long=None, long_min_context: int = 4096):
         if not getattr(graph, "supports_cuda_graphs", False):
             raise ValueError(f"{graph.name} cannot run CUDA graphs")
-        self.eager, self.graph = eager, graph
-        self.name = f"{eager.name}+{graph.name}"
+        self.eager, self.graph, self.long = eager, graph, long
+        self.long_min_context = long_min_context
+        names = [eager.name] + ([graph.name] if graph is not eager else [])
+        self.name = "+".join(names) + (f"+{long.name}-long" if long is not None else "")
 
     def warmup(self, kv_cache: torch.Tensor) -> None:
-        for backend in (self.eager, self.graph):
-            if hasattr(backend, "warmup"):
+        seen = []
+        for backend in (self.eager, self.graph, self.long):
+            if backend is not None and hasattr(backend, "warmup") and not any(backend is b for b in seen):
                 backend.warmup(kv_cache)
+                seen.append(backend)
+
+    def uses_long(self, common: CommonAttentionMetadata) -> bool:
+        """Whether a prefill row of this step attends over at least `long_min_context` tokens."""
+        if self.long is None:
+            return False
+        nd = common.num_decodes
+        return (common.num_reqs > nd
+                and int(common.seq_lens[nd:].max()) >= self.long_min_context)
 
     def build(self, common: CommonAttentionMetadata):
+        if self.uses_long(common):
+            return _LongMeta(self.long.build(common))
         return self.eager.build(common)
 
     def make_graph_metadata(self, batch_size: int, max_blocks: int) -> _GraphMeta:
@@ -49,4 +76,6 @@ class SplitAttentionBackend:
     def forward(self, q, k, v, kv_cache: torch.Tensor, meta, scale: float):
         if type(meta) is _GraphMeta:
             return self.graph.forward(q, k, v, kv_cache, meta.inner, scale)
+        if type(meta) is _LongMeta:
+            return self.long.forward(q, k, v, kv_cache, meta.inner, scale)
         return self.eager.forward(q, k, v, kv_cache, meta, scale)

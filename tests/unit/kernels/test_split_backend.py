@@ -3,10 +3,11 @@ other, whichever layer asks; the pair is named and warmed up as one."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from raylight.kernels.attention import AttentionSpec, get_attention_backend
+from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata, get_attention_backend
 from raylight.kernels.attention.split_backend import SplitAttentionBackend
 
 
@@ -33,7 +34,7 @@ class FakeBackend:
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         self.calls.append(("forward", meta))
-        return torch.full_like(q, 1.0 if self.name == "eager" else 2.0)
+        return torch.full_like(q, {"eager": 1.0, "graph": 2.0, "long": 3.0}[self.name])
 
 
 def test_eager_and_graph_steps_go_to_their_backends():
@@ -63,3 +64,23 @@ def test_flashinfer_plus_triton_needs_a_gpu():
     spec = AttentionSpec(16, 4, 2, 64, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="flashinfer"):
         get_attention_backend("flashinfer+triton", spec)
+
+
+def _step(num_decodes: int, seq_lens: list[int]) -> CommonAttentionMetadata:
+    return CommonAttentionMetadata(num_decodes, np.zeros(len(seq_lens) + 1), np.array(seq_lens),
+                                   np.zeros((len(seq_lens), 1)), torch.zeros(0))
+
+
+def test_long_context_prefill_steps_go_to_the_long_backend():
+    eager, long = FakeBackend("eager"), FakeBackend("long")
+    split = SplitAttentionBackend(eager, eager, long=long, long_min_context=1000)
+    assert split.name == "eager+long-long"
+    split.warmup(None)
+    assert eager.calls == ["warmup"] and long.calls == ["warmup"]  # one backend in two roles warms up once
+    q = torch.zeros(3, 2, 4)
+    # Decode rows never count, however long their context; a prefill row from the threshold does.
+    for step, want in [(_step(2, [5000, 9000]), 1.0), (_step(1, [5000, 999]), 1.0), (_step(1, [10, 1000]), 3.0),
+                       (_step(0, [10, 20, 4000]), 3.0), (_step(3, [4000, 4000, 4000]), 1.0)]:
+        assert (split.forward(q, q, q, None, split.build(step), 1.0) == want).all(), step.seq_lens
+    gmeta = split.make_graph_metadata(4, 2)  # CUDA-graph decode steps stay with the graph backend
+    assert (split.forward(q, q, q, None, gmeta, 1.0) == 1.0).all()
