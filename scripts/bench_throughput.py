@@ -192,7 +192,41 @@ def graph_replay_times(engine, batch_sizes) -> dict:
     return out
 
 
+# Named workloads (`--preset`): the issue's GPU figures, each one command. Random prompt ids, EOS
+# ignored, greedy. `--save-workload` writes the requests for the vLLM probe (scripts/peer_vllm_offline.py).
+PRESETS = {
+    "w1": dict(model_config="llama-3.2-1b", fixed=True, num_requests=256, input_len=512, output_len=256,
+               max_model_len=4096),
+    "b1": dict(model_config="llama-3.1-8b", fixed=True, num_requests=1, input_len=128, output_len=256,
+               max_model_len=4096),
+    "b8": dict(model_config="llama-3.1-8b", fixed=True, num_requests=8, input_len=128, output_len=256,
+               max_model_len=4096),
+    "b32": dict(model_config="llama-3.1-8b", fixed=True, num_requests=32, input_len=128, output_len=256,
+                max_model_len=4096),
+    "long": dict(model_config="llama-3.2-1b", fixed=True, num_requests=32, input_len=8192, output_len=128,
+                 max_model_len=8448),
+    "sharegpt": dict(model_config="llama-3.2-1b", fixed=False, num_requests=1024, max_model_len=8192),
+}
+# The sharegpt preset's mix (raylight/testing/workloads.py): prompts lognormal around 256 tokens with a
+# tail to 6,144 (about 1% past 4,096), outputs around 150 up to 768.
+SHAREGPT_MIX = dict(prompt_median=256, prompt_range=(4, 6144))
+
+
+def load_workload_file(path: str) -> tuple[str, list[list[int]], list[int]]:
+    """A workload saved as JSON: {"name", "prompts": [[ids]], "output_lens": [n]}."""
+    with open(path) as f:
+        w = json.load(f)
+    return w.get("name", os.path.basename(path)), w["prompts"], w["output_lens"]
+
+
 def make_workload(args, vocab: int):
+    if args.workload_file:
+        _, prompts, out_lens = load_workload_file(args.workload_file)
+        return prompts, out_lens
+    if args.preset == "sharegpt":
+        from raylight.testing.workloads import sharegpt_like
+
+        return sharegpt_like(args.num_requests, args.seed, vocab, **SHAREGPT_MIX)
     rng = np.random.default_rng(args.seed)
     n = args.num_requests
     if args.fixed:
@@ -204,6 +238,72 @@ def make_workload(args, vocab: int):
     # Random ids away from the special tokens at the start of most vocabularies.
     prompts = [rng.integers(100, vocab - 1, L).tolist() for L in in_lens]
     return prompts, out_lens.tolist()
+
+
+class KernelBuilds:
+    """Counts the kernels built while it runs: Triton variants compiled or loaded from Triton's disk
+    cache (its post-compile hook), and new FlashInfer JIT modules (shared objects appearing in its
+    workspace). After the engine is ready both must stay at zero: any build is a request waiting."""
+
+    def __init__(self):
+        self.triton: list[str] = []
+        self._prev_hook = None
+        self._fi_before: set[str] = set()
+
+    @staticmethod
+    def _fi_modules() -> set[str]:
+        root = os.environ.get("FLASHINFER_WORKSPACE_BASE") or os.path.expanduser("~/.cache")
+        found = set()
+        for d, _, files in os.walk(os.path.join(root, ".cache", "flashinfer") if os.environ.get(
+                "FLASHINFER_WORKSPACE_BASE") else os.path.join(root, "flashinfer")):
+            found.update(os.path.join(d, f) for f in files if f.endswith(".so"))
+        return found
+
+    def start(self) -> "KernelBuilds":
+        self._fi_before = self._fi_modules()
+        try:
+            import triton.knobs as knobs
+        except Exception:
+            return self
+        self._prev_hook = knobs.runtime.jit_post_compile_hook
+
+        def hook(*args, **kwargs):
+            fn = kwargs.get("fn")
+            self.triton.append(getattr(getattr(fn, "fn", fn), "__name__", repr(kwargs.get("repr", "?"))[:80]))
+            return self._prev_hook(*args, **kwargs) if self._prev_hook else None
+
+        knobs.runtime.jit_post_compile_hook = hook
+        return self
+
+    def stop(self) -> dict:
+        try:
+            import triton.knobs as knobs
+
+            knobs.runtime.jit_post_compile_hook = self._prev_hook
+        except Exception:
+            pass
+        fi_new = sorted(self._fi_modules() - self._fi_before)
+        return dict(triton=len(self.triton), triton_kernels=sorted(set(self.triton)),
+                    flashinfer=len(fi_new), flashinfer_modules=[os.path.basename(m) for m in fi_new])
+
+
+def first_requests(llm, prompts, vocab: int, n: int = 3, new_tokens: int = 32) -> dict:
+    """The latency of the first requests after the engine is ready (each alone: one prompt of the
+    workload's first prompt's length, other token ids, `new_tokens` out): the first one against the
+    later ones shows whether a user's first request pays for start-up work."""
+    from raylight import SamplingParams
+
+    rng = np.random.default_rng(12345)
+    length = min(len(prompts[0]), llm.engine.max_model_len - new_tokens)
+    sp = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    times = []
+    for _ in range(n):
+        ids = rng.integers(100, vocab - 1, length).tolist()
+        t0 = time.perf_counter()
+        llm.generate([ids], sp, use_tqdm=False)
+        times.append(time.perf_counter() - t0)
+    return dict(prompt_len=length, new_tokens=new_tokens, seconds=times, first_s=times[0],
+                steady_s=float(np.median(times[1:])) if n > 1 else None)
 
 
 def run_ours(args, prompts, out_lens):
@@ -220,7 +320,9 @@ def run_ours(args, prompts, out_lens):
     if args.dummy:
         engine_args["load_format"] = "dummy"
     llm = LLM(args.model_config if args.dummy and args.model_config else args.model, **engine_args)
-    ready_s = time.perf_counter() - t0  # time-to-ready: load, KV profiling, CUDA graph capture
+    ready_s = time.perf_counter() - t0  # time-to-ready: load, KV profiling, CUDA graph capture, warm-up
+    builds = KernelBuilds().start()  # from here on, every kernel built is one a request waited for
+    first = first_requests(llm, prompts, vocab=llm.engine.arch.vocab_size)
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in out_lens]
     # Warm-up prompts of the same lengths but other tokens: the measured prompts must not hit the prefix cache.
     warm = [p[::-1] for p in prompts[:2]]
@@ -231,6 +333,7 @@ def run_ours(args, prompts, out_lens):
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=not args.quiet)
     elapsed = time.perf_counter() - t0
+    kernel_builds = builds.stop()
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == sum(out_lens), (produced, sum(out_lens))
     m = llm.get_metrics()
@@ -238,6 +341,7 @@ def run_ours(args, prompts, out_lens):
     steps = list(e.step_log)[len(e.step_log) - (m["num_steps"] - warm_steps):]
     return llm, dict(elapsed_s=elapsed, output_tokens=produced, output_tok_s=produced / elapsed,
                      total_tok_s=(produced + sum(map(len, prompts))) / elapsed, ready_s=ready_s,
+                     warmup_s=e.warmup_s, first_requests=first, kernel_builds_after_ready=kernel_builds,
                      cuda_graph_capture_s=e.graph_capture_s, cuda_graphs=e.runner.graphs is not None,
                      engine_steps=m["num_steps"], preemptions=m["preemptions"], kv_blocks=e.num_blocks,
                      async_scheduling=e.async_scheduling, max_num_batched_tokens=e.args.max_num_batched_tokens,
@@ -386,8 +490,20 @@ def main(argv=None):
     add_kernel_flags(p)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named workload (dummy weights of its model shape); explicit flags still override")
+    p.add_argument("--workload-file", default=None, help="prompts and output lengths from a JSON file "
+                   "({name, prompts, output_lens}), e.g. one written by --save-workload")
+    p.add_argument("--save-workload", default=None, help="write the workload to this JSON file and go on")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = p.parse_args(argv)
+    if args.preset:
+        # A preset fills in what the command line left at its default.
+        defaults = p.parse_args([])
+        for k, v in PRESETS[args.preset].items():
+            if getattr(args, k) == getattr(defaults, k):
+                setattr(args, k, v)
+        args.dummy = True
     if args.num_requests is None:
         args.num_requests = 32 if args.fixed else 64
 
@@ -396,7 +512,18 @@ def main(argv=None):
     vocab = resolve_model(args.model_config if args.dummy and args.model_config else args.model,
                           "dummy" if args.dummy else "auto").arch.vocab_size
     prompts, out_lens = make_workload(args, vocab)
+    if args.workload_file:
+        args.fixed, args.num_requests = False, len(prompts)
+    if args.save_workload:
+        with open(args.save_workload, "w") as f:
+            json.dump(dict(name=args.preset or "workload", seed=args.seed, prompts=prompts,
+                           output_lens=[int(o) for o in out_lens]), f)
     llm, ours = run_ours(args, prompts, out_lens)
+    fr, kb = ours["first_requests"], ours["kernel_builds_after_ready"]
+    print(f"ready in {ours['ready_s']:.1f}s (warm-up {ours['warmup_s']:.1f}s); first request "
+          f"{fr['first_s'] * 1e3:.0f} ms, then {fr['steady_s'] * 1e3:.0f} ms ({fr['prompt_len']} in, "
+          f"{fr['new_tokens']} out); kernels built after ready: triton {kb['triton']} {kb['triton_kernels']}, "
+          f"flashinfer {kb['flashinfer']}")
     print(f"raylight: {ours['output_tok_s']:.1f} output tok/s ({ours['output_tokens']} tokens in "
           f"{ours['elapsed_s']:.1f}s, {ours['engine_steps']} steps)")
     ph = ours["phases"]
@@ -442,15 +569,16 @@ def main(argv=None):
                   f"floor {analysis['floors']['decode_step_floor_s_mid'] * 1e3:.2f} ms "
                   f"({analysis['decode_step_floor_fraction']:.1%})")
 
-    workload = ("fixed" if args.fixed else "mixed")
+    workload = args.preset or ("fixed" if args.fixed else "mixed")
     record = dict(
         benchmark="bench_throughput", date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         commit=git_commit(), device=device_name(str(llm.engine.device)), torch=torch.__version__,
         model=llm.engine.model_name, dtype=str(llm.engine.dtype).replace("torch.", ""),
         attention_backend=llm.engine.attn_backend.name,
         workload=dict(name=workload, num_requests=args.num_requests, seed=args.seed,
-                      input_lens=[args.input_len] * 2 if args.fixed else [args.min_input, args.max_input],
-                      output_lens=[args.output_len] * 2 if args.fixed else [args.min_output, args.max_output],
+                      input_lens=[args.input_len] * 2 if args.fixed else [min(map(len, prompts)), max(map(len, prompts))],
+                      output_lens=[args.output_len] * 2 if args.fixed else [min(out_lens), max(out_lens)],
+                      workload_file=os.path.basename(args.workload_file) if args.workload_file else None,
                       total_prompt_tokens=sum(map(len, prompts)), total_output_tokens=sum(out_lens),
                       ignore_eos=True),
         raylight=ours, peer_hf_generate=hf, analysis=analysis,
@@ -458,7 +586,7 @@ def main(argv=None):
         command=" ".join(sys.argv),
     )
     dev = "gpu" if llm.engine.device.type == "cuda" else "cpu"
-    write_record(args.out, f"throughput-{dev}-{workload}-{llm.engine.attn_backend.name}", record)
+    write_record(args.out, f"throughput-{dev}-{workload}-{args.attention_backend}", record)
 
 
 if __name__ == "__main__":
