@@ -16,6 +16,7 @@ can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -301,6 +302,25 @@ def _shared_args(q, kv_cache, scale) -> tuple[tuple, dict]:
     )
 
 
+def _decode_launch(head_dim: int, fp32: bool) -> dict:
+    """The decode kernel's tile and launch options: the shared ones unless the measured table below,
+    or RAYLIGHT_DECODE_ATTN_CONFIG="HEAD_DIM:TILE,WARPS,STAGES[;...]" (scripts/tune_decode_attention.py
+    sweeps it), says otherwise for this head dim."""
+    if fp32:
+        return {}
+    for entry in filter(None, os.environ.get("RAYLIGHT_DECODE_ATTN_CONFIG", "").split(";")):
+        dim, _, cfg = entry.partition(":")
+        if int(dim) == head_dim:
+            tile, warps, stages = (int(x) for x in cfg.split(","))
+            return dict(TILE=tile, num_warps=warps, num_stages=stages)
+    return dict(DECODE_TUNED.get(head_dim, {}))
+
+
+# Decode launch options per head dim for half precision, chosen on an H200 by
+# scripts/tune_decode_attention.py; a head dim not listed keeps the shared defaults.
+DECODE_TUNED: dict[int, dict] = {}
+
+
 def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, num_seqs: int, scale: float, window: Optional[int] = None,
                      num_splits: int = 1, partials: Optional[tuple] = None) -> None:
@@ -316,6 +336,7 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor,
     if num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two, got {num_splits}")
     shared, consts = _shared_args(q, kv_cache, scale)
+    consts.update(_decode_launch(q.shape[2], q.dtype == torch.float32))
     part_o, part_m, part_l = partials if num_splits > 1 else (out, out, out)  # unused when not splitting
     _decode_kernel[(num_seqs, kv_heads, num_splits)](
         out, part_o, part_m, part_l, q, kv_cache, block_tables, seq_lens,
