@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -56,6 +56,70 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -
 
 def _usage_opt(body) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
+
+
+class _EngineStream:
+    """One request's messages from its engine replica, read while its HTTP client is watched.
+
+    A departed client must not leave its request running or queued: every way out of reading (the
+    client disconnects, Serve cancels the handler because the client left, an error, the end) passes
+    through `close()`, which cancels the Serve call; that aborts the request wherever it is (Serve's
+    queue, the replica, the engine) and it stops counting against any limit. Serve's own cancellation
+    of child calls is not relied on, nor is garbage collection of an abandoned stream."""
+
+    def __init__(self, stream, request: Request, metrics: ServerMetrics):
+        self._stream = stream
+        self._it = stream.__aiter__()
+        self._metrics = metrics
+        self._closed = False
+        # Done when the client disconnects. The body was read already (FastAPI parsed it), so the next
+        # ASGI message is http.disconnect: no polling, and it is seen while the request is still queued.
+        self._gone = asyncio.ensure_future(_until_disconnect(request))
+
+    async def next(self) -> Optional[ReplicaMessage]:
+        """The next message; None at the end. Raises APIError(499) once the client is gone."""
+        nxt = asyncio.ensure_future(self._it.__anext__())
+        try:
+            await asyncio.wait((nxt, self._gone), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled: Serve ends the handler of a client that went away
+            nxt.cancel()
+            self.close(client_gone=True)
+            raise
+        if not nxt.done():
+            nxt.cancel()
+            self.close(client_gone=True)
+            raise APIError(499, "client disconnected")
+        try:
+            return nxt.result()
+        except StopAsyncIteration:
+            return None
+
+    def close(self, client_gone: bool = False) -> None:
+        """Idempotent. Cancelling a finished stream is a no-op; an unfinished one is aborted."""
+        if self._closed:
+            return
+        self._closed = True
+        self._gone.cancel()
+        self._stream.cancel()
+        if client_gone:
+            self._metrics.aborted.inc()
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _SSEResponse(StreamingResponse):
+    """Closes its event generator however the response ends. A client that leaves while a chunk is being
+    sent (an OSError from send, or the ASGI task cancelled) would otherwise leave the generator suspended
+    until garbage collection, its engine request still running."""
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 class OpenAIServer:
@@ -164,18 +228,21 @@ class OpenAIServer:
     def _stream(self, call: GenerateCall):
         return self.engine.options(stream=True).generate.remote(call)
 
-    async def _first(self, stream) -> tuple[Optional[ReplicaMessage], AsyncIterator]:
+    def _open(self, call: GenerateCall, request: Request) -> "_EngineStream":
+        return _EngineStream(self._stream(call), request, self.metrics)
+
+    async def _first(self, es: "_EngineStream") -> Optional[ReplicaMessage]:
         """Reads the first message, so errors become an HTTP status before any byte is sent."""
-        it = stream.__aiter__()
         try:
-            msg = await it.__anext__()
-        except StopAsyncIteration:
-            return None, it
+            msg = await es.next()
+        except APIError:
+            raise
         except Exception as e:
-            stream.cancel()
+            es.close()
             raise APIError(503, f"engine replica unavailable ({type(e).__name__})", "service_unavailable", headers=_RETRY)
-        self._raise_if_error(msg)
-        return msg, it
+        if msg is not None:
+            self._raise_if_error(msg)
+        return msg
 
     def _raise_if_error(self, msg: ReplicaMessage) -> None:
         if msg.stats is not None:
@@ -192,32 +259,27 @@ class OpenAIServer:
         raise APIError(status, "the engine is unavailable; retry shortly", "service_unavailable", headers=_RETRY)
 
     async def _run_to_end(self, request: Request, call: GenerateCall, timing) -> RequestOutput:
-        stream = self._stream(call)
-        first, it = await self._first(stream)
-        final = first.output if first is not None else None
-        timing.token(final)
-
-        async def consume():
-            nonlocal final
-            try:
-                async for msg in it:
-                    self._raise_if_error(msg)
-                    final = msg.output
-                    timing.token(final)
-            except Exception as e:  # a replica dying mid-request (SIGKILL, OOM) is a 503, not a 500
-                raise e if isinstance(e, APIError) else APIError(503, "engine replica lost", "service_unavailable",
-                                                                 headers=_RETRY)
-
-        task = asyncio.ensure_future(consume())
-        while not task.done():  # a non-streaming client that hangs up also aborts its request
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if not done and await request.is_disconnected():
-                task.cancel()
-                stream.cancel()
-                self.metrics.aborted.inc()
-                raise APIError(499, "client disconnected")
-        task.result()
-        return final
+        """The request's final output. A client that hangs up (or whose handler Serve cancels) aborts it,
+        queued or running: `_EngineStream` watches the connection while it waits."""
+        es = self._open(call, request)
+        try:
+            first = await self._first(es)
+            final = first.output if first is not None else None
+            timing.token(final)
+            while True:
+                try:
+                    msg = await es.next()
+                except APIError:
+                    raise
+                except Exception:  # a replica dying mid-request (SIGKILL, OOM) is a 503, not a 500
+                    raise APIError(503, "engine replica lost", "service_unavailable", headers=_RETRY) from None
+                if msg is None:
+                    return final
+                self._raise_if_error(msg)
+                final = msg.output
+                timing.token(final)
+        finally:
+            es.close()
 
     # ---- routes ----
     async def health(self):
@@ -278,7 +340,12 @@ class OpenAIServer:
                 raise APIError(400, "streaming takes one prompt per request", param="prompt")
             return await self._sse(request, calls[0], rid, chat=False, include_usage=_usage_opt(body))
         timings = [RequestTiming(self.metrics) for _ in calls]
-        finals = await asyncio.gather(*(self._run_to_end(request, c, t) for c, t in zip(calls, timings)))
+        tasks = [asyncio.ensure_future(self._run_to_end(request, c, t)) for c, t in zip(calls, timings)]
+        try:
+            finals = await asyncio.gather(*tasks)
+        finally:  # one prompt failed (or the client left): the others' requests are aborted, not left running
+            for task in tasks:
+                task.cancel()
         choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
         for i, out in enumerate(finals):
             prompt_tokens += len(out.prompt_token_ids)
@@ -316,8 +383,12 @@ class OpenAIServer:
 
     # ---- streaming ----
     async def _sse(self, request: Request, call: GenerateCall, rid: str, chat: bool, include_usage: bool):
-        stream = self._stream(call)
-        first, it = await self._first(stream)  # errors become a status code, not a broken stream
+        es = self._open(call, request)
+        try:
+            first = await self._first(es)  # errors become a status code, not a broken stream
+        except BaseException:
+            es.close()
+            raise
         timing = RequestTiming(self.metrics)
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -332,30 +403,29 @@ class OpenAIServer:
 
         async def events():
             last, ended = None, False
+            finished: set[int] = set()  # choices whose finish_reason was sent: each is sent once
             try:
                 if chat:
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None} for i in range(n)])
-                msgs = [first] if first is not None else []
-                while True:
-                    for msg in msgs:
-                        self._raise_if_error(msg)
-                        out = msg.output
-                        last = out
-                        timing.token(out)
-                        choices = []
-                        for c in out.outputs:
-                            if not c.delta_text and not c.delta_token_ids and c.finish_reason is None:
-                                continue
-                            choices.append(self._stream_choice(c, chat, want_logprobs))
-                        if choices:
-                            yield chunk(choices)
-                    if last is not None and last.finished:
+                msg = first
+                while msg is not None:
+                    self._raise_if_error(msg)
+                    out = last = msg.output
+                    timing.token(out)
+                    choices = []
+                    for c in out.outputs:
+                        if c.index in finished or (not c.delta_text and not c.delta_token_ids
+                                                   and c.finish_reason is None):
+                            continue
+                        if c.finish_reason is not None:
+                            finished.add(c.index)
+                        choices.append(self._stream_choice(c, chat, want_logprobs))
+                    if choices:
+                        yield chunk(choices)
+                    if out.finished:
                         break
-                    try:
-                        msgs = [await it.__anext__()]
-                    except StopAsyncIteration:
-                        break
+                    msg = await es.next()
                 ended = True
                 if include_usage and last is not None:
                     yield chunk([], _usage(len(last.prompt_token_ids), sum(len(c.token_ids) for c in last.outputs),
@@ -364,6 +434,8 @@ class OpenAIServer:
                 timing.done()
             except APIError as e:  # mid-stream failure: report it in-band, then end the stream
                 ended = True
+                if e.status == 499:
+                    return  # the client is gone (the request was aborted): nobody to tell
                 yield f"data: {json.dumps(e.body())}\n\n"
                 yield "data: [DONE]\n\n"  # e.g. request_timeout_s (504): error event, then [DONE]
             except Exception as e:  # the replica died mid-stream: an error event, never a silent cut
@@ -373,11 +445,9 @@ class OpenAIServer:
                 yield f"data: {json.dumps(err.body())}\n\n"
                 yield "data: [DONE]\n\n"  # as OpenAI/vLLM: an error event, then the end of the stream
             finally:
-                stream.cancel()  # no-op when finished; aborts the request when the client went away
-                if not ended:
-                    self.metrics.aborted.inc()
+                es.close(client_gone=not ended)  # aborts the request when the client went away mid-stream
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return _SSEResponse(events(), media_type="text/event-stream")
 
     def _stream_choice(self, c: CompletionOutput, chat: bool, want_logprobs: bool) -> dict[str, Any]:
         logprobs = None

@@ -38,6 +38,10 @@ class AsyncLLMEngine:
         self.engine = engine
         self.max_queued_requests = max_queued_requests
         self._inbox: queue.Queue = queue.Queue()
+        # Requests in the inbox that the engine thread has not taken yet, less those aborted meanwhile:
+        # a burst of requests whose clients left at once stops counting as waiting at once, not at the
+        # next drain. (set.add/discard from the two threads are atomic under the GIL.)
+        self._unadmitted: set[str] = set()
         self._sinks: dict[str, OutputSink] = {}
         self._wakeup = threading.Event()
         self._stopped = False
@@ -69,6 +73,7 @@ class AsyncLLMEngine:
                                  f"(max_queued_requests={self.max_queued_requests})")
         sink = OutputSink(asyncio.get_running_loop(), asyncio.Queue())
         self.num_pending += 1
+        self._unadmitted.add(request_id)
         self._inbox.put(AddRequest(request_id, prompt, params, cache_salt, sink, remote_prefill_threshold, kv_push))
         self._wakeup.set()
         finished = False
@@ -87,6 +92,7 @@ class AsyncLLMEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        self._unadmitted.discard(request_id)
         self._inbox.put(AbortRequest(request_id))
         self._wakeup.set()
 
@@ -96,7 +102,7 @@ class AsyncLLMEngine:
         self._wakeup.set()
 
     def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting) + self._inbox.qsize()
+        return len(self.engine.scheduler.waiting) + len(self._unadmitted)
 
     def healthy(self, stall_s: float = 60.0) -> bool:
         return self.dead is None and self._thread.is_alive() and time.monotonic() - self.last_progress < stall_s
@@ -114,6 +120,7 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             if isinstance(item, AddRequest):
+                self._unadmitted.discard(item.request_id)
                 try:
                     if item.remote_prefill_threshold is not None:
                         item.sink.put(self.engine.reserve_remote(item.prompt, item.params, item.request_id,
