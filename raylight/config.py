@@ -80,6 +80,14 @@ class EngineArgs(BaseModel):
     max_num_seqs: int = Field(256, ge=1, description="Most sequences in one engine step.")
     max_n: int = Field(64, ge=1, description="Largest n (parallel samples) one request may ask for.")
 
+    # --- structured outputs (xgrammar) ---
+    grammar_compile_timeout_s: float = Field(
+        10.0, gt=0, description="Longest a request waits for its JSON schema, regex, choice or grammar to compile "
+        "(queueing included); past it the request gets a 400 and the compile's result is dropped.")
+    grammar_cache_bytes: int = Field(
+        256 * 1024**2, ge=0, description="Memory for compiled grammars kept for reuse (least recently used out "
+        "first), so a stream of unique schemas cannot grow the process.")
+
     # --- GPU execution ---
     enforce_eager: bool = Field(False, description="Never use CUDA graphs (decode steps launch kernels eagerly).")
     num_microbatches: Optional[int] = Field(

@@ -77,6 +77,8 @@ class AddRequest:
     remote_prefill_threshold: Optional[int] = None
     # Prefill side: push the prompt's KV into these decode blocks as it is computed.
     kv_push: Optional["KVPushTarget"] = None
+    # Structured outputs: the grammar compiled (off the step loop) for params.structured_outputs.
+    grammar: Any = None
 
 
 @dataclass

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from raylight.structured.params import StructuredOutputsParams
+
 MAX_LOGPROBS = 20
 
 
@@ -34,6 +36,9 @@ class SamplingParams:
     logprobs: Optional[int] = None  # the chosen token's logprob plus this many alternatives
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
+    # Output constrained to a JSON schema, regex, choice or grammar (raylight/structured/); a dict is
+    # vLLM's `structured_outputs` object.
+    structured_outputs: Optional[StructuredOutputsParams] = None
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -78,6 +83,8 @@ class SamplingParams:
         if any(not isinstance(s, str) for s in self.stop):
             raise ValueError("stop must be a string or a list of strings")
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
 
     def verify(self, vocab_size: int, max_n: int) -> None:
         """Model-dependent checks, run by the engine before a request is queued."""

@@ -9,7 +9,7 @@ decode pool behind a router, cluster/disagg.py).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -64,6 +64,11 @@ class ServerConfig(BaseModel):
         "Largest request body accepted; a larger one gets 413 before it is read whole (Content-Length "
         "checked first, chunked bodies counted as they arrive)."))
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    tool_call_parser: Optional[Literal["hermes", "llama3_json"]] = Field(None, description=(
+        "How tool calls are read out of the model's text for tool_choice 'auto' (vLLM's names): hermes "
+        "(<tool_call>{...}</tool_call>, Qwen/Hermes/SmolLM-style) or llama3_json (Llama 3.x JSON calls). None: "
+        "requests with tools need tool_choice 'required', 'none' or a named function (those are constrained "
+        "by a JSON-schema grammar and need no parser)."))
     request_timeout_s: Optional[float] = Field(
         None, gt=0, description="Deadline of a whole request (queued, waiting and running) from its arrival at "
         "the engine replica, like Ray Serve's request_timeout_s: past it the engine aborts the request, frees its "
@@ -225,7 +230,7 @@ def _ingress(cfg: ServerConfig, engine, engine_args: EngineArgs):
                                max_ongoing_requests=4096, max_constructor_retry_count=cfg.max_constructor_retry_count)
     return ingress.bind(engine, name, cfg.model, engine_args.load_format, engine_args.max_model_len, cfg.api_key,
                         cfg.default_max_tokens, api_keys=cfg.api_keys,
-                        max_request_body_bytes=cfg.max_request_body_bytes)
+                        max_request_body_bytes=cfg.max_request_body_bytes, tool_call_parser=cfg.tool_call_parser)
 
 
 def placement_options(cfg: PoolConfig, engine_args: EngineArgs) -> dict[str, Any]:

@@ -106,7 +106,7 @@ def app_config_from(ns: argparse.Namespace):
         num_replicas=ns.num_replicas, ray_actor_options={"num_cpus": ns.num_cpus, "num_gpus": ns.num_gpus},
         max_queued_requests=ns.max_queued_requests, api_key=ns.api_key, api_keys=split_keys(ns.api_keys),
         default_max_tokens=ns.default_max_tokens, max_constructor_retry_count=ns.max_constructor_retry_count,
-        **optional,
+        tool_call_parser=ns.tool_call_parser, **optional,
     )
 
 
@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "so at most 1)")
     srv.add_argument("--max-queued-requests", type=int, default=256)
     srv.add_argument("--default-max-tokens", type=int, default=256)
+    srv.add_argument("--tool-call-parser", choices=("hermes", "llama3_json"), default=None,
+                     help="how tool calls are read out of the model's text for tool_choice 'auto' (vLLM's names): "
+                     "hermes (<tool_call>{...}</tool_call>) or llama3_json; without it, tools need tool_choice "
+                     "'required', 'none' or a named function")
     srv.add_argument("--max-constructor-retry-count", type=int, default=3,
                      help="failed engine-replica starts before the deployment fails and raylight serve exits")
     srv.add_argument("--ray-logs", action=argparse.BooleanOptionalAction, default=False,

@@ -36,6 +36,8 @@ from raylight.cluster.http_edge import (DEFAULT_MAX_REQUEST_BODY_BYTES, ERROR_RE
 from raylight.cluster.metrics import RequestTiming, ServerMetrics, running_replica_ids
 from raylight.cluster.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest, param_of)
+from raylight.cluster.chat_tools import ChatTools
+from raylight.cluster.tool_parsers import get_parser
 from raylight.messages import GenerateCall, ReplicaMessage
 from raylight.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
@@ -130,8 +132,10 @@ class OpenAIServer:
     def __init__(self, engine_handle, served_model_name: str, tokenizer, max_model_len: int,
                  api_key: Optional[str] = None, default_max_tokens: int = 256,
                  api_keys: Sequence[str] = (), max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
-                 tokenize_timeout_s: float = 10.0):
+                 tokenize_timeout_s: float = 10.0, tool_call_parser: Optional[str] = None):
         self.engine = engine_handle
+        # Reads tool calls out of the text of tool_choice 'auto' requests (raylight/cluster/tool_parsers.py).
+        self.tool_parser = get_parser(tool_call_parser)
         self.served_model_name = served_model_name
         self.tokenizer = tokenizer  # None: prompts must be token ids
         self.max_model_len = max_model_len
@@ -363,23 +367,26 @@ class OpenAIServer:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._check_model(body.model)
         params = body.sampling_params(self.default_max_tokens)
-        ids = await self._chat_ids(body.conversation(), body.add_generation_prompt, body.chat_template_kwargs)
+        tools = ChatTools.of(body, self.tool_parser, self.tokenizer)  # tools rendered; calls parsed out below
+        ids = await self._chat_ids(tools.template_conversation(body.conversation()), body.add_generation_prompt,
+                                   tools.template_kwargs(body.chat_template_kwargs))
         explicit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         self._check_context(len(ids), explicit, "messages",
                             "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         rid = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
         call = GenerateCall(rid, ids, params, self._salt(request, body.cache_salt))
         if body.stream:
-            return await self._sse(request, call, rid, chat=True, include_usage=_usage_opt(body))
+            return tools.wrap_stream(await self._sse(request, call, rid, chat=True, include_usage=_usage_opt(body)))
         timing = RequestTiming(self.metrics)
         out = await self._run_to_end(request, call, timing)
         timing.done()
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": {"content": self._chat_logprobs(c.logprobs, c.token_ids)} if body.logprobs else None,
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.served_model_name,
-                "choices": choices, "usage": _usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs),
-                                                    out.num_cached_tokens)}
+        return tools.rewrite({"id": rid, "object": "chat.completion", "created": int(time.time()),
+                              "model": self.served_model_name, "choices": choices,
+                              "usage": _usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs),
+                                              out.num_cached_tokens)})
 
     # ---- streaming ----
     async def _sse(self, request: Request, call: GenerateCall, rid: str, chat: bool, include_usage: bool):
@@ -560,11 +567,12 @@ class OpenAIIngress(OpenAIServer):
     def __init__(self, engine_handle, served_model_name: str, model: Optional[str], load_format: str = "auto",
                  max_model_len: Optional[int] = None, api_key: Optional[str] = None,
                  default_max_tokens: int = 256, api_keys: Sequence[str] = (),
-                 max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES):
+                 max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES, tool_call_parser: Optional[str] = None):
         from raylight.engine.tokenizer import load_tokenizer
         from raylight.models.loader import resolve_model
 
         resolved = resolve_model(model, load_format)
         super().__init__(engine_handle, served_model_name, load_tokenizer(resolved.path),
                          max_model_len or resolved.arch.max_position_embeddings, api_key, default_max_tokens,
-                         api_keys=api_keys, max_request_body_bytes=max_request_body_bytes)
+                         api_keys=api_keys, max_request_body_bytes=max_request_body_bytes,
+                         tool_call_parser=tool_call_parser)

@@ -8,10 +8,14 @@ request-supplied chat template) are rejected with a 400 naming the field, never 
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from raylight.cluster.structured_api import STRUCTURED_FIELDS, structured_outputs_of
+from raylight.cluster.structured_api import check_field as check_structured
+from raylight.cluster.tool_parsers import check_tools, tool_grammar
 from raylight.sampling_params import SamplingParams
 
 
@@ -50,9 +54,9 @@ def _unsupported(field: str, value: Any, allowed: tuple = (None,)) -> Any:
 MAX_STOPS = 64
 MAX_STOP_CHARS = 1024
 
-# vLLM's structured-output extensions: not implemented, so a 400 rather than free text.
-_STRUCTURED = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-               "structured_outputs")
+# Output constraints (OpenAI's response_format, vLLM's structured_outputs and guided_* fields): checked here,
+# compiled by the engine replica (raylight/cluster/structured_api.py, raylight/structured/).
+_STRUCTURED = STRUCTURED_FIELDS
 
 
 # Strict types: JSON `true` is not the integer 1, "5" is not 5 (a float field still takes an integer).
@@ -90,7 +94,7 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     cache_salt: Optional[str] = None
     request_id: Optional[str] = None
-    # not implemented yet: rejected (400 naming the field) unless absent or a no-op
+    # structured outputs (one of them)
     response_format: Optional[Any] = None
     guided_json: Optional[Any] = None
     guided_regex: Optional[Any] = None
@@ -124,10 +128,8 @@ class _SamplingFields(BaseModel):
 
     @field_validator(*_STRUCTURED, mode="before")
     @classmethod
-    def _no_structured_outputs(cls, value, info):
-        if info.field_name == "response_format" and value in ({"type": "text"},):
-            return value
-        return _unsupported(info.field_name, value)
+    def _structured_outputs(cls, value, info):
+        return check_structured(info.field_name, value)
 
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int], default_max: int) -> SamplingParams:
         bias = None
@@ -145,6 +147,10 @@ class _SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos, max_tokens=default_max if max_tokens is None else max_tokens,
             min_tokens=self.min_tokens, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
         )
+        try:
+            kwargs["structured_outputs"] = structured_outputs_of(self)
+        except ValueError as e:
+            raise APIError(400, str(e), param=param_of(str(e))) from None
         return to_sampling_params(kwargs)
 
 
@@ -160,6 +166,8 @@ def param_of(message: str) -> Optional[str]:
     """The field a validation message is about: our messages start with the field's name."""
     head = message.split(" ", 1)[0].rstrip(":")
     known = set(SamplingParams.__dataclass_fields__) | {"prompt", "messages", "max_tokens", "max_completion_tokens"}
+    known |= {*_STRUCTURED, "tools", "tool_choice"}
+    head = head.split(".", 1)[0]  # "tools.0.function.name" -> tools
     if head in known:
         return head
     return "prompt" if message.startswith("prompt") else None
@@ -221,9 +229,11 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
     chat_template_kwargs: Optional[dict[str, Union[None, bool, int, float, str]]] = None
-    # not implemented yet: rejected (400 naming the field) unless absent or a no-op
-    tools: Optional[Any] = None
+    # tool calling (raylight/cluster/tool_parsers.py)
+    tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
+    parallel_tool_calls: Optional[bool] = None
+    # not implemented yet: rejected (400 naming the field) unless absent or a no-op
     functions: Optional[Any] = None
     function_call: Optional[Any] = None
     chat_template: Optional[Any] = None
@@ -231,15 +241,28 @@ class ChatCompletionRequest(_SamplingFields):
     prediction: Optional[Any] = None
     modalities: Optional[Any] = None
 
-    @field_validator("tools", "functions", "chat_template", "audio", "prediction", mode="before")
+    @field_validator("functions", "chat_template", "audio", "prediction", mode="before")
     @classmethod
     def _not_implemented(cls, value, info):
         return _unsupported(info.field_name, value)
 
-    @field_validator("tool_choice", "function_call", mode="before")
+    @field_validator("function_call", mode="before")
     @classmethod
-    def _no_tool_calls(cls, value, info):
+    def _no_function_call(cls, value, info):
         return _unsupported(info.field_name, value, (None, "none"))
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, value):
+        check_tools(value, "none")
+        return value
+
+    def tool_mode(self) -> tuple[str, Optional[str]]:
+        """("none" | "auto" | "required" | "named", the named function); a 400 on a bad combination."""
+        try:
+            return check_tools(self.tools, self.tool_choice)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tool_choice") from None
 
     @field_validator("modalities", mode="before")
     @classmethod
@@ -262,7 +285,14 @@ class ChatCompletionRequest(_SamplingFields):
             field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
             raise APIError(400, f"{field} must be an integer >= 1, got {max_tokens}", param=field)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs, default_max)
+        params = self._sampling_params(max_tokens, logprobs, default_max)
+        mode, name = self.tool_mode()
+        if mode in ("required", "named"):  # the calls' JSON is constrained, so the arguments always parse
+            if params.structured_outputs is not None:
+                raise APIError(400, f"tool_choice {mode!r} constrains the output: it cannot be combined with "
+                               f"{params.structured_outputs.source}", param="tool_choice")
+            params.structured_outputs = tool_grammar(self.tools, mode, name, self.parallel_tool_calls is not False)
+        return params
 
     def conversation(self) -> list[dict[str, Any]]:
         out = []
@@ -276,8 +306,30 @@ class ChatCompletionRequest(_SamplingFields):
                                        param="messages")
                     parts.append(part.get("text", ""))
                 content = "".join(parts)
-            out.append({"role": m.role, "content": content or ""})
+            msg = {"role": m.role, "content": content or ""}
+            extra = m.model_extra or {}
+            if m.role == "assistant" and isinstance(extra.get("tool_calls"), list):
+                msg["tool_calls"] = [_template_tool_call(c) for c in extra["tool_calls"]]
+            if m.role == "tool" and isinstance(extra.get("tool_call_id"), str):
+                msg["tool_call_id"] = extra["tool_call_id"]
+            if m.role == "tool" and m.name is not None:
+                msg["name"] = m.name
+            out.append(msg)
         return out
+
+
+def _template_tool_call(call: Any) -> Any:
+    """An earlier assistant tool call as chat templates read it: arguments as an object, not JSON text."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise APIError(400, "messages: tool_calls entries must be {\"type\": \"function\", \"function\": {...}}",
+                       param="messages")
+    fn = dict(call["function"])
+    if isinstance(fn.get("arguments"), str):
+        try:
+            fn["arguments"] = json.loads(fn["arguments"])
+        except ValueError:
+            pass
+    return {**call, "function": fn}
 
 
 class TokenizeRequest(BaseModel):

@@ -71,10 +71,14 @@ class AsyncLLMEngine:
         if self.max_queued_requests is not None and queued >= self.max_queued_requests:
             raise QueueFullError(f"{queued} requests are already waiting for a free slot "
                                  f"(max_queued_requests={self.max_queued_requests})")
+        grammar = None
+        if params.structured_outputs is not None:  # compiled off the step loop, within its time cap (ValueError: 400)
+            grammar = await self.engine.grammars.compile_async(params.structured_outputs)
         sink = OutputSink(asyncio.get_running_loop(), asyncio.Queue())
         self.num_pending += 1
         self._unadmitted.add(request_id)
-        self._inbox.put(AddRequest(request_id, prompt, params, cache_salt, sink, remote_prefill_threshold, kv_push))
+        self._inbox.put(AddRequest(request_id, prompt, params, cache_salt, sink, remote_prefill_threshold, kv_push,
+                                   grammar))
         self._wakeup.set()
         finished = False
         try:
@@ -124,10 +128,11 @@ class AsyncLLMEngine:
                 try:
                     if item.remote_prefill_threshold is not None:
                         item.sink.put(self.engine.reserve_remote(item.prompt, item.params, item.request_id,
-                                                                 item.cache_salt, item.remote_prefill_threshold))
+                                                                 item.cache_salt, item.remote_prefill_threshold,
+                                                                 grammar=item.grammar))
                     else:
                         self.engine.add_request(item.prompt, item.params, item.request_id, item.cache_salt,
-                                                kv_push=item.kv_push)
+                                                kv_push=item.kv_push, grammar=item.grammar)
                     self._sinks[item.request_id] = item.sink
                 except Exception as e:  # bad input: reaches the caller before any output
                     item.sink.put(e if isinstance(e, ValueError) else ValueError(str(e)))

@@ -25,6 +25,8 @@ from raylight.messages import KVEvent, KVPushTarget, KVReservation, PromptType, 
 from raylight.models.loader import resolve_model
 from raylight.outputs import RequestOutput
 from raylight.sampling_params import SamplingParams
+from raylight.structured.compiler import GrammarCompileService
+from raylight.structured.manager import StructuredOutputManager
 from raylight.workers.executor import Executor
 from raylight.workers.model_runner import ModelRunner, SampledToken, StepHandle
 
@@ -83,7 +85,13 @@ class LLMEngine:
             elem = torch.empty((), dtype=self.dtype).element_size()
             self.remote = RemotePrefills(self.kv, self.scheduler, rank.kv_endpoint, args.kv_lease_s,
                                          kv_layout(args, arch, rank.groups, self.dtype).block_bytes(elem))
-        self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.runner.release)
+        # Structured outputs (raylight/structured/): grammars compile off the step loop; the runner asks the
+        # manager for each step's allowed-token masks (an O(1) answer while no request is constrained).
+        self.grammars = GrammarCompileService(self.tokenizer, arch.vocab_size, self.eos_token_ids,
+                                              args.grammar_compile_timeout_s, args.grammar_cache_bytes)
+        self.structured = StructuredOutputManager(self.grammars, arch.vocab_size)
+        self.runner.constrain = self.structured.bitmask
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self._sequence_done)
         self.policy = OverlapPolicy.from_args(args, self.device)
         self.async_scheduling = self.policy.run_ahead
         self._in_flight: collections.deque[tuple[SchedulerOutput, StepHandle, float]] = collections.deque()
@@ -122,6 +130,10 @@ class LLMEngine:
     def kv_cache_bytes(self) -> int:
         return self.num_blocks * self.bytes_per_block
 
+    def _sequence_done(self, seq_id: str) -> None:
+        self.runner.release(seq_id)
+        self.structured.release(seq_id)
+
     def shutdown(self) -> None:
         """Stops the replica's other ranks (tensor/pipeline parallel); a no-op for a single rank."""
         try:  # finish the micro-batches still in flight: the other stages are waiting to hand them over
@@ -148,8 +160,11 @@ class LLMEngine:
         raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def make_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
-                     request_id: Optional[str] = None, cache_salt: Optional[str] = None) -> Request:
-        """Validates and tokenizes; raises ValueError naming the problem. Queues nothing."""
+                     request_id: Optional[str] = None, cache_salt: Optional[str] = None,
+                     grammar=None) -> Request:
+        """Validates and tokenizes; raises ValueError naming the problem. Queues nothing. A request with
+        `structured_outputs` takes its compiled `grammar` (GrammarCompileService.compile_async), or it is
+        compiled here (blocking, within the compile time cap)."""
         params = params or SamplingParams()
         params.verify(self.arch.vocab_size, self.args.max_n)
         text, ids = self.tokenize_prompt(prompt)
@@ -175,19 +190,22 @@ class LLMEngine:
         forks = [(f"{rid}#{i}", dataclasses.replace(params, n=1, seed=None if params.seed is None
                                                     else (params.seed + i) % 2**64)) for i in range(1, params.n)]
         req = Request(rid, ids, params, max_tokens, self.eos_token_ids, text, cache_salt, forks=forks)
+        if params.structured_outputs is not None:
+            req.grammar = grammar if grammar is not None else self.grammars.compile(params.structured_outputs)
         return req
 
     def reserve_remote(self, prompt: PromptType, params: Optional[SamplingParams], request_id: Optional[str],
-                       cache_salt: Optional[str], threshold: int) -> KVReservation:
+                       cache_salt: Optional[str], threshold: int, grammar=None) -> KVReservation:
         """Decode role (decode first): validates the request and either queues it for local prefill or
         reserves its blocks for a prefill replica's push (see engine/remote_prefill.py). Its outputs
         then come out of `step()` like any request's."""
-        req = self.make_request(prompt, params, request_id, cache_salt)
+        req = self.make_request(prompt, params, request_id, cache_salt, grammar)
         if self.remote is None:
             self.enqueue(req)
             return KVReservation(req.request_id, 0, True, "disabled", req.num_prompt_tokens,
                                  prompt_token_ids=list(req.prompt_token_ids))
         res, local = self.remote.reserve(req, threshold)
+        self._constrain(req)
         self.outputs.add(req, False)
         self.prompt_tokens_total += req.num_prompt_tokens
         if local:
@@ -201,15 +219,20 @@ class LLMEngine:
     def enqueue(self, req: Request, final_only: bool = False) -> None:
         """Queues a request from make_request. `final_only`: no per-step outputs, only the finished one
         (saves building a RequestOutput per request per step in offline batches)."""
+        self._constrain(req)
         self.outputs.add(req, final_only)
         self.scheduler.add_request(req)
         self.prompt_tokens_total += req.num_prompt_tokens
 
+    def _constrain(self, req: Request) -> None:
+        if req.grammar is not None:  # each of its sequences follows the grammar
+            self.structured.register([req.request_id, *req.fork_ids], req.grammar)
+
     def add_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None, cache_salt: Optional[str] = None,
-                    kv_push: Optional[KVPushTarget] = None) -> str:
+                    kv_push: Optional[KVPushTarget] = None, grammar=None) -> str:
         """`kv_push` (prefill role): push the prompt's KV into a decode replica's blocks as it is computed."""
-        req = self.make_request(prompt, params, request_id, cache_salt)
+        req = self.make_request(prompt, params, request_id, cache_salt, grammar)
         if kv_push is not None:
             if self.kv_sender is None:
                 raise ValueError("this engine does not push KV (kv_role is not 'prefill' or 'both')")
@@ -270,6 +293,9 @@ class LLMEngine:
                 self._pending += changed
             else:
                 outputs += self.outputs.process(changed)
+        if len(self._in_flight) == 1 and self._in_flight[0][1].sample_deferred:
+            # A constrained row waited for the token collected above: its mask can be made now.
+            self.runner.finish_sampling(self._in_flight[0][1])
         return outputs
 
     def _schedule(self) -> SchedulerOutput:
@@ -296,6 +322,9 @@ class LLMEngine:
             self.outputs.add_prompt_logprobs(rid, plps)
         # A request that a stop string ended after this step was launched: update() skips it.
         changed = self.scheduler.update(sched, result)
+        if self.structured.active:  # constrained sequences' matchers take their new tokens
+            for seq in self.structured.advance(changed):
+                self.scheduler.finish(seq, RequestStatus.FINISHED_STOPPED)
         # The whole step as a streaming client paces it: from its scheduling, or from the previous
         # step's end when steps overlap (async scheduling, micro-batches).
         now = time.perf_counter()

@@ -68,6 +68,8 @@ class Request:
         # Disaggregated prefill: where this prompt's KV goes (a KVPushTarget), and how far it was pushed.
         self.kv_push = None
         self.num_pushed_tokens = 0
+        # Structured outputs: the compiled grammar (xgrammar) its sequences follow (raylight/structured/).
+        self.grammar = None
 
     @property
     def num_prompt_tokens(self) -> int:

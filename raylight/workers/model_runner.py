@@ -16,6 +16,7 @@ from raylight.utils.host_copy import to_device
 from raylight.workers.logits_plan import run_logits_plan
 from raylight.workers.sampler import Sampler
 from raylight.workers.sampling_state import SamplingState
+from raylight.workers.token_mask import DEFER
 
 
 @dataclass(slots=True)
@@ -57,6 +58,10 @@ class StepHandle:
     fill_values: Optional[torch.Tensor] = None  # device ids of the step's placeholder tokens
     host_ids: Optional[torch.Tensor] = None  # pinned copy of the sampled ids, valid after `ready`
     ready: Optional[torch.cuda.Event] = None
+    # Structured outputs under async scheduling: a constrained row's mask waits for the token in flight
+    # before it; the logits are kept until `finish_sampling` (workers/token_mask.py DEFER).
+    sample_deferred: bool = False
+    logits: Optional[torch.Tensor] = None
 
 
 class ModelRunner:
@@ -82,6 +87,9 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler(device, seed)
         self.sampling = SamplingState(model.config.vocab_size, device)
+        # Allowed-token masks of a step's rows (structured outputs): rows -> None | DEFER | (row indices,
+        # int32 bitmask on the host). Set by the engine (raylight/structured/manager.py).
+        self.constrain: Optional[Callable[[list[SampleRow]], object]] = None
 
     def release(self, seq_id: str) -> None:
         self.sampling.release(seq_id)
@@ -229,6 +237,8 @@ class ModelRunner:
             self.dispatch(handle.inputs)
         if handle.rows:
             handle.meta = self.sampling.metadata(handle.rows)
+            if self.constrain is not None:
+                self._constrain(handle)
         if src is not None:
             # Queued after the step in flight's sampling on the same stream: no host wait.
             handle.fill_values = ahead_of.sampled.token_ids[to_device(src, self.device)]
@@ -249,6 +259,35 @@ class ModelRunner:
         logits = run_logits_plan(self.model, hidden, inputs, self.device, prompt_logprobs)
         if not rows:
             return
+        if handle.sample_deferred:
+            handle.logits = logits  # sampled by finish_sampling, once the tokens before are known
+            return
+        self._sample(handle, logits)
+
+    def _constrain(self, handle: StepHandle, final: bool = False) -> None:
+        got = self.constrain(handle.rows)
+        if got is DEFER:
+            if final:
+                raise RuntimeError("a deferred step's mask still waits for a token: the step before it was not collected")
+            handle.sample_deferred = True
+        elif got is not None:
+            rows, bitmask = got
+            handle.meta.token_mask = (to_device(np.asarray(rows, dtype=np.int64), self.device),
+                                      to_device(bitmask, self.device))
+
+    @torch.inference_mode()
+    def finish_sampling(self, handle: StepHandle) -> None:
+        """Samples a step whose sampling waited for its constrained rows' masks (`sample_deferred`); the
+        engine calls it once every step before this one was collected."""
+        if not handle.sample_deferred or handle.logits is None:
+            return
+        handle.sample_deferred = False
+        self._constrain(handle, final=True)
+        logits, handle.logits = handle.logits, None
+        self._sample(handle, logits)
+
+    def _sample(self, handle: StepHandle, logits: torch.Tensor) -> None:
+        rows = handle.rows
         handle.sampled = self.sampler(logits, handle.meta)
         if handle.meta.output_counts is not None:  # some row uses penalties
             self.sampling.record(rows, handle.sampled.token_ids)
@@ -263,6 +302,8 @@ class ModelRunner:
         """Waits for the launched step's sampled ids (the step's one host sync) and returns them."""
         if handle.inputs is not None:
             self._compute(handle)
+        if handle.sample_deferred:
+            self.finish_sampling(handle)
         out = ModelRunnerOutput(prompt_logprobs=handle.prompt_logprobs)
         rows, sampled = handle.rows, handle.sampled
         if not rows:

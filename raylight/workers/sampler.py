@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from raylight.workers.token_mask import apply_token_bitmask
+
 
 @dataclass
 class SamplingMetadata:
@@ -34,6 +36,8 @@ class SamplingMetadata:
     bias: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # rows, token ids, values
     banned: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # rows, token ids (min_tokens)
     max_num_logprobs: int = -1  # -1: no row wants logprobs
+    # Structured outputs: (rows, int32 bitmask [rows, ceil(V / 32)]) of allowed tokens (workers/token_mask.py).
+    token_mask: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 @dataclass
@@ -101,10 +105,13 @@ class Sampler:
 
 
 def apply_logit_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Bias, min_tokens bans and penalties; returns a new tensor when anything applies."""
-    if meta.bias is None and meta.banned is None and meta.repetition_penalty is None:
+    """Allowed-token masks, bias, min_tokens bans and penalties; returns a new tensor when anything applies."""
+    if meta.bias is None and meta.banned is None and meta.repetition_penalty is None and meta.token_mask is None:
         return logits
     logits = logits.clone()
+    if meta.token_mask is not None:  # first: nothing below can allow a token the grammar refuses
+        apply_token_bitmask(logits, *meta.token_mask, logits.shape[1])
+        masked = logits.clone() if meta.banned is not None else None
     if meta.bias is not None:
         rows, toks, vals = meta.bias
         logits.index_put_((rows, toks), vals, accumulate=True)
@@ -120,6 +127,11 @@ def apply_logit_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torc
         logits = torch.where(seen, penalised, logits)
         logits -= meta.frequency_penalty[:, None] * counts
         logits -= meta.presence_penalty[:, None] * (counts > 0).to(logits.dtype)
+    if meta.token_mask is not None and masked is not None:
+        # min_tokens banned the only tokens the grammar allows (its end): the grammar wins.
+        rows = meta.token_mask[0]
+        sub = logits[rows]
+        logits[rows] = torch.where(torch.isneginf(sub.amax(dim=-1, keepdim=True)), masked[rows], sub)
     return logits
 
 

@@ -167,13 +167,10 @@ def test_error_messages_are_sanitized():  # row 22
 
 # ---------------------------------------------------------------- 3. accepted and silently wrong (rows 2, 4, 10)
 
+# Structured outputs and tools are implemented (issue 19): their bad values are in
+# tests/unit/cluster/test_structured_api.py.
 @pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("tool_choice", "auto"), ("tool_choice", {"type": "function", "function": {"name": "f"}}),
-    ("response_format", {"type": "json_object"}),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
-    ("functions", [{"name": "f"}]), ("function_call", "auto"), ("guided_json", {"type": "object"}),
-    ("guided_regex", "(a+)+b"), ("structured_outputs", {"regex": "a"}),
+    ("functions", [{"name": "f"}]), ("function_call", "auto"),
     ("allowed_token_ids", [1, 2]), ("bad_words", ["x"]), ("prompt_embeds", "AAAA"), ("use_beam_search", True),
     ("truncate_prompt_tokens", 5), ("logits_processors", ["x"]), ("mm_processor_kwargs", {"fps": 1}),
 ])
@@ -182,7 +179,7 @@ def test_unimplemented_fields_get_400_naming_them(field, value):  # rows 2, 10, 
     err = _err(client.post("/v1/chat/completions", json={"messages": MSG, field: value}), 400, field)
     assert "not supported" in err["message"]
     assert server.engine.calls == []
-    if field not in ("tools", "tool_choice", "functions", "function_call"):
+    if field not in ("functions", "function_call"):
         _err(client.post("/v1/completions", json={"prompt": [1], field: value}), 400, field)
 
 
