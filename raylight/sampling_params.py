@@ -27,6 +27,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: Optional[dict[int, float]] = None
+    allowed_token_ids: Optional[list[int]] = None  # sample only among these tokens (vLLM's extension)
     stop: Union[None, str, list[str]] = None
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
@@ -77,6 +78,11 @@ class SamplingParams:
                 if not -100.0 <= float(bias) <= 100.0:
                     raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {tok}")
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            if (not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids
+                    or not all(isinstance(t, int) and not isinstance(t, bool) for t in self.allowed_token_ids)):
+                raise bad("allowed_token_ids", "a non-empty list of token ids")
+            self.allowed_token_ids = sorted(set(self.allowed_token_ids))
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
@@ -96,6 +102,9 @@ class SamplingParams:
         for t in self.logit_bias or {}:
             if not 0 <= t < vocab_size:
                 raise ValueError(f"logit_bias: token id {t} is outside the vocabulary [0, {vocab_size})")
+        for t in self.allowed_token_ids or ():
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"allowed_token_ids: token id {t} is outside the vocabulary [0, {vocab_size})")
 
     @property
     def greedy(self) -> bool:
@@ -109,4 +118,4 @@ class SamplingParams:
     def plain_greedy(self) -> bool:
         """Argmax of the raw logits and nothing else: the sampler's fast path."""
         return (self.greedy and not self.uses_penalties and not self.logit_bias and self.min_tokens == 0
-                and self.logprobs is None)
+                and self.logprobs is None and self.allowed_token_ids is None)

@@ -35,6 +35,7 @@ class SamplingMetadata:
     prompt_mask: Optional[torch.Tensor] = None  # [S, V] bool: token occurs in the prompt
     bias: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # rows, token ids, values
     banned: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # rows, token ids (min_tokens)
+    allowed: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # rows, [rows, V] bool: allowed_token_ids
     max_num_logprobs: int = -1  # -1: no row wants logprobs
     # Structured outputs: (rows, int32 bitmask [rows, ceil(V / 32)]) of allowed tokens (workers/token_mask.py).
     token_mask: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -106,9 +107,12 @@ class Sampler:
 
 def apply_logit_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """Allowed-token masks, bias, min_tokens bans and penalties; returns a new tensor when anything applies."""
-    if meta.bias is None and meta.banned is None and meta.repetition_penalty is None and meta.token_mask is None:
+    if (meta.bias is None and meta.banned is None and meta.repetition_penalty is None and meta.allowed is None
+            and meta.token_mask is None):
         return logits
     logits = logits.clone()
+    if meta.allowed is not None:  # before the bias: a bias cannot bring back a token outside the list
+        apply_allowed_tokens(logits, *meta.allowed)
     if meta.token_mask is not None:  # first: nothing below can allow a token the grammar refuses
         apply_token_bitmask(logits, *meta.token_mask, logits.shape[1])
         masked = logits.clone() if meta.banned is not None else None
@@ -133,6 +137,11 @@ def apply_logit_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torc
         sub = logits[rows]
         logits[rows] = torch.where(torch.isneginf(sub.amax(dim=-1, keepdim=True)), masked[rows], sub)
     return logits
+
+
+def apply_allowed_tokens(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> None:
+    """In place: the listed rows keep only the logits of their allowed tokens (allowed: [rows, V] bool)."""
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
 
 
 def processed_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
