@@ -18,11 +18,13 @@ class SamplingState:
         self.generators: dict[str, torch.Generator] = {}
         self.output_counts: dict[str, torch.Tensor] = {}  # seq_id -> [V] float
         self.prompt_masks: dict[str, torch.Tensor] = {}  # seq_id -> [V] bool
+        self.allowed_masks: dict[str, torch.Tensor] = {}  # seq_id -> [V] bool: its allowed_token_ids
 
     def release(self, seq_id: str) -> None:
         self.generators.pop(seq_id, None)
         self.output_counts.pop(seq_id, None)
         self.prompt_masks.pop(seq_id, None)
+        self.allowed_masks.pop(seq_id, None)
 
     def _generator(self, row: SampleRow) -> Optional[torch.Generator]:
         seed = row.params.seed
@@ -46,6 +48,21 @@ class SamplingState:
             mask[torch.tensor(row.prompt_token_ids, device=self.device)] = True
             self.output_counts[row.seq_id], self.prompt_masks[row.seq_id] = counts, mask
         return counts, self.prompt_masks[row.seq_id]
+
+    def _allowed(self, rows: list[SampleRow]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(rows, [rows, V] bool) for the rows with allowed_token_ids; each mask is built once per sequence."""
+        which = [i for i, r in enumerate(rows) if r.params.allowed_token_ids is not None]
+        if not which:
+            return None
+        masks = []
+        for i in which:
+            mask = self.allowed_masks.get(rows[i].seq_id)
+            if mask is None:
+                mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+                mask[torch.tensor(rows[i].params.allowed_token_ids, device=self.device)] = True
+                self.allowed_masks[rows[i].seq_id] = mask
+            masks.append(mask)
+        return torch.tensor(which, device=self.device), torch.stack(masks)
 
     def metadata(self, rows: list[SampleRow]) -> SamplingMetadata:
         dev = self.device
@@ -99,6 +116,7 @@ class SamplingState:
                          torch.tensor(bias_vals, device=dev))
         if ban_rows:
             meta.banned = (torch.tensor(ban_rows, device=dev), torch.tensor(ban_toks, device=dev))
+        meta.allowed = self._allowed(rows)
         return meta
 
     def record(self, rows: list[SampleRow], token_ids: torch.Tensor) -> None:

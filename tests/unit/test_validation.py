@@ -121,6 +121,8 @@ def test_kv_memory_too_small_for_one_block(model_dir):
     (dict(prompt_logprobs=21), "prompt_logprobs"),
     (dict(logit_bias={5: 101.0}), "logit_bias"),
     (dict(stop=[3]), "stop"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids"),
+    (dict(allowed_token_ids=["a"]), "allowed_token_ids"),
 ])
 def test_sampling_params_validation(kwargs, field):
     with pytest.raises(ValueError, match=field) as err:
@@ -132,6 +134,7 @@ def test_sampling_params_validation(kwargs, field):
     (dict(n=65), r"n must be in \[1, 64\]"),
     (dict(logit_bias={512: 1.0}), "logit_bias: token id 512 is outside the vocabulary"),
     (dict(stop_token_ids=[-1]), "stop_token_ids: -1 is outside the vocabulary"),
+    (dict(allowed_token_ids=[1, 512]), "allowed_token_ids: token id 512 is outside the vocabulary"),
 ])
 def test_model_dependent_sampling_checks_run_before_queueing(llm, kwargs, message):
     with pytest.raises(ValueError, match=message):

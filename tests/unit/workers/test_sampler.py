@@ -115,6 +115,20 @@ def test_logit_bias_and_min_tokens_ban():
     assert out[1] == 0
 
 
+def test_allowed_token_ids_mask_before_the_bias():
+    """allowed_token_ids (vLLM): only the listed tokens can be sampled, greedy or random; a bias reorders
+    them but cannot bring back a token outside the list."""
+    state = SamplingState(V, torch.device("cpu"))
+    only = SamplingParams(temperature=0.0, allowed_token_ids=[3, 6])
+    biased_in = SamplingParams(temperature=0.0, allowed_token_ids=[3, 6], logit_bias={6: 10.0})
+    biased_out = SamplingParams(temperature=0.0, allowed_token_ids=[3, 6], logit_bias={0: 100.0})
+    free = SamplingParams(temperature=0.0)
+    rows = rows_for([only, biased_in, biased_out, free])
+    out = Sampler(torch.device("cpu"))(LOGITS.repeat(4, 1), state.metadata(rows)).token_ids.tolist()
+    assert out == [3, 6, 3, 0]
+    assert set(draw(SamplingParams(temperature=1.5, allowed_token_ids=[1, 7]), n=2000).nonzero()[0]) == {1, 7}
+
+
 def test_penalties_follow_their_definitions():
     dev = torch.device("cpu")
     logits = torch.tensor([[1.0, 0.9, -0.5, 0.0]])
