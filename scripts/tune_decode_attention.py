@@ -33,7 +33,7 @@ BLOCK = 16
 SHAPES = [("w1-start", 64, 256, 512), ("w1-end", 64, 256, 768), ("8b-b1", 128, 1, 256), ("8b-b8", 128, 8, 256),
           ("8b-b32", 128, 32, 256)]
 HEADS, KV_HEADS = 32, 8
-CONFIGS = list(itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)))
+CONFIGS = list(itertools.product((32, 64, 128), (2, 4, 8), (2, 3)))
 
 
 def time_shape(head_dim: int, batch: int, ctx: int, cfg, reps: int = 20, rounds: int = 5) -> float:
