@@ -42,14 +42,16 @@ case $stage in
           --attention-backend "${stage#b1-}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
   # p-<preset>-<backend>: bench_throughput's named workloads (w1 b1 b8 b32 long sharegpt); HF generate
   # beside the batch-1 preset only (the others' static batches take minutes). pHF-... adds it anyway.
-  p-*|pHF-*) rest=${stage#*-}; preset=${rest%%-*}; backend=${rest#*-}; hf="--skip-hf"
-          { [ "$preset" = b1 ] || [ "${stage%%-*}" = pHF ]; } && hf="--hf-batch-size 256"
+  p-*|pHF-*) rest=${stage#*-}; preset=${rest%%-*}; backend=${rest#*-}; hf="--skip-hf"; mem=0.85
+          # HF's copy of the model needs room beside ours (an 8B copy did not fit beside 0.85)
+          { [ "$preset" = b1 ] || [ "${stage%%-*}" = pHF ]; } && hf="--hf-batch-size 256" && mem=0.6
           python3 scripts/bench_throughput.py --preset "$preset" --attention-backend "$backend" --quiet $hf \
-            --gpu-memory-utilization 0.85 --save-workload "/tmp/wl-$preset.json" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
+            --gpu-memory-utilization $mem --save-workload "/tmp/wl-$preset.json" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
   # vLLM on the same GPU (its packages alone on the path; ../shared/peers/vllm installs them)
   vllm-w1) PYTHONPATH=/root/peer/site python3 /root/peer/vllm_bench.py --max-num-seqs default 2>&1 | grep '^{"m"\|SUMMARY\|Error' ;;
   vllm-lat) PYTHONPATH=/root/peer/site python3 /root/peer/vllm_latency.py 1 2>&1 | grep '^{"m"\|Error' ;;
-  vllm-wl-*) PYTHONPATH=/root/peer/site python3 scripts/peer_vllm_offline.py "/tmp/wl-${stage#vllm-wl-}.json" \
+  vllm-wl-*) wl="/tmp/wl-${stage#vllm-wl-}.json"; [ -f "$wl" ] || wl=".wl/wl-${stage#vllm-wl-}.json"
+          PYTHONPATH=/root/peer/site python3 scripts/peer_vllm_offline.py "$wl" \
           --gpu-memory-utilization 0.85 2>&1 | grep '^{"m"\|Error' ;;
   par) python3 scripts/bench_parallel.py ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
   tpdiag) python3 scripts/diag_tp.py 2>&1 ;;

@@ -7,9 +7,10 @@ time a step's activations are that large (KV profiling empties it). On a fresh H
 8,192-token prefill step took 12 s with FlashInfer compiling inside it, and 65-90 ms even on a warm
 cache against about 26 ms of GPU work (benchmarks/results/throughput-gpu-fixed-*-20261204-1259*).
 
-What runs: one prompt of the whole token budget (a full prefill step), then a shorter one beside its
-decode (a mixed step), then both decode (a captured CUDA-graph batch); one greedy row and one sampled
-row (temperature, top-p, top-k, a seed). Afterwards nothing is left of them: their blocks are free,
+What runs: one prompt of the whole token budget alone (a full prefill step, then a one-row logits
+step), then a shorter one beside its decode (a mixed step), then both decode (a captured CUDA-graph
+batch); one greedy row and one sampled row (temperature, top-p, top-k, a seed). On an H200 a run
+without the one-row step built a GEMV variant inside the first single-prompt request. Afterwards nothing is left of them: their blocks are free,
 the prefix cache is reset, KV events (a KV-aware router's view) are dropped, and the counters are zero.
 """
 
@@ -49,10 +50,19 @@ def warm_up(engine) -> float:
     greedy = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     sampled = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=0, max_tokens=new_tokens, ignore_eos=True)
     salt = WARMUP_PREFIX + "salt"  # its own prefix-cache namespace: never a hit for anyone else
-    for i, (n, params) in enumerate(((long_len, greedy), (short_len, sampled))):
+
+    def add(i: int, n: int, params: SamplingParams) -> None:
         engine.add_request(rng.integers(0, vocab, n).tolist(), params, request_id=f"{WARMUP_PREFIX}{i}",
                            cache_salt=salt)
+
+    # The long prompt alone first: its last chunk is a one-row logits step (the single-row GEMV
+    # path of the LM head, which no batched step takes); the short one joins once it decodes.
+    add(0, long_len, greedy)
     steps = 0
+    while engine.has_unfinished_requests() and engine.generation_tokens_total == 0 and steps < MAX_WARMUP_STEPS:
+        engine.step()
+        steps += 1
+    add(1, short_len, sampled)
     while engine.has_unfinished_requests():
         steps += 1
         if steps > MAX_WARMUP_STEPS:  # never hang a start-up on the warm-up: abort and go on
