@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from raylight.structured.params import StructuredOutputsParams
+from raylight.utils.structured_params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 

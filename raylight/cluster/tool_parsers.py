@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from raylight.structured.params import StructuredOutputsParams
+from raylight.utils.structured_params import StructuredOutputsParams
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json")
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from raylight.structured.params import StructuredOutputsParams
+from raylight.utils.structured_params import StructuredOutputsParams
 
 logger = logging.getLogger("raylight.structured")
 
@@ -82,6 +82,16 @@ class GrammarCompileService:
                             else "", self.vocab_size, time.perf_counter() - t0, self.timeout_s,
                             self.cache_bytes // 2**20)
             return self._compiler
+
+    def use_tokenizer_info(self, info) -> None:
+        """Compile against this xgrammar TokenizerInfo instead of one built from the tokenizer (benchmarks on
+        dummy-weight presets, which have no tokenizer)."""
+        import xgrammar as xgr
+
+        with self._lock:
+            self._tokenizer_info = info
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True,
+                                                 cache_limit_bytes=self.cache_bytes)
 
     @property
     def tokenizer_info(self):

@@ -22,12 +22,15 @@ ALLOWED = {
     "kvtransfer": {"parallel", "kernels"},
     "placement": set(),
     "workers": {"models", "parallel", "kernels", "placement", "kvtransfer"},
-    "engine": {"workers", "models", "parallel", "kernels", "kvtransfer"},
-    "cluster": {"api", "engine", "workers", "models", "parallel", "kernels", "placement", "kvtransfer"},
+    # structured outputs: grammar compiles and per-sequence matchers, used by the engine (masks go to workers)
+    "structured": {"workers"},
+    "engine": {"structured", "workers", "models", "parallel", "kernels", "kvtransfer"},
+    "cluster": {"api", "engine", "structured", "workers", "models", "parallel", "kernels", "placement", "kvtransfer"},
     # the public API (raylight/__init__.py, llm.py) sits beside cluster
-    "api": {"engine", "workers", "models", "parallel", "kernels", "placement", "kvtransfer"},
+    "api": {"engine", "structured", "workers", "models", "parallel", "kernels", "placement", "kvtransfer"},
     # offline batch jobs (torchrun): the public API's engine with the server's request models (cluster/protocol)
-    "batch": {"api", "cluster", "engine", "workers", "models", "parallel", "kernels", "placement", "kvtransfer"},
+    "batch": {"api", "cluster", "engine", "structured", "workers", "models", "parallel", "kernels", "placement",
+              "kvtransfer"},
     "testing": None,  # test support: may import anything
 }
 ALLOWED.update({leaf: set() for leaf in LEAVES})

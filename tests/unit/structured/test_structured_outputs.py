@@ -19,7 +19,7 @@ pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 
 from raylight import LLM, SamplingParams
-from raylight.structured.params import StructuredOutputsParams
+from raylight.utils.structured_params import StructuredOutputsParams
 from raylight.testing.helpers import make_random_hf_model
 
 SCHEMAS = {
