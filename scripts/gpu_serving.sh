@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# The serving benchmark on one lent GPU, in one command (issue 18 item 6), from the repository root there:
+#     bash scripts/gpu_serving.sh                      # carry [".whl", ".ficache-carry", ".device_commit"]
+# Before it, on the same warm machine: the vLLM peer installed into /root/peer/site (.peer/COMMANDS.txt, see
+# ../shared/peers/vllm/README.md) and Ray Serve into /root/raysite (scripts/pack_ray_wheels.sh: two calls).
+# Phases, each bounded by `timeout`, each writing its part as soon as it ends (a later phase cut short
+# loses nothing before it):
+#   ours     `serve run configs/gpu.yaml` (a local Ray of its own; PYTHONPATH=/root/raysite:/tmp/site, our
+#            site dirs only), waits for /health, runs scripts/bench_serving.py at every rate, stops it (SIGINT:
+#            serve run shuts Serve and its Ray down; then the process group is killed, and the GPU waited on)
+#   offline  the same requests through raylight's offline LLM with the config's engine_args
+#   vllm     vLLM's OpenAI server (PYTHONPATH=/root/peer/site alone) on the same model shape, dummy weights,
+#            the same scheduler limits, the same load
+# then merges the parts into one record $OUT/serving-gpu-<date>.json (the parts stay in $OUT/parts, the
+# servers' logs in $OUT/logs.tar.gz: 5 files come back).
+# Knobs (environment): PHASES ("ours offline vllm"), RATES ("1 4 16 64 inf"), DURATION_S (12: requests per
+# finite rate = rate x this, at least 8), SAT_REQUESTS (1024, the `inf` rate), SEED (0), CONFIG
+# (configs/gpu.yaml), VLLM_PORT (8100), RAYSITE, PEERSITE, START_OURS_S (180), START_VLLM_S (240), LOAD_S
+# (200 per server), OFFLINE_S (180), BENCH_EXTRA (more bench_serving.py flags), SKIP_GPU_ENV (1: do not
+# source gpu_env.sh; for a CPU try with a CPU config). Expected on an H200: ours
+# ~2.5 min, offline ~1.5 min, vLLM ~3-4 min (its first start on a machine compiles for ~2 min; run
+# /root/peer/vllm_bench.py once earlier to have that cached), about 7-8 minutes in all.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT/parts" "$OUT/logs"
+PHASES=${PHASES:-"ours offline vllm"}
+RATES=${RATES:-"1 4 16 64 inf"}
+CONFIG=${CONFIG:-configs/gpu.yaml}
+RAYSITE=${RAYSITE:-/root/raysite}
+PEERSITE=${PEERSITE:-/root/peer/site}
+VLLM_PORT=${VLLM_PORT:-8100}
+WL="--config $CONFIG --rates $RATES --duration-s ${DURATION_S:-12} --saturation-requests ${SAT_REQUESTS:-1024} --seed ${SEED:-0} ${BENCH_EXTRA:-}"
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+
+if [ "${SKIP_GPU_ENV:-0}" != 1 ]; then  # SKIP_GPU_ENV=1: the project is importable already (a CPU try)
+  source scripts/gpu_env.sh || { echo "gpu_env.sh failed (are the project wheels in .whl?)"; exit 1; }
+fi
+OURPATH="$RAYSITE${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+SERVE_CLI='import sys; from ray.serve.scripts import cli; sys.argv[0] = "serve"; cli()'  # = the `serve` command
+eval "$(PYTHONPATH=$OURPATH python3 - "$CONFIG" <<'EOF'
+import shlex, sys, yaml
+cfg = yaml.safe_load(open(sys.argv[1]))
+app = cfg["applications"][0]["args"]
+e = app.get("engine_args") or {}
+vals = dict(MODEL=app.get("model") or "", SERVED=app.get("served_model_name") or app.get("model") or "",
+            OUR_PORT=cfg.get("http_options", {}).get("port", 8000), LOAD_FORMAT=e.get("load_format", "auto"),
+            MAX_MODEL_LEN=e.get("max_model_len", 4096), MAX_NUM_SEQS=e.get("max_num_seqs", 256),
+            MAX_BATCHED=e.get("max_num_batched_tokens", 8192), GPU_UTIL=e.get("gpu_memory_utilization", 0.85),
+            DTYPE=e.get("dtype", "bfloat16"))
+print("\n".join(f"{k}={shlex.quote(str(v))}" for k, v in vals.items()))
+EOF
+)" || { echo "cannot read $CONFIG"; exit 1; }
+echo "=== serving benchmark: $SERVED ($MODEL, load_format $LOAD_FORMAT), rates $RATES, phases: $PHASES $(date +%T)"
+
+# A server in its own process group (setsid), its output in $OUT/logs/$1.log; sets SPID.
+start_bg() {
+  local name=$1 path=$2; shift 2
+  PYTHONPATH=$path setsid "$@" > "$OUT/logs/$name.log" 2>&1 &
+  SPID=$!
+}
+
+# Waits until http://127.0.0.1:$1/health answers 200, for at most $2 seconds, while process $3 lives.
+wait_health() {
+  local port=$1 limit=$2 pid=$3 t0=$SECONDS
+  while (( SECONDS - t0 < limit )); do
+    if ! kill -0 "$pid" 2>/dev/null; then echo "server process $pid exited"; return 1; fi
+    if python3 -c "import urllib.request as u, sys; sys.exit(u.urlopen('http://127.0.0.1:$port/health', timeout=3).status != 200)" 2>/dev/null; then
+      echo "health OK on :$port after $((SECONDS - t0))s"; return 0
+    fi
+    sleep 2
+  done
+  echo "no health on :$port after ${limit}s"; return 1
+}
+
+# SIGINT to the server (a graceful stop), then its whole process group; then waits for the GPU to be free.
+stop_bg() {
+  local pid=$1 t0=$SECONDS
+  kill -INT "$pid" 2>/dev/null
+  while kill -0 "$pid" 2>/dev/null && (( SECONDS - t0 < 45 )); do sleep 1; done
+  kill -KILL -- "-$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+  t0=$SECONDS
+  while (( SECONDS - t0 < 60 )); do
+    local left
+    left=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | tr -d ' ')
+    [ -z "$left" ] && { echo "GPU free $((SECONDS - t0))s after the stop"; return 0; }
+    (( SECONDS - t0 > 30 )) && for p in $left; do kill -KILL "$p" 2>/dev/null; done  # leftovers of this phase
+    sleep 2
+  done
+  echo "GPU still busy: $(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader)"
+}
+
+bench() {  # bench_serving.py with our site dirs, bounded
+  PYTHONPATH=$OURPATH timeout -s INT -k 20 "$1" python3 scripts/bench_serving.py "${@:2}" --out "$OUT/parts"
+}
+
+for phase in $PHASES; do
+  echo "=== $phase $(date +%T)"
+  case $phase in
+    ours)
+      if ! PYTHONPATH=$OURPATH python3 -c "import ray.serve, fastapi" 2>/dev/null; then
+        echo "ray[serve] is not in $RAYSITE: run scripts/pack_ray_wheels.sh --device-1 / --device-2 first"; continue
+      fi
+      start_bg serve_raylight "$OURPATH" python3 -c "$SERVE_CLI" run --address local "$CONFIG"
+      if wait_health "$OUR_PORT" "${START_OURS_S:-180}" "$SPID"; then
+        bench "${LOAD_S:-200}" --url "http://127.0.0.1:$OUR_PORT" --model "$SERVED" --label raylight $WL
+        echo "bench exit $?"
+      fi
+      stop_bg "$SPID"
+      tail -5 "$OUT/logs/serve_raylight.log"
+      mkdir -p "$OUT/logs/ray" && cp -r /tmp/ray/session_latest/logs/serve "$OUT/logs/ray/" 2>/dev/null
+      cp /tmp/ray/session_latest/logs/*.err "$OUT/logs/ray/" 2>/dev/null
+      ;;
+    offline)
+      bench "${OFFLINE_S:-180}" --offline --label offline --quiet $WL 2>&1 | tee "$OUT/logs/offline.log" | grep -v "Warning\|warnings.warn"
+      ;;
+    vllm)
+      if ! PYTHONPATH=$PEERSITE python3 -c "import vllm" 2>/dev/null; then
+        echo "vLLM is not in $PEERSITE: install the peer first (.peer/COMMANDS.txt)"; continue
+      fi
+      VARGS=()
+      if [ -d "$MODEL" ]; then
+        VMODEL=$MODEL; [ "$LOAD_FORMAT" = dummy ] && VARGS+=(--load-format dummy)
+      else  # a preset shape: its config.json, random weights, no tokenizer (prompts are token ids)
+        VMODEL=/tmp/vllm_model_$MODEL
+        PYTHONPATH=$OURPATH python3 scripts/bench_serving.py --write-model-dir "$VMODEL" --config "$CONFIG" || continue
+        VARGS+=(--load-format dummy --skip-tokenizer-init)
+      fi
+      start_bg serve_vllm "$PEERSITE" python3 -m vllm.entrypoints.cli.main serve "$VMODEL" "${VARGS[@]}" \
+        --served-model-name "$SERVED" --dtype "$DTYPE" --max-model-len "$MAX_MODEL_LEN" --max-num-seqs "$MAX_NUM_SEQS" \
+        --max-num-batched-tokens "$MAX_BATCHED" --gpu-memory-utilization "$GPU_UTIL" --seed 0 \
+        --host 127.0.0.1 --port "$VLLM_PORT" --disable-uvicorn-access-log --uvicorn-log-level warning
+      if wait_health "$VLLM_PORT" "${START_VLLM_S:-240}" "$SPID"; then
+        bench "${LOAD_S:-200}" --url "http://127.0.0.1:$VLLM_PORT" --model "$SERVED" --label vllm $WL
+        echo "bench exit $?"
+      fi
+      stop_bg "$SPID"
+      grep -E "Error|error|Traceback" "$OUT/logs/serve_vllm.log" | tail -5
+      ;;
+    *) echo "unknown phase $phase" ;;
+  esac
+done
+
+echo "=== merge $(date +%T)"
+parts=$(ls "$OUT"/parts/serving-*.json 2>/dev/null)
+[ -n "$parts" ] && PYTHONPATH=$OURPATH python3 scripts/bench_serving.py --merge $parts --out "$OUT" --prefix serving-gpu
+tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
+ls -la "$OUT" "$OUT/parts"
+echo "=== done $(date +%T)"
