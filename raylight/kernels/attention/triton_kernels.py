@@ -317,8 +317,14 @@ def _decode_launch(head_dim: int, fp32: bool) -> dict:
 
 
 # Decode launch options per head dim for half precision, chosen on an H200 by
-# scripts/tune_decode_attention.py; a head dim not listed keeps the shared defaults.
-DECODE_TUNED: dict[int, dict] = {}
+# scripts/tune_decode_attention.py (benchmarks/results/tune-decode-attention-20261204-205529.json):
+# head dim 64, W1's batch 256 at 512 / 768 tokens: 71.6 / 102.5 us against 83.5 / 117.3 us with the
+# shared 4 warps and 3 stages; head dim 128, the 8B shape's batch 1 / 8 / 32: 56.3 / 55.4 / 52.7 us
+# against 57.9 / 58.0 / 56.2 us. A head dim not listed keeps the shared defaults.
+DECODE_TUNED: dict[int, dict] = {
+    64: dict(TILE=64, num_warps=2, num_stages=2),
+    128: dict(TILE=64, num_warps=8, num_stages=2),
+}
 
 
 def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
