@@ -302,6 +302,7 @@ def wait_ready(base: str, model: str, timeout_s: float) -> float:
     while time.time() - t0 < timeout_s:
         try:
             with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                r.read()
                 if r.status == 200:
                     req = urllib.request.Request(base + "/v1/completions", data=body,
                                                  headers={"Content-Type": "application/json"})

@@ -11,8 +11,8 @@
 #   offline  the same requests through raylight's offline LLM with the config's engine_args
 #   vllm     vLLM's OpenAI server (PYTHONPATH=/root/peer/site alone) on the same model shape, dummy weights,
 #            the same scheduler limits, the same load
-# then merges the parts into one record $OUT/serving-gpu-<date>.json (the parts stay in $OUT/parts, the
-# servers' logs in $OUT/logs.tar.gz: 5 files come back).
+# then merges the parts into one record $OUT/serving-gpu-<date>.json (-cpu- with a CPU config; the parts stay
+# in $OUT/parts, the servers' logs in $OUT/logs.tar.gz: 5 files come back).
 # Knobs (environment): PHASES ("ours offline vllm"), RATES ("1 4 16 64 inf"), DURATION_S (12: requests per
 # finite rate = rate x this, at least 8), SAT_REQUESTS (1024, the `inf` rate), SEED (0), CONFIG
 # (configs/gpu.yaml), VLLM_PORT (8100), RAYSITE, PEERSITE, START_OURS_S (180), START_VLLM_S (240), LOAD_S
@@ -39,7 +39,10 @@ if [ "${SKIP_GPU_ENV:-0}" != 1 ]; then  # SKIP_GPU_ENV=1: the project is importa
 fi
 OURPATH="$RAYSITE${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-SERVE_CLI='import sys; from ray.serve.scripts import cli; sys.argv[0] = "serve"; cli()'  # = the `serve` command
+# = the `serve` command. A background job of a script starts with SIGINT ignored, and Python then installs no
+# KeyboardInterrupt handler: restore it, so that SIGINT stops `serve run` gracefully (Serve, then its Ray).
+SERVE_CLI='import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)
+from ray.serve.scripts import cli; sys.argv[0] = "serve"; cli()'
 eval "$(PYTHONPATH=$OURPATH python3 - "$CONFIG" <<'EOF'
 import shlex, sys, yaml
 cfg = yaml.safe_load(open(sys.argv[1]))
@@ -67,7 +70,7 @@ wait_health() {
   local port=$1 limit=$2 pid=$3 t0=$SECONDS
   while (( SECONDS - t0 < limit )); do
     if ! kill -0 "$pid" 2>/dev/null; then echo "server process $pid exited"; return 1; fi
-    if python3 -c "import urllib.request as u, sys; sys.exit(u.urlopen('http://127.0.0.1:$port/health', timeout=3).status != 200)" 2>/dev/null; then
+    if python3 -c "import urllib.request as u, sys; sys.exit(u.urlopen('http://127.0.0.1:$port/health', timeout=3).read() is None)" 2>/dev/null; then
       echo "health OK on :$port after $((SECONDS - t0))s"; return 0
     fi
     sleep 2
@@ -75,11 +78,13 @@ wait_health() {
   echo "no health on :$port after ${limit}s"; return 1
 }
 
-# SIGINT to the server (a graceful stop), then its whole process group; then waits for the GPU to be free.
+# Signal $2 (INT or TERM: a graceful stop) to server $1, then after at most 45 s its whole process group;
+# then waits for the GPU to be free.
 stop_bg() {
   local pid=$1 t0=$SECONDS
-  kill -INT "$pid" 2>/dev/null
+  kill -"$2" "$pid" 2>/dev/null
   while kill -0 "$pid" 2>/dev/null && (( SECONDS - t0 < 45 )); do sleep 1; done
+  echo "server $pid stopped after $((SECONDS - t0))s (SIG$2)"
   kill -KILL -- "-$pid" 2>/dev/null
   wait "$pid" 2>/dev/null
   t0=$SECONDS
@@ -109,8 +114,8 @@ for phase in $PHASES; do
         bench "${LOAD_S:-200}" --url "http://127.0.0.1:$OUR_PORT" --model "$SERVED" --label raylight $WL
         echo "bench exit $?"
       fi
-      stop_bg "$SPID"
-      tail -5 "$OUT/logs/serve_raylight.log"
+      stop_bg "$SPID" INT
+      tail -3 "$OUT/logs/serve_raylight.log"
       mkdir -p "$OUT/logs/ray" && cp -r /tmp/ray/session_latest/logs/serve "$OUT/logs/ray/" 2>/dev/null
       cp /tmp/ray/session_latest/logs/*.err "$OUT/logs/ray/" 2>/dev/null
       ;;
@@ -137,7 +142,7 @@ for phase in $PHASES; do
         bench "${LOAD_S:-200}" --url "http://127.0.0.1:$VLLM_PORT" --model "$SERVED" --label vllm $WL
         echo "bench exit $?"
       fi
-      stop_bg "$SPID"
+      stop_bg "$SPID" TERM
       grep -E "Error|error|Traceback" "$OUT/logs/serve_vllm.log" | tail -5
       ;;
     *) echo "unknown phase $phase" ;;
@@ -146,7 +151,7 @@ done
 
 echo "=== merge $(date +%T)"
 parts=$(ls "$OUT"/parts/serving-*.json 2>/dev/null)
-[ -n "$parts" ] && PYTHONPATH=$OURPATH python3 scripts/bench_serving.py --merge $parts --out "$OUT" --prefix serving-gpu
+[ -n "$parts" ] && PYTHONPATH=$OURPATH python3 scripts/bench_serving.py --merge $parts --out "$OUT"
 tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
 ls -la "$OUT" "$OUT/parts"
 echo "=== done $(date +%T)"
