@@ -21,11 +21,12 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -34,12 +35,13 @@ from raylight.cluster.http_edge import (DEFAULT_MAX_REQUEST_BODY_BYTES, ERROR_RE
                                         combine_salts, context_error, http_error, internal_error, sanitize,
                                         validation_error)
 from raylight.cluster.metrics import RequestTiming, ServerMetrics, running_replica_ids
+from raylight.cluster.openai_outputs import Formatter, StreamWriter, usage
 from raylight.cluster.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest, param_of)
 from raylight.cluster.chat_tools import ChatTools
 from raylight.cluster.tool_parsers import get_parser
 from raylight.messages import GenerateCall, ReplicaMessage
-from raylight.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from raylight.outputs import RequestOutput
 
 logger = logging.getLogger("raylight.ingress")
 
@@ -48,16 +50,6 @@ logger = logging.getLogger("raylight.ingress")
 # tokenizing (or templating) the rest.
 _CHARS_PER_TOKEN_CAP = 16
 _RETRY = {"Retry-After": "1"}  # on 503s: the engine is gone or going; another replica may answer
-
-
-def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-
-def _usage_opt(body) -> bool:
-    return bool(body.stream_options and body.stream_options.include_usage)
 
 
 class _EngineStream:
@@ -115,13 +107,20 @@ async def _until_disconnect(request: Request) -> None:
 class _SSEResponse(StreamingResponse):
     """Closes its event generator however the response ends. A client that leaves while a chunk is being
     sent (an OSError from send, or the ASGI task cancelled) would otherwise leave the generator suspended
-    until garbage collection, its engine request still running."""
+    until garbage collection, its engine request still running. The source generator is closed too when
+    something wrapped it (tool-call rewriting): closing a wrapper does not close what it iterates."""
+
+    def __init__(self, content, **kwargs):
+        super().__init__(content, **kwargs)
+        self._source = content
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            for gen in dict.fromkeys((self.body_iterator, self._source)):
+                if hasattr(gen, "aclose"):
+                    await gen.aclose()
 
 
 class OpenAIServer:
@@ -148,6 +147,7 @@ class OpenAIServer:
         # CPU they take, and a request waiting for it longer than tokenize_timeout_s gets a 400.
         self._tokenize_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.metrics = ServerMetrics()  # its own registry
+        self.server_load = 0  # generation requests in flight here, streams until their end (vLLM's /load)
         self.created = int(time.time())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -191,19 +191,28 @@ class OpenAIServer:
         self._check_head([prompt], "prompt")
         return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
 
-    async def _tokenize(self, prompt, add_special_tokens: bool = True) -> list[int]:
+    def _encode_whole(self, prompt: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
+
+    async def _tokenize(self, prompt, add_special_tokens: bool = True, check_head: bool = True) -> list[int]:
+        """`check_head` False: a prompt that truncate_prompt_tokens will cut may exceed the window (the body
+        limit and tokenize_timeout_s still bound the work)."""
         if isinstance(prompt, list):
             return prompt
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send prompts as token ids", param="prompt")
         if not prompt:
             raise APIError(400, "prompt is empty", param="prompt")
-        return await self._off_loop(self._encode, prompt, add_special_tokens, param="prompt")
+        encode = self._encode if check_head else self._encode_whole
+        return await self._off_loop(encode, prompt, add_special_tokens, param="prompt")
 
-    def _render(self, conversation, add_generation_prompt: bool, kwargs) -> list[int]:
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def _render(self, conversation, add_generation_prompt: bool, kwargs, check_head: bool = True) -> list[int]:
         from raylight.engine.tokenizer import apply_chat_template
 
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and check_head:
             self._check_head([m["content"] for m in conversation if isinstance(m.get("content"), str)], "messages")
         try:
             return apply_chat_template(self.tokenizer, conversation, add_generation_prompt, **(kwargs or {}))
@@ -215,8 +224,10 @@ class OpenAIServer:
             raise APIError(400, f"chat template failed: {type(e).__name__}: {sanitize(str(e))}",
                            param="messages") from None
 
-    async def _chat_ids(self, conversation, add_generation_prompt: bool = True, kwargs=None) -> list[int]:
-        return await self._off_loop(self._render, conversation, add_generation_prompt, kwargs, param="messages")
+    async def _chat_ids(self, conversation, add_generation_prompt: bool = True, kwargs=None,
+                        check_head: bool = True) -> list[int]:
+        return await self._off_loop(self._render, conversation, add_generation_prompt, kwargs, check_head,
+                                    param="messages")
 
     def _check_context(self, n_prompt: int, explicit_max: Optional[int], prompt_param: str, max_param: str) -> None:
         """OpenAI's 400 for a prompt that fills the window, or an explicit max_tokens that cannot fit."""
@@ -243,7 +254,8 @@ class OpenAIServer:
             raise
         except Exception as e:
             es.close()
-            raise APIError(503, f"engine replica unavailable ({type(e).__name__})", "service_unavailable", headers=_RETRY)
+            raise APIError(503, f"engine replica unavailable ({type(e).__name__})", "service_unavailable",
+                           headers=_RETRY)
         if msg is not None:
             self._raise_if_error(msg)
         return msg
@@ -311,6 +323,43 @@ class OpenAIServer:
             "id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "raylight",
             "max_model_len": self.max_model_len}]}
 
+    async def tokenizer_info(self):
+        """vLLM's /tokenizer_info: the tokenizer's configuration (what lm-evaluation-harness's remote tokenizer
+        reads: eos/bos/pad tokens, the chat template), without file paths."""
+        tok = self.tokenizer
+        if tok is None:
+            raise APIError(404, "this model has no tokenizer", "not_found_error")
+        info = {k: v for k, v in ((k, _jsonable(v)) for k, v in (getattr(tok, "init_kwargs", None) or {}).items())
+                if v is not None and not _path_like(k)}
+        info.update(tokenizer_class=type(tok).__name__, chat_template=getattr(tok, "chat_template", None),
+                    **{name: getattr(tok, name, None) for name in ("eos_token", "bos_token", "pad_token", "unk_token")})
+        return info
+
+    async def load(self):
+        """vLLM's /load: how many generation requests this server (this ingress replica) is handling."""
+        return {"server_load": self.server_load}
+
+    async def invocations(self, request: Request):
+        """SageMaker's /invocations: the body says which API it is for (messages: chat completions; prompt:
+        completions), as vLLM routes it."""
+        try:
+            body = await request.json()
+        except ValueError:
+            raise APIError(400, "request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        kind = ChatCompletionRequest if "messages" in body else CompletionRequest if "prompt" in body else None
+        if kind is None:
+            raise APIError(400, "/invocations takes a chat completion (messages) or a completion (prompt) body",
+                           param="messages")
+        try:
+            parsed = kind.model_validate(body)
+        except ValidationError as e:
+            raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+        if kind is ChatCompletionRequest:
+            return await self.chat_completions(parsed, request)
+        return await self.completions(parsed, request)
+
     async def tokenize(self, body: TokenizeRequest):
         self._check_model(body.model)
         if body.messages is not None:
@@ -333,16 +382,22 @@ class OpenAIServer:
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body.model)
         params = body.sampling_params(self.default_max_tokens)
-        prompts = [await self._tokenize(p) for p in body.prompts()]
-        for ids in prompts:
-            self._check_context(len(ids), body.max_tokens, "prompt", "max_tokens")
+        fmt = Formatter(self.tokenizer, body.response_shape())
+        prompts, texts = [], []  # token ids as the engine gets them; the text echo returns
+        truncating = body.truncate_prompt_tokens is not None
+        for p in body.prompts():
+            full = await self._tokenize(p, body.add_special_tokens, check_head=not truncating)
+            ids = body.truncate(full, self.max_model_len, body.max_tokens)
+            self._check_context(len(ids), body.max_tokens or None, "prompt", "max_tokens")
+            prompts.append(ids)
+            texts.append(p if isinstance(p, str) and len(ids) == len(full) else self._decode(ids) if body.echo else "")
         rid = body.request_id or f"cmpl-{uuid.uuid4().hex}"
         salt = self._salt(request, body.cache_salt)
         calls = [GenerateCall(f"{rid}-{i}", ids, params, salt) for i, ids in enumerate(prompts)]
         if body.stream:
             if len(calls) != 1:
                 raise APIError(400, "streaming takes one prompt per request", param="prompt")
-            return await self._sse(request, calls[0], rid, chat=False, include_usage=_usage_opt(body))
+            return await self._sse(request, calls[0], rid, StreamWriter(fmt, chat=False, prompt_text=texts[0]))
         timings = [RequestTiming(self.metrics) for _ in calls]
         tasks = [asyncio.ensure_future(self._run_to_end(request, c, t)) for c, t in zip(calls, timings)]
         try:
@@ -354,42 +409,39 @@ class OpenAIServer:
         for i, out in enumerate(finals):
             prompt_tokens += len(out.prompt_token_ids)
             cached += out.num_cached_tokens
-            for c in out.outputs:
-                completion_tokens += len(c.token_ids)
-                choices.append({"index": i * params.n + c.index, "text": c.text,
-                                "logprobs": self._completion_logprobs(c.logprobs, c.token_ids) if params.logprobs is not None else None,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            completion_tokens += fmt.completion_tokens(out)
+            choices += [fmt.completion_choice(i * params.n + c.index, out, c, texts[i]) for c in out.outputs]
         for t in timings:
             t.done()
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.served_model_name,
-                "choices": choices, "usage": _usage(prompt_tokens, completion_tokens, cached)}
+                "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached)}
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._check_model(body.model)
         params = body.sampling_params(self.default_max_tokens)
+        fmt = Formatter(self.tokenizer, body.response_shape())
         tools = ChatTools.of(body, self.tool_parser, self.tokenizer)  # tools rendered; calls parsed out below
         ids = await self._chat_ids(tools.template_conversation(body.conversation()), body.add_generation_prompt,
-                                   tools.template_kwargs(body.chat_template_kwargs))
+                                   tools.template_kwargs(body.template_kwargs()),
+                                   check_head=body.truncate_prompt_tokens is None)
         explicit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        ids = body.truncate(ids, self.max_model_len, explicit)
         self._check_context(len(ids), explicit, "messages",
                             "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         rid = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
         call = GenerateCall(rid, ids, params, self._salt(request, body.cache_salt))
         if body.stream:
-            return tools.wrap_stream(await self._sse(request, call, rid, chat=True, include_usage=_usage_opt(body)))
+            return tools.wrap_stream(await self._sse(request, call, rid, StreamWriter(fmt, chat=True)))
         timing = RequestTiming(self.metrics)
         out = await self._run_to_end(request, call, timing)
         timing.done()
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": {"content": self._chat_logprobs(c.logprobs, c.token_ids)} if body.logprobs else None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
         return tools.rewrite({"id": rid, "object": "chat.completion", "created": int(time.time()),
-                              "model": self.served_model_name, "choices": choices,
-                              "usage": _usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs),
-                                              out.num_cached_tokens)})
+                              "model": self.served_model_name, "choices": [fmt.chat_choice(c) for c in out.outputs],
+                              "usage": usage(len(out.prompt_token_ids), fmt.completion_tokens(out),
+                                             out.num_cached_tokens), **fmt.chat_extras(out)})
 
     # ---- streaming ----
-    async def _sse(self, request: Request, call: GenerateCall, rid: str, chat: bool, include_usage: bool):
+    async def _sse(self, request: Request, call: GenerateCall, rid: str, writer: StreamWriter):
         es = self._open(call, request)
         try:
             first = await self._first(es)  # errors become a status code, not a broken stream
@@ -398,45 +450,43 @@ class OpenAIServer:
             raise
         timing = RequestTiming(self.metrics)
         created = int(time.time())
+        chat, shape = writer.chat, writer.fmt.shape
         obj = "chat.completion.chunk" if chat else "text_completion"
-        n = call.params.n
-        want_logprobs = call.params.logprobs is not None
+        prompt_ids = list(first.output.prompt_token_ids) if first is not None else list(call.prompt)
+        cached = first.output.num_cached_tokens if first is not None else 0
 
-        def chunk(choices, usage=None) -> str:
-            body = {"id": rid, "object": obj, "created": created, "model": self.served_model_name, "choices": choices}
-            if include_usage:
-                body["usage"] = usage
+        def chunk(choices, final_usage=None, **extra) -> str:
+            body = {"id": rid, "object": obj, "created": created, "model": self.served_model_name, "choices": choices,
+                    **extra}
+            if final_usage is not None:
+                body["usage"] = final_usage
+            elif shape.continuous_usage:  # vLLM's continuous_usage_stats: the counts so far in every chunk
+                body["usage"] = usage(len(prompt_ids), writer.completion_tokens(), cached)
+            elif shape.include_usage:
+                body["usage"] = None  # OpenAI: null in every chunk but the last
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         async def events():
             last, ended = None, False
-            finished: set[int] = set()  # choices whose finish_reason was sent: each is sent once
             try:
-                if chat:
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None} for i in range(n)])
+                for i, choices in enumerate(writer.opening(call.params.n)):
+                    extra = {"prompt_token_ids": prompt_ids} if chat and shape.token_ids and i == 0 else {}
+                    yield chunk(choices, **extra)
                 msg = first
                 while msg is not None:
                     self._raise_if_error(msg)
                     out = last = msg.output
                     timing.token(out)
-                    choices = []
-                    for c in out.outputs:
-                        if c.index in finished or (not c.delta_text and not c.delta_token_ids
-                                                   and c.finish_reason is None):
-                            continue
-                        if c.finish_reason is not None:
-                            finished.add(c.index)
-                        choices.append(self._stream_choice(c, chat, want_logprobs))
+                    choices = writer.step(out)  # each choice's finish_reason goes out once
                     if choices:
                         yield chunk(choices)
                     if out.finished:
                         break
                     msg = await es.next()
                 ended = True
-                if include_usage and last is not None:
-                    yield chunk([], _usage(len(last.prompt_token_ids), sum(len(c.token_ids) for c in last.outputs),
-                                           last.num_cached_tokens))
+                if shape.include_usage and last is not None:
+                    yield chunk([], usage(len(last.prompt_token_ids), writer.completion_tokens(),
+                                          last.num_cached_tokens))
                 yield "data: [DONE]\n\n"
                 timing.done()
             except APIError as e:  # mid-stream failure: report it in-band, then end the stream
@@ -456,64 +506,51 @@ class OpenAIServer:
 
         return _SSEResponse(events(), media_type="text/event-stream")
 
-    def _stream_choice(self, c: CompletionOutput, chat: bool, want_logprobs: bool) -> dict[str, Any]:
-        logprobs = None
-        if want_logprobs and c.delta_logprobs:
-            ids = c.delta_token_ids
-            logprobs = ({"content": self._chat_logprobs(c.delta_logprobs, ids)} if chat
-                        else self._completion_logprobs(c.delta_logprobs, ids))
-        choice = {"index": c.index, "logprobs": logprobs, "finish_reason": c.finish_reason}
-        if c.finish_reason is not None:
-            choice["stop_reason"] = c.stop_reason
-        if chat:
-            choice["delta"] = {"content": c.delta_text} if c.delta_text or c.finish_reason is None else {}
-        else:
-            choice["text"] = c.delta_text
-        return choice
-
-    # ---- logprobs in OpenAI's two shapes ----
-    def _token_str(self, token_id: int, entry: PositionLogprobs) -> str:
-        lp = entry.get(token_id)
-        if lp is not None and lp.decoded_token is not None:
-            return lp.decoded_token
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
-
-    def _chat_logprobs(self, logprobs: Optional[list[PositionLogprobs]], token_ids: list[int]) -> list[dict]:
-        out = []
-        for tok, entry in zip(token_ids, logprobs or []):
-            text = self._token_str(tok, entry)
-            # The alternatives are the entries ranked 1..k; the chosen token may sit beyond them.
-            k = len(entry) - (0 if entry[tok].rank is not None and entry[tok].rank <= len(entry) else 1)
-            top = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= k), key=lambda lp: lp.rank)
-            out.append({
-                "token": text, "logprob": max(entry[tok].logprob, -9999.0), "bytes": list(text.encode()),
-                "top_logprobs": [{"token": lp.decoded_token or "", "logprob": max(lp.logprob, -9999.0),
-                                  "bytes": list((lp.decoded_token or "").encode())} for lp in top],
-            })
-        return out
-
-    def _completion_logprobs(self, logprobs: Optional[list[PositionLogprobs]], token_ids: list[int]) -> dict:
-        tokens, token_logprobs, top_logprobs, offsets, pos = [], [], [], [], 0
-        for tok, entry in zip(token_ids, logprobs or []):
-            text = self._token_str(tok, entry)
-            tokens.append(text)
-            token_logprobs.append(entry[tok].logprob)
-            top_logprobs.append({(lp.decoded_token or str(tid)): lp.logprob for tid, lp in entry.items()})
-            offsets.append(pos)
-            pos += len(text)
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-                "text_offset": offsets}
-
-
 # ---------------------------------------------------------------- the HTTP app of one server
 
 _STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}  # SSE with stream=true
+
+
+_GENERATION_PATHS = frozenset(("/v1/completions", "/v1/chat/completions", "/invocations"))
+
+
+class _LoadCounter:
+    """Counts the generation requests in flight (vLLM's /load), a stream until its last byte: ASGI-level,
+    so it sees a request end however it ends."""
+
+    def __init__(self, app, server: OpenAIServer):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in _GENERATION_PATHS:
+            return await self.app(scope, receive, send)
+        self.server.server_load += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.server.server_load -= 1
+
+
+def _jsonable(value):
+    """A tokenizer config value as JSON (AddedToken objects as their text); None where it has no JSON form."""
+    if hasattr(value, "content"):
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool)) or value is None else None
+
+
+def _path_like(key: str) -> bool:
+    return key == "name_or_path" or key.endswith(("_file", "_path", "_dir"))
 
 
 def build_api(server: OpenAIServer) -> FastAPI:
     """A new FastAPI app serving `server`: its routes, and its API keys checked by its own middleware.
     Nothing is shared between the apps of two servers."""
     api = FastAPI(title="raylight", version=__version__, responses=ERROR_RESPONSES)
+    api.add_middleware(_LoadCounter, server=server)  # inside the Guard: refused requests are no load
     api.add_middleware(Guard, api_keys=server.api_keys, max_body=server.max_request_body_bytes)
 
     api.add_exception_handler(APIError, api_error)
@@ -541,6 +578,18 @@ def build_api(server: OpenAIServer) -> FastAPI:
     @api.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         return await server.tokenize(body)
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info():
+        return await server.tokenizer_info()
+
+    @api.get("/load")
+    async def load():
+        return await server.load()
+
+    @api.post("/invocations", responses=_STREAMED)
+    async def invocations(request: Request):
+        return await server.invocations(request)
 
     @api.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):

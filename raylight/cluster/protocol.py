@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from raylight.cluster.openai_outputs import Shape
 from raylight.cluster.structured_api import STRUCTURED_FIELDS, structured_outputs_of
 from raylight.cluster.structured_api import check_field as check_structured
 from raylight.cluster.tool_parsers import check_tools, tool_grammar
@@ -53,6 +54,18 @@ def _unsupported(field: str, value: Any, allowed: tuple = (None,)) -> Any:
 # Stop strings are matched against every new token's text: a bounded list keeps that cheap.
 MAX_STOPS = 64
 MAX_STOP_CHARS = 1024
+
+# vLLM's request extensions that we do not implement, each with the values that change nothing (accepted);
+# any other value is a 400 naming the field, never silently ignored.
+_VLLM_NOT_IMPLEMENTED: dict[str, tuple] = {
+    "bad_words": (None, False), "prompt_embeds": (None, False), "logits_processors": (None, False),
+    "use_beam_search": (None, False), "mm_processor_kwargs": (None, False), "media_io_kwargs": (None, False),
+    "length_penalty": (None, 1.0), "spaces_between_special_tokens": (None, True), "logprob_token_ids": (None,),
+    "priority": (None, 0), "session_id": (None,), "kv_transfer_params": (None,), "ec_transfer_params": (None,),
+    "vllm_xargs": (None,), "repetition_detection": (None,), "thinking_token_budget": (None, -1),
+    "stream_interval": (None, 1), "watermarking": (None, False), "routed_experts_prompt_start": (None, 0),
+    "return_token_offsets": (None, False), "return_mm_kwargs": (None, True),
+}
 
 # Output constraints (OpenAI's response_format, vLLM's structured_outputs and guided_* fields): checked here,
 # compiled by the engine replica (raylight/cluster/structured_api.py, raylight/structured/).
@@ -101,21 +114,71 @@ class _SamplingFields(BaseModel):
     guided_choice: Optional[Any] = None
     guided_grammar: Optional[Any] = None
     structured_outputs: Optional[Any] = None
-    # vLLM extensions we do not implement: a 400 naming the field rather than silently ignoring it
-    allowed_token_ids: Optional[Any] = None
+    # vLLM extensions (the README's endpoint list says what each does)
+    allowed_token_ids: Optional[list[int]] = None
+    prompt_logprobs: Optional[int] = None
+    truncate_prompt_tokens: Optional[int] = None
+    truncation_side: Optional[Literal["left", "right"]] = None
+    return_token_ids: Optional[bool] = None
+    return_tokens_as_token_ids: Optional[bool] = None
+    # vLLM extensions we do not implement (_VLLM_NOT_IMPLEMENTED): a 400 naming the field unless a no-op value
     bad_words: Optional[Any] = None
     prompt_embeds: Optional[Any] = None
     logits_processors: Optional[Any] = None
     use_beam_search: Optional[Any] = None
-    truncate_prompt_tokens: Optional[Any] = None
     mm_processor_kwargs: Optional[Any] = None
     media_io_kwargs: Optional[Any] = None
+    length_penalty: Optional[Any] = None
+    spaces_between_special_tokens: Optional[Any] = None
+    logprob_token_ids: Optional[Any] = None
+    priority: Optional[Any] = None
+    session_id: Optional[Any] = None
+    kv_transfer_params: Optional[Any] = None
+    ec_transfer_params: Optional[Any] = None
+    vllm_xargs: Optional[Any] = None
+    repetition_detection: Optional[Any] = None
+    thinking_token_budget: Optional[Any] = None
+    stream_interval: Optional[Any] = None
+    watermarking: Optional[Any] = None
+    routed_experts_prompt_start: Optional[Any] = None
+    return_token_offsets: Optional[Any] = None
+    return_mm_kwargs: Optional[Any] = None
 
-    @field_validator("allowed_token_ids", "bad_words", "prompt_embeds", "logits_processors", "use_beam_search",
-                     "truncate_prompt_tokens", "mm_processor_kwargs", "media_io_kwargs", mode="before")
+    @field_validator(*_VLLM_NOT_IMPLEMENTED, mode="before")
     @classmethod
     def _no_vllm_extension(cls, value, info):
-        return _unsupported(info.field_name, value, (None, False))
+        return _unsupported(info.field_name, value, _VLLM_NOT_IMPLEMENTED[info.field_name])
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_a_stream(cls, value, info):
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream=true")
+        return value
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncation(cls, value):
+        if value is not None and value != -1 and value < 1:
+            raise ValueError("truncate_prompt_tokens must be -1 (the context window) or an integer >= 1")
+        return value
+
+    def truncate(self, ids: list[int], max_model_len: int, explicit_max: Optional[int]) -> list[int]:
+        """The prompt as truncate_prompt_tokens cuts it: its last k tokens (vLLM's default side; `truncation_side`
+        "right" keeps the first k); -1 keeps as many as fit before max_tokens (at least one token of room)."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return ids
+        if k == -1:
+            k = max(1, max_model_len - max(explicit_max or 1, 1))
+        if len(ids) <= k:
+            return ids
+        return ids[:k] if self.truncation_side == "right" else ids[len(ids) - k:]
+
+    def _usage_shape(self) -> dict[str, bool]:
+        opts = self.stream_options
+        include = bool(opts and opts.include_usage)
+        return {"include_usage": include, "continuous_usage": include and bool(opts.continuous_usage_stats)}
 
     @field_validator("stop", "stop_token_ids")
     @classmethod
@@ -131,7 +194,10 @@ class _SamplingFields(BaseModel):
     def _structured_outputs(cls, value, info):
         return check_structured(info.field_name, value)
 
-    def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int], default_max: int) -> SamplingParams:
+    def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int], default_max: int,
+                         prompt_logprobs: Optional[int] = None) -> SamplingParams:
+        if self.prompt_logprobs is not None and self.stream:
+            raise APIError(400, "prompt_logprobs are not returned in streams (stream=true)", param="prompt_logprobs")
         bias = None
         if self.logit_bias:
             try:
@@ -146,6 +212,8 @@ class _SamplingFields(BaseModel):
             stop_token_ids=self.stop_token_ids or [], include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos, max_tokens=default_max if max_tokens is None else max_tokens,
             min_tokens=self.min_tokens, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+            allowed_token_ids=self.allowed_token_ids,
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
         )
         try:
             kwargs["structured_outputs"] = structured_outputs_of(self)
@@ -179,19 +247,29 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
-    prompt_logprobs: Optional[int] = None
+    add_special_tokens: bool = True  # vLLM: False tokenizes a text prompt without BOS and the like
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its logprobs) and nothing generated, as log-likelihood
+        scoring asks; the engine generates one token that is not returned."""
+        return self.echo and self.max_tokens == 0
 
     def sampling_params(self, default_max: int) -> SamplingParams:
         if self.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of must equal n (beam-style best_of is not supported)", param="best_of")
-        if self.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        params = self._sampling_params(self.max_tokens, self.logprobs, default_max)
-        if self.prompt_logprobs is not None:
-            params = to_sampling_params({**params.__dict__, "prompt_logprobs": self.prompt_logprobs})
-        return params
+        prompt_logprobs = None
+        if self.echo and self.logprobs is not None:  # the echoed prompt's logprobs, as many alternatives
+            prompt_logprobs = max(self.prompt_logprobs or 0, self.logprobs)
+        return self._sampling_params(1 if self.echo_only else self.max_tokens, self.logprobs, default_max,
+                                     prompt_logprobs)
+
+    def response_shape(self) -> Shape:
+        return Shape(num_logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs, echo=self.echo,
+                     echo_only=self.echo_only, token_ids=bool(self.return_token_ids),
+                     as_token_ids=bool(self.return_tokens_as_token_ids), **self._usage_shape())
 
     def prompts(self) -> list[Union[str, list[int]]]:
         p = self.prompt
@@ -229,6 +307,13 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
     chat_template_kwargs: Optional[dict[str, Union[None, bool, int, float, str]]] = None
+    # vLLM extensions: the reply continues the final message (its content echoed before the reply)
+    echo: bool = False
+    continue_final_message: bool = False
+    include_reasoning: bool = True  # no reasoning parser: there is no reasoning to include or hide
+    add_special_tokens: Optional[Any] = None  # the template adds them: True is not implemented (400)
+    documents: Optional[Any] = None
+    return_prompt_text: Optional[Any] = None
     # tool calling (raylight/cluster/tool_parsers.py)
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
@@ -241,10 +326,40 @@ class ChatCompletionRequest(_SamplingFields):
     prediction: Optional[Any] = None
     modalities: Optional[Any] = None
 
-    @field_validator("functions", "chat_template", "audio", "prediction", mode="before")
+    @field_validator("functions", "chat_template", "audio", "prediction", "documents", mode="before")
     @classmethod
     def _not_implemented(cls, value, info):
         return _unsupported(info.field_name, value)
+
+    @field_validator("add_special_tokens", "return_prompt_text", mode="before")
+    @classmethod
+    def _off_only(cls, value, info):
+        return _unsupported(info.field_name, value, (None, False))
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _continue_without_generation_prompt(cls, value, info):
+        if value and info.data.get("add_generation_prompt", True):
+            raise ValueError("continue_final_message needs add_generation_prompt=false (the reply continues the "
+                             "final message instead of starting a new one)")
+        return value
+
+    def template_kwargs(self) -> Optional[dict[str, Any]]:
+        """chat_template_kwargs, plus continue_final_message (which a caller may set only as a field)."""
+        if not self.continue_final_message:
+            return self.chat_template_kwargs
+        return {**(self.chat_template_kwargs or {}), "continue_final_message": True}
+
+    def response_shape(self) -> Shape:
+        role = "assistant" if self.add_generation_prompt else self.messages[-1].role
+        prefix = ""
+        if self.echo:  # vLLM: the final message's content, when the reply has its role
+            last = self.conversation()[-1]
+            prefix = last["content"] if last["role"] == role else ""
+        return Shape(num_logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+                     prompt_logprobs=self.prompt_logprobs, token_ids=bool(self.return_token_ids),
+                     as_token_ids=bool(self.return_tokens_as_token_ids), chat_prefix=prefix, role=role,
+                     **self._usage_shape())
 
     @field_validator("function_call", mode="before")
     @classmethod

@@ -123,3 +123,86 @@ def test_one_failing_prompt_aborts_the_others():
         asyncio.run(main())
     assert e.value.status == 429
     assert all(s.cancelled for s in streams), [s.cancelled for s in streams]
+
+
+# ---------------------------------------------------------------- request fields, checked before the engine
+
+def _client(engine=None, max_model_len=64):
+    from fastapi.testclient import TestClient
+
+    from raylight.cluster.ingress import build_api
+
+    server = OpenAIServer(engine or FakeEngine(), "m", FakeTokenizer(), max_model_len=max_model_len,
+                          default_max_tokens=4)
+    return TestClient(build_api(server)), server
+
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("extra", [
+    {"priority": 0}, {"length_penalty": 1.0}, {"spaces_between_special_tokens": True}, {"stream_interval": 1},
+    {"thinking_token_budget": -1}, {"return_mm_kwargs": True}, {"bad_words": []}, {"use_beam_search": False},
+    {"return_token_offsets": False}, {"routed_experts_prompt_start": 0}, {"session_id": None},
+])
+def test_no_op_values_of_unimplemented_vllm_extras_are_accepted(extra):
+    client, _ = _client()
+    assert client.post("/v1/completions", json={"prompt": [1, 2], **extra}).status_code == 200
+    assert client.post("/v1/chat/completions", json={"messages": MSG, **extra}).status_code == 200
+
+
+@pytest.mark.parametrize("path, body", [("/v1/completions", {"prompt": [1]}),
+                                        ("/v1/chat/completions", {"messages": MSG})])
+def test_stream_options_without_stream_is_a_400(path, body):
+    client, server = _client()
+    for stream in ({}, {"stream": False}):
+        r = client.post(path, json={**body, **stream, "stream_options": {"include_usage": True}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
+    assert server.engine.calls == []
+    ok = client.post(path, json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert ok.status_code == 200
+
+
+def test_chat_extras_without_an_implementation_get_400():
+    client, server = _client()
+    for field, value in (("add_special_tokens", True), ("documents", [{"text": "x"}]), ("return_prompt_text", True)):
+        r = client.post("/v1/chat/completions", json={"messages": MSG, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert server.engine.calls == []
+
+
+def test_truncation_to_the_window_leaves_room_for_max_tokens():
+    client, server = _client(max_model_len=64)
+    prompt = list(range(1, 81))  # 80 tokens, past the 64-token window
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 8, "truncate_prompt_tokens": -1})
+    assert r.status_code == 200, r.text
+    assert server.engine.calls[-1].prompt == prompt[-56:] and r.json()["usage"]["prompt_tokens"] == 56
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 8})  # no truncation: refused, not cut
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_invocations_routes_by_the_body():
+    client, server = _client()
+    chat = client.post("/invocations", json={"messages": MSG})
+    comp = client.post("/invocations", json={"prompt": [1, 2]})
+    assert chat.json()["object"] == "chat.completion" and comp.json()["object"] == "text_completion"
+    for raw, param in ((b'{"input": "x"}', "messages"), (b"[1]", None), (b'{"prompt": [1', None),
+                       (b'{"messages": [{"role": "robot", "content": "x"}]}', "messages.0.role"),
+                       (b'{"prompt": [1], "n": "two"}', "n")):
+        r = client.post("/invocations", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (raw, r.text)
+    assert len(server.engine.calls) == 2
+
+
+def test_tokenizer_info_and_load():
+    client, _ = _client()
+    info = client.get("/tokenizer_info").json()
+    assert info["tokenizer_class"] == "FakeTokenizer" and "chat_template" in info
+    assert client.get("/load").json() == {"server_load": 0}
+    from fastapi.testclient import TestClient
+
+    from raylight.cluster.ingress import build_api
+
+    bare = TestClient(build_api(OpenAIServer(FakeEngine(), "m", None, max_model_len=64)))
+    r = bare.get("/tokenizer_info")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"

@@ -171,8 +171,11 @@ def test_error_messages_are_sanitized():  # row 22
 # tests/unit/cluster/test_structured_api.py.
 @pytest.mark.parametrize("field, value", [
     ("functions", [{"name": "f"}]), ("function_call", "auto"),
-    ("allowed_token_ids", [1, 2]), ("bad_words", ["x"]), ("prompt_embeds", "AAAA"), ("use_beam_search", True),
-    ("truncate_prompt_tokens", 5), ("logits_processors", ["x"]), ("mm_processor_kwargs", {"fps": 1}),
+    ("bad_words", ["x"]), ("prompt_embeds", "AAAA"), ("use_beam_search", True),
+    ("logits_processors", ["x"]), ("mm_processor_kwargs", {"fps": 1}), ("length_penalty", 0.5),
+    ("logprob_token_ids", [1]), ("priority", 1), ("session_id", "s"), ("vllm_xargs", {"a": 1}),
+    ("kv_transfer_params", {"a": 1}), ("spaces_between_special_tokens", False), ("stream_interval", 4),
+    ("thinking_token_budget", 10), ("repetition_detection", {"n": 3}), ("return_token_offsets", True),
 ])
 def test_unimplemented_fields_get_400_naming_them(field, value):  # rows 2, 10, 11
     client, server = _client()
