@@ -4,6 +4,7 @@ a real engine (prefix cache, KV blocks, abort on disconnect, EOS)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -18,6 +19,7 @@ from raylight.testing.helpers import serve_app, read_metrics
 KEY_A, KEY_B = "sk-tenant-a", "sk-tenant-b"
 MODEL = "SmolLM2-135M-Instruct"
 LIMIT = 1024 * 1024
+MAX_ONGOING = 10  # Serve's cap per engine replica: past it, requests wait in Serve's router
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def server(smollm2_dir):
 
     cfg = AppConfig(engine_args={"device": "cpu", "max_model_len": 1024, "max_num_seqs": 8},
                     ray_actor_options={"num_cpus": 2}, api_key=KEY_A, api_keys=[KEY_B],
-                    max_request_body_bytes=LIMIT, default_max_tokens=16)
+                    max_request_body_bytes=LIMIT, default_max_tokens=16, max_ongoing_requests=MAX_ONGOING)
     with serve_app(cfg, "raylight-hardening") as base:
         yield base
 
@@ -145,3 +147,44 @@ def test_stop_reason_is_null_at_end_of_sequence(server):
     choice = out.choices[0]
     assert choice.finish_reason == "stop", choice
     assert choice.model_extra.get("stop_reason") is None
+
+
+def test_departed_clients_leave_nothing_behind(server):  # row 23 (issue 23)
+    """14 clients ask for 900 tokens each, streamed or not, and give up after 1 s: 8 run (max_num_seqs), 2 wait
+    in the engine and 4 in Serve's router (max_ongoing_requests 10). Each is aborted wherever it is: within
+    seconds nothing runs or waits, every KV block is free, and the next request is served at once."""
+    before = metrics(server)
+
+    async def give_up(i: int) -> None:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Tell story {i}."}], "max_tokens": 900,
+                "temperature": 0, "ignore_eos": True, "stream": i % 2 == 0}
+        async with httpx.AsyncClient(timeout=60, headers=auth()) as c:
+            async def read():
+                async with c.stream("POST", f"{server}/v1/chat/completions", json=body) as r:
+                    async for _ in r.aiter_lines():
+                        pass
+
+            try:
+                await asyncio.wait_for(read(), 1.0)  # the client gives up: its connection closes
+            except asyncio.TimeoutError:
+                return
+        pytest.fail("a 900-token request finished within its client's 1 s")
+
+    async def burst():
+        await asyncio.gather(*(give_up(i) for i in range(MAX_ONGOING + 4)))
+
+    asyncio.run(burst())
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        m = metrics(server)
+        if (m["raylight:num_requests_running"] == 0 and m["raylight:num_requests_waiting"] == 0
+                and m["raylight:kv_cache_free_blocks"] == m["raylight:kv_cache_total_blocks"]):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"requests of departed clients still held: {m}")
+    assert m["raylight:request_aborted_total"] == before["raylight:request_aborted_total"] + MAX_ONGOING + 4
+    t0 = time.time()
+    r = httpx.post(f"{server}/v1/chat/completions", headers=auth(), timeout=30,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert r.status_code == 200 and time.time() - t0 < 5, r.text
