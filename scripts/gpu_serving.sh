@@ -78,8 +78,7 @@ wait_health() {
   echo "no health on :$port after ${limit}s"; return 1
 }
 
-# Signal $2 (INT or TERM: a graceful stop) to server $1, then after at most 45 s its whole process group;
-# then waits for the GPU to be free.
+# Signal $2 (INT or TERM: a graceful stop) to server $1, then after at most 45 s its whole process group.
 stop_bg() {
   local pid=$1 t0=$SECONDS
   kill -"$2" "$pid" 2>/dev/null
@@ -87,15 +86,21 @@ stop_bg() {
   echo "server $pid stopped after $((SECONDS - t0))s (SIG$2)"
   kill -KILL -- "-$pid" 2>/dev/null
   wait "$pid" 2>/dev/null
-  t0=$SECONDS
+}
+
+# Waits (at most 60 s) until no process holds the GPU and its memory is back under 4 GiB; after 30 s kills
+# the processes still listed (leftovers of the phase before: this machine runs nothing else).
+wait_gpu_free() {
+  command -v nvidia-smi >/dev/null || return 0
+  local t0=$SECONDS left used
   while (( SECONDS - t0 < 60 )); do
-    local left
     left=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | tr -d ' ')
-    [ -z "$left" ] && { echo "GPU free $((SECONDS - t0))s after the stop"; return 0; }
-    (( SECONDS - t0 > 30 )) && for p in $left; do kill -KILL "$p" 2>/dev/null; done  # leftovers of this phase
+    used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | sort -n | tail -1)
+    if [ -z "$left" ] && [ "${used:-0}" -lt 4096 ]; then echo "GPU free (${used} MiB used)"; return 0; fi
+    (( SECONDS - t0 > 30 )) && for p in $left; do kill -KILL "$p" 2>/dev/null; done
     sleep 2
   done
-  echo "GPU still busy: $(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader)"
+  echo "GPU still busy (${used} MiB used): $(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader)"
 }
 
 bench() {  # bench_serving.py with our site dirs, bounded
@@ -104,6 +109,7 @@ bench() {  # bench_serving.py with our site dirs, bounded
 
 for phase in $PHASES; do
   echo "=== $phase $(date +%T)"
+  wait_gpu_free
   case $phase in
     ours)
       if ! PYTHONPATH=$OURPATH python3 -c "import ray.serve, fastapi" 2>/dev/null; then
