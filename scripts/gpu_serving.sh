@@ -17,9 +17,10 @@
 # finite rate = rate x this, at least 8), SAT_REQUESTS (1024, the `inf` rate), SEED (0), CONFIG
 # (configs/gpu.yaml), VLLM_PORT (8100), RAYSITE, PEERSITE, START_OURS_S (180), START_VLLM_S (240), LOAD_S
 # (200 per server), OFFLINE_S (180), BENCH_EXTRA (more bench_serving.py flags), SKIP_GPU_ENV (1: do not
-# source gpu_env.sh; for a CPU try with a CPU config). Expected on an H200: ours
-# ~2.5 min, offline ~1.5 min, vLLM ~3-4 min (its first start on a machine compiles for ~2 min; run
-# /root/peer/vllm_bench.py once earlier to have that cached), about 7-8 minutes in all.
+# source gpu_env.sh; for a CPU try with a CPU config). Expected on an H200: ours ~2.5-3 min (Ray, the engine's
+# start and warm-up, 5 loads), offline ~1 min, vLLM ~3.5-4 min (its first start of a model shape compiles for
+# ~2 min), 7-8.5 minutes in all: give the call timeout_s 600. If the vLLM phase is cut short, run it alone in
+# the next call (PHASES=vllm) and merge the parts here: bench_serving.py --merge A.json B.json C.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/out}
