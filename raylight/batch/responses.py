@@ -2,8 +2,9 @@
 
 Requests are validated by the server's own pydantic models and mapped onto `SamplingParams` by them
 (`raylight.cluster.protocol`), chat messages are rendered by the engine's chat-template helper, and the
-response bodies have the shape `/v1/chat/completions` and `/v1/completions` answer with (the ingress builds
-them the same way; it is not imported here, since it needs FastAPI and Ray Serve).
+response bodies are written by the server's own `raylight.cluster.openai_outputs` (logprobs, echo,
+prompt_logprobs, return_token_ids, ...), so they have the shape `/v1/chat/completions` and `/v1/completions`
+answer with (the ingress is not imported here, since it needs FastAPI and Ray Serve).
 
 Result rows follow OpenAI's batch output format (vLLM's `run_batch` writes the same):
 `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`. A request the server
@@ -23,9 +24,10 @@ from typing import Any, Optional, Union
 from pydantic import ValidationError
 
 from raylight.batch.lines import BatchItem
+from raylight.cluster.openai_outputs import Formatter, usage
 from raylight.cluster.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from raylight.engine.tokenizer import apply_chat_template
-from raylight.outputs import PositionLogprobs, RequestOutput
+from raylight.outputs import RequestOutput
 from raylight.sampling_params import SamplingParams
 
 
@@ -38,8 +40,9 @@ class Prepared:
     chat: bool
     prompts: list[list[int]]
     params: SamplingParams
-    want_logprobs: bool
+    fmt: Formatter  # what the request asked to get back, and how it is written
     explicit_max: Optional[int]
+    texts: list[str]  # completions echo: each prompt's text
 
 
 def prepare(item: BatchItem, tokenizer, max_model_len: int, default_max_tokens: int) -> Prepared:
@@ -53,33 +56,39 @@ def prepare(item: BatchItem, tokenizer, max_model_len: int, default_max_tokens: 
     if body.stream:
         raise APIError(400, "stream is not supported in a batch job", param="stream")
     params = body.sampling_params(default_max_tokens)
+    fmt = Formatter(tokenizer, body.response_shape())
+    texts: list[str] = []
     if chat:
         try:
             prompts = [apply_chat_template(tokenizer, body.conversation(), body.add_generation_prompt,
-                                           **(body.chat_template_kwargs or {}))]
+                                           **(body.template_kwargs() or {}))]
         except APIError:
             raise
         except Exception as e:  # no template, or one that raises on this conversation
             raise APIError(400, f"chat template failed: {e}", param="messages") from None
         explicit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        want_logprobs = body.logprobs
+        prompts = [body.truncate(prompts[0], max_model_len, explicit)]
     else:
         prompts = []
         for p in body.prompts():
             if isinstance(p, list):
-                prompts.append(p)
-                continue
-            if tokenizer is None:
+                full = p
+            elif tokenizer is None:
                 raise APIError(400, "this model has no tokenizer: send prompts as token ids", param="prompt")
-            if not p:
+            elif not p:
                 raise APIError(400, "prompt is empty", param="prompt")
-            prompts.append(list(tokenizer(p, add_special_tokens=True).input_ids))
-        explicit, max_param, want_logprobs = body.max_tokens, "max_tokens", params.logprobs is not None
+            else:
+                full = list(tokenizer(p, add_special_tokens=body.add_special_tokens).input_ids)
+            ids = body.truncate(full, max_model_len, body.max_tokens)
+            prompts.append(ids)
+            texts.append(p if isinstance(p, str) and len(ids) == len(full) else
+                         tokenizer.decode(ids) if body.echo and tokenizer is not None else "")
+        explicit, max_param = body.max_tokens or None, "max_tokens"  # echo's max_tokens 0 generates nothing
     for ids in prompts:
         _check_context(len(ids), explicit, max_model_len, "messages" if chat else "prompt", max_param)
     rid = body.request_id or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    return Prepared(item, rid, chat, prompts, params, want_logprobs, explicit)
+    return Prepared(item, rid, chat, prompts, params, fmt, explicit, texts)
 
 
 def validation_error(e: ValidationError) -> APIError:
@@ -133,64 +142,20 @@ def ok_row(prep: Prepared, outputs: list[RequestOutput], model_name: str, tokeni
     return _row(prep.item, {"status_code": 200, "request_id": prep.request_id, "body": body}, None)
 
 
-def _usage(outputs: list[RequestOutput]) -> dict[str, Any]:
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    cached = sum(o.num_cached_tokens for o in outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
 def chat_body(prep: Prepared, outputs: list[RequestOutput], model_name: str, tokenizer) -> dict[str, Any]:
     [out] = outputs
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": {"content": chat_logprobs(tokenizer, c.logprobs, c.token_ids)} if prep.want_logprobs
-                else None,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
+    fmt = prep.fmt
     return {"id": prep.request_id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-            "choices": choices, "usage": _usage(outputs)}
+            "choices": [fmt.chat_choice(c) for c in out.outputs],
+            "usage": usage(len(out.prompt_token_ids), fmt.completion_tokens(out), out.num_cached_tokens),
+            **fmt.chat_extras(out)}
 
 
 def completion_body(prep: Prepared, outputs: list[RequestOutput], model_name: str, tokenizer) -> dict[str, Any]:
-    n = prep.params.n
-    choices = []
-    for i, out in enumerate(outputs):
-        for c in out.outputs:
-            choices.append({"index": i * n + c.index, "text": c.text,
-                            "logprobs": completion_logprobs(tokenizer, c.logprobs, c.token_ids) if prep.want_logprobs
-                            else None,
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+    n, fmt = prep.params.n, prep.fmt
+    choices = [fmt.completion_choice(i * n + c.index, out, c, prep.texts[i]) for i, out in enumerate(outputs)
+               for c in out.outputs]
     return {"id": prep.request_id, "object": "text_completion", "created": int(time.time()), "model": model_name,
-            "choices": choices, "usage": _usage(outputs)}
-
-
-# The two logprobs shapes, as the ingress writes them (raylight/cluster/ingress.py, OpenAIServer).
-def _token_str(tokenizer, token_id: int, entry: PositionLogprobs) -> str:
-    lp = entry.get(token_id)
-    if lp is not None and lp.decoded_token is not None:
-        return lp.decoded_token
-    return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
-
-
-def chat_logprobs(tokenizer, logprobs: Optional[list[PositionLogprobs]], token_ids: list[int]) -> list[dict]:
-    out = []
-    for tok, entry in zip(token_ids, logprobs or []):
-        text = _token_str(tokenizer, tok, entry)
-        k = len(entry) - (0 if entry[tok].rank is not None and entry[tok].rank <= len(entry) else 1)
-        top = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= k), key=lambda lp: lp.rank)
-        out.append({"token": text, "logprob": max(entry[tok].logprob, -9999.0), "bytes": list(text.encode()),
-                    "top_logprobs": [{"token": lp.decoded_token or "", "logprob": max(lp.logprob, -9999.0),
-                                      "bytes": list((lp.decoded_token or "").encode())} for lp in top]})
-    return out
-
-
-def completion_logprobs(tokenizer, logprobs: Optional[list[PositionLogprobs]], token_ids: list[int]) -> dict:
-    tokens, token_logprobs, top_logprobs, offsets, pos = [], [], [], [], 0
-    for tok, entry in zip(token_ids, logprobs or []):
-        text = _token_str(tokenizer, tok, entry)
-        tokens.append(text)
-        token_logprobs.append(entry[tok].logprob)
-        top_logprobs.append({(lp.decoded_token or str(tid)): lp.logprob for tid, lp in entry.items()})
-        offsets.append(pos)
-        pos += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+            "choices": choices, "usage": usage(sum(len(o.prompt_token_ids) for o in outputs),
+                                               sum(fmt.completion_tokens(o) for o in outputs),
+                                               sum(o.num_cached_tokens for o in outputs))}

@@ -110,3 +110,24 @@ def test_prepare_valid_lines():
     assert not comp.chat and comp.prompts == [[1, 1, 1], [1, 1]] and comp.params.max_tokens == 16
     assert prepare(item({"prompt": [7, 8]}, "/v1/completions"), None, 64, 16).prompts == [[7, 8]]
     assert comp.request_id.startswith("cmpl-") and chat.request_id.startswith("chatcmpl-")
+
+
+def test_batch_rows_carry_what_the_server_returns():
+    """A batch line's body is written by the server's own shaping (cluster/openai_outputs.py): echo,
+    truncate_prompt_tokens, return_token_ids and top_logprobs 0 behave as on /v1/completions."""
+    from raylight.batch.responses import ok_row
+    from raylight.outputs import CompletionOutput, Logprob, RequestOutput
+
+    comp = prepare(item({"prompt": [5, 6, 7, 8, 9, 10], "truncate_prompt_tokens": 3, "echo": True, "max_tokens": 2,
+                         "return_token_ids": True}, "/v1/completions"), None, 64, 16)
+    assert comp.prompts == [[8, 9, 10]]
+    out = RequestOutput("r", None, [8, 9, 10], [CompletionOutput(0, "xy", [3, 4], "length")], True)
+    body = ok_row(comp, [out], "m", None)["response"]["body"]
+    assert body["choices"][0]["prompt_token_ids"] == [8, 9, 10] and body["choices"][0]["token_ids"] == [3, 4]
+    assert body["usage"]["prompt_tokens"] == 3
+    chat = prepare(item({"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 0}),
+                   _Tok(), 64, 16)
+    entry = {3: Logprob(-0.5, 2, "c"), 1: Logprob(-0.1, 1, "a")}
+    out = RequestOutput("r", None, [1, 1, 1], [CompletionOutput(0, "c", [3], "length", logprobs=[entry])], True)
+    content = ok_row(chat, [out], "m", None)["response"]["body"]["choices"][0]["logprobs"]["content"]
+    assert content[0]["token"] == "c" and content[0]["top_logprobs"] == []
