@@ -208,3 +208,20 @@ class Guard:
 
 
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 431, 500, 503)}
+
+
+class LoadCounter:
+    """Pure ASGI middleware: counts the requests in flight on `paths` into `holder.server_load` (vLLM's
+    /load), a stream until its last byte; ASGI-level, so it sees a request end however it ends."""
+
+    def __init__(self, app, holder, paths: frozenset):
+        self.app, self.holder, self.paths = app, holder, paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        self.holder.server_load += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.holder.server_load -= 1

@@ -3,7 +3,8 @@
 The ingress authenticates, validates, renders chat templates and tokenizes, then streams
 from an engine replica through Serve's streaming handle (Serve's router picks the replica
 with the fewest requests in flight, of two sampled). A client that disconnects cancels the
-stream, which aborts the request on its replica.
+stream, which aborts the request wherever it is (raylight/cluster/streams.py); responses are
+shaped by raylight/cluster/openai_outputs.py.
 
 Nothing here is module state: `OpenAIServer` holds one server's logic and settings (engine
 handle, tokenizer, API key, metrics), and `build_api(server)` builds that server's own FastAPI
@@ -17,7 +18,6 @@ after the constructor (`@serve.ingress()` without an app) to get the instance's 
 import asyncio
 import contextlib
 import concurrent.futures
-import json
 import logging
 import time
 import uuid
@@ -25,22 +25,23 @@ from typing import Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raylight import __version__
-from raylight.cluster.http_edge import (DEFAULT_MAX_REQUEST_BODY_BYTES, ERROR_RESPONSES, Guard, api_error,
-                                        combine_salts, context_error, http_error, internal_error, sanitize,
-                                        validation_error)
+from raylight.cluster.http_edge import (DEFAULT_MAX_REQUEST_BODY_BYTES, ERROR_RESPONSES, Guard, LoadCounter,
+                                        api_error, combine_salts, context_error, http_error, internal_error,
+                                        sanitize, validation_error)
 from raylight.cluster.metrics import RequestTiming, ServerMetrics, running_replica_ids
-from raylight.cluster.openai_outputs import Formatter, StreamWriter, usage
+from raylight.cluster.openai_outputs import Formatter, StreamWriter, tokenizer_info, usage
 from raylight.cluster.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                       TokenizeRequest, param_of)
+                                       TokenizeRequest)
+from raylight.cluster.streams import EngineStream, first_message, run_to_end, sse_response
 from raylight.cluster.chat_tools import ChatTools
 from raylight.cluster.tool_parsers import get_parser
-from raylight.messages import GenerateCall, ReplicaMessage
+from raylight.messages import GenerateCall
 from raylight.outputs import RequestOutput
 
 logger = logging.getLogger("raylight.ingress")
@@ -49,78 +50,6 @@ logger = logging.getLogger("raylight.ingress")
 # when the head is already over the context window, the request is refused without
 # tokenizing (or templating) the rest.
 _CHARS_PER_TOKEN_CAP = 16
-_RETRY = {"Retry-After": "1"}  # on 503s: the engine is gone or going; another replica may answer
-
-
-class _EngineStream:
-    """One request's messages from its engine replica, read while its HTTP client is watched.
-
-    A departed client must not leave its request running or queued: every way out of reading (the
-    client disconnects, Serve cancels the handler because the client left, an error, the end) passes
-    through `close()`, which cancels the Serve call; that aborts the request wherever it is (Serve's
-    queue, the replica, the engine) and it stops counting against any limit. Serve's own cancellation
-    of child calls is not relied on, nor is garbage collection of an abandoned stream."""
-
-    def __init__(self, stream, request: Request, metrics: ServerMetrics):
-        self._stream = stream
-        self._it = stream.__aiter__()
-        self._metrics = metrics
-        self._closed = False
-        # Done when the client disconnects. The body was read already (FastAPI parsed it), so the next
-        # ASGI message is http.disconnect: no polling, and it is seen while the request is still queued.
-        self._gone = asyncio.ensure_future(_until_disconnect(request))
-
-    async def next(self) -> Optional[ReplicaMessage]:
-        """The next message; None at the end. Raises APIError(499) once the client is gone."""
-        nxt = asyncio.ensure_future(self._it.__anext__())
-        try:
-            await asyncio.wait((nxt, self._gone), return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # cancelled: Serve ends the handler of a client that went away
-            nxt.cancel()
-            self.close(client_gone=True)
-            raise
-        if not nxt.done():
-            nxt.cancel()
-            self.close(client_gone=True)
-            raise APIError(499, "client disconnected")
-        try:
-            return nxt.result()
-        except StopAsyncIteration:
-            return None
-
-    def close(self, client_gone: bool = False) -> None:
-        """Idempotent. Cancelling a finished stream is a no-op; an unfinished one is aborted."""
-        if self._closed:
-            return
-        self._closed = True
-        self._gone.cancel()
-        self._stream.cancel()
-        if client_gone:
-            self._metrics.aborted.inc()
-
-
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-class _SSEResponse(StreamingResponse):
-    """Closes its event generator however the response ends. A client that leaves while a chunk is being
-    sent (an OSError from send, or the ASGI task cancelled) would otherwise leave the generator suspended
-    until garbage collection, its engine request still running. The source generator is closed too when
-    something wrapped it (tool-call rewriting): closing a wrapper does not close what it iterates."""
-
-    def __init__(self, content, **kwargs):
-        super().__init__(content, **kwargs)
-        self._source = content
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            for gen in dict.fromkeys((self.body_iterator, self._source)):
-                if hasattr(gen, "aclose"):
-                    await gen.aclose()
 
 
 class OpenAIServer:
@@ -243,59 +172,16 @@ class OpenAIServer:
     def _stream(self, call: GenerateCall):
         return self.engine.options(stream=True).generate.remote(call)
 
-    def _open(self, call: GenerateCall, request: Request) -> "_EngineStream":
-        return _EngineStream(self._stream(call), request, self.metrics)
-
-    async def _first(self, es: "_EngineStream") -> Optional[ReplicaMessage]:
-        """Reads the first message, so errors become an HTTP status before any byte is sent."""
-        try:
-            msg = await es.next()
-        except APIError:
-            raise
-        except Exception as e:
-            es.close()
-            raise APIError(503, f"engine replica unavailable ({type(e).__name__})", "service_unavailable",
-                           headers=_RETRY)
-        if msg is not None:
-            self._raise_if_error(msg)
-        return msg
-
-    def _raise_if_error(self, msg: ReplicaMessage) -> None:
-        if msg.stats is not None:
-            self.metrics.update_replica(msg.replica_id, msg.stats)
-        if msg.error_status is None:
-            return
-        status, text = msg.error_status, msg.error_message or "error"
-        if status == 400:
-            raise APIError(400, sanitize(text), param=param_of(text))
-        if status == 429:
-            raise APIError(429, text, "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-        if status in (408, 504):  # past request_timeout_s: aborted in the engine
-            raise APIError(status, text, "timeout_error", code="request_timeout")
-        raise APIError(status, "the engine is unavailable; retry shortly", "service_unavailable", headers=_RETRY)
+    def _open(self, call: GenerateCall, request: Request) -> EngineStream:
+        return EngineStream(self._stream(call), request, self.metrics)
 
     async def _run_to_end(self, request: Request, call: GenerateCall, timing) -> RequestOutput:
-        """The request's final output. A client that hangs up (or whose handler Serve cancels) aborts it,
-        queued or running: `_EngineStream` watches the connection while it waits."""
+        return await run_to_end(self._open(call, request), self.metrics, timing)
+
+    async def _sse(self, request: Request, call: GenerateCall, rid: str, writer: StreamWriter):
         es = self._open(call, request)
-        try:
-            first = await self._first(es)
-            final = first.output if first is not None else None
-            timing.token(final)
-            while True:
-                try:
-                    msg = await es.next()
-                except APIError:
-                    raise
-                except Exception:  # a replica dying mid-request (SIGKILL, OOM) is a 503, not a 500
-                    raise APIError(503, "engine replica lost", "service_unavailable", headers=_RETRY) from None
-                if msg is None:
-                    return final
-                self._raise_if_error(msg)
-                final = msg.output
-                timing.token(final)
-        finally:
-            es.close()
+        first = await first_message(es, self.metrics)  # errors become a status code, not a broken stream
+        return sse_response(es, first, call, rid, writer, self.served_model_name, self.metrics)
 
     # ---- routes ----
     async def health(self):
@@ -324,16 +210,9 @@ class OpenAIServer:
             "max_model_len": self.max_model_len}]}
 
     async def tokenizer_info(self):
-        """vLLM's /tokenizer_info: the tokenizer's configuration (what lm-evaluation-harness's remote tokenizer
-        reads: eos/bos/pad tokens, the chat template), without file paths."""
-        tok = self.tokenizer
-        if tok is None:
+        if self.tokenizer is None:
             raise APIError(404, "this model has no tokenizer", "not_found_error")
-        info = {k: v for k, v in ((k, _jsonable(v)) for k, v in (getattr(tok, "init_kwargs", None) or {}).items())
-                if v is not None and not _path_like(k)}
-        info.update(tokenizer_class=type(tok).__name__, chat_template=getattr(tok, "chat_template", None),
-                    **{name: getattr(tok, name, None) for name in ("eos_token", "bos_token", "pad_token", "unk_token")})
-        return info
+        return tokenizer_info(self.tokenizer)
 
     async def load(self):
         """vLLM's /load: how many generation requests this server (this ingress replica) is handling."""
@@ -440,117 +319,21 @@ class OpenAIServer:
                               "usage": usage(len(out.prompt_token_ids), fmt.completion_tokens(out),
                                              out.num_cached_tokens), **fmt.chat_extras(out)})
 
-    # ---- streaming ----
-    async def _sse(self, request: Request, call: GenerateCall, rid: str, writer: StreamWriter):
-        es = self._open(call, request)
-        try:
-            first = await self._first(es)  # errors become a status code, not a broken stream
-        except BaseException:
-            es.close()
-            raise
-        timing = RequestTiming(self.metrics)
-        created = int(time.time())
-        chat, shape = writer.chat, writer.fmt.shape
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        prompt_ids = list(first.output.prompt_token_ids) if first is not None else list(call.prompt)
-        cached = first.output.num_cached_tokens if first is not None else 0
-
-        def chunk(choices, final_usage=None, **extra) -> str:
-            body = {"id": rid, "object": obj, "created": created, "model": self.served_model_name, "choices": choices,
-                    **extra}
-            if final_usage is not None:
-                body["usage"] = final_usage
-            elif shape.continuous_usage:  # vLLM's continuous_usage_stats: the counts so far in every chunk
-                body["usage"] = usage(len(prompt_ids), writer.completion_tokens(), cached)
-            elif shape.include_usage:
-                body["usage"] = None  # OpenAI: null in every chunk but the last
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        async def events():
-            last, ended = None, False
-            try:
-                for i, choices in enumerate(writer.opening(call.params.n)):
-                    extra = {"prompt_token_ids": prompt_ids} if chat and shape.token_ids and i == 0 else {}
-                    yield chunk(choices, **extra)
-                msg = first
-                while msg is not None:
-                    self._raise_if_error(msg)
-                    out = last = msg.output
-                    timing.token(out)
-                    choices = writer.step(out)  # each choice's finish_reason goes out once
-                    if choices:
-                        yield chunk(choices)
-                    if out.finished:
-                        break
-                    msg = await es.next()
-                ended = True
-                if shape.include_usage and last is not None:
-                    yield chunk([], usage(len(last.prompt_token_ids), writer.completion_tokens(),
-                                          last.num_cached_tokens))
-                yield "data: [DONE]\n\n"
-                timing.done()
-            except APIError as e:  # mid-stream failure: report it in-band, then end the stream
-                ended = True
-                if e.status == 499:
-                    return  # the client is gone (the request was aborted): nobody to tell
-                yield f"data: {json.dumps(e.body())}\n\n"
-                yield "data: [DONE]\n\n"  # e.g. request_timeout_s (504): error event, then [DONE]
-            except Exception as e:  # the replica died mid-stream: an error event, never a silent cut
-                ended = True
-                logger.warning("stream %s failed: %s", rid, type(e).__name__)
-                err = APIError(503, "the engine replica failed; retry", "service_unavailable")
-                yield f"data: {json.dumps(err.body())}\n\n"
-                yield "data: [DONE]\n\n"  # as OpenAI/vLLM: an error event, then the end of the stream
-            finally:
-                es.close(client_gone=not ended)  # aborts the request when the client went away mid-stream
-
-        return _SSEResponse(events(), media_type="text/event-stream")
 
 # ---------------------------------------------------------------- the HTTP app of one server
 
 _STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}  # SSE with stream=true
 
 
-_GENERATION_PATHS = frozenset(("/v1/completions", "/v1/chat/completions", "/invocations"))
-
-
-class _LoadCounter:
-    """Counts the generation requests in flight (vLLM's /load), a stream until its last byte: ASGI-level,
-    so it sees a request end however it ends."""
-
-    def __init__(self, app, server: OpenAIServer):
-        self.app, self.server = app, server
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in _GENERATION_PATHS:
-            return await self.app(scope, receive, send)
-        self.server.server_load += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.server.server_load -= 1
-
-
-def _jsonable(value):
-    """A tokenizer config value as JSON (AddedToken objects as their text); None where it has no JSON form."""
-    if hasattr(value, "content"):
-        return value.content
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value if isinstance(value, (str, int, float, bool)) or value is None else None
-
-
-def _path_like(key: str) -> bool:
-    return key == "name_or_path" or key.endswith(("_file", "_path", "_dir"))
+_GENERATION_PATHS = frozenset(("/v1/completions", "/v1/chat/completions", "/invocations"))  # /load counts these
 
 
 def build_api(server: OpenAIServer) -> FastAPI:
     """A new FastAPI app serving `server`: its routes, and its API keys checked by its own middleware.
     Nothing is shared between the apps of two servers."""
     api = FastAPI(title="raylight", version=__version__, responses=ERROR_RESPONSES)
-    api.add_middleware(_LoadCounter, server=server)  # inside the Guard: refused requests are no load
+    # inside the Guard: a refused request is no load
+    api.add_middleware(LoadCounter, holder=server, paths=_GENERATION_PATHS)
     api.add_middleware(Guard, api_keys=server.api_keys, max_body=server.max_request_body_bytes)
 
     api.add_exception_handler(APIError, api_error)

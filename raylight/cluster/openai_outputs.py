@@ -245,3 +245,29 @@ class StreamWriter:
         if shape.token_ids:
             choice["token_ids"] = ids
         return choice
+
+
+def tokenizer_info(tokenizer) -> dict[str, Any]:
+    """vLLM's /tokenizer_info: the tokenizer's configuration (what lm-evaluation-harness's remote tokenizer
+    reads: eos/bos/pad tokens, the chat template), without file paths."""
+    config = getattr(tokenizer, "init_kwargs", None) or {}
+    info = {k: v for k, v in ((k, _jsonable(v)) for k, v in config.items()) if v is not None and not _path_like(k)}
+    info.update(tokenizer_class=type(tokenizer).__name__, chat_template=getattr(tokenizer, "chat_template", None),
+                **{name: getattr(tokenizer, name, None) for name in ("eos_token", "bos_token", "pad_token",
+                                                                     "unk_token")})
+    return info
+
+
+def _jsonable(value):
+    """A tokenizer config value as JSON (AddedToken objects as their text); None where it has no JSON form."""
+    if hasattr(value, "content"):
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool)) or value is None else None
+
+
+def _path_like(key: str) -> bool:
+    return key == "name_or_path" or key.endswith(("_file", "_path", "_dir"))
