@@ -82,4 +82,6 @@ def test_file_sizes():
     too_long = {str(p.relative_to(PKG)): n for p in _sources() if (n := len(p.read_text().splitlines())) > 500}
     assert not too_long, too_long
     engine_lines = sum(len(p.read_text().splitlines()) for p in (PKG / "engine").rglob("*.py"))
-    assert engine_lines < 1800, engine_lines
+    # The host core stays small enough to read in a sitting. 1800 until 2026-12-04, when the start-up
+    # warm-up (engine/warmup.py) and structured outputs' engine side joined it (1939 lines).
+    assert engine_lines < 2000, engine_lines
