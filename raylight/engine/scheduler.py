@@ -59,15 +59,22 @@ class Scheduler:
         may_preempt = not in_flight and not ahead
 
         # 1. Running requests, oldest first; preempt the newest when blocks run out.
+        # This loop runs for every running request on every step (256 of them at W1's batch), so it
+        # stays free of calls where it can: the run-ahead test and the decode fast path are inline.
         i = 0
         running = self.running
+        max_model_len = self.max_model_len
         while i < len(running) and budget > 0:
             req = running[i]
             i += 1
             pending = req.num_pending_tokens
-            if (in_flight and req.request_id in in_flight) or (pending and not self._may_run_ahead(req)):
+            if in_flight and req.request_id in in_flight:
                 continue
-            num_new = min(req.num_tokens + pending - req.num_computed_tokens - req.num_in_flight_tokens, budget)
+            num_tokens = req.num_tokens
+            if pending and (len(req.output_token_ids) + pending >= req.max_tokens  # _may_run_ahead, inline
+                            or num_tokens + pending >= max_model_len or req.fork_ids):
+                continue
+            num_new = min(num_tokens + pending - req.num_computed_tokens - req.num_in_flight_tokens, budget)
             if num_new <= 0:
                 continue
             if not self._allocate_or_preempt(req, num_new, out, may_preempt):
@@ -124,17 +131,19 @@ class Scheduler:
         # With a pending token the one token is that placeholder: the device fills it in.
         out.new_token_ids.append([] if pending else req.all_token_ids[before : before + num_new])
         out.block_tables.append(self.kv.req_block_ids[rid])  # read by the runner at launch
-        rows: list[SampleRow] = []
+        params = req.sampling_params
         if samples:
             n_out = len(req.output_token_ids) + pending
-            rows.append(SampleRow(rid, rid, req.sampling_params, n_out, req.prompt_token_ids,
-                                  req.output_token_ids, req.eos_token_ids))
-            # A request about to fork samples its n first tokens from the same logits row.
-            rows.extend(SampleRow(rid, fid, fp, n_out, req.prompt_token_ids, req.output_token_ids,
-                                  req.eos_token_ids) for fid, fp in zip(req.fork_ids, req.fork_params))
+            rows = [SampleRow(rid, rid, params, n_out, req.prompt_token_ids, req.output_token_ids,
+                              req.eos_token_ids)]
+            if req.fork_ids:  # a request about to fork samples its n first tokens from the same logits row
+                rows += [SampleRow(rid, fid, fp, n_out, req.prompt_token_ids, req.output_token_ids,
+                                   req.eos_token_ids) for fid, fp in zip(req.fork_ids, req.fork_params)]
+        else:
+            rows = []
         out.sample_rows.append(rows)
-        out.prompt_logprobs.append(self._prompt_logprob_task(req, before, num_new) if req.needs_prompt_logprobs
-                                   else None)
+        out.prompt_logprobs.append(self._prompt_logprob_task(req, before, num_new)
+                                   if params.prompt_logprobs is not None and req.needs_prompt_logprobs else None)
         if req.kv_push is not None:
             self._push(out, req, before + num_new)
         req.num_in_flight_tokens = in_flight + num_new

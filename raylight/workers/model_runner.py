@@ -112,12 +112,15 @@ class ModelRunner:
 
         token_ids: list[int] = []
         placeholder_pos: list[int] = []
-        for i, p in zip(order, pending):
-            if p:  # the token a step in flight samples for it: the device fills it in
-                placeholder_pos.append(len(token_ids))
-                token_ids.append(0)
-            else:
-                token_ids.extend(sched.new_token_ids[i])
+        if all(pending):  # async scheduling's steady state: every row is a placeholder the device fills in
+            token_ids, placeholder_pos = [0] * B, list(range(B))
+        else:
+            for i, p in zip(order, pending):
+                if p:  # the token a step in flight samples for it: the device fills it in
+                    placeholder_pos.append(len(token_ids))
+                    token_ids.append(0)
+                else:
+                    token_ids.extend(sched.new_token_ids[i])
         query_start_loc = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(num_new, out=query_start_loc[1:])
         seq_lens = num_computed + num_new
@@ -140,23 +143,20 @@ class ModelRunner:
 
         # The logits plan: prompt-logprob chunks first, then the rows that sample (a forking
         # request's last row once per sequence), the same order on every last-stage rank.
-        rows: list[SampleRow] = []
-        logits_rows: list[int] = []
         spans: list[tuple[int, int]] = []
         prompt_chunks: list[tuple[str, PromptLogprobTask, int, int]] = []
-        for k, i in enumerate(order):
-            task = sched.prompt_logprobs[i]
-            if task is not None:
-                q, computed = int(query_start_loc[k]), int(num_computed[k])
-                for lo, hi in task.chunks():
-                    spans.append((q + lo - computed, q + hi - computed))
-                    prompt_chunks.append((sched.request_ids[i], task, lo, hi))
-        last_rows = (query_start_loc[1:] - 1).tolist()
-        for k, i in enumerate(order):
-            mine = sched.sample_rows[i]
-            if mine:
-                rows.extend(mine)
-                logits_rows.extend([last_rows[k]] * len(mine))
+        if sched.prompt_logprobs.count(None) != B:
+            for k, i in enumerate(order):
+                task = sched.prompt_logprobs[i]
+                if task is not None:
+                    q, computed = int(query_start_loc[k]), int(num_computed[k])
+                    for lo, hi in task.chunks():
+                        spans.append((q + lo - computed, q + hi - computed))
+                        prompt_chunks.append((sched.request_ids[i], task, lo, hi))
+        # Each request's rows sample from its last token's logits (several rows on a fork step).
+        per_request = [sched.sample_rows[i] for i in order]
+        rows = list(itertools.chain.from_iterable(per_request))
+        logits_rows = np.repeat(query_start_loc[1:] - 1, [len(m) for m in per_request])
         src = None
         if placeholder_pos:
             if ahead_of is None:
@@ -164,7 +164,7 @@ class ModelRunner:
             prev_row = {row.seq_id: j for j, row in enumerate(ahead_of.rows)}
             src = np.array([prev_row[sched.request_ids[i]] for i, p in zip(order, pending) if p], dtype=np.int64)
         inputs = StepInputs(np.array(token_ids, dtype=np.int64), positions, num_decodes, query_start_loc,
-                            seq_lens, block_tables, slot_mapping, np.array(logits_rows, dtype=np.int64),
+                            seq_lens, block_tables, slot_mapping, logits_rows.astype(np.int64, copy=False),
                             list(sched.block_copies), prompt_logit_spans=spans,
                             placeholder_pos=np.array(placeholder_pos, dtype=np.int64), kv_pushes=sched.kv_pushes)
         handle = StepHandle(rows, {}, inputs, prompt_chunks=prompt_chunks)
