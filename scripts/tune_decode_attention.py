@@ -53,10 +53,10 @@ def time_shape(head_dim: int, batch: int, ctx: int, cfg, reps: int = 20, rounds:
     backend = TritonAttentionBackend(AttentionSpec(BLOCK, HEADS, KV_HEADS, head_dim, torch.bfloat16, dev))
     splits = backend.num_splits(batch, ctx)
     partials = tk.alloc_partials(batch, HEADS, head_dim, splits, dev) if splits > 1 else None
-    os.environ["RAYLIGHT_DECODE_ATTN_CONFIG"] = f"{head_dim}:{cfg[0]},{cfg[1]},{cfg[2]}"
+    launch = dict(TILE=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
 
     def run():
-        tk.decode_attention(out, q, cache, tables, seq_lens, batch, 0.125, None, splits, partials)
+        tk.decode_attention(out, q, cache, tables, seq_lens, batch, 0.125, None, splits, partials, launch)
 
     run()  # compile
     torch.cuda.synchronize()
@@ -80,7 +80,6 @@ def main() -> None:
         print("no CUDA device: nothing to tune")
         return
     bw = measure_ceilings(torch.device("cuda"))["copy_bandwidth_GBps"] * 1e9
-    default_env = os.environ.pop("RAYLIGHT_DECODE_ATTN_CONFIG", None)
     results, best = {}, {}
     for head_dim in sorted({s[1] for s in SHAPES}):
         shapes = [s for s in SHAPES if s[1] == head_dim]
@@ -102,8 +101,6 @@ def main() -> None:
               f"({totals[cfg] * 1e6:.1f} us summed), per shape "
               + ", ".join(f"{k} {v['seconds'] * 1e6:.1f} us ({floor[k] / v['seconds']:.0%} of copy bw)"
                           for k, v in chosen.items()))
-    if default_env is not None:
-        os.environ["RAYLIGHT_DECODE_ATTN_CONFIG"] = default_env
     env = ";".join(f"{hd}:{b['tile']},{b['num_warps']},{b['num_stages']}" for hd, b in best.items())
     print(f"RAYLIGHT_DECODE_ATTN_CONFIG={env}")
     write_record(a.out, "tune-decode-attention", dict(

@@ -59,8 +59,8 @@ class Scheduler:
         may_preempt = not in_flight and not ahead
 
         # 1. Running requests, oldest first; preempt the newest when blocks run out.
-        # This loop runs for every running request on every step (256 of them at W1's batch), so it
-        # stays free of calls where it can: the run-ahead test and the decode fast path are inline.
+        # This loop runs for every running request on every step (256 of them at W1's batch), so the
+        # run-ahead test below is inline rather than a method call.
         i = 0
         running = self.running
         max_model_len = self.max_model_len
@@ -71,7 +71,10 @@ class Scheduler:
             if in_flight and req.request_id in in_flight:
                 continue
             num_tokens = req.num_tokens
-            if pending and (len(req.output_token_ids) + pending >= req.max_tokens  # _may_run_ahead, inline
+            # A request whose sampled token is still in flight runs ahead on it, unless that token surely
+            # ends it (length) or the host must act on it first (the fork of an n > 1 request). (Penalties
+            # count sampled tokens on the device: workers/sampling_state.py.)
+            if pending and (len(req.output_token_ids) + pending >= req.max_tokens
                             or num_tokens + pending >= max_model_len or req.fork_ids):
                 continue
             num_new = min(num_tokens + pending - req.num_computed_tokens - req.num_in_flight_tokens, budget)
@@ -106,14 +109,6 @@ class Scheduler:
         if out.requests:  # a forked sequence's copy of its parent's last block, before it runs
             out.block_copies = self.kv.take_pending_copies()
         return out
-
-    def _may_run_ahead(self, req: Request) -> bool:
-        """Whether a request whose sampled token is still in flight may be scheduled on it. Not when
-        that token surely ends it (length), or when the host must act on it first (the fork of an
-        n > 1 request). (Penalties count sampled tokens on the device: workers/sampling_state.py.)"""
-        n_out = len(req.output_token_ids) + req.num_pending_tokens
-        return n_out < req.max_tokens and req.num_tokens + req.num_pending_tokens < self.max_model_len \
-            and not req.fork_ids
 
     def _add(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
         """Puts req in the step with num_new tokens, and everything the runner needs to run them."""

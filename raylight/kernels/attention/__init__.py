@@ -57,11 +57,6 @@ def _triton_usable(spec: AttentionSpec, allow_interpreter: bool) -> bool:
 BACKENDS = ("auto", "torch", "triton", "flashinfer", "flashinfer+triton")
 
 
-# `auto`'s long-context threshold (prefill rows attending over at least this many tokens go to
-# FlashInfer); RAYLIGHT_LONG_PREFILL_MIN_CONTEXT overrides it, for benchmarks that sweep it.
-LONG_PREFILL_MIN_CONTEXT = 4096
-
-
 def get_attention_backend(name: str, spec: AttentionSpec, kernels: Optional[KernelConfig] = None):
     """`auto` on CUDA in half precision with triton importable: our Triton kernels for every step
     (prefill, mixed, CUDA-graph decode), and FlashInfer (when importable, for the model's head dim)
@@ -81,7 +76,7 @@ def get_attention_backend(name: str, spec: AttentionSpec, kernels: Optional[Kern
     if name not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}; got {name!r}")
     if name == "auto" and _triton_usable(spec, allow_interpreter=False):
-        from raylight.kernels.attention.split_backend import SplitAttentionBackend
+        from raylight.kernels.attention.split_backend import LONG_PREFILL_MIN_CONTEXT, SplitAttentionBackend
 
         triton_backend = get_attention_backend("triton", spec, kernels)
         if not _flashinfer_usable(spec):

@@ -36,10 +36,15 @@ class _LongMeta:
     inner: object
 
 
+# `auto`'s long-context threshold: prefill rows attending over at least this many tokens go to the long
+# backend (RAYLIGHT_LONG_PREFILL_MIN_CONTEXT overrides it, for benchmarks that sweep it).
+LONG_PREFILL_MIN_CONTEXT = 4096
+
+
 class SplitAttentionBackend:
     supports_cuda_graphs = True
 
-    def __init__(self, eager, graph, long=None, long_min_context: int = 4096):
+    def __init__(self, eager, graph, long=None, long_min_context: int = LONG_PREFILL_MIN_CONTEXT):
         if not getattr(graph, "supports_cuda_graphs", False):
             raise ValueError(f"{graph.name} cannot run CUDA graphs")
         self.eager, self.graph, self.long = eager, graph, long

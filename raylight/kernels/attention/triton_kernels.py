@@ -302,38 +302,43 @@ def _shared_args(q, kv_cache, scale) -> tuple[tuple, dict]:
     )
 
 
-def _decode_launch(head_dim: int, fp32: bool) -> dict:
-    """The decode kernel's tile and launch options: the shared ones unless the measured table below,
-    or RAYLIGHT_DECODE_ATTN_CONFIG="HEAD_DIM:TILE,WARPS,STAGES[;...]" (scripts/tune_decode_attention.py
-    sweeps it), says otherwise for this head dim."""
-    if fp32:
-        return {}
-    for entry in filter(None, os.environ.get("RAYLIGHT_DECODE_ATTN_CONFIG", "").split(";")):
+def parse_decode_config(text: str) -> dict[int, dict]:
+    """RAYLIGHT_DECODE_ATTN_CONFIG's format, "HEAD_DIM:TILE,WARPS,STAGES[;...]", as launch options per head dim."""
+    table = {}
+    for entry in filter(None, text.split(";")):
         dim, _, cfg = entry.partition(":")
-        if int(dim) == head_dim:
-            tile, warps, stages = (int(x) for x in cfg.split(","))
-            return dict(TILE=tile, num_warps=warps, num_stages=stages)
-    return dict(DECODE_TUNED.get(head_dim, {}))
+        tile, warps, stages = (int(x) for x in cfg.split(","))
+        table[int(dim)] = dict(TILE=tile, num_warps=warps, num_stages=stages)
+    return table
 
 
 # Decode launch options per head dim for half precision, chosen on an H200 by
 # scripts/tune_decode_attention.py (benchmarks/results/tune-decode-attention-20261204-205529.json):
 # head dim 64, W1's batch 256 at 512 / 768 tokens: 71.6 / 102.5 us against 83.5 / 117.3 us with the
 # shared 4 warps and 3 stages; head dim 128, the 8B shape's batch 1 / 8 / 32: 56.3 / 55.4 / 52.7 us
-# against 57.9 / 58.0 / 56.2 us. A head dim not listed keeps the shared defaults.
+# against 57.9 / 58.0 / 56.2 us. A head dim not listed keeps the shared defaults. The environment
+# variable, read once here, overrides it per head dim (a tuning sweep passes `launch` instead).
 DECODE_TUNED: dict[int, dict] = {
     64: dict(TILE=64, num_warps=2, num_stages=2),
     128: dict(TILE=64, num_warps=8, num_stages=2),
+    **parse_decode_config(os.environ.get("RAYLIGHT_DECODE_ATTN_CONFIG", "")),
 }
+
+
+def _decode_launch(head_dim: int, fp32: bool) -> dict:
+    """The decode kernel's tile and launch options for this head dim: the tuned table's, else the
+    shared ones (float32, our accuracy mode, always keeps the shared ones)."""
+    return {} if fp32 else DECODE_TUNED.get(head_dim, {})
 
 
 def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, num_seqs: int, scale: float, window: Optional[int] = None,
-                     num_splits: int = 1, partials: Optional[tuple] = None) -> None:
+                     num_splits: int = 1, partials: Optional[tuple] = None, launch: Optional[dict] = None) -> None:
     """Rows 0..num_seqs-1 of q/out are one decode token each, of sequence i.
 
     num_splits > 1 (a power of two) needs `partials` = (o [>=num_seqs, H, S, D] fp32,
-    m [>=num_seqs, H, S] fp32, l [same]) from `alloc_partials`.
+    m [>=num_seqs, H, S] fp32, l [same]) from `alloc_partials`. `launch`: tile and launch options
+    instead of the tuned table's (scripts/tune_decode_attention.py sweeps them).
     """
     if num_seqs == 0:
         return
@@ -342,7 +347,7 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor,
     if num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two, got {num_splits}")
     shared, consts = _shared_args(q, kv_cache, scale)
-    consts.update(_decode_launch(q.shape[2], q.dtype == torch.float32))
+    consts.update(launch if launch is not None else _decode_launch(q.shape[2], q.dtype == torch.float32))
     part_o, part_m, part_l = partials if num_splits > 1 else (out, out, out)  # unused when not splitting
     _decode_kernel[(num_seqs, kv_heads, num_splits)](
         out, part_o, part_m, part_l, q, kv_cache, block_tables, seq_lens,

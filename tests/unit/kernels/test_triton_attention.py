@@ -199,11 +199,11 @@ def test_registry(monkeypatch):
 
 
 def test_decode_launch_options_come_from_the_tuned_table_or_the_environment(monkeypatch):
-    monkeypatch.delenv("RAYLIGHT_DECODE_ATTN_CONFIG", raising=False)
     monkeypatch.setattr(tk, "DECODE_TUNED", {64: dict(TILE=128, num_warps=8, num_stages=2)})
     assert tk._decode_launch(64, fp32=False) == dict(TILE=128, num_warps=8, num_stages=2)
     assert tk._decode_launch(128, fp32=False) == {}  # not tuned: the shared defaults
-    monkeypatch.setenv("RAYLIGHT_DECODE_ATTN_CONFIG", "64:32,2,4;128:64,4,3")
+    # RAYLIGHT_DECODE_ATTN_CONFIG's entries, read once at import, override the table per head dim.
+    monkeypatch.setattr(tk, "DECODE_TUNED", tk.parse_decode_config("64:32,2,4;128:64,4,3"))
     assert tk._decode_launch(64, fp32=False) == dict(TILE=32, num_warps=2, num_stages=4)
     assert tk._decode_launch(128, fp32=False) == dict(TILE=64, num_warps=4, num_stages=3)
     assert tk._decode_launch(64, fp32=True) == {}  # float32 (our accuracy mode) keeps its own tiles
