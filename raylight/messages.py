@@ -205,7 +205,8 @@ class SchedulerOutput:
     num_computed_before: list[int] = field(default_factory=list)
     # The token ids the step computes; a placeholder (see uses_pending_token) is not among them.
     new_token_ids: list[list[int]] = field(default_factory=list)
-    block_tables: list[list[int]] = field(default_factory=list)  # each request's block ids, in order
+    # [requests, the longest table]: row i holds request i's block ids, padded with 0.
+    block_tables: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
     # Whether this step reaches the end of the request's tokens and so samples one.
     samples: list[bool] = field(default_factory=list)
     # Its one token is the one a step still in flight samples (async scheduling): the device fills it in.

@@ -351,30 +351,32 @@ def run_ours(args, prompts, out_lens):
                      host_ms_per_step={k: v * 1e3 / max(1, len(steps)) for k, v in host.items()})
 
 
+def wrap_timed(obj, name: str, label: str, totals: dict[str, float]) -> None:
+    """Replaces obj.name with a wrapper that adds each call's wall time to totals[label] (seconds)."""
+    fn = getattr(obj, name)
+    totals[label] = 0.0
+
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            totals[label] += time.perf_counter() - t
+
+    setattr(obj, name, wrapper)
+
+
 def time_host_phases(engine) -> dict[str, float]:
     """Wraps the engine's step phases with timers; returns the running totals (seconds). `collect`
     includes the wait for the device: near zero means the host is the bottleneck, the step's GPU
     time minus the host's work means the device is."""
     totals: dict[str, float] = {}
-
-    def timed(obj, name: str, label: str) -> None:
-        fn = getattr(obj, name)
-        totals[label] = 0.0
-
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                totals[label] += time.perf_counter() - t
-
-        setattr(obj, name, wrapper)
-
-    timed(engine.scheduler, "schedule", "schedule")
-    timed(engine.runner, "launch", "launch")  # prepare, attention plan, sampling metadata, kernel launches
-    timed(engine.runner, "collect", "collect_incl_device_wait")
-    timed(engine.scheduler, "update", "update")
-    timed(engine.outputs, "process", "outputs")
+    wrap_timed(engine.scheduler, "schedule", "schedule", totals)
+    # prepare, attention plan, sampling metadata, kernel launches
+    wrap_timed(engine.runner, "launch", "launch", totals)
+    wrap_timed(engine.runner, "collect", "collect_incl_device_wait", totals)
+    wrap_timed(engine.scheduler, "update", "update", totals)
+    wrap_timed(engine.outputs, "process", "outputs", totals)
     return totals
 
 

@@ -19,7 +19,7 @@ from raylight.engine.kv_cache.manager import KVCacheManager
 from raylight.engine.output_processor import OutputProcessor
 from raylight.engine.overlap import OverlapPolicy
 from raylight.engine.request import Request, RequestStatus
-from raylight.engine.scheduler import Scheduler
+from raylight.engine.scheduler import Scheduler, SchedulerStats
 from raylight.engine.tokenizer import load_tokenizer
 from raylight.messages import KVEvent, KVPushTarget, KVReservation, PromptType, RankReport, SchedulerOutput
 from raylight.models.loader import resolve_model
@@ -348,6 +348,21 @@ class LLMEngine:
     def _take_pending(self) -> Changed:
         pending, self._pending = self._pending, []
         return pending
+
+    def forget_history(self) -> None:
+        """Leaves no trace of the requests run so far (the start-up warm-up's): the prefix cache is
+        reset, KV events dropped, counters and step timings zeroed. Call with no request in the engine."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("forget_history with requests still in the engine")
+        self.kv.pool.reset_prefix_cache()
+        self.kv.take_events()
+        self.scheduler.stats = SchedulerStats()
+        self.outputs.generation_tokens_total = 0
+        self.prompt_tokens_total = 0
+        self.num_steps = 0
+        self.step_times.clear()
+        self.step_log.clear()
+        self._last_finish = 0.0
 
     def take_kv_events(self) -> list[KVEvent]:
         """Prefix-cache changes since the last call (needs `enable_kv_events`): `BlockStored` with the

@@ -106,8 +106,10 @@ class Scheduler:
             self.running.append(req)
             self._add(out, req, num_new)
             budget -= num_new
-        if out.requests:  # a forked sequence's copy of its parent's last block, before it runs
-            out.block_copies = self.kv.take_pending_copies()
+        if out.requests:
+            # Once every request has its blocks (a request's table changes only through its own allocation).
+            out.block_tables = self.kv.block_table.gather(out.request_ids)
+            out.block_copies = self.kv.take_pending_copies()  # a forked sequence's copy of its parent's last block
         return out
 
     def _add(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
@@ -125,7 +127,6 @@ class Scheduler:
         out.uses_pending_token.append(pending > 0)
         # With a pending token the one token is that placeholder: the device fills it in.
         out.new_token_ids.append([] if pending else req.all_token_ids[before : before + num_new])
-        out.block_tables.append(self.kv.req_block_ids[rid])  # read by the runner at launch
         params = req.sampling_params
         if samples:
             n_out = len(req.output_token_ids) + pending
@@ -216,14 +217,24 @@ class Scheduler:
             tokens = sampled.get(req.request_id)
             if not tokens:
                 continue  # a chunk of a prompt; no token yet
-            seqs = [req, *self._fork(req)] if req.fork_ids else (req,)
-            for seq, tok in zip(seqs, tokens):
-                seq.append_output_token(tok.token_id)
-                status = seq.check_stop(max_model_len)
+            if req.fork_ids:
+                for seq, tok in zip([req, *self._fork(req)], tokens):
+                    self._append(seq, tok, max_model_len)
+                    changed.append((seq, tok))
+            else:  # the common case, inline: this loop runs for every running request on every step
+                tok = tokens[0]
+                req.append_output_token(tok.token_id)
+                status = req.check_stop(max_model_len)
                 if status is not None:
-                    self.finish(seq, status)
-                changed.append((seq, tok))
+                    self.finish(req, status)
+                changed.append((req, tok))
         return changed
+
+    def _append(self, seq: Request, tok, max_model_len: int) -> None:
+        seq.append_output_token(tok.token_id)
+        status = seq.check_stop(max_model_len)
+        if status is not None:
+            self.finish(seq, status)
 
     def _fork(self, req: Request) -> list[Request]:
         children = []

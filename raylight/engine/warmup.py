@@ -21,7 +21,6 @@ import time
 
 import numpy as np
 
-from raylight.engine.scheduler import SchedulerStats
 from raylight.sampling_params import SamplingParams
 
 logger = logging.getLogger("raylight.engine")
@@ -72,20 +71,8 @@ def warm_up(engine) -> float:
                 engine.step()
             break
         engine.step()
-    _forget(engine)
+    engine.forget_history()
     seconds = time.perf_counter() - t0
     logger.info("warm-up: prompts of %d and %d tokens, %d steps, %.2fs", long_len, short_len, steps, seconds)
     return seconds
 
-
-def _forget(engine) -> None:
-    """Leaves the engine as if the warm-up never ran (its kernels and allocator excepted)."""
-    engine.kv.pool.reset_prefix_cache()
-    engine.kv.take_events()
-    engine.scheduler.stats = SchedulerStats()
-    engine.outputs.generation_tokens_total = 0
-    engine.prompt_tokens_total = 0
-    engine.num_steps = 0
-    engine.step_times.clear()
-    engine.step_log.clear()
-    engine._last_finish = 0.0

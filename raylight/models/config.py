@@ -131,6 +131,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6,
         rope_theta=1000000.0, max_position_embeddings=4096, tie_word_embeddings=False, torch_dtype="bfloat16",
     ),
+    # A one-layer model whose forward costs next to nothing: the engine's host work per step stands out
+    # (scripts/bench_host.py on CPU).
+    "llama-tiny": dict(
+        architectures=["LlamaForCausalLM"], vocab_size=1024, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=8192, tie_word_embeddings=True, torch_dtype="float32",
+    ),
     "llama-3.1-8b": dict(
         architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096, intermediate_size=14336,
         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,

@@ -120,20 +120,21 @@ class CudaGraphRunner:
             fill_ids: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """One decode step of len(seq_lens) rows; returns their final hidden states. `staged` is
         recorded once the step's inputs are queued for the device, before the replay; `fill_ids`
-        (positions, device ids) overwrite input ids on the device."""
+        (positions, device ids) overwrite input ids on the device (positions None: all of them)."""
         n = len(seq_lens)
         bs = next(s for s in self.sizes if s >= n)
         g = self.graphs[bs]
-        # Built in page-locked memory, so copy_to queues them as they are (no second host copy).
-        pin = self.device.type == "cuda"
-        ids = torch.zeros(bs, dtype=torch.long, pin_memory=pin)
-        ids[:n] = torch.from_numpy(input_ids)
-        pos = torch.zeros(bs, dtype=torch.long, pin_memory=pin)
-        pos[:n] = torch.from_numpy(positions)
-        copy_to(self.input_ids[:bs], ids)
+        # Padding rows decode whatever id their buffer row holds (any id is a valid token) at position 0.
+        pos = np.zeros(bs, dtype=np.int64)
+        pos[:n] = positions
         copy_to(self.positions[:bs], pos)
-        if fill_ids is not None:  # placeholder tokens (async scheduling): sampled by the step before, on the device
-            self.input_ids[fill_ids[0]] = fill_ids[1]
+        if fill_ids is not None and fill_ids[0] is None:
+            # Every row's token is a placeholder (async scheduling's steady state): the ids are on the device.
+            self.input_ids[:n].copy_(fill_ids[1])
+        else:
+            copy_to(self.input_ids[:n], input_ids)
+            if fill_ids is not None:  # placeholder tokens, sampled by the step before, on the device
+                self.input_ids[fill_ids[0]] = fill_ids[1]
         self.backend.fill_graph_metadata(g.meta, self._padded(seq_lens, block_tables, bs, slot_mapping))
         if staged is not None:
             staged.record()

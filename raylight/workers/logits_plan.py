@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from raylight.messages import StepInputs
@@ -26,6 +27,9 @@ def run_logits_plan(model, hidden: torch.Tensor, inputs: StepInputs, device: tor
         logits = model.compute_logits(hidden[lo:hi])
         if on_prompt_chunk is not None:
             on_prompt_chunk(i, logits)
-    if not len(inputs.logits_rows):
+    rows = inputs.logits_rows
+    if not len(rows):
         return None
-    return model.compute_logits(hidden[to_device(inputs.logits_rows, device)])
+    if len(rows) == len(hidden) and rows[-1] == len(rows) - 1 and np.array_equal(rows, np.arange(len(rows))):
+        return model.compute_logits(hidden)  # a decode step: every row samples once (no gather to queue)
+    return model.compute_logits(hidden[to_device(rows, device)])

@@ -104,9 +104,13 @@ class ModelRunner:
         order = range(len(scheduled))
         if max(scheduled) != 1:
             order = sorted(order, key=lambda i: scheduled[i] != 1)
-        num_new = np.array([scheduled[i] for i in order], dtype=np.int64)
-        num_computed = np.array([sched.num_computed_before[i] for i in order], dtype=np.int64)
-        pending = [sched.uses_pending_token[i] for i in order]
+
+        def in_order(values: list) -> list:
+            return values if type(order) is range else [values[i] for i in order]
+
+        num_new = np.array(in_order(scheduled), dtype=np.int64)
+        num_computed = np.array(in_order(sched.num_computed_before), dtype=np.int64)
+        pending = in_order(sched.uses_pending_token)
         num_decodes = int((num_new == 1).sum())
         B = len(num_new)
 
@@ -132,12 +136,7 @@ class ModelRunner:
             req_idx = np.repeat(np.arange(B), num_new)
             positions = num_computed[req_idx] + (np.arange(total) - query_start_loc[req_idx])
 
-        tables = [sched.block_tables[i] for i in order]
-        lens = np.fromiter(map(len, tables), dtype=np.int64, count=B)
-        flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int64, count=int(lens.sum()))
-        block_tables = np.zeros((B, int(lens.max())), dtype=np.int64)
-        rows_of = np.repeat(np.arange(B), lens)
-        block_tables[rows_of, np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)] = flat
+        block_tables = sched.block_tables if type(order) is range else sched.block_tables[order]
         bs = self.block_size
         slot_mapping = block_tables[req_idx, positions // bs] * bs + positions % bs
 
@@ -154,7 +153,7 @@ class ModelRunner:
                         spans.append((q + lo - computed, q + hi - computed))
                         prompt_chunks.append((sched.request_ids[i], task, lo, hi))
         # Each request's rows sample from its last token's logits (several rows on a fork step).
-        per_request = [sched.sample_rows[i] for i in order]
+        per_request = in_order(sched.sample_rows)
         rows = list(itertools.chain.from_iterable(per_request))
         logits_rows = np.repeat(query_start_loc[1:] - 1, [len(m) for m in per_request])
         src = None
@@ -182,12 +181,16 @@ class ModelRunner:
         a TP peer receives them from rank 0 here."""
         dev = self.device
         fill_ids = None
-        if len(inputs.placeholder_pos):
+        num_fill = len(inputs.placeholder_pos)
+        if num_fill:
             if fill_values is None:  # a TP peer: rank 0 has the ids, on its device
-                fill_values = torch.empty(len(inputs.placeholder_pos), dtype=torch.long, device=dev)
+                fill_values = torch.empty(num_fill, dtype=torch.long, device=dev)
             if self.share_ids is not None:
                 self.share_ids(fill_values)
-            fill_ids = (to_device(inputs.placeholder_pos, dev), fill_values)
+            # Async scheduling's steady state: every token is a placeholder (positions None: all of them),
+            # so the ids are the device's own and no host ids or positions need copying.
+            all_rows = num_fill == len(inputs.input_ids)
+            fill_ids = (None if all_rows else to_device(inputs.placeholder_pos, dev), fill_values)
         if inputs.kv_copies:  # forked sequences' private copies of a shared, partly filled block
             src = to_device(torch.tensor([c[0] for c in inputs.kv_copies]), dev)
             dst = to_device(torch.tensor([c[1] for c in inputs.kv_copies]), dev)
@@ -210,11 +213,15 @@ class ModelRunner:
             block_tables=inputs.block_tables, slot_mapping=to_device(inputs.slot_mapping, dev),
         )
         attn_meta = self.attn_backend.build(common)
-        ids, positions = to_device(inputs.input_ids, dev), to_device(inputs.positions, dev)
+        positions = to_device(inputs.positions, dev)
+        if fill_ids is not None and fill_ids[0] is None:
+            ids = fill_ids[1]
+        else:
+            ids = to_device(inputs.input_ids, dev)
+            if fill_ids is not None:
+                ids[fill_ids[0]] = fill_ids[1]
         if staged is not None:
             staged.record()
-        if fill_ids is not None:
-            ids[fill_ids[0]] = fill_ids[1]
         if not pushes:
             return self.model(ids, positions, self.kv_caches, attn_meta)
         self.kv_sender.begin_step(pushes)  # the layers' forward hooks push as each layer finishes
@@ -227,8 +234,9 @@ class ModelRunner:
     def launch(self, sched: SchedulerOutput, defer_compute: bool = False,
                ahead_of: Optional[StepHandle] = None) -> StepHandle:
         """Sends the step to the other ranks and queues its device work, without waiting for it.
-        Every host-to-device copy is issued before the forward, so nothing here waits for the GPU
-        (the prompt-logprob path, which reads values back, excepted). `defer_compute`: this rank's
+        Every host-to-device copy is issued before the forward (a structured-output mask, made while the
+        forward runs, right after it), so nothing here waits for the GPU (the prompt-logprob path, which
+        reads values back, excepted). `defer_compute`: this rank's
         share runs in `collect` instead (pipeline parallelism: the last stage, us, would block on the
         previous stage here, while the next micro-batch could already be on its way to it).
         `ahead_of`: the step still in flight whose sampled ids this one's placeholder tokens are."""
@@ -237,11 +245,13 @@ class ModelRunner:
             self.dispatch(handle.inputs)
         if handle.rows:
             handle.meta = self.sampling.metadata(handle.rows)
-            if self.constrain is not None:
-                self._constrain(handle)
         if src is not None:
-            # Queued after the step in flight's sampling on the same stream: no host wait.
-            handle.fill_values = ahead_of.sampled.token_ids[to_device(src, self.device)]
+            # Queued after the step in flight's sampling on the same stream: no host wait. In the steady
+            # state the rows keep their order from step to step, and the ids are a view.
+            prev = ahead_of.sampled.token_ids
+            n = len(src)
+            handle.fill_values = (prev[:n] if n and src[-1] == n - 1 and np.array_equal(src, np.arange(n))
+                                  else prev[to_device(src, self.device)])
         if not defer_compute:
             self._compute(handle)
         return handle
@@ -259,6 +269,10 @@ class ModelRunner:
         logits = run_logits_plan(self.model, hidden, inputs, self.device, prompt_logprobs)
         if not rows:
             return
+        if self.constrain is not None:
+            # Structured outputs: the host fills the allowed-token masks here, after the forward is
+            # queued, so the fill (8.9 ms for 64 rows on the H200's host) overlaps the device's work.
+            self._constrain(handle)
         if handle.sample_deferred:
             handle.logits = logits  # sampled by finish_sampling, once the tokens before are known
             return

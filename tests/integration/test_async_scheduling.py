@@ -89,3 +89,68 @@ def test_abort_while_a_step_runs_ahead(model_dir):
 def test_async_scheduling_needs_a_single_rank(model_dir):
     with pytest.raises(ValueError, match="async_scheduling"):
         LLM(model_dir, async_scheduling=True, num_microbatches=2)
+
+
+def install_replay_on_cpu(llm, max_batch_size: int = 16):
+    """A CudaGraphRunner whose 'graphs' run the model eagerly on the runner's persistent buffers: the
+    host side of graph decode (padding, placeholder ids filled on the device, metadata refills) runs
+    on CPU exactly as on CUDA, where only capture and replay differ."""
+    import torch
+
+    from raylight.workers.cuda_graphs import CudaGraphRunner, _Graph
+
+    engine = llm.engine
+    runner, backend = engine.runner, engine.attn_backend
+
+    class Meta:
+        built = None
+
+    class Graphable:  # the CPU backend with the two graph-metadata calls of the CUDA backends
+        def make_graph_metadata(self, bs, max_blocks):
+            return Meta()
+
+        def fill_graph_metadata(self, meta, common):
+            meta.built = backend.build(common)
+
+    class Replay:
+        def __init__(self, bs, meta, hidden):
+            self.bs, self.meta, self.hidden = bs, meta, hidden
+
+        def replay(self):
+            g = runner.graphs
+            self.hidden.copy_(runner.model(g.input_ids[: self.bs], g.positions[: self.bs], runner.kv_caches,
+                                           self.meta.built))
+
+    # One block past the pool's, as on CUDA: padding rows write there (the cache is still empty here).
+    scratch = engine.kv.num_blocks
+    for i, cache in enumerate(runner.kv_caches):
+        runner.kv_caches[i] = torch.cat([cache, torch.zeros_like(cache[:1])])
+    graphs = CudaGraphRunner(runner.model, Graphable(), runner.kv_caches, max_batch_size, max_blocks_per_seq=64,
+                             scratch_block=scratch, block_size=engine.block_size, device=torch.device("cpu"))
+    hidden_size = runner.model.config.hidden_size
+    for bs in graphs.sizes:
+        meta, hidden = Meta(), torch.zeros(bs, hidden_size)
+        graphs.graphs[bs] = _Graph(Replay(bs, meta, hidden), meta, hidden)
+    runner.graphs = graphs
+    return graphs
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_graph_decode_path_equals_the_plain_step(model_dir, async_scheduling):
+    """Decode steps through the graph runner's buffers (on CPU, see install_replay_on_cpu) give the
+    plain engine's tokens: requests end at different steps, so rows shift, and placeholders cover all
+    rows, some (beside a forked request's first decode), or none."""
+    prompts = random_prompts(10, 512, 3, 30, seed=5)
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + 3 * i, ignore_eos=True) for i in range(10)]
+    params[2] = SamplingParams(temperature=0.8, seed=7, max_tokens=20)
+    # The last prompt forks after every prompt is in: its two sequences join decode-only steps with
+    # known tokens beside the other rows' placeholders.
+    params[9] = SamplingParams(temperature=0.0, max_tokens=12, n=2)
+    want = LLM(model_dir, num_kv_blocks=400, async_scheduling=False, **ENGINE).generate(prompts, params,
+                                                                                       use_tqdm=False)
+    llm = LLM(model_dir, num_kv_blocks=400, async_scheduling=async_scheduling, **ENGINE)
+    graphs = install_replay_on_cpu(llm)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert outputs_of(got) == outputs_of(want)
+    assert graphs.num_replays > 20
+    assert_no_leaks(llm)

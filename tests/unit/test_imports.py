@@ -83,5 +83,6 @@ def test_file_sizes():
     assert not too_long, too_long
     engine_lines = sum(len(p.read_text().splitlines()) for p in (PKG / "engine").rglob("*.py"))
     # The host core stays small enough to read in a sitting. 1800 until 2026-12-04, when the start-up
-    # warm-up (engine/warmup.py) and structured outputs' engine side joined it (1939 lines).
-    assert engine_lines < 2000, engine_lines
+    # warm-up (engine/warmup.py) and structured outputs' engine side joined it (1939 lines); 2000 until
+    # the block table kept as one array (kv_cache/block_table.py) joined it (2020).
+    assert engine_lines < 2100, engine_lines

@@ -11,6 +11,7 @@ from typing import Optional
 
 from raylight.engine.kv_cache.block_hash import block_hashes
 from raylight.engine.kv_cache.block_pool import BlockPool, KVCacheBlock
+from raylight.engine.kv_cache.block_table import BlockTable
 from raylight.engine.request import Request
 
 
@@ -20,7 +21,8 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching, record_events)
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
-        self.req_block_ids: dict[str, list[int]] = {}  # the block table, as plain ints for the runner
+        self.req_block_ids: dict[str, list[int]] = {}  # each request's block ids, as plain ints
+        self.block_table = BlockTable()  # the same ids, one row per request: the runner's tables
         self.num_cached_blocks: dict[str, int] = {}  # how many leading blocks are registered in the cache
         # (src, dst) block copies the runner must do before the next forward: a forked
         # sequence's own copy of its parent's partly filled last block.
@@ -87,12 +89,16 @@ class KVCacheManager:
         if computed_blocks:
             self.pool.touch(computed_blocks)
             blocks.extend(computed_blocks)
-            block_ids.extend(b.block_id for b in computed_blocks)
+            hit_ids = [b.block_id for b in computed_blocks]
+            block_ids.extend(hit_ids)
+            self.block_table.append(req.request_id, hit_ids)
             self.num_cached_blocks[req.request_id] = len(computed_blocks)
         if num_new_blocks > 0:
             new = self.pool.get_new_blocks(num_new_blocks)
             blocks.extend(new)
-            block_ids.extend(b.block_id for b in new)
+            new_ids = [b.block_id for b in new]
+            block_ids.extend(new_ids)
+            self.block_table.append(req.request_id, new_ids)
         if cache:
             self._cache_full_blocks(req, total)
         return True
@@ -147,6 +153,7 @@ class KVCacheManager:
             child_blocks.append(copy)
         self.req_blocks[child.request_id] = child_blocks
         self.req_block_ids[child.request_id] = [b.block_id for b in child_blocks]
+        self.block_table.append(child.request_id, self.req_block_ids[child.request_id])
         self.num_cached_blocks[child.request_id] = min(self.num_cached_blocks.get(parent.request_id, 0), num_full)
         child.block_hashes = parent.block_hashes[: min(num_full, parent.num_prompt_tokens // bs)]
         return True
@@ -170,6 +177,7 @@ class KVCacheManager:
     def _drop(self, request_id: str) -> None:
         self.req_blocks.pop(request_id, None)
         self.req_block_ids.pop(request_id, None)
+        self.block_table.release(request_id)
         self.num_cached_blocks.pop(request_id, None)
 
     def usage(self) -> float:

@@ -31,6 +31,7 @@ class TritonMetadata:
     partials: Optional[tuple]  # decode split buffers when num_splits > 1
     work_seq: Optional[torch.Tensor]  # [P] int32: prefill work items (sequence, query block)
     work_qblock: Optional[torch.Tensor]  # [P] int32
+    filled_width: int = 0  # graph metadata: columns of block_tables the last fill wrote
 
 
 class TritonAttentionBackend:
@@ -131,8 +132,9 @@ class TritonAttentionBackend:
         if width > max_blocks:
             raise ValueError(f"block tables are {width} wide; the graph was captured for {max_blocks}")
         copy_to(meta.block_tables[:, :width], np.asarray(common.block_tables).astype(np.int32, copy=False))
-        if width < max_blocks:
-            meta.block_tables[:, width:].zero_()
+        if width < meta.filled_width:  # columns past this step's tables still hold an earlier step's ids
+            meta.block_tables[:, width:meta.filled_width].zero_()
+        meta.filled_width = width
         copy_to(meta.seq_lens, np.asarray(common.seq_lens).astype(np.int32, copy=False))
         copy_to(meta.slot_mapping, common.slot_mapping)
 

@@ -68,8 +68,11 @@ class FakeModel:
         # every layer writes all new K/V of the step first, reading only what the scheduler's output
         # carries (as the runner does): the block table, the first position, the new token ids ...
         for i, (req, n) in enumerate(zip(out.requests, out.num_scheduled_tokens)):
-            table = out.block_tables[i]
-            assert table == self.kv.req_block_ids[req.request_id] and out.request_ids[i] == req.request_id
+            ids = self.kv.req_block_ids[req.request_id]
+            row = out.block_tables[i].tolist()
+            # the request's blocks, then 0s up to the step's longest table
+            assert row == ids + [0] * (out.block_tables.shape[1] - len(ids)) and out.request_ids[i] == req.request_id
+            table = row[: len(ids)]
             c = out.num_computed_before[i]
             assert c == req.num_computed_tokens and len(table) * self.bs >= c + n, f"{req.request_id}: table too short"
             if not out.uses_pending_token[i]:
