@@ -45,3 +45,18 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
+
+
+def merge_outputs(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """One output for two consecutive outputs of a request (a stream whose reader fell behind sends
+    what piled up as one message): `newer`, whose deltas now begin with `older`'s. Takes both."""
+    before = {c.index: c for c in older.outputs}
+    for c in newer.outputs:
+        prev = before.get(c.index)
+        if prev is None:
+            continue
+        c.delta_text = prev.delta_text + c.delta_text
+        c.delta_token_ids = prev.delta_token_ids + c.delta_token_ids
+        if prev.delta_logprobs is not None or c.delta_logprobs is not None:
+            c.delta_logprobs = (prev.delta_logprobs or []) + (c.delta_logprobs or [])
+    return newer

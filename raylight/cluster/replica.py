@@ -41,10 +41,10 @@ class EngineReplica:
 
     def __init__(self, engine_args: dict[str, Any], max_queued_requests: Optional[int] = None,
                  cpu_threads: Optional[int] = None, placement=None, request_timeout_s: Optional[float] = None,
-                 health_stall_s: float = 60.0):
+                 health_stall_s: float = 60.0, max_stream_messages_per_s: Optional[float] = None):
         """`placement`: the PlacementPlan this replica's placement group was made from (TP x PP > 1):
         this actor is rank 0 and starts the other ranks as Ray actors in their bundles.
-        `request_timeout_s`, `health_stall_s`: see AppConfig."""
+        `request_timeout_s`, `health_stall_s`: see AppConfig; `max_stream_messages_per_s`: see PoolConfig."""
         import torch
 
         from raylight.engine.async_engine import AsyncLLMEngine
@@ -55,7 +55,7 @@ class EngineReplica:
         torch.set_num_threads(max(1, threads))
         self.replica_id = _replica_id()
         self.engine = LLMEngine(EngineArgs(**engine_args), placement=placement)
-        self.async_engine = AsyncLLMEngine(self.engine, max_queued_requests)
+        self.async_engine = AsyncLLMEngine(self.engine, max_queued_requests, max_stream_messages_per_s)
         self.request_timeout_s, self.health_stall_s = request_timeout_s, health_stall_s
         self.stalled: Optional[str] = None  # why the engine was declared unusable (sticky)
         self.drain_end: Optional[float] = None  # set by drain_and_stop: no new requests; leftovers end then

@@ -8,6 +8,8 @@ output-side state of every request: its sequences' text, logprobs and what was a
 
 from __future__ import annotations
 
+import random
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -53,6 +55,7 @@ class _Group:
     prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
     num_cached_tokens: int = 0
     final_only: bool = False  # the caller wants one output, at the end (offline batch use)
+    next_output_s: float = 0.0  # paced streams: no output before this (time.monotonic), unless it ends
 
     @property
     def finished(self) -> bool:
@@ -69,6 +72,10 @@ class OutputProcessor:
         self.groups: dict[str, _Group] = {}
         self._seq_owner: dict[str, tuple[_Group, int]] = {}  # sequence id -> (its request, index)
         self.generation_tokens_total = 0
+        # A running request gets no new output until this long after its last one; its next carries every
+        # token since (a replica's stream pacing under load, set by AsyncLLMEngine._pace_streams).
+        self.min_interval_s = 0.0
+        self._jitter = random.Random(0)
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self.groups
@@ -111,6 +118,7 @@ class OutputProcessor:
         """Outputs for the sequences that got a token or finished (one per touched request)."""
         touched: dict[str, _Group] = {}
         owners = self._seq_owner
+        now, interval = time.monotonic(), self.min_interval_s
         for req, tok in changed:
             owner = owners.get(req.request_id)
             if owner is None:
@@ -129,12 +137,16 @@ class OutputProcessor:
                     self.on_sequence_done(req.request_id)
             elif group.final_only:
                 continue  # nothing to output for it before it finishes
+            elif interval and now < group.next_output_s:
+                continue  # paced: its next output carries these tokens too
             touched[group.request_id] = group
         outputs = []
         for group in touched.values():
             finished = group.finished
             if finished or not group.final_only:
                 outputs.append(self._group_output(group, finished))
+                # Jittered, so that streams which started together do not all send in the same step.
+                group.next_output_s = now + interval * (0.5 + self._jitter.random())
             if finished:
                 self._drop(group)
         return outputs

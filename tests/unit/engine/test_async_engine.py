@@ -292,3 +292,58 @@ def test_drain_refuses_new_requests_lets_running_finish_then_aborts_the_rest(mod
     async def via_del():
         return await rep2.__del__()
     assert run(via_del()) == 0
+
+
+def test_a_reader_that_falls_behind_gets_what_piled_up_as_one_output(model_dir, run):
+    """Outputs queued while the reader was busy are merged (outputs.merge_outputs): fewer messages,
+    whose deltas (tokens, logprobs) joined are exactly the request's output, as for a reader that keeps up."""
+    ae = AsyncLLMEngine(make_engine(model_dir, step_s=0.002))
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=1)
+
+    async def read(rid, start, pause_s):
+        outs = []
+        async for out in ae.generate(prompt(start=start), params, rid):
+            outs.append(out)
+            await asyncio.sleep(pause_s)  # a slow reader: the engine thread steps on meanwhile
+        return outs
+
+    try:
+        keeps_up = run(read("fast", 1, 0.0))
+        behind = run(read("slow", 1, 0.03))
+        for outs in (keeps_up, behind):
+            final = outs[-1].outputs[0]
+            assert outs[-1].finished and len(final.token_ids) == 40
+            assert [t for o in outs for t in o.outputs[0].delta_token_ids] == final.token_ids
+            lps = [lp for o in outs for lp in o.outputs[0].delta_logprobs]
+            assert [list(lp) for lp in lps] == [list(lp) for lp in final.logprobs]
+            assert all(o.outputs[0].token_ids == final.token_ids[: len(o.outputs[0].token_ids)] for o in outs)
+        assert behind[-1].outputs[0].token_ids == keeps_up[-1].outputs[0].token_ids
+        assert len(behind) < 15 < len(keeps_up)  # 40 tokens: about one output per step when keeping up
+        assert max(len(o.outputs[0].delta_token_ids) for o in behind) > 1
+    finally:
+        ae.shutdown()
+
+
+def test_streams_past_the_message_budget_get_fewer_messages_with_every_token(model_dir, run):
+    """max_stream_messages_per_s: 8 streams at a step every few ms are far past 40 messages/s, so each
+    stream's tokens come in a few messages (the first token at once); every token still arrives, in order."""
+    ae = AsyncLLMEngine(make_engine(model_dir, step_s=0.002, max_num_seqs=8), max_stream_messages_per_s=40)
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+
+    async def read(i):
+        return [out async for out in ae.generate(prompt(start=10 * i), params, f"s{i}")]
+
+    async def main():
+        return await asyncio.gather(*(read(i) for i in range(8)))
+
+    try:
+        results = run(main())
+        assert ae.engine.outputs.min_interval_s > 0  # the budget was past: streams were paced
+        for outs in results:
+            final = outs[-1].outputs[0]
+            assert outs[-1].finished and len(final.token_ids) == 60
+            assert [t for o in outs for t in o.outputs[0].delta_token_ids] == final.token_ids
+            assert len(outs[0].outputs[0].delta_token_ids) == 1  # the first token was not held back
+        assert sum(len(outs) for outs in results) < 8 * 60 / 4
+    finally:
+        ae.shutdown()

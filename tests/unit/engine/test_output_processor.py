@@ -50,3 +50,38 @@ def test_deltas_hold_back_then_stop():
     assert c.delta_text == "" and req.is_finished and "r" not in sched.requests  # the scheduler freed it
     assert done == ["r", "r"]  # finished, then dropped: the runner frees its sampling state
     assert "r" not in out
+
+
+def test_paced_streams_get_every_token_in_fewer_outputs(monkeypatch):
+    """min_interval_s (a replica's stream pacing): the first output goes at once, then none until the
+    interval has passed, and each carries every token since; a finished request's output is never held."""
+    import raylight.engine.output_processor as op
+
+    clock = [100.0]
+    monkeypatch.setattr(op.time, "monotonic", lambda: clock[0])
+    sched = Scheduler(KVCacheManager(8, 4), 64, 4, 64)
+    out = OutputProcessor(CharTokenizer(), sched, lambda sid: None)
+    out.min_interval_s = 1.0
+    req = Request("r", [1, 2], SamplingParams(max_tokens=12), 12)
+    out.add(req)
+    sched.add_request(req)
+    sched.schedule()
+    got = []
+    for i, ch in enumerate("abcdefghijkl"):
+        clock[0] += 0.25
+        req.append_output_token(ord(ch))
+        if i == 11:
+            sched.finish(req, req.check_stop(64))
+        got += out.process([(req, SampledToken(ord(ch)))])
+    assert got[0].outputs[0].delta_text == "a"  # the first token: at once
+    assert 3 <= len(got) <= 7 and got[-1].finished  # 12 tokens, 0.25 s apart, an output every 0.5-1.5 s
+    assert "".join(o.outputs[0].delta_text for o in got) == "abcdefghijkl"
+    assert [t for o in got for t in o.outputs[0].delta_token_ids] == [ord(c) for c in "abcdefghijkl"]
+    out.min_interval_s = 0.0  # the budget lifted: every token again
+    req2 = Request("q", [1, 2], SamplingParams(max_tokens=5), 5)
+    out.add(req2)
+    sched.add_request(req2)
+    sched.schedule()
+    for ch in "vwx":
+        req2.append_output_token(ord(ch))
+        assert len(out.process([(req2, SampledToken(ord(ch)))])) == 1
