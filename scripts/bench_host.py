@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
     p.add_argument("--windows", type=int, default=6)
     p.add_argument("--mode", choices=["offline", "served", "both"], default="both",
                    help="offline: LLM-style batch (final outputs only); served: through the replica's AsyncLLMEngine")
-    p.add_argument("--stream-messages-per-s", type=float, default=1000.0,
+    p.add_argument("--stream-messages-per-s", type=float, default=500.0,
                    help="served: the replica's max_stream_messages_per_s (its default; 0: none)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on CPU the forward's OpenMP pool of one thread does not compete with the "

@@ -35,9 +35,9 @@ class PoolConfig(BaseModel):
                                               description="Resources of one engine replica.")
     max_ongoing_requests: int = Field(1024, ge=1, description="Serve's in-flight cap per engine replica.")
     max_queued_requests: Optional[int] = Field(256, ge=0, description="Waiting requests before 429.")
-    max_stream_messages_per_s: Optional[float] = Field(1000.0, gt=0, description=(
+    max_stream_messages_per_s: Optional[float] = Field(500.0, gt=0, description=(
         "Output messages per second one engine replica sends to all its streams together; past it each "
-        "stream's tokens are merged into fewer, larger messages (each costs the replica ~0.3 ms of CPU on Ray "
+        "stream's tokens are merged into fewer, larger messages (each costs the replica 0.25-0.6 ms of CPU on Ray "
         "Serve, beside the engine). A stream's first and last tokens are never held. None: one message per "
         "token step."))
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description=(

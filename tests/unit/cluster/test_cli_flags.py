@@ -68,11 +68,11 @@ def test_the_flags_reach_the_server():
 
 
 def test_stream_budget_reaches_each_engine_replica():
-    """PoolConfig.max_stream_messages_per_s (default 1000; null: never paced) is bound to the replicas, whose
+    """PoolConfig.max_stream_messages_per_s (default 500; null: never paced) is bound to the replicas, whose
     AsyncLLMEngine paces its streams with it (tests/unit/engine/test_async_engine.py)."""
     def replica_args(args):
         return build_app(args)._bound_deployment.init_args[0]._bound_deployment.init_args
 
-    assert replica_args({"engine_args": {"load_format": "dummy"}})[6] == 1000.0
+    assert replica_args({"engine_args": {"load_format": "dummy"}})[6] == 500.0
     assert replica_args({"engine_args": {"load_format": "dummy"}, "max_stream_messages_per_s": 250})[6] == 250
     assert replica_args({"engine_args": {"load_format": "dummy"}, "max_stream_messages_per_s": None})[6] is None
