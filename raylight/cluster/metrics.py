@@ -288,8 +288,10 @@ class RequestTiming:
         if new:
             if self.last is None:
                 self.metrics.ttft.observe(now - self.start)
-            else:
-                self.metrics.itl.observe(now - self.last)
+            else:  # a message may carry several tokens (paced or lagging streams): the gap is theirs to share
+                per_token = (now - self.last) / new
+                for _ in range(new):
+                    self.metrics.itl.observe(per_token)
             self.last = now
             self.generated += new
         self.prompt = len(out.prompt_token_ids)

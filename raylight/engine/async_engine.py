@@ -157,7 +157,7 @@ class AsyncLLMEngine:
 
     def _pace_streams(self) -> None:
         """Every streamed output costs this process a message: an event-loop wake-up, a generator step
-        and, on Ray Serve, a streamed object (about 0.3 ms of CPU each on our CPU), beside the engine
+        and, on Ray Serve, a streamed object (0.25-0.6 ms of CPU each on our CPU), beside the engine
         thread and under the same GIL. At 256 streams and a step every few milliseconds the messages,
         not the model, would set the pace; so past the budget each request gets an output at most
         every `num_streams / budget` seconds, carrying every token since its last (first and last

@@ -49,3 +49,27 @@ def test_replicas_serve_no_longer_runs_leave_the_gauges_but_not_the_counters():
     assert total() == 100
     m.update_replica(ids[0], {"kv_blocks_total": 100, "kv_blocks_free": 50, "num_running": 1})
     assert total() == 200
+
+
+def test_a_message_of_several_tokens_shares_its_gap_between_them(monkeypatch):
+    """Paced or lagging streams carry several tokens a message: the inter-token latency histogram gets one
+    observation per token, each the gap over the tokens, not one observation of the whole gap."""
+    import raylight.cluster.metrics as metrics
+    from raylight.outputs import CompletionOutput, RequestOutput
+
+    clock = [10.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+    m = ServerMetrics()
+    timing = metrics.RequestTiming(m)
+
+    def message(n):
+        return RequestOutput("r", None, [1], [CompletionOutput(0, "", [], delta_token_ids=[7] * n)], False)
+
+    clock[0] += 0.05
+    timing.token(message(1))  # the first token: time to first token
+    clock[0] += 0.4
+    timing.token(message(4))
+    text = m.render()[0].decode()
+    assert _value(text, "raylight:inter_token_latency_seconds_count") == 4
+    assert abs(_value(text, "raylight:inter_token_latency_seconds_sum") - 0.4) < 1e-9
+    assert _value(text, "raylight:time_to_first_token_seconds_count") == 1
