@@ -252,12 +252,11 @@ class KernelBuilds:
 
     @staticmethod
     def _fi_modules() -> set[str]:
-        root = os.environ.get("FLASHINFER_WORKSPACE_BASE") or os.path.expanduser("~/.cache")
-        found = set()
-        for d, _, files in os.walk(os.path.join(root, ".cache", "flashinfer") if os.environ.get(
-                "FLASHINFER_WORKSPACE_BASE") else os.path.join(root, "flashinfer")):
-            found.update(os.path.join(d, f) for f in files if f.endswith(".so"))
-        return found
+        """FlashInfer's JIT modules on disk: under $FLASHINFER_WORKSPACE_BASE/.cache/flashinfer when that is
+        set (scripts/gpu_env.sh sets it), else ~/.cache/flashinfer."""
+        base = os.environ.get("FLASHINFER_WORKSPACE_BASE")
+        root = os.path.join(base, ".cache", "flashinfer") if base else os.path.expanduser("~/.cache/flashinfer")
+        return {os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".so")}
 
     def start(self) -> "KernelBuilds":
         self._fi_before = self._fi_modules()
@@ -268,8 +267,9 @@ class KernelBuilds:
         self._prev_hook = knobs.runtime.jit_post_compile_hook
 
         def hook(*args, **kwargs):
-            fn = kwargs.get("fn")
-            self.triton.append(getattr(getattr(fn, "fn", fn), "__name__", repr(kwargs.get("repr", "?"))[:80]))
+            fn = kwargs.get("fn")  # a JITFunction (its Python function in .fn), or absent in other Triton versions
+            name = getattr(getattr(fn, "fn", fn), "__name__", None)
+            self.triton.append(name or str(kwargs.get("repr", "?"))[:80])
             return self._prev_hook(*args, **kwargs) if self._prev_hook else None
 
         knobs.runtime.jit_post_compile_hook = hook
