@@ -39,6 +39,9 @@ class GenerateCall:
     prompt: Union[str, list[int]]
     params: SamplingParams
     cache_salt: Optional[str] = None
+    # False: the caller reads only the final output (a non-streaming HTTP request); the replica then
+    # sends the first output (time to first token) and the final one, which carries the deltas between.
+    stream: bool = True
 
 
 @dataclass

@@ -272,7 +272,7 @@ class OpenAIServer:
             texts.append(p if isinstance(p, str) and len(ids) == len(full) else self._decode(ids) if body.echo else "")
         rid = body.request_id or f"cmpl-{uuid.uuid4().hex}"
         salt = self._salt(request, body.cache_salt)
-        calls = [GenerateCall(f"{rid}-{i}", ids, params, salt) for i, ids in enumerate(prompts)]
+        calls = [GenerateCall(f"{rid}-{i}", ids, params, salt, stream=body.stream) for i, ids in enumerate(prompts)]
         if body.stream:
             if len(calls) != 1:
                 raise APIError(400, "streaming takes one prompt per request", param="prompt")
@@ -308,7 +308,7 @@ class OpenAIServer:
         self._check_context(len(ids), explicit, "messages",
                             "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         rid = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
-        call = GenerateCall(rid, ids, params, self._salt(request, body.cache_salt))
+        call = GenerateCall(rid, ids, params, self._salt(request, body.cache_salt), stream=body.stream)
         if body.stream:
             return tools.wrap_stream(await self._sse(request, call, rid, StreamWriter(fmt, chat=True)))
         timing = RequestTiming(self.metrics)

@@ -22,6 +22,7 @@ from raylight.cluster.autoscaling import SLORecorder, new_tokens
 from raylight.cluster.kv_index import KVEventLog
 from raylight.config import EngineArgs
 from raylight.messages import GenerateCall, KVReservation, ReplicaMessage, ReplicaStats
+from raylight.outputs import RequestOutput, merge_outputs
 
 logger = logging.getLogger("raylight.replica")
 POLL_S = 0.25  # how often a waiting request checks its deadline, the engine's health and the drain
@@ -87,9 +88,17 @@ class EngineReplica:
             agen = self.async_engine.generate(call.prompt, call.params, call.request_id, call.cache_salt,
                                               **engine_kwargs)
             clock = self.slo.request()
+            held, sent_output = None, False  # a non-streaming call's outputs between its first and its last
             async with contextlib.aclosing(self._guarded(agen, call.request_id, deadline)) as outs:
                 async for out in outs:  # a caller that goes away closes both generators: the request aborts
                     clock.tokens(new_tokens(out))
+                    if isinstance(out, RequestOutput):
+                        if not call.stream and sent_output and not out.finished:
+                            held = out if held is None else merge_outputs(held, out)
+                            continue  # each message costs the replica CPU beside the engine: only what is read
+                        if held is not None:
+                            out, held = merge_outputs(held, out), None
+                        sent_output = True
                     yield self._message(out)
         except ValueError as e:
             yield self._error(400, str(e))

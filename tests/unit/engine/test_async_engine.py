@@ -347,3 +347,27 @@ def test_streams_past_the_message_budget_get_fewer_messages_with_every_token(mod
         assert sum(len(outs) for outs in results) < 8 * 60 / 4
     finally:
         ae.shutdown()
+
+
+def test_a_non_streaming_call_gets_its_first_and_final_output_only(model_dir, run):
+    """GenerateCall(stream=False) (a non-streaming HTTP request): the replica sends the first output (time to
+    first token) and the final one, whose deltas carry every token between; a streaming call gets them all."""
+    from raylight.messages import GenerateCall
+
+    rep = make_replica(model_dir, step_s=0.002)
+    params = long_params(20)
+
+    async def main():
+        streamed = [m async for m in rep.generate(GenerateCall("s", prompt(), params))]
+        final_only = [m async for m in rep.generate(GenerateCall("f", prompt(start=7), params, stream=False))]
+        return streamed, final_only
+
+    try:
+        streamed, final_only = run(main())
+        assert len(streamed) >= 10
+        assert len(final_only) == 2 and final_only[-1].output.finished and final_only[-1].stats is not None
+        first, last = (m.output.outputs[0] for m in final_only)
+        assert len(first.delta_token_ids) == 1 and first.delta_token_ids + last.delta_token_ids == last.token_ids
+        assert len(last.token_ids) == 20
+    finally:
+        rep._stop()
