@@ -33,3 +33,13 @@ def to_device(a: Union[np.ndarray, torch.Tensor], device: torch.device) -> torch
 def copy_to(dst: torch.Tensor, src: Union[np.ndarray, torch.Tensor]) -> None:
     """dst.copy_(src) from host memory, queued without a stream sync."""
     dst.copy_(pinned(src, dst.device), non_blocking=True)
+
+
+def gather_rows(t: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+    """t[index] for a host index array, the index queued without a stream sync; when the index is
+    0..n-1 (a decode step's rows in their usual order) the first n rows as a view, with no index to
+    upload and no gather kernel."""
+    n = len(index)
+    if n and index[-1] == n - 1 and np.array_equal(index, np.arange(n)):
+        return t[:n]
+    return t[to_device(index, t.device)]

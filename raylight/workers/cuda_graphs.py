@@ -125,8 +125,9 @@ class CudaGraphRunner:
         bs = next(s for s in self.sizes if s >= n)
         g = self.graphs[bs]
         # Padding rows decode whatever id their buffer row holds (any id is a valid token) at position 0.
-        pos = np.zeros(bs, dtype=np.int64)
-        pos[:n] = positions
+        # Built in page-locked memory, so copy_to queues it as it is (no second host copy).
+        pos = torch.zeros(bs, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        pos[:n] = torch.from_numpy(positions)
         copy_to(self.positions[:bs], pos)
         if fill_ids is not None and fill_ids[0] is None:
             # Every row's token is a placeholder (async scheduling's steady state): the ids are on the device.

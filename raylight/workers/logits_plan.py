@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from raylight.messages import StepInputs
-from raylight.utils.host_copy import to_device
+from raylight.utils.host_copy import gather_rows
 
 
-def run_logits_plan(model, hidden: torch.Tensor, inputs: StepInputs, device: torch.device,
+def run_logits_plan(model, hidden: torch.Tensor, inputs: StepInputs,
                     on_prompt_chunk: Optional[Callable[[int, torch.Tensor], None]] = None) -> Optional[torch.Tensor]:
     """Makes the step's logits calls; `on_prompt_chunk(i, logits)` receives the i-th prompt-logprob
     chunk's logits (one chunk at a time: [rows, vocab] of all of them could be large). Returns the
@@ -27,9 +26,6 @@ def run_logits_plan(model, hidden: torch.Tensor, inputs: StepInputs, device: tor
         logits = model.compute_logits(hidden[lo:hi])
         if on_prompt_chunk is not None:
             on_prompt_chunk(i, logits)
-    rows = inputs.logits_rows
-    if not len(rows):
+    if not len(inputs.logits_rows):
         return None
-    if len(rows) == len(hidden) and rows[-1] == len(rows) - 1 and np.array_equal(rows, np.arange(len(rows))):
-        return model.compute_logits(hidden)  # a decode step: every row samples once (no gather to queue)
-    return model.compute_logits(hidden[to_device(rows, device)])
+    return model.compute_logits(gather_rows(hidden, inputs.logits_rows))

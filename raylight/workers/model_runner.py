@@ -12,7 +12,7 @@ import torch
 
 from raylight.kernels.attention import CommonAttentionMetadata
 from raylight.messages import PromptLogprobTask, SampleRow, SchedulerOutput, StepInputs
-from raylight.utils.host_copy import to_device
+from raylight.utils.host_copy import gather_rows, to_device
 from raylight.workers.logits_plan import run_logits_plan
 from raylight.workers.sampler import Sampler
 from raylight.workers.sampling_state import SamplingState
@@ -248,10 +248,7 @@ class ModelRunner:
         if src is not None:
             # Queued after the step in flight's sampling on the same stream: no host wait. In the steady
             # state the rows keep their order from step to step, and the ids are a view.
-            prev = ahead_of.sampled.token_ids
-            n = len(src)
-            handle.fill_values = (prev[:n] if n and src[-1] == n - 1 and np.array_equal(src, np.arange(n))
-                                  else prev[to_device(src, self.device)])
+            handle.fill_values = gather_rows(ahead_of.sampled.token_ids, src)
         if not defer_compute:
             self._compute(handle)
         return handle
@@ -266,7 +263,7 @@ class ModelRunner:
             handle.prompt_logprobs.setdefault(rid, []).extend(
                 self._prompt_logprobs(logits, task.targets[lo - task.first : hi - task.first], task.num_top))
 
-        logits = run_logits_plan(self.model, hidden, inputs, self.device, prompt_logprobs)
+        logits = run_logits_plan(self.model, hidden, inputs, prompt_logprobs)
         if not rows:
             return
         if self.constrain is not None:

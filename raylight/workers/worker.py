@@ -228,7 +228,7 @@ def run_step(runner: ModelRunner, groups: ParallelGroups, inputs: StepInputs) ->
     hidden = runner.forward(inputs)
     if hidden is None or groups.tp_size == 1:
         return  # an earlier stage: its hand-off to the next one is already on its way
-    run_logits_plan(runner.model, hidden, inputs, runner.device)
+    run_logits_plan(runner.model, hidden, inputs)
 
 
 def serve_steps(rank: RankModel, channel: StepChannel) -> int:
