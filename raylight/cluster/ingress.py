@@ -127,6 +127,11 @@ class OpenAIServer:
         """`check_head` False: a prompt that truncate_prompt_tokens will cut may exceed the window (the body
         limit and tokenize_timeout_s still bound the work)."""
         if isinstance(prompt, list):
+            # The engine checks the upper bound against the model's vocabulary; a negative id is never valid,
+            # and the echo would decode it before the engine sees it.
+            bad = next((t for t in prompt if t < 0), None)
+            if bad is not None:
+                raise APIError(400, f"prompt token id {bad} is outside the vocabulary", param="prompt")
             return prompt
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send prompts as token ids", param="prompt")
@@ -136,7 +141,13 @@ class OpenAIServer:
         return await self._off_loop(encode, prompt, add_special_tokens, param="prompt")
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+        if self.tokenizer is None:
+            return ""
+        try:
+            return self.tokenizer.decode(ids)
+        except Exception as e:  # an id this tokenizer cannot decode (the model's vocabulary may be wider)
+            raise APIError(400, f"prompt cannot be decoded: {type(e).__name__}: {sanitize(str(e))}",
+                           param="prompt") from None
 
     def _render(self, conversation, add_generation_prompt: bool, kwargs, check_head: bool = True) -> list[int]:
         from raylight.engine.tokenizer import apply_chat_template

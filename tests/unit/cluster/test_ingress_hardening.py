@@ -414,3 +414,20 @@ def test_a_replica_failing_mid_stream_ends_with_an_error_event():  # checklist (
     assert events[-1] == "[DONE]" and '"error"' in events[-2]  # an error event, then the end
     assert "0xdead" not in r.text and "/srv" not in r.text
     assert "raylight:request_aborted_total 0.0" in client.get("/metrics").text  # not a client abort
+
+
+def test_token_id_prompt_outside_the_vocabulary_is_a_400_even_with_echo():
+    # (the fuzzer's case: a negative id used to reach the echo's decode before the engine's check)
+    client, _ = _client()
+    for prompt in ([[-32]], [5, -1], [[1, 2], [-7]]):
+        err = _err(client.post("/v1/completions", json={"model": "m", "prompt": prompt, "echo": True}), 400, "prompt")
+        assert "outside the vocabulary" in err["message"]
+
+
+def test_an_undecodable_echo_is_a_400_not_a_500():
+    class Narrow(FakeTokenizer):
+        def decode(self, ids, **_):
+            raise OverflowError("out of range integral type conversion attempted")
+
+    client, _ = _client(tokenizer=Narrow())
+    _err(client.post("/v1/completions", json={"model": "m", "prompt": [1, 2], "echo": True}), 400, "prompt")
