@@ -129,6 +129,8 @@ class OpenAIServer:
         if isinstance(prompt, list):
             # The engine checks the upper bound against the model's vocabulary; a negative id is never valid,
             # and the echo would decode it before the engine sees it.
+            if not prompt:
+                raise APIError(400, "prompt is empty (a list of no token ids)", param="prompt")
             bad = next((t for t in prompt if t < 0), None)
             if bad is not None:
                 raise APIError(400, f"prompt token id {bad} is outside the vocabulary", param="prompt")

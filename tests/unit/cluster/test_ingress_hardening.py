@@ -422,6 +422,8 @@ def test_token_id_prompt_outside_the_vocabulary_is_a_400_even_with_echo():
     for prompt in ([[-32]], [5, -1], [[1, 2], [-7]]):
         err = _err(client.post("/v1/completions", json={"model": "m", "prompt": prompt, "echo": True}), 400, "prompt")
         assert "outside the vocabulary" in err["message"]
+    err = _err(client.post("/v1/completions", json={"model": "m", "prompt": [[1], []]}), 400, "prompt")
+    assert "empty" in err["message"]
 
 
 def test_an_undecodable_echo_is_a_400_not_a_500():
