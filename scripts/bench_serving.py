@@ -270,12 +270,17 @@ def summarize(recs: list[dict], rate: float) -> dict:
     return d
 
 
+_ENGINE_COUNTERS = {"steps": "raylight:engine_steps_total", "busy_s": "raylight:engine_step_seconds_total",
+                    "rows": "raylight:engine_step_rows_total", "tokens": "raylight:engine_step_tokens_total",
+                    "idle_s": "raylight:engine_idle_seconds_total"}
+
+
 def scrape_metrics(base: str) -> dict:
-    """Our server's engine step gauges (recent steps), when it has them."""
+    """Our server's engine step gauges (recent steps) and step counters, when it has them."""
     import urllib.request
 
     want = ("raylight:engine_step_time_p50_seconds", "raylight:engine_step_period_p50_seconds",
-            "raylight:num_preemptions_total", "raylight:kv_cache_usage_perc")
+            "raylight:num_preemptions_total", "raylight:kv_cache_usage_perc", *_ENGINE_COUNTERS.values())
     try:
         with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
             text = r.read().decode()
@@ -290,6 +295,28 @@ def scrape_metrics(base: str) -> dict:
             except ValueError:
                 pass
     return out
+
+
+def engine_window(before: dict, after: dict) -> Optional[dict]:
+    """The engine's steps between two scrapes (the counters come with each request's last message, so
+    `after` holds the window's last finished request): step count, busy and idle seconds, mean step time,
+    mean rows and tokens per step. None when the server has no such counters (a peer)."""
+    d = {k: after.get(name, 0.0) - before.get(name, 0.0) for k, name in _ENGINE_COUNTERS.items()
+         if name in after}
+    if not d.get("steps"):
+        return None
+    return dict(steps=int(d["steps"]), busy_s=round(d["busy_s"], 3), idle_s=round(d.get("idle_s", 0.0), 3),
+                mean_step_ms=round(d["busy_s"] / d["steps"] * 1e3, 3), mean_rows=round(d["rows"] / d["steps"], 1),
+                mean_tokens=round(d["tokens"] / d["steps"], 1))
+
+
+def step_window(step_log) -> dict:
+    """engine_window's figures from an offline engine's step log."""
+    n = len(step_log)
+    busy = sum(x[3] for x in step_log)
+    return dict(steps=n, busy_s=round(busy, 3), mean_step_ms=round(busy / n * 1e3, 3) if n else None,
+                mean_rows=round(sum(x[0] for x in step_log) / n, 1) if n else None,
+                mean_tokens=round(sum(x[1] for x in step_log) / n, 1) if n else None)
 
 
 def wait_ready(base: str, model: str, timeout_s: float) -> float:
@@ -338,18 +365,22 @@ def run_server(args, plan: dict, checkpoint=None) -> dict:
               flush=True)
     for rr in plan["rates"]:
         bodies = [request_body(args.model, p, o) for p, o in zip(rr["prompts"], rr["out_lens"])]
+        before = scrape_metrics(base) if args.scrape_metrics else {}
         t = time.time()
         recs = run_load(url, bodies, rr["send_at"], args.client_procs, args.request_timeout_s)
         s = summarize(recs, rr["rate"])
         s["wall_s"] = time.time() - t
         if args.scrape_metrics:
             s["server_metrics"] = scrape_metrics(base)
+            s["engine"] = engine_window(before, s["server_metrics"])
         results.append(s)
         print(f"[{args.label}] rate {s['rate']}: {s['completed']}/{s['requests']} ok in {fmt(s['duration_s'], 's')}, "
               f"{fmt(s['request_per_s'])} req/s, {fmt(s['output_tok_s'], '', 0)} out tok/s, TTFT p50/p99 "
               f"{fmt(s['ttft_ms_p50'])}/{fmt(s['ttft_ms_p99'])} ms, ITL p50/p99 {fmt(s['itl_ms_p50'])}/"
               f"{fmt(s['itl_ms_p99'])} ms, E2E p50 {fmt(s['e2e_ms_p50'])} ms"
               + (f"; errors: {s['errors'][0]}" if s.get("errors") else ""), flush=True)
+        if s.get("engine"):
+            print(f"[{args.label}]   engine: {s['engine']}", flush=True)
         if checkpoint is not None:
             checkpoint(res)
     return res
@@ -474,10 +505,11 @@ def run_offline(args, plan: dict) -> dict:
                saturation=dict(rate=rate_name(sat["rate"]), requests=len(outs), output_tokens=produced,
                                expected_output_tokens=sum(sat["out_lens"]), elapsed_s=elapsed,
                                output_tok_s=produced / elapsed, request_per_s=len(outs) / elapsed,
-                               engine_steps=len(steps), decode_steps=decode_steps(steps)))
+                               engine_steps=len(steps), engine=step_window(steps),
+                               decode_steps=decode_steps(steps)))
     print(f"[offline] saturation set: {produced} tokens in {elapsed:.2f}s = {produced / elapsed:.0f} out tok/s; "
           f"one request alone: {res['batch1_ms_per_token']:.3f} ms per token (decode step "
-          f"{fmt(res['batch1_decode_step_ms'], ' ms', 3)})", flush=True)
+          f"{fmt(res['batch1_decode_step_ms'], ' ms', 3)}); engine: {res['saturation']['engine']}", flush=True)
     llm.shutdown()
     return res
 

@@ -77,6 +77,14 @@ class _ReplicaCollector:
             "raylight:num_preemptions": ("Requests preempted for lack of KV blocks", "preemptions"),
             "raylight:prefix_cache_queries": ("Prompt tokens looked up in the prefix cache", "prefix_cache_queries"),
             "raylight:prefix_cache_hits": ("Prompt tokens found in the prefix cache", "prefix_cache_hit_tokens"),
+            # Two scrapes give a window's mean step time, rows and tokens per step, and how long the engine
+            # loops sat idle: where a served run loses to the offline engine on the same requests.
+            "raylight:engine_steps": ("Engine steps run", "num_steps"),
+            "raylight:engine_step_seconds": ("Wall time of engine steps (busy time)", "step_seconds_total"),
+            "raylight:engine_step_rows": ("Sequences scheduled, summed over steps", "step_rows_total"),
+            "raylight:engine_step_tokens": ("Tokens scheduled (prompt and decode), summed over steps",
+                                            "step_tokens_total"),
+            "raylight:engine_idle_seconds": ("Time engine loops waited with no request", "idle_seconds_total"),
         }
         for name, (doc, key) in counters.items():
             yield CounterMetricFamily(name, doc, value=self._sum(key))

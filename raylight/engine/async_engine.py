@@ -46,12 +46,14 @@ class AsyncLLMEngine:
         # a burst of requests whose clients left at once stops counting as waiting at once, not at the
         # next drain. (set.add/discard from the two threads are atomic under the GIL.)
         self._unadmitted: set[str] = set()
-        self._sinks: dict[str, OutputSink] = {}
+        self._sinks: dict[str, OutputSink] = {}  # the engine thread's: admitted requests' sinks
+        self._readers: dict[str, OutputSink] = {}  # the event loop's: every request with a reader
         self._wakeup = threading.Event()
         self._stopped = False
         self.dead: Optional[BaseException] = None
         self.last_progress = time.monotonic()  # last step end, or last idle check
         self.last_step_time = 0.0
+        self.idle_seconds_total = 0.0  # waiting for work (a served run's gaps between bursts)
         self.num_pending = 0  # accepted but not finished (queued, waiting or running)
         # Start-to-start times of consecutive busy steps: the cadence tokens come out at.
         self.step_periods: collections.deque[float] = collections.deque(maxlen=1024)
@@ -79,6 +81,7 @@ class AsyncLLMEngine:
         if params.structured_outputs is not None:  # compiled off the step loop, within its time cap (ValueError: 400)
             grammar = await self.engine.grammars.compile_async(params.structured_outputs)
         sink = OutputSink(asyncio.get_running_loop(), asyncio.Queue())
+        self._readers[request_id] = sink
         self.num_pending += 1
         self._unadmitted.add(request_id)
         self._inbox.put(AddRequest(request_id, prompt, params, cache_salt, sink, remote_prefill_threshold, kv_push,
@@ -105,8 +108,17 @@ class AsyncLLMEngine:
                     return
         finally:
             self.num_pending -= 1
+            if self._readers.get(request_id) is sink:
+                del self._readers[request_id]
             if not finished:
                 self.abort(request_id)
+
+    def fail(self, request_id: str, error: BaseException) -> None:
+        """Ends a request from the event loop: its reader raises `error` after the outputs already queued,
+        which aborts the engine request (a deadline passed, the replica drains; see cluster/replica.py)."""
+        sink = self._readers.get(request_id)
+        if sink is not None:
+            sink.put(error)
 
     def abort(self, request_id: str) -> None:
         self._unadmitted.discard(request_id)
@@ -184,9 +196,10 @@ class AsyncLLMEngine:
                 self._drain_inbox()
                 if not self.engine.has_unfinished_requests():
                     self._last_step_start = None  # idle gaps are not step periods
-                    self.last_progress = time.monotonic()
+                    self.last_progress = idle_from = time.monotonic()
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
+                    self.idle_seconds_total += time.monotonic() - idle_from
                     continue
                 t0 = time.perf_counter()
                 if self._last_step_start is not None:

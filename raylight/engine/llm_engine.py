@@ -36,6 +36,25 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 Changed = list[tuple[Request, Optional[SampledToken]]]  # sequences that got a token or finished
 
 
+@dataclasses.dataclass
+class StepTotals:
+    """Sums over every step since start, exported as counters: two scrapes give a window's mean step
+    time, rows and tokens per step (a served run against the offline engine) without a step log."""
+    steps: int = 0
+    seconds: float = 0.0
+    rows: int = 0
+    tokens: int = 0
+    decode_rows: int = 0
+
+    def add(self, rows: int, tokens: int, decode_rows: int, seconds: float) -> None:
+        self.steps, self.rows, self.tokens = self.steps + 1, self.rows + rows, self.tokens + tokens
+        self.decode_rows, self.seconds = self.decode_rows + decode_rows, self.seconds + seconds
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"step_seconds_total": self.seconds, "step_rows_total": self.rows,
+                "step_tokens_total": self.tokens, "step_decode_rows_total": self.decode_rows}
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs, placement=None):
         """`placement`: under Serve with tensor/pipeline parallelism, the replica's PlacementPlan (its
@@ -103,6 +122,7 @@ class LLMEngine:
         self.step_times: collections.deque[float] = collections.deque(maxlen=1024)  # recent step times
         # (requests, tokens, decode requests, seconds) of recent steps, for benchmarks' per-phase timings
         self.step_log: collections.deque[tuple[int, int, int, float]] = collections.deque(maxlen=65536)
+        self.step_totals = StepTotals()
         self.prompt_tokens_total = 0
         self.warmup_s = 0.0
         if args.warmup if args.warmup is not None else self.device.type == "cuda":
@@ -332,7 +352,9 @@ class LLMEngine:
         self._last_finish = now
         self.step_times.append(elapsed)
         n = sched.num_scheduled_tokens
-        self.step_log.append((len(n), sum(n), sum(1 for t in n if t == 1), elapsed))
+        entry = (len(n), sum(n), sum(1 for t in n if t == 1), elapsed)
+        self.step_log.append(entry)
+        self.step_totals.add(*entry)
         return changed
 
     def _end_unschedulable(self) -> list[RequestOutput]:
@@ -362,6 +384,7 @@ class LLMEngine:
         self.num_steps = 0
         self.step_times.clear()
         self.step_log.clear()
+        self.step_totals = StepTotals()
         self._last_finish = 0.0
 
     def take_kv_events(self) -> list[KVEvent]:
@@ -398,6 +421,7 @@ class LLMEngine:
             "generation_tokens_total": self.generation_tokens_total,
             "num_steps": self.num_steps,
             "step_time_p50_s": float(np.median(self.step_times)) if self.step_times else 0.0,
+            **self.step_totals.as_metrics(),
             **(self.remote.metrics() if self.remote is not None else {}),
             **(self._sender_metrics() if self.kv_sender is not None else {}), **self.executor.rank.metrics(),
         }

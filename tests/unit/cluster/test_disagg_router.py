@@ -338,6 +338,7 @@ def test_prefill_params_keep_nothing_the_decode_side_samples_with():
 class FakeAsyncEngine:
     def __init__(self):
         self.dead, self.last_progress, self.step_periods, self.num_pending = None, time.monotonic(), [], 0
+        self.idle_seconds_total = 0.0
         self.failed = []
         self.kwargs = []
 

@@ -73,3 +73,34 @@ def test_a_message_of_several_tokens_shares_its_gap_between_them(monkeypatch):
     assert _value(text, "raylight:inter_token_latency_seconds_count") == 4
     assert abs(_value(text, "raylight:inter_token_latency_seconds_sum") - 0.4) < 1e-9
     assert _value(text, "raylight:time_to_first_token_seconds_count") == 1
+
+
+def test_engine_step_counters_are_summed_over_replicas_and_two_scrapes_give_a_window():
+    import importlib.util
+    import os
+
+    m = ServerMetrics()
+    m.update_replica("a", dict(num_steps=10, step_seconds_total=0.05, step_rows_total=100, step_tokens_total=400,
+                               idle_seconds_total=1.0))
+    m.update_replica("b", dict(num_steps=30, step_seconds_total=0.15, step_rows_total=300, step_tokens_total=600,
+                               idle_seconds_total=0.5))
+    text = m.render()[0].decode()
+    assert _value(text, "raylight:engine_steps_total") == 40
+    assert _value(text, "raylight:engine_step_seconds_total") == 0.2
+    assert _value(text, "raylight:engine_step_rows_total") == 400
+    assert _value(text, "raylight:engine_step_tokens_total") == 1000
+    assert _value(text, "raylight:engine_idle_seconds_total") == 1.5
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "scripts", "bench_serving.py")
+    spec = importlib.util.spec_from_file_location("bench_serving", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    names = bench._ENGINE_COUNTERS
+    before = {names["steps"]: 40, names["busy_s"]: 0.2, names["rows"]: 400, names["tokens"]: 1000, names["idle_s"]: 1.5}
+    after = {names["steps"]: 140, names["busy_s"]: 1.2, names["rows"]: 20400, names["tokens"]: 31000,
+             names["idle_s"]: 2.0}
+    w = bench.engine_window(before, after)
+    assert w == dict(steps=100, busy_s=1.0, idle_s=0.5, mean_step_ms=10.0, mean_rows=200.0, mean_tokens=300.0)
+    assert bench.engine_window({}, {}) is None  # a peer server without these counters
+    assert bench.step_window([(2, 10, 1, 0.01), (4, 4, 4, 0.03)]) == dict(
+        steps=2, busy_s=0.04, mean_step_ms=20.0, mean_rows=3.0, mean_tokens=7.0)

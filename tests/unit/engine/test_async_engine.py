@@ -371,3 +371,57 @@ def test_a_non_streaming_call_gets_its_first_and_final_output_only(model_dir, ru
         assert len(last.token_ids) == 20
     finally:
         rep._stop()
+
+
+def test_one_watch_task_guards_every_request_and_holds_none_after_they_end(model_dir, run):
+    """The replica's RequestWatch: one task checks all running requests' deadlines (none polls on its
+    own); a finished, timed-out or abandoned request leaves it, and the task ends with the last one."""
+    rep = make_replica(model_dir, request_timeout_s=0.6, max_num_seqs=2)
+
+    async def main():
+        from raylight.messages import GenerateCall
+
+        tasks = [asyncio.ensure_future(messages(rep, f"r{i}", long_params(3 if i == 0 else 400), start=i))
+                 for i in range(3)]
+        await asyncio.sleep(0.2)
+        watch = rep._watch()
+        assert set(watch.deadlines) <= {"r0", "r1", "r2"} and watch.task is not None and not watch.task.done()
+        gen = rep.generate(GenerateCall("left", prompt(start=9), long_params()))
+        await gen.__anext__()  # one output, then the caller goes away
+        await gen.aclose()
+        assert "left" not in watch.deadlines
+        done = await asyncio.gather(*tasks)
+        assert done[0][-1].output.finished  # a short one ran to its end
+        assert all(m[-1].error_status == 504 for m in done[1:])  # the long ones met their deadline
+        assert watch.deadlines == {}
+        await asyncio.sleep(0.3)  # past one poll: the task ends with nothing left to watch
+        assert watch.task.done()
+        await wait_idle(rep.engine)
+
+    try:
+        run(main())
+    finally:
+        rep._stop()
+
+
+def test_step_counters_add_up_the_step_log_and_idle_time_counts(model_dir, run):
+    """The counters behind /metrics' raylight:engine_step_* and engine_idle_seconds (bench_serving reads
+    a window's mean step time and batch rows from two scrapes) agree with the engine's own step log."""
+    rep = make_replica(model_dir)
+
+    async def main():
+        await asyncio.sleep(0.3)  # the loop waits with no request: idle time
+        await asyncio.gather(*(messages(rep, f"r{i}", long_params(5), start=i) for i in range(3)))
+        m = rep._metrics()
+        log = list(rep.engine.step_log)
+        assert m["num_steps"] == len(log) > 0
+        assert m["step_rows_total"] == sum(x[0] for x in log) and m["step_tokens_total"] == sum(x[1] for x in log)
+        assert m["step_decode_rows_total"] == sum(x[2] for x in log)
+        assert m["step_seconds_total"] == pytest.approx(sum(x[3] for x in log))
+        assert m["step_rows_total"] >= 3 * 5 and m["step_tokens_total"] >= 3 * (8 + 4)
+        assert m["idle_seconds_total"] >= 0.2
+
+    try:
+        run(main())
+    finally:
+        rep._stop()
