@@ -174,7 +174,8 @@ class AsyncLLMEngine:
         not the model, would set the pace; so past the budget each request gets an output at most
         every `num_streams / budget` seconds, carrying every token since its last (first and last
         outputs are never held back). Below it (few streams, or slow steps) every step's tokens go."""
-        budget, n = self.max_stream_messages_per_s, len(self._sinks)
+        # Only running requests produce outputs: requests waiting for a slot must not shrink the others' share.
+        budget, n = self.max_stream_messages_per_s, len(self.engine.scheduler.running)
         period = self.step_periods[-1] if self.step_periods else 0.0
         slow_enough = not budget or period <= 0 or n / period <= budget
         self.engine.outputs.min_interval_s = 0.0 if slow_enough else n / budget

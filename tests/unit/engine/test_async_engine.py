@@ -425,3 +425,24 @@ def test_step_counters_add_up_the_step_log_and_idle_time_counts(model_dir, run):
         run(main())
     finally:
         rep._stop()
+
+
+def test_the_message_budget_is_shared_by_the_running_requests_only(model_dir, run):
+    """Requests waiting for a slot send nothing: 2 running of 6 at a budget of 40 messages/s get an output
+    every 2/40 s, not every 6/40 s."""
+    ae = AsyncLLMEngine(make_engine(model_dir, step_s=0.002, max_num_seqs=2), max_stream_messages_per_s=40)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    seen = []
+
+    async def read(i):
+        async for _ in ae.generate(prompt(start=10 * i), params, f"w{i}"):
+            seen.append(ae.engine.outputs.min_interval_s)
+
+    async def main():
+        await asyncio.gather(*(read(i) for i in range(6)))
+
+    try:
+        run(main())
+        assert max(seen) == pytest.approx(2 / 40)
+    finally:
+        ae.shutdown()
