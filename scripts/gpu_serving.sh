@@ -16,7 +16,8 @@
 # Knobs (environment): PHASES ("ours offline vllm"), RATES ("1 4 16 64 inf"), DURATION_S (12: requests per
 # finite rate = rate x this, at least 8), SAT_REQUESTS (1024, the `inf` rate), SEED (0), CONFIG
 # (configs/gpu.yaml), VLLM_PORT (8100), RAYSITE, PEERSITE, START_OURS_S (180), START_VLLM_S (240), LOAD_S
-# (200 per server), OFFLINE_S (180), BENCH_EXTRA (more bench_serving.py flags), SKIP_GPU_ENV (1: do not
+# (200 per server), OFFLINE_S (180), BENCH_EXTRA (more bench_serving.py flags), PYSPY_AFTER / PYSPY_S (a
+# py-spy profile of our server's processes during a rate: see profile_when), SKIP_GPU_ENV (1: do not
 # source gpu_env.sh; for a CPU try with a CPU config). Expected on an H200: ours ~2.5-3 min (Ray, the engine's
 # start and warm-up, 5 loads), offline ~1 min, vLLM ~3.5-4 min (its first start of a model shape compiles for
 # ~2 min), 7-8.5 minutes in all: give the call timeout_s 600. If the vLLM phase is cut short, run it alone in
@@ -104,6 +105,23 @@ wait_gpu_free() {
   echo "GPU still busy (${used} MiB used): $(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader)"
 }
 
+# Once the bench output $2 shows $1 (PYSPY_AFTER, e.g. "rate 64:": the `inf` rate starts next), py-spy records
+# for PYSPY_S seconds (default 8) which Python stacks hold the GIL in the engine replica, the ingress and the
+# proxy (raw stacks in $OUT/logs/pyspy-<name>.txt): what shares the replica's GIL with the engine loop.
+# py-spy comes from PATH or from the carried wheels (.whl/py_spy-*.whl, installed into /tmp/site/bin).
+profile_when() {
+  local spy pid name
+  spy=$(command -v py-spy || ls /tmp/site/bin/py-spy 2>/dev/null) || { echo "no py-spy: no profile"; return; }
+  for _ in $(seq 1 1200); do grep -q "$1" "$2" 2>/dev/null && break; sleep 0.5; done
+  sleep "${PYSPY_DELAY_S:-1}"
+  for name in EngineReplica OpenAIIngress ProxyActor; do
+    pid=$(pgrep -f "$name" | head -1)
+    [ -n "$pid" ] && "$spy" record -p "$pid" -d "${PYSPY_S:-8}" -r 100 --gil --format raw --nonblocking \
+      -o "$OUT/logs/pyspy-$name.txt" > "$OUT/logs/pyspy-$name.log" 2>&1 &
+  done
+  wait
+}
+
 bench() {  # bench_serving.py with our site dirs, bounded
   PYTHONPATH=$OURPATH timeout -s INT -k 20 "$1" python3 scripts/bench_serving.py "${@:2}" --out "$OUT/parts"
 }
@@ -118,8 +136,15 @@ for phase in $PHASES; do
       fi
       start_bg serve_raylight "$OURPATH" python3 -c "$SERVE_CLI" run --address local "$CONFIG"
       if wait_health "$OUR_PORT" "${START_OURS_S:-180}" "$SPID"; then
-        bench "${LOAD_S:-200}" --url "http://127.0.0.1:$OUR_PORT" --model "$SERVED" --label raylight $WL
-        echo "bench exit $?"
+        PROF=""
+        if [ -n "${PYSPY_AFTER:-}" ]; then profile_when "$PYSPY_AFTER" "$OUT/logs/bench_raylight.log" & PROF=$!; fi
+        bench "${LOAD_S:-200}" --url "http://127.0.0.1:$OUR_PORT" --model "$SERVED" --label raylight $WL \
+          2>&1 | tee "$OUT/logs/bench_raylight.log"
+        echo "bench exit ${PIPESTATUS[0]}"
+        if [ -n "$PROF" ]; then  # a profile under way ends by itself; one still waiting for its cue, now
+          for _ in $(seq 1 $(( ${PYSPY_S:-8} + 10 ))); do kill -0 "$PROF" 2>/dev/null || break; sleep 1; done
+          kill "$PROF" 2>/dev/null
+        fi
       fi
       stop_bg "$SPID" INT
       tail -3 "$OUT/logs/serve_raylight.log"
