@@ -70,7 +70,7 @@ class RemotePrefills:
         req.num_cached_tokens = cached
         tid = self._next_id
         self._next_id += 1
-        block_ids = list(self.kv.req_block_ids[req.request_id])
+        block_ids = self.kv.block_ids(req.request_id)
         self.pending[tid] = Handoff(tid, req, P - 1, len(block_ids) - cached // self.kv.block_size, self.lease_s)
         self.by_request[req.request_id] = tid
         self.remote += 1

@@ -156,7 +156,7 @@ class Scheduler:
             return
         b0, b1 = lo // bs, -(-hi // bs)
         out.kv_pushes.append(KVPush(target.transfer_id, target.host, target.port,
-                                    self.kv.req_block_ids[req.request_id][b0:b1], target.block_ids[b0:b1],
+                                    self.kv.block_ids(req.request_id)[b0:b1], target.block_ids[b0:b1],
                                     last=hi >= req.num_prompt_tokens))
         req.num_pushed_tokens = hi
 

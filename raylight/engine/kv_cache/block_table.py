@@ -39,6 +39,11 @@ class BlockTable:
             self.lengths[row] = 0
             self._free_rows.append(row)
 
+    def ids(self, request_id: str) -> list[int]:
+        """The request's block ids in order ([] for a request without blocks)."""
+        row = self.row_of.get(request_id)
+        return [] if row is None else self.table[row, : self.lengths[row]].tolist()
+
     def gather(self, request_ids: list[str]) -> np.ndarray:
         """[len(request_ids), the longest one's block count] (shorter rows padded with 0), a copy."""
         rows = np.fromiter(map(self.row_of.__getitem__, request_ids), dtype=np.int64, count=len(request_ids))

@@ -21,8 +21,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching, record_events)
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
-        self.req_block_ids: dict[str, list[int]] = {}  # each request's block ids, as plain ints
-        self.block_table = BlockTable()  # the same ids, one row per request: the runner's tables
+        self.block_table = BlockTable()  # their ids, one row per request: the runner's tables
         self.num_cached_blocks: dict[str, int] = {}  # how many leading blocks are registered in the cache
         # (src, dst) block copies the runner must do before the next forward: a forked
         # sequence's own copy of its parent's partly filled last block.
@@ -76,7 +75,6 @@ class KVCacheManager:
                 return True
         computed_blocks = computed_blocks or []
         blocks = self.req_blocks.setdefault(req.request_id, [])
-        block_ids = self.req_block_ids.setdefault(req.request_id, [])
         num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
         num_new_blocks = self.blocks_needed(total) - len(blocks) - len(computed_blocks)
@@ -89,16 +87,12 @@ class KVCacheManager:
         if computed_blocks:
             self.pool.touch(computed_blocks)
             blocks.extend(computed_blocks)
-            hit_ids = [b.block_id for b in computed_blocks]
-            block_ids.extend(hit_ids)
-            self.block_table.append(req.request_id, hit_ids)
+            self.block_table.append(req.request_id, [b.block_id for b in computed_blocks])
             self.num_cached_blocks[req.request_id] = len(computed_blocks)
         if num_new_blocks > 0:
             new = self.pool.get_new_blocks(num_new_blocks)
             blocks.extend(new)
-            new_ids = [b.block_id for b in new]
-            block_ids.extend(new_ids)
-            self.block_table.append(req.request_id, new_ids)
+            self.block_table.append(req.request_id, [b.block_id for b in new])
         if cache:
             self._cache_full_blocks(req, total)
         return True
@@ -152,8 +146,7 @@ class KVCacheManager:
             self.pending_copies.append((blocks[num_full].block_id, copy.block_id))
             child_blocks.append(copy)
         self.req_blocks[child.request_id] = child_blocks
-        self.req_block_ids[child.request_id] = [b.block_id for b in child_blocks]
-        self.block_table.append(child.request_id, self.req_block_ids[child.request_id])
+        self.block_table.append(child.request_id, [b.block_id for b in child_blocks])
         self.num_cached_blocks[child.request_id] = min(self.num_cached_blocks.get(parent.request_id, 0), num_full)
         child.block_hashes = parent.block_hashes[: min(num_full, parent.num_prompt_tokens // bs)]
         return True
@@ -176,9 +169,11 @@ class KVCacheManager:
 
     def _drop(self, request_id: str) -> None:
         self.req_blocks.pop(request_id, None)
-        self.req_block_ids.pop(request_id, None)
         self.block_table.release(request_id)
         self.num_cached_blocks.pop(request_id, None)
+
+    def block_ids(self, request_id: str) -> list[int]:  # in order, as plain ints
+        return self.block_table.ids(request_id)
 
     def usage(self) -> float:
         return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks

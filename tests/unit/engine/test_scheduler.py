@@ -68,7 +68,7 @@ class FakeModel:
         # every layer writes all new K/V of the step first, reading only what the scheduler's output
         # carries (as the runner does): the block table, the first position, the new token ids ...
         for i, (req, n) in enumerate(zip(out.requests, out.num_scheduled_tokens)):
-            ids = self.kv.req_block_ids[req.request_id]
+            ids = self.kv.block_ids(req.request_id)
             row = out.block_tables[i].tolist()
             # the request's blocks, then 0s up to the step's longest table
             assert row == ids + [0] * (out.block_tables.shape[1] - len(ids)) and out.request_ids[i] == req.request_id
@@ -82,7 +82,7 @@ class FakeModel:
                 self.slots[self.slot(table, p)] = fp[p]
         # ... then attention reads the whole prefix through the block table
         for req, n in zip(out.requests, out.num_scheduled_tokens):
-            table = self.kv.req_block_ids[req.request_id]
+            table = self.kv.block_ids(req.request_id)
             fp = fps[req.request_id]
             for p in range(req.num_computed_tokens + n):
                 assert self.slots.get(self.slot(table, p)) == fp[p], (
@@ -117,13 +117,13 @@ def check_blocks(sched: Scheduler) -> None:
     kv = sched.kv
     counts: Counter[int] = Counter()
     for r in sched.running:
-        ids = kv.req_block_ids[r.request_id]
+        ids = kv.block_ids(r.request_id)
         assert ids == [b.block_id for b in kv.req_blocks[r.request_id]]
         assert len(set(ids)) == len(ids)
         counts.update(ids)
     assert set(kv.req_blocks) == {r.request_id for r in sched.running}
     for r in sched.waiting:
-        assert r.request_id not in kv.req_block_ids
+        assert r.request_id not in kv.block_table.row_of
     for b in kv.pool.blocks:
         assert b.ref_cnt == counts[b.block_id], b
     assert kv.num_free_blocks == sum(1 for b in kv.pool.blocks if b.ref_cnt == 0)
@@ -191,7 +191,7 @@ def assert_no_leaks(sched: Scheduler) -> None:
     assert not sched.running and not sched.waiting
     assert kv.num_free_blocks == kv.num_blocks
     assert all(b.ref_cnt == 0 for b in kv.pool.blocks)
-    assert kv.req_blocks == {} and kv.req_block_ids == {} and kv.num_cached_blocks == {}
+    assert kv.req_blocks == {} and kv.block_table.row_of == {} and kv.num_cached_blocks == {}
     assert sched.requests == {}
 
 
@@ -392,7 +392,7 @@ def test_preempted_request_resumes_with_all_its_tokens():
     sched.add_request(a)
     sched.add_request(b)
     step(sched, model)
-    b_table = list(sched.kv.req_block_ids["b"])
+    b_table = list(sched.kv.block_ids("b"))
     out = step(sched, model)
     assert out.preempted == [b]
     assert b.num_computed_tokens == 0 and b.num_tokens == 9
@@ -404,7 +404,7 @@ def test_preempted_request_resumes_with_all_its_tokens():
     # b's blocks were freed tail first, so a's growth evicted b's 2nd block and b's 1st block
     # is still a prefix hit: 4 tokens reused, 5 recomputed
     assert n == 5
-    assert sched.kv.req_block_ids["b"][0] == b_table[0]
+    assert sched.kv.block_ids("b")[0] == b_table[0]
     assert b.num_computed_tokens == 9
     assert len(b.output_token_ids) == 2
     run_all(sched, model)
@@ -470,7 +470,7 @@ def test_different_salts_never_share_blocks_concurrently():
         sched.add_request(r)
     out = step(sched, model)
     assert scheduled(out) == {"a": 21, "b": 21, "c": 1}
-    ta, tb, tc = (set(sched.kv.req_block_ids[x]) for x in "abc")
+    ta, tb, tc = (set(sched.kv.block_ids(x)) for x in "abc")
     assert not ta & tb and not tb & tc
     assert len(ta & tc) == 5
     run_all(sched, model)
@@ -560,7 +560,7 @@ def test_prefix_cache_hit_within_the_same_step():
     out = step(sched, model)
     # a's blocks are registered when allocated; b shares them and reads them after a writes them
     assert scheduled(out) == {"a": 21, "b": 1}
-    assert sched.kv.req_block_ids["b"][:5] == sched.kv.req_block_ids["a"][:5]
+    assert sched.kv.block_ids("b")[:5] == sched.kv.block_ids("a")[:5]
     assert sched.stats.prefix_cache_hit_tokens == 20
     run_all(sched, model)
 
@@ -619,7 +619,7 @@ def test_abort_running_request_frees_its_blocks():
     sched.add_request(b)
     step(sched, model)
     step(sched, model)
-    held_b = len(sched.kv.req_block_ids["b"])
+    held_b = len(sched.kv.block_ids("b"))
     free_before = sched.kv.num_free_blocks
     aborted = sched.abort(["a"])
     assert aborted == [a]
@@ -914,7 +914,7 @@ def test_scheduling_ahead_runs_on_the_token_in_flight():
     out2 = sched.schedule(ahead=True)
     assert scheduled(out2) == {"r1": 1}  # r2 ends by length on its first token; r3 forks on it
     assert out2.uses_pending_token == [True] and out2.num_computed_before == [8] and out2.samples == [True]
-    assert len(sched.kv.req_block_ids["r1"]) * 4 >= 9  # a slot for the placeholder's KV
+    assert len(sched.kv.block_ids("r1")) * 4 >= 9  # a slot for the placeholder's KV
     assert (r1.num_in_flight_tokens, r1.num_pending_tokens) == (9, 2)
     out = as_runner_output({"r1": 1001, "r2": 1002})
     out.sampled["r3"] = [SampledToken(1003), SampledToken(1013)]  # the fork step: one token per sequence

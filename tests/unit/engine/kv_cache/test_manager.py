@@ -33,7 +33,7 @@ def run_step(kv: KVCacheManager, req: Request, num_new: int) -> None:
 
 
 def check_table(kv: KVCacheManager, req: Request) -> list[int]:
-    ids = kv.req_block_ids[req.request_id]
+    ids = kv.block_ids(req.request_id)
     assert ids == [b.block_id for b in kv.req_blocks[req.request_id]]
     assert len(set(ids)) == len(ids)
     assert len(ids) == kv.blocks_needed(req.num_computed_tokens)
@@ -243,7 +243,7 @@ def test_allocate_slots_allocates_blocks_needed():
     kv = KVCacheManager(8, BS)
     req = make_req("r", list(range(10)))
     assert kv.allocate_slots(req, 10)
-    assert len(kv.req_block_ids["r"]) == 3
+    assert len(kv.block_ids("r")) == 3
     assert kv.num_free_blocks == 5
     assert all(b.ref_cnt == 1 for b in kv.req_blocks["r"])
 
@@ -258,11 +258,11 @@ def test_allocate_slots_short_pool_changes_nothing_fresh_request():
     assert kv.allocate_slots(req, 9) is False
     assert free_queue_ids(kv) == free_before
     assert [b.ref_cnt for b in kv.pool.blocks] == refs_before
-    assert "r" not in kv.req_blocks and "r" not in kv.req_block_ids and "r" not in kv.num_cached_blocks
+    assert "r" not in kv.req_blocks and "r" not in kv.block_table.row_of and "r" not in kv.num_cached_blocks
     assert kv.pool.num_evictions == 0
     # a chunk that fits is fine
     assert kv.allocate_slots(req, 8)
-    assert len(kv.req_block_ids["r"]) == 2
+    assert len(kv.block_ids("r")) == 2
     assert kv.num_free_blocks == 0
 
 
@@ -272,17 +272,17 @@ def test_allocate_slots_short_pool_keeps_running_request_blocks():
     admit(kv, a)  # 2 blocks
     b = make_req("b", list(range(100, 104)))
     admit(kv, b)  # 1 block; pool full
-    table_before = list(kv.req_block_ids["a"])
+    table_before = list(kv.block_ids("a"))
     a.append_output_token(5)
     assert a.num_tokens == 9
     assert kv.allocate_slots(a, 1) is False  # needs a 3rd block
-    assert kv.req_block_ids["a"] == table_before
+    assert kv.block_ids("a") == table_before
     assert [b.block_id for b in kv.req_blocks["a"]] == table_before
     assert kv.num_free_blocks == 0
     kv.free(b)
     run_step(kv, a, 1)
-    assert kv.req_block_ids["a"][:2] == table_before
-    assert len(kv.req_block_ids["a"]) == 3
+    assert kv.block_ids("a")[:2] == table_before
+    assert len(kv.block_ids("a")) == 3
 
 
 def test_allocate_slots_counts_free_queue_prefix_hits():
@@ -294,7 +294,7 @@ def test_allocate_slots_counts_free_queue_prefix_hits():
     kv.free(a)  # blocks 0,1 cached and free
     blocker = make_req("x", list(range(500, 504)))
     admit(kv, blocker)  # takes block 3, the never-used one at the front of the free queue
-    assert kv.req_block_ids["x"] == [3]
+    assert kv.block_ids("x") == [3]
     assert kv.num_free_blocks == 3
     b = make_req("b", list(range(8)) + [70, 71, 72, 73, 74])  # 13 tokens: 4 blocks
     hits, n = kv.get_computed_blocks(b)
@@ -323,8 +323,8 @@ def test_allocate_with_hits_shares_blocks_and_bumps_refs():
     b = make_req("b", list(range(12)) + [42, 43, 44])
     n_hit = admit(kv, b)
     assert n_hit == 12
-    assert kv.req_block_ids["b"][:3] == kv.req_block_ids["a"][:3]
-    assert kv.req_block_ids["b"][3] not in kv.req_block_ids["a"]
+    assert kv.block_ids("b")[:3] == kv.block_ids("a")[:3]
+    assert kv.block_ids("b")[3] not in kv.block_ids("a")
     for blk in kv.req_blocks["b"][:3]:
         assert blk.ref_cnt == 2
     assert kv.num_cached_blocks["b"] == 3
@@ -365,7 +365,7 @@ def test_block_table_grows_as_tokens_are_added():
         assert table[: len(history[-1])] == history[-1], "existing entries never move"
         history.append(list(table))
     assert req.num_computed_tokens == 17
-    assert len(kv.req_block_ids["r"]) == 5
+    assert len(kv.block_ids("r")) == 5
     # the table grew exactly at block boundaries: tokens 9, 13, 17
     lens = [len(x) for x in history]
     assert lens == [2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5]
@@ -407,7 +407,7 @@ def test_free_returns_every_block():
         kv.free(r)
     assert kv.num_free_blocks == kv.num_blocks == 10
     assert kv.usage() == 0.0
-    assert kv.req_blocks == {} and kv.req_block_ids == {} and kv.num_cached_blocks == {}
+    assert kv.req_blocks == {} and kv.block_table.row_of == {} and kv.num_cached_blocks == {}
     assert all(b.ref_cnt == 0 for b in kv.pool.blocks)
 
 
@@ -441,7 +441,7 @@ def test_free_puts_tail_blocks_first_in_the_free_queue():
     kv = KVCacheManager(4, BS)
     r = make_req("r", list(range(15)))  # 4 blocks, the whole pool
     admit(kv, r)
-    table = list(kv.req_block_ids["r"])
+    table = list(kv.block_ids("r"))
     assert kv.num_free_blocks == 0
     kv.free(r)
     assert free_queue_ids(kv) == table[::-1]
@@ -476,11 +476,11 @@ def test_preempt_like_free_and_readmit_hits_own_blocks():
     for t in range(3):
         r.append_output_token(200 + t)
         run_step(kv, r, 1)
-    old = list(kv.req_block_ids["r"])
+    old = list(kv.block_ids("r"))
     kv.free(r)
     r.num_computed_tokens = 0
     hits, n = kv.get_computed_blocks(r)
     assert n == 12  # 13 tokens: 3 full blocks, one to compute
     assert [b.block_id for b in hits] == old[:3]
     assert kv.allocate_slots(r, r.num_tokens - n, hits)
-    assert kv.req_block_ids["r"][:3] == old[:3]
+    assert kv.block_ids("r")[:3] == old[:3]
