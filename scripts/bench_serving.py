@@ -265,9 +265,25 @@ def summarize(recs: list[dict], rate: float) -> dict:
              chunks=sum(r.get("chunks", 0) for r in ok),
              tokens_in_unknown_chunks=sum(r.get("chunk_token_mismatch", 0) for r in ok),
              count_source=sorted({r.get("count_source") for r in ok if r.get("count_source")}))
+    if ok:
+        d["timeline"] = timeline(recs, min(starts))
     if failed:
         d["errors"] = sorted({r["error"] for r in failed})[:5]
     return d
+
+
+def timeline(recs: list[dict], t0: float) -> dict:
+    """When the load's requests got going, from the first send: the first token and the first completion
+    anywhere, and completions per second. A saturation run whose first completion comes seconds after the
+    shortest request could have finished shows requests reaching the engine slowly (admission), not slow steps."""
+    ok = [r for r in recs if r["error"] is None]
+    first_tokens = [r["sent_wall"] - t0 + r["ttft"] for r in ok if "ttft" in r]
+    done = sorted(r["done_wall"] - t0 for r in ok)
+    per_s = np.bincount(np.array(done, dtype=np.int64)) if done else np.zeros(0, dtype=np.int64)
+    return dict(first_token_s=round(min(first_tokens), 3) if first_tokens else None,
+                first_done_s=round(done[0], 3) if done else None,
+                last_sent_s=round(max(r["sent_wall"] for r in recs) - t0, 3),
+                completions_per_s=per_s.tolist())
 
 
 _ENGINE_COUNTERS = {"steps": "raylight:engine_steps_total", "busy_s": "raylight:engine_step_seconds_total",
@@ -381,6 +397,10 @@ def run_server(args, plan: dict, checkpoint=None) -> dict:
               + (f"; errors: {s['errors'][0]}" if s.get("errors") else ""), flush=True)
         if s.get("engine"):
             print(f"[{args.label}]   engine: {s['engine']}", flush=True)
+        if s.get("timeline"):
+            tl = s["timeline"]
+            print(f"[{args.label}]   first token {fmt(tl['first_token_s'], ' s')}, first completion "
+                  f"{fmt(tl['first_done_s'], ' s')}, completions per second {tl['completions_per_s']}", flush=True)
         if checkpoint is not None:
             checkpoint(res)
     return res
