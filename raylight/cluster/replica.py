@@ -39,24 +39,26 @@ class RequestWatch:
     def __init__(self, failure):
         """`failure(request_id, deadline, now)`: the exception that must end that request now, or None."""
         self.failure = failure
-        self.deadlines: dict[str, Optional[float]] = {}
+        # Keyed by the call, not the request id: a caller may reuse a running request's id.
+        self.deadlines: dict[object, tuple[str, Optional[float]]] = {}
         self.task: Optional[asyncio.Task] = None
 
-    def add(self, request_id: str, deadline: Optional[float], async_engine) -> None:
-        self.deadlines[request_id] = deadline
+    def add(self, key: object, request_id: str, deadline: Optional[float], async_engine) -> None:
+        self.deadlines[key] = (request_id, deadline)
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run(async_engine))
 
-    def discard(self, request_id: str) -> None:
-        self.deadlines.pop(request_id, None)
+    def discard(self, key: object) -> None:
+        self.deadlines.pop(key, None)
 
     def check(self, async_engine) -> None:
         now = time.monotonic()
-        for rid, deadline in list(self.deadlines.items()):
+        for key, (rid, deadline) in list(self.deadlines.items()):
             err = self.failure(rid, deadline, now)
-            if err is not None:
-                del self.deadlines[rid]
-                async_engine.fail(rid, err)
+            # A request whose reader has not started yet (its grammar still compiling) is tried again
+            # at the next check.
+            if err is not None and async_engine.fail(rid, err):
+                del self.deadlines[key]
 
     async def _run(self, async_engine) -> None:
         while self.deadlines:
@@ -114,6 +116,7 @@ class EngineReplica:
         cluster/roles.py pass `remote_prefill_threshold` or `kv_push`)."""
         from raylight.engine.async_engine import EngineDeadError, QueueFullError
 
+        watch_key = object()  # this call's entry in the RequestWatch
         try:
             if self.drain_end is not None:
                 raise ReplicaUnavailableError("the replica is shutting down; retry on another replica")
@@ -124,8 +127,7 @@ class EngineReplica:
                                               **engine_kwargs)
             clock = self.slo.request()
             held, sent_output = None, False  # a non-streaming call's outputs between its first and its last
-            watch = self._watch()
-            watch.add(call.request_id, deadline, self.async_engine)
+            self._watch().add(watch_key, call.request_id, deadline, self.async_engine)
             async with contextlib.aclosing(agen) as outs:
                 async for out in outs:  # a caller that goes away closes the generator: the request aborts
                     clock.tokens(new_tokens(out))
@@ -146,7 +148,7 @@ class EngineReplica:
         except (EngineDeadError, ReplicaUnavailableError) as e:
             yield self._error(503, str(e))
         finally:
-            self._watch().discard(call.request_id)
+            self._watch().discard(watch_key)
 
     def _watch(self) -> RequestWatch:
         watch = getattr(self, "_request_watch", None)

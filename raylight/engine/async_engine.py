@@ -80,6 +80,8 @@ class AsyncLLMEngine:
         grammar = None
         if params.structured_outputs is not None:  # compiled off the step loop, within its time cap (ValueError: 400)
             grammar = await self.engine.grammars.compile_async(params.structured_outputs)
+        if request_id in self._readers:  # (the engine would refuse it too, after it took the reader's place)
+            raise ValueError(f"request_id {request_id!r} is already in use")
         sink = OutputSink(asyncio.get_running_loop(), asyncio.Queue())
         self._readers[request_id] = sink
         self.num_pending += 1
@@ -108,17 +110,17 @@ class AsyncLLMEngine:
                     return
         finally:
             self.num_pending -= 1
-            if self._readers.get(request_id) is sink:
-                del self._readers[request_id]
+            self._readers.pop(request_id, None)  # (ids are unique among readers: checked above)
             if not finished:
                 self.abort(request_id)
 
-    def fail(self, request_id: str, error: BaseException) -> None:
-        """Ends a request from the event loop: its reader raises `error` after the outputs already queued,
-        which aborts the engine request (a deadline passed, the replica drains; see cluster/replica.py)."""
+    def fail(self, request_id: str, error: BaseException) -> bool:
+        """Ends a request from the event loop (a deadline passed, the replica drains): its reader raises
+        `error` after the outputs queued, aborting it. False when it has no reader (yet)."""
         sink = self._readers.get(request_id)
         if sink is not None:
             sink.put(error)
+        return sink is not None
 
     def abort(self, request_id: str) -> None:
         self._unadmitted.discard(request_id)
@@ -171,10 +173,9 @@ class AsyncLLMEngine:
         """Every streamed output costs this process a message: an event-loop wake-up, a generator step
         and, on Ray Serve, a streamed object (0.25-0.6 ms of CPU each on our CPU), beside the engine
         thread and under the same GIL. At 256 streams and a step every few milliseconds the messages,
-        not the model, would set the pace; so past the budget each request gets an output at most
-        every `num_streams / budget` seconds, carrying every token since its last (first and last
-        outputs are never held back). Below it (few streams, or slow steps) every step's tokens go."""
-        # Only running requests produce outputs: requests waiting for a slot must not shrink the others' share.
+        not the model, would set the pace; so past the budget each running request (waiting ones send
+        nothing) gets an output at most every `running / budget` seconds, carrying every token since its
+        last (first and last outputs are never held back). Below it (few streams, slow steps) all go."""
         budget, n = self.max_stream_messages_per_s, len(self.engine.scheduler.running)
         period = self.step_periods[-1] if self.step_periods else 0.0
         slow_enough = not budget or period <= 0 or n / period <= budget

@@ -38,8 +38,7 @@ Changed = list[tuple[Request, Optional[SampledToken]]]  # sequences that got a t
 
 @dataclasses.dataclass
 class StepTotals:
-    """Sums over every step since start, exported as counters: two scrapes give a window's mean step
-    time, rows and tokens per step (a served run against the offline engine) without a step log."""
+    """Sums over all steps, exported as counters: two scrapes give a window's mean step time and rows."""
     steps: int = 0
     seconds: float = 0.0
     rows: int = 0

@@ -385,11 +385,12 @@ def test_one_watch_task_guards_every_request_and_holds_none_after_they_end(model
                  for i in range(3)]
         await asyncio.sleep(0.2)
         watch = rep._watch()
-        assert set(watch.deadlines) <= {"r0", "r1", "r2"} and watch.task is not None and not watch.task.done()
+        assert {rid for rid, _ in watch.deadlines.values()} <= {"r0", "r1", "r2"}
+        assert watch.task is not None and not watch.task.done()
         gen = rep.generate(GenerateCall("left", prompt(start=9), long_params()))
         await gen.__anext__()  # one output, then the caller goes away
         await gen.aclose()
-        assert "left" not in watch.deadlines
+        assert "left" not in {rid for rid, _ in watch.deadlines.values()}
         done = await asyncio.gather(*tasks)
         assert done[0][-1].output.finished  # a short one ran to its end
         assert all(m[-1].error_status == 504 for m in done[1:])  # the long ones met their deadline
@@ -446,3 +447,23 @@ def test_the_message_budget_is_shared_by_the_running_requests_only(model_dir, ru
         assert max(seen) == pytest.approx(2 / 40)
     finally:
         ae.shutdown()
+
+
+def test_a_request_id_in_use_is_refused_and_the_first_request_keeps_its_guard(model_dir, run):
+    """A caller reusing a running request's id gets 400; the first request still meets its deadline (its
+    reader, which the watch ends it through, was not replaced)."""
+    rep = make_replica(model_dir, request_timeout_s=0.5)
+
+    async def main():
+        first = asyncio.ensure_future(messages(rep, "same", long_params()))
+        await asyncio.sleep(0.1)
+        second = await messages(rep, "same", long_params(), start=7)
+        assert second[-1].error_status == 400 and "already in use" in second[-1].error_message
+        msgs = await first
+        assert msgs[-1].error_status == 504
+        await wait_idle(rep.engine)
+
+    try:
+        run(main())
+    finally:
+        rep._stop()
