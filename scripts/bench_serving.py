@@ -321,18 +321,24 @@ def engine_window(before: dict, after: dict) -> Optional[dict]:
          if name in after}
     if not d.get("steps"):
         return None
-    return dict(steps=int(d["steps"]), busy_s=round(d["busy_s"], 3), idle_s=round(d.get("idle_s", 0.0), 3),
-                mean_step_ms=round(d["busy_s"] / d["steps"] * 1e3, 3), mean_rows=round(d["rows"] / d["steps"], 1),
-                mean_tokens=round(d["tokens"] / d["steps"], 1))
+    return window_figures(d["steps"], d["busy_s"], d["rows"], d["tokens"], d.get("idle_s", 0.0))
 
 
 def step_window(step_log) -> dict:
-    """engine_window's figures from an offline engine's step log."""
-    n = len(step_log)
-    busy = sum(x[3] for x in step_log)
-    return dict(steps=n, busy_s=round(busy, 3), mean_step_ms=round(busy / n * 1e3, 3) if n else None,
-                mean_rows=round(sum(x[0] for x in step_log) / n, 1) if n else None,
-                mean_tokens=round(sum(x[1] for x in step_log) / n, 1) if n else None)
+    """engine_window's figures from an offline engine's step log (no idle time: it never waits)."""
+    return window_figures(len(step_log), sum(x[3] for x in step_log), sum(x[0] for x in step_log),
+                          sum(x[1] for x in step_log))
+
+
+def window_figures(steps: float, busy_s: float, rows: float, tokens: float, idle_s: Optional[float] = None) -> dict:
+    """A window's step count and busy (and idle) seconds, with the means per step (None without steps)."""
+    d = dict(steps=int(steps), busy_s=round(busy_s, 3))
+    if idle_s is not None:
+        d["idle_s"] = round(idle_s, 3)
+    d.update(mean_step_ms=round(busy_s / steps * 1e3, 3) if steps else None,
+             mean_rows=round(rows / steps, 1) if steps else None,
+             mean_tokens=round(tokens / steps, 1) if steps else None)
+    return d
 
 
 def wait_ready(base: str, model: str, timeout_s: float) -> float:

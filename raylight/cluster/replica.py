@@ -36,34 +36,35 @@ class RequestWatch:
     a task and a timer per output and per POLL_S on the event loop, under the engine thread's GIL: 4,096
     wake-ups a second at 1,024 requests.)"""
 
-    def __init__(self, failure):
-        """`failure(request_id, deadline, now)`: the exception that must end that request now, or None."""
-        self.failure = failure
+    def __init__(self, failure, fail):
+        """`failure(request_id, deadline, now)`: the exception that must end that request now, or None;
+        `fail(request_id, error)`: ends it (AsyncLLMEngine.fail), False when it has no reader yet."""
+        self.failure, self.fail = failure, fail
         # Keyed by the call, not the request id: a caller may reuse a running request's id.
         self.deadlines: dict[object, tuple[str, Optional[float]]] = {}
         self.task: Optional[asyncio.Task] = None
 
-    def add(self, key: object, request_id: str, deadline: Optional[float], async_engine) -> None:
+    def add(self, key: object, request_id: str, deadline: Optional[float]) -> None:
         self.deadlines[key] = (request_id, deadline)
         if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._run(async_engine))
+            self.task = asyncio.get_running_loop().create_task(self._run())
 
     def discard(self, key: object) -> None:
         self.deadlines.pop(key, None)
 
-    def check(self, async_engine) -> None:
+    def check(self) -> None:
         now = time.monotonic()
         for key, (rid, deadline) in list(self.deadlines.items()):
             err = self.failure(rid, deadline, now)
             # A request whose reader has not started yet (its grammar still compiling) is tried again
             # at the next check.
-            if err is not None and async_engine.fail(rid, err):
+            if err is not None and self.fail(rid, err):
                 del self.deadlines[key]
 
-    async def _run(self, async_engine) -> None:
+    async def _run(self) -> None:
         while self.deadlines:
             await asyncio.sleep(POLL_S)
-            self.check(async_engine)
+            self.check()
 
 
 class RequestTimeoutError(RuntimeError):
@@ -94,6 +95,7 @@ class EngineReplica:
         self.replica_id = _replica_id()
         self.engine = LLMEngine(EngineArgs(**engine_args), placement=placement)
         self.async_engine = AsyncLLMEngine(self.engine, max_queued_requests, max_stream_messages_per_s)
+        self.watch = RequestWatch(self._failure, self.async_engine.fail)
         self.request_timeout_s, self.health_stall_s = request_timeout_s, health_stall_s
         self.stalled: Optional[str] = None  # why the engine was declared unusable (sticky)
         self.drain_end: Optional[float] = None  # set by drain_and_stop: no new requests; leftovers end then
@@ -127,7 +129,7 @@ class EngineReplica:
                                               **engine_kwargs)
             clock = self.slo.request()
             held, sent_output = None, False  # a non-streaming call's outputs between its first and its last
-            self._watch().add(watch_key, call.request_id, deadline, self.async_engine)
+            self.watch.add(watch_key, call.request_id, deadline)
             async with contextlib.aclosing(agen) as outs:
                 async for out in outs:  # a caller that goes away closes the generator: the request aborts
                     clock.tokens(new_tokens(out))
@@ -148,13 +150,7 @@ class EngineReplica:
         except (EngineDeadError, ReplicaUnavailableError) as e:
             yield self._error(503, str(e))
         finally:
-            self._watch().discard(watch_key)
-
-    def _watch(self) -> RequestWatch:
-        watch = getattr(self, "_request_watch", None)
-        if watch is None:
-            watch = self._request_watch = RequestWatch(self._failure)
-        return watch
+            self.watch.discard(watch_key)
 
     def _failure(self, request_id: str, deadline: Optional[float], now: float) -> Optional[Exception]:
         """Why this request, with this deadline, must end now (RequestWatch), or None."""

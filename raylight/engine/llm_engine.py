@@ -38,16 +38,16 @@ Changed = list[tuple[Request, Optional[SampledToken]]]  # sequences that got a t
 
 @dataclasses.dataclass
 class StepTotals:
-    """Sums over all steps, exported as counters: two scrapes give a window's mean step time and rows."""
-    steps: int = 0
+    """Sums over all steps (their count is `num_steps`), exported as counters: two scrapes give a window's
+    mean step time and rows."""
     seconds: float = 0.0
     rows: int = 0
     tokens: int = 0
     decode_rows: int = 0
 
     def add(self, rows: int, tokens: int, decode_rows: int, seconds: float) -> None:
-        self.steps, self.rows, self.tokens = self.steps + 1, self.rows + rows, self.tokens + tokens
-        self.decode_rows, self.seconds = self.decode_rows + decode_rows, self.seconds + seconds
+        self.rows, self.tokens, self.decode_rows = self.rows + rows, self.tokens + tokens, self.decode_rows + decode_rows
+        self.seconds += seconds
 
     def as_metrics(self) -> dict[str, float]:
         return {"step_seconds_total": self.seconds, "step_rows_total": self.rows,

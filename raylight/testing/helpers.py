@@ -145,6 +145,18 @@ def serve_replica_pids(app: str, deployment: str) -> list[int]:
     return pids
 
 
+def load_script(name: str):
+    """scripts/<name>.py of this checkout as a module (scripts are not a package), for its tests."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     import socket
 

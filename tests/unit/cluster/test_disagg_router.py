@@ -355,6 +355,9 @@ class FakeAsyncEngine:
     def remote_prefill_failed(self, transfer_id, reason):
         self.failed.append((transfer_id, reason))
 
+    def fail(self, request_id, error):
+        return False
+
 
 class FakeLLMEngine:
     def get_metrics(self):
@@ -367,7 +370,10 @@ def make_role(cls):
     rep.request_timeout_s, rep.health_stall_s, rep.stalled, rep.drain_end, rep.drain_expired = None, 60.0, None, None, False
     from raylight.cluster.autoscaling import SLORecorder
 
+    from raylight.cluster.replica import RequestWatch
+
     rep.slo = SLORecorder()
+    rep.watch = RequestWatch(rep._failure, rep.async_engine.fail)
     return rep
 
 

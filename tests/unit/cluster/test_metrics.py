@@ -3,19 +3,7 @@ counters stay (they never go down); idle and fresh snapshots count."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 from raylight.cluster.metrics import ServerMetrics
-
-
-def _bench_serving():
-    """scripts/bench_serving.py as a module (scripts are not a package)."""
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "scripts", "bench_serving.py")
-    spec = importlib.util.spec_from_file_location("bench_serving", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def _value(text: str, name: str) -> float:
@@ -87,7 +75,7 @@ def test_a_message_of_several_tokens_shares_its_gap_between_them(monkeypatch):
     assert _value(text, "raylight:time_to_first_token_seconds_count") == 1
 
 
-def test_engine_step_counters_are_summed_over_replicas_and_two_scrapes_give_a_window():
+def test_engine_step_counters_are_summed_over_replicas():
     m = ServerMetrics()
     m.update_replica("a", dict(num_steps=10, step_seconds_total=0.05, step_rows_total=100, step_tokens_total=400,
                                idle_seconds_total=1.0))
@@ -99,23 +87,3 @@ def test_engine_step_counters_are_summed_over_replicas_and_two_scrapes_give_a_wi
     assert _value(text, "raylight:engine_step_rows_total") == 400
     assert _value(text, "raylight:engine_step_tokens_total") == 1000
     assert _value(text, "raylight:engine_idle_seconds_total") == 1.5
-
-    bench = _bench_serving()
-    names = bench._ENGINE_COUNTERS
-    before = {names["steps"]: 40, names["busy_s"]: 0.2, names["rows"]: 400, names["tokens"]: 1000, names["idle_s"]: 1.5}
-    after = {names["steps"]: 140, names["busy_s"]: 1.2, names["rows"]: 20400, names["tokens"]: 31000,
-             names["idle_s"]: 2.0}
-    w = bench.engine_window(before, after)
-    assert w == dict(steps=100, busy_s=1.0, idle_s=0.5, mean_step_ms=10.0, mean_rows=200.0, mean_tokens=300.0)
-    assert bench.engine_window({}, {}) is None  # a peer server without these counters
-    assert bench.step_window([(2, 10, 1, 0.01), (4, 4, 4, 0.03)]) == dict(
-        steps=2, busy_s=0.04, mean_step_ms=20.0, mean_rows=3.0, mean_tokens=7.0)
-
-
-def test_bench_timeline_says_when_the_first_token_and_completion_came():
-    bench = _bench_serving()
-    recs = [dict(sent_wall=100.0, done_wall=106.5, ttft=5.0, error=None),
-            dict(sent_wall=100.5, done_wall=107.2, ttft=2.0, error=None),
-            dict(sent_wall=100.2, done_wall=None, error="ClientError")]
-    tl = bench.timeline(recs, 100.0)
-    assert tl == dict(first_token_s=2.5, first_done_s=6.5, last_sent_s=0.5, completions_per_s=[0] * 6 + [1, 1])

@@ -24,17 +24,18 @@ def test_past_deadline_requests_end_and_a_request_without_a_reader_yet_is_retrie
         return TimeoutError(f"{rid} late") if deadline is not None and now >= deadline else None
 
     async def main():
-        watch, eng = RequestWatch(failure), _Engine({"late", "ok"})
+        eng = _Engine({"late", "ok"})
+        watch = RequestWatch(failure, eng.fail)
         keys = {rid: object() for rid in ("late", "ok", "compiling", "no_deadline")}
-        watch.add(keys["late"], "late", 0.0, eng)
-        watch.add(keys["ok"], "ok", 1e18, eng)
-        watch.add(keys["compiling"], "compiling", 0.0, eng)
-        watch.add(keys["no_deadline"], "no_deadline", None, eng)
-        watch.check(eng)
+        watch.add(keys["late"], "late", 0.0)
+        watch.add(keys["ok"], "ok", 1e18)
+        watch.add(keys["compiling"], "compiling", 0.0)
+        watch.add(keys["no_deadline"], "no_deadline", None)
+        watch.check()
         assert eng.failed == [("late", "late late")]
         assert {rid for rid, _ in watch.deadlines.values()} == {"ok", "compiling", "no_deadline"}
         eng.readers.add("compiling")  # its reader started
-        watch.check(eng)
+        watch.check()
         assert eng.failed[-1] == ("compiling", "compiling late")
         for key in keys.values():
             watch.discard(key)

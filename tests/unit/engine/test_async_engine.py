@@ -384,7 +384,7 @@ def test_one_watch_task_guards_every_request_and_holds_none_after_they_end(model
         tasks = [asyncio.ensure_future(messages(rep, f"r{i}", long_params(3 if i == 0 else 400), start=i))
                  for i in range(3)]
         await asyncio.sleep(0.2)
-        watch = rep._watch()
+        watch = rep.watch
         assert {rid for rid, _ in watch.deadlines.values()} <= {"r0", "r1", "r2"}
         assert watch.task is not None and not watch.task.done()
         gen = rep.generate(GenerateCall("left", prompt(start=9), long_params()))

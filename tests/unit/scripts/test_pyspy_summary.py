@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
-
-def _module():
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "scripts", "pyspy_summary.py")
-    spec = importlib.util.spec_from_file_location("pyspy_summary", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from raylight.testing.helpers import load_script
 
 
 def test_samples_split_into_the_engine_loop_and_the_heaviest_other_stacks(tmp_path):
@@ -22,7 +13,7 @@ def test_samples_split_into_the_engine_loop_and_the_heaviest_other_stacks(tmp_pa
         "Thread.run (threading.py:4);handle (ray/serve/replica.py:5);dumps (cloudpickle.py:6) 12\n"
         "Thread.run (threading.py:4);handle (ray/serve/replica.py:5);loads (cloudpickle.py:7) 5\n"
         "a line that is not a stack\n")
-    mod = _module()
+    mod = load_script("pyspy_summary")
     s = mod.summarize(mod.load(str(raw)), top=1, depth=2)
     assert s["samples"] == 47
     assert s["groups"] == {"engine loop": 30, "other threads": 17}
