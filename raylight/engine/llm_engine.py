@@ -90,7 +90,7 @@ class LLMEngine:
         self.graph_capture_s = rank.graph_capture_s
         graphs = rank.graphs
         self.runner = ModelRunner(rank.stage_model, self.attn_backend, self.kv_caches, args.block_size, self.device,
-                                  args.seed, graphs=graphs,
+                                  args.seed, graphs=graphs, piecewise=rank.piecewise,
                                   dispatch=self.executor.dispatch if self.executor.world_size > 1 else None,
                                   share_ids=rank.groups.broadcast_from_tp0 if args.tensor_parallel_size > 1 else None,
                                   kv_sender=rank.kv_sender, after_forward=rank.eplb.step if rank.eplb else None)
@@ -135,8 +135,8 @@ class LLMEngine:
             self.ready_s, self.model_name, str(self.dtype).replace("torch.", ""), self.device,
             args.tensor_parallel_size, args.pipeline_parallel_size,
             f" ep={args.tensor_parallel_size}{' eplb' if rank.eplb else ''}" if args.enable_expert_parallel else "",
-            self.attn_backend.name, graphs is not None, self.num_blocks, args.block_size,
-            self.num_blocks * args.block_size, self.kv_cache_bytes / 2**30, self.max_model_len, self.policy.name,
+            self.attn_backend.name, ("decode+piecewise" if rank.piecewise else "decode") if graphs else "none",
+            self.num_blocks, args.block_size, self.num_blocks * args.block_size, self.kv_cache_bytes / 2**30, self.max_model_len, self.policy.name,
             self.warmup_s)
 
     # ---- sizing ----

@@ -138,9 +138,10 @@ class Executor:
         for part in (rank.kv_endpoint, rank.kv_sender) if rank is not None else ():
             if part is not None:
                 part.close()  # the KV endpoint's store stops listening; the sender's thread ends
-        graphs = rank.graphs if rank is not None and self.launcher is not None else None
-        if graphs is not None and self._all_ranks_alive():  # else the device may never finish: NCCL was aborted
-            graphs.release()  # before the NCCL communicators its graphs captured go away
+        if rank is not None and self.launcher is not None and self._all_ranks_alive():
+            # Before the NCCL communicators the graphs captured go away (else the device may never finish:
+            # NCCL was aborted).
+            rank.release_graphs()
         self._finalizer()
 
     def _all_ranks_alive(self) -> bool:

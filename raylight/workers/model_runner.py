@@ -66,12 +66,13 @@ class StepHandle:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, attn_backend, kv_caches: list[torch.Tensor],
-                 block_size: int, device: torch.device, seed: int = 0, graphs=None,
+                 block_size: int, device: torch.device, seed: int = 0, graphs=None, piecewise=None,
                  dispatch: Optional[Callable[[StepInputs], None]] = None,
                  share_ids: Optional[Callable[[torch.Tensor], None]] = None, kv_sender=None,
                  after_forward: Optional[Callable[[], None]] = None):
         self.model = model
         self.graphs = graphs  # a CudaGraphRunner for decode-only steps, or None (eager)
+        self.piecewise = piecewise  # a PiecewiseGraphRunner for the other steps up to its size, or None
         self._staged: Optional[torch.cuda.Event] = None  # the last step's inputs were queued for the device
         self.attn_backend = attn_backend
         self.kv_caches = kv_caches
@@ -222,6 +223,8 @@ class ModelRunner:
                 ids[fill_ids[0]] = fill_ids[1]
         if staged is not None:
             staged.record()
+        if not pushes and self.piecewise is not None and self.piecewise.can_run(len(inputs.input_ids)):
+            return self.piecewise.run(ids, positions, attn_meta)
         if not pushes:
             return self.model(ids, positions, self.kv_caches, attn_meta)
         self.kv_sender.begin_step(pushes)  # the layers' forward hooks push as each layer finishes

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from raylight.config import EngineArgs
-from raylight.defaults import DEFAULT_CPU_KV_CACHE_BYTES
+from raylight.defaults import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_PIECEWISE_GRAPH_TOKENS
 from raylight.kernels.config import KernelConfig
 from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata, get_attention_backend
 from raylight.models import registry
@@ -54,11 +54,18 @@ class RankModel:
     block_size: int
     bytes_per_block: int  # of this rank's KV cache
     device: torch.device
-    graphs: Optional[object] = None  # CudaGraphRunner
-    graph_capture_s: float = 0.0
+    graphs: Optional[object] = None  # CudaGraphRunner: decode-only steps
+    graph_capture_s: float = 0.0  # both kinds of graphs
     kv_endpoint: Optional[object] = None  # KVEndpoint (kv_role decode/both): prefill ranks push KV here
     kv_sender: Optional[object] = None  # KVSender (kv_role prefill/both): pushes KV to decode replicas
     eplb: Optional[object] = None  # EplbState (enable_eplb on a MoE model): steps after every forward
+    piecewise: Optional[object] = None  # PiecewiseGraphRunner: the other steps, up to its token count
+
+    def release_graphs(self) -> None:
+        """Frees every CUDA graph (before leaving the torch.distributed world: see CudaGraphRunner.release)."""
+        for runner in (self.graphs, self.piecewise):
+            if runner is not None:
+                runner.release()
 
     def metrics(self) -> dict:
         """This rank's figures for the engine's metrics: EPLB's, whose balancedness comes from the load
@@ -127,10 +134,28 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
         graphs = CudaGraphRunner(model, backend, kv_caches, max_bs, max_blocks, scratch_block=num_blocks,
                                  block_size=bs, device=device)
         capture_s = graphs.capture()
+    piecewise = None
+    max_tokens = piecewise_graph_tokens(args, model) if use_graphs else 0
+    if max_tokens:
+        from raylight.workers.piecewise_graphs import PiecewiseGraphRunner
+
+        piecewise = PiecewiseGraphRunner(model, backend, kv_caches, max_tokens, heads, arch.head_dim, dtype, device)
+        capture_s += piecewise.capture()
     stage = model if groups.pp_size == 1 else StageModel(model, groups)
     endpoint, sender = _kv_transfer(args, arch, groups, model, kv_caches, device, dtype)
     return RankModel(groups, model, stage, backend, kv_caches, num_blocks, bs, bytes_per_block, device, graphs,
-                     capture_s, endpoint, sender, _eplb_state(args, model, groups))
+                     capture_s, endpoint, sender, _eplb_state(args, model, groups), piecewise)
+
+
+def piecewise_graph_tokens(args: EngineArgs, model) -> int:
+    """Largest step (in tokens) that the piecewise CUDA graphs take; 0: none. Dense models only: a
+    mixture-of-experts layer's routing sizes its work from the step's data."""
+    if getattr(model, "moe_blocks", None):
+        return 0
+    limit = args.max_piecewise_graph_tokens
+    if limit is None:
+        limit = DEFAULT_PIECEWISE_GRAPH_TOKENS
+    return min(limit, args.max_num_batched_tokens)
 
 
 def _eplb_state(args: EngineArgs, model, groups: ParallelGroups):
@@ -213,6 +238,9 @@ def profile_gpu_kv_budget(args: EngineArgs, model: torch.nn.Module, backend, gro
     del scratch, out, intermediate
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
+    # The piecewise graphs keep their own activations (their memory pool) beside the eager steps'.
+    graphs = not args.enforce_eager and groups.pp_size == 1
+    peak_extra += peak_extra * min(piecewise_graph_tokens(args, model), n) // n if graphs else 0
     budget = int(total * args.gpu_memory_utilization) - (total - free) - peak_extra
     logger.info("rank %d GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB -> KV budget "
                 "%.1f GiB", groups.rank, total / 2**30, (total - free) / 2**30, peak_extra / 2**30, budget / 2**30)
@@ -236,7 +264,7 @@ def serve_steps(rank: RankModel, channel: StepChannel) -> int:
     requests in between (`rank_report`)."""
     share = rank.groups.broadcast_from_tp0 if rank.groups.tp_size > 1 else None
     runner = ModelRunner(rank.stage_model, rank.attn_backend, rank.kv_caches, rank.block_size, rank.device,
-                         graphs=rank.graphs, share_ids=share, kv_sender=rank.kv_sender,
+                         graphs=rank.graphs, piecewise=rank.piecewise, share_ids=share, kv_sender=rank.kv_sender,
                          after_forward=rank.eplb.step if rank.eplb is not None else None)
     steps = 0
     channel.report = lambda: rank_report(rank, steps)
@@ -292,8 +320,8 @@ def run_rank(spec: RankSpec, rank: int, device: torch.device) -> int:
         for part in (built.kv_endpoint, built.kv_sender) if built is not None else ():
             if part is not None:
                 part.close()
-        if built is not None and built.graphs is not None:
-            built.graphs.release()  # before leaving the world: see CudaGraphRunner.release
+        if built is not None:
+            built.release_graphs()  # before leaving the world: see CudaGraphRunner.release
         leave_distributed()
 
 

@@ -72,6 +72,7 @@ class AttentionBackend(Protocol):
         ...
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: Any,
-                scale: float) -> torch.Tensor:
-        """q: [T, H, D]; k, v: [T, KVH, D] (written into kv_cache first) -> [T, H, D]."""
+                scale: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, KVH, D] (written into kv_cache first) -> [T, H, D], written into `out`
+        (contiguous) when it is given (the piecewise CUDA graphs' persistent buffer)."""
         ...

@@ -124,14 +124,15 @@ class FlashInferBackend:
                          s.block_size, non_blocking=True, **self._plan_kwargs())
         copy_to(meta.slot_mapping, common.slot_mapping)
 
-    def forward(self, q, k, v, kv_cache: torch.Tensor, meta: FlashInferMetadata, scale: float):
+    def forward(self, q, k, v, kv_cache: torch.Tensor, meta: FlashInferMetadata, scale: float, out=None):
         write_kv(k, v, kv_cache, meta.slot_mapping)
         nd = meta.num_decodes
         if not meta.has_prefill:
-            return meta.decode.run(q, kv_cache)
+            return meta.decode.run(q, kv_cache, out=out)
         if not nd:
-            return self._prefill.run(q, kv_cache)
-        out = torch.empty_like(q)
-        out[:nd] = meta.decode.run(q[:nd], kv_cache)
-        out[nd:] = self._prefill.run(q[nd:], kv_cache)
+            return self._prefill.run(q, kv_cache, out=out)
+        if out is None:
+            out = torch.empty_like(q)
+        meta.decode.run(q[:nd], kv_cache, out=out[:nd])
+        self._prefill.run(q[nd:], kv_cache, out=out[nd:])
         return out

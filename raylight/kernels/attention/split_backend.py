@@ -78,9 +78,9 @@ class SplitAttentionBackend:
     def fill_graph_metadata(self, meta: _GraphMeta, common: CommonAttentionMetadata) -> None:
         self.graph.fill_graph_metadata(meta.inner, common)
 
-    def forward(self, q, k, v, kv_cache: torch.Tensor, meta, scale: float):
+    def forward(self, q, k, v, kv_cache: torch.Tensor, meta, scale: float, out=None):
         if type(meta) is _GraphMeta:
-            return self.graph.forward(q, k, v, kv_cache, meta.inner, scale)
+            return self.graph.forward(q, k, v, kv_cache, meta.inner, scale, out=out)
         if type(meta) is _LongMeta:
-            return self.long.forward(q, k, v, kv_cache, meta.inner, scale)
-        return self.eager.forward(q, k, v, kv_cache, meta, scale)
+            return self.long.forward(q, k, v, kv_cache, meta.inner, scale, out=out)
+        return self.eager.forward(q, k, v, kv_cache, meta, scale, out=out)

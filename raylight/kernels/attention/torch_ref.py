@@ -93,13 +93,14 @@ class TorchAttentionBackend:
             decode_groups=groups, prefills=prefills,
         )
 
-    def forward(self, q, k, v, kv_cache: torch.Tensor, meta: TorchAttentionMetadata, scale: float):
+    def forward(self, q, k, v, kv_cache: torch.Tensor, meta: TorchAttentionMetadata, scale: float, out=None):
         """q: [T, H, D]; k, v: [T, KVH, D]; kv_cache: [num_blocks, 2, block_size, KVH, D]."""
         # Write every new token first, so a request reading a block written in this same
         # step (a prefix hit on a block being filled now) sees it.
         kv_cache[meta.slot_block, 0, meta.slot_offset] = k
         kv_cache[meta.slot_block, 1, meta.slot_offset] = v
-        out = torch.empty_like(q)
+        if out is None:
+            out = torch.empty_like(q)
         num_heads = q.shape[1]
         _, kv_heads, head_dim = k.shape
         group = num_heads // kv_heads

@@ -139,11 +139,13 @@ class TritonAttentionBackend:
         copy_to(meta.slot_mapping, common.slot_mapping)
 
     # ---- every layer ----
-    def forward(self, q, k, v, kv_cache: torch.Tensor, meta: TritonMetadata, scale: float):
-        """q: [T, H, D]; k, v: [T, KVH, D]; kv_cache: [num_blocks, 2, block_size, KVH, D] -> [T, H, D]."""
+    def forward(self, q, k, v, kv_cache: torch.Tensor, meta: TritonMetadata, scale: float, out=None):
+        """q: [T, H, D]; k, v: [T, KVH, D]; kv_cache: [num_blocks, 2, block_size, KVH, D] -> [T, H, D]
+        (into `out`, contiguous, when given)."""
         # Write first: a chunk reads its own K/V (and a block filled in this same step) from the cache.
         tk.write_kv(k, v, kv_cache, meta.slot_mapping)
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         window = self.spec.sliding_window
         tk.decode_attention(out, q, kv_cache, meta.block_tables, meta.seq_lens, meta.num_decodes, scale, window,
                             meta.num_splits, meta.partials)

@@ -32,9 +32,10 @@ class FakeBackend:
         self.calls.append("fill")
         meta["filled"] = common
 
-    def forward(self, q, k, v, kv_cache, meta, scale):
+    def forward(self, q, k, v, kv_cache, meta, scale, out=None):
         self.calls.append(("forward", meta))
-        return torch.full_like(q, {"eager": 1.0, "graph": 2.0, "long": 3.0}[self.name])
+        value = {"eager": 1.0, "graph": 2.0, "long": 3.0}[self.name]
+        return torch.full_like(q, value) if out is None else out.fill_(value)
 
 
 def test_eager_and_graph_steps_go_to_their_backends():

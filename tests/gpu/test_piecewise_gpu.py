@@ -1,0 +1,89 @@
+"""workers/piecewise_graphs.py on a CUDA GPU: a step replayed from the piecewise graphs (padded token
+count, attention eager between the pieces) computes what the eager forward computes, and the engine's
+greedy output with them equals the engine's without them (float32, token for token)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raylight import LLM, SamplingParams
+from raylight.kernels.attention import CommonAttentionMetadata
+from raylight.testing.helpers import make_random_hf_model, random_prompts
+from raylight.workers.piecewise_graphs import piecewise_sizes
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("llama-piecewise"))
+    make_random_hf_model("llama", path, hidden_size=256, intermediate_size=512, embed_std=1.0, weight_std=0.04)
+    return path
+
+
+def _engine(model_dir, backend, **kw):
+    return LLM(model_dir, dtype="float32" if backend == "triton" else "bfloat16", device="cuda",
+               max_num_batched_tokens=256, attention_backend=backend, num_kv_blocks=1024,
+               max_cuda_graph_batch_size=16, **kw)
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+@torch.inference_mode()
+def test_replayed_step_equals_the_eager_forward(model_dir, backend, monkeypatch):
+    # auto: FlashInfer takes prefill rows over 64+ tokens of context here (its `long` role), Triton the rest.
+    monkeypatch.setenv("RAYLIGHT_LONG_PREFILL_MIN_CONTEXT", "64")
+    llm = _engine(model_dir, backend)
+    eng = llm.engine
+    pw = eng.runner.piecewise
+    assert pw is not None and pw.sizes == piecewise_sizes(256) and pw.sizes[-1] == 256
+    assert all(len(p.calls) == len(eng.kv_caches) for p in pw.pieces.values())
+    dev = eng.device
+    bs = eng.args.block_size
+    # Two decodes (contexts 40 and 130) and two prefill chunks (one fresh, one on a 70-token prefix):
+    # 2 + 57 + 33 = 92 tokens, replayed from the 96-token graph.
+    rng = np.random.default_rng(0)
+    q_lens = np.array([1, 1, 57, 33])
+    seq_lens = np.array([40, 130, 57, 103])
+    tables = np.arange(4 * 16, dtype=np.int64).reshape(4, 16)  # blocks no request holds
+    qsl = np.concatenate([[0], np.cumsum(q_lens)])
+    positions = np.concatenate([np.arange(s - q, s) for s, q in zip(seq_lens, q_lens)])
+    req = np.repeat(np.arange(4), q_lens)
+    slots = tables[req, positions // bs] * bs + positions % bs
+    ids = torch.from_numpy(rng.integers(0, 512, qsl[-1])).to(dev)
+    pos = torch.from_numpy(positions).to(dev)
+    common = CommonAttentionMetadata(num_decodes=2, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
+                                     slot_mapping=torch.from_numpy(slots).to(dev))
+    for cache in eng.kv_caches:  # the contexts' earlier tokens: any finite values
+        cache[:64].normal_()
+    want = eng.model(ids, pos, eng.kv_caches, eng.attn_backend.build(common)).clone()
+    before = pw.num_replays
+    got = pw.run(ids, pos, eng.attn_backend.build(common))
+    assert pw.num_replays == before + 1 and got.shape == want.shape
+    tol = 1e-4 if backend == "triton" else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for cache in eng.kv_caches:
+        cache[:64].zero_()
+    del llm
+    torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def test_engine_greedy_output_equals_the_engine_without_piecewise_graphs(model_dir):
+    # Prompts over the 256-token budget run in chunks beside other requests' decodes: every kind of step.
+    prompts = random_prompts(24, 512, 5, 600, seed=3)
+    params = [SamplingParams(temperature=0.0, max_tokens=24 + (i % 5) * 8, ignore_eos=True)
+              for i in range(len(prompts))]
+    outs = {}
+    for tokens in (None, 0):
+        llm = _engine(model_dir, "triton", max_piecewise_graph_tokens=tokens)
+        pw = llm.engine.runner.piecewise
+        assert (pw is None) == (tokens == 0)
+        outs[tokens] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        if pw is not None:
+            assert pw.num_replays > 0 and llm.engine.runner.graphs.num_replays > 0
+        del llm
+        torch.cuda.empty_cache()
+    same = sum(a == b for a, b in zip(outs[None], outs[0]))
+    assert same == len(prompts), f"{same}/{len(prompts)} requests equal"
