@@ -23,9 +23,9 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def _engine(model_dir, backend, **kw):
+def _engine(model_dir, backend, budget=256, **kw):
     return LLM(model_dir, dtype="float32" if backend == "triton" else "bfloat16", device="cuda",
-               max_num_batched_tokens=256, attention_backend=backend, num_kv_blocks=1024,
+               max_num_batched_tokens=budget, attention_backend=backend, num_kv_blocks=1024,
                max_cuda_graph_batch_size=16, **kw)
 
 
@@ -71,13 +71,14 @@ def test_replayed_step_equals_the_eager_forward(model_dir, backend, monkeypatch)
 
 @torch.inference_mode()
 def test_engine_greedy_output_equals_the_engine_without_piecewise_graphs(model_dir):
-    # Prompts over the 256-token budget run in chunks beside other requests' decodes: every kind of step.
-    prompts = random_prompts(24, 512, 5, 600, seed=3)
+    # Prompts over the 128-token budget run in chunks beside other requests' decodes: every kind of step
+    # (the model's window is 512 tokens).
+    prompts = random_prompts(24, 512, 5, 400, seed=3)
     params = [SamplingParams(temperature=0.0, max_tokens=24 + (i % 5) * 8, ignore_eos=True)
               for i in range(len(prompts))]
     outs = {}
     for tokens in (None, 0):
-        llm = _engine(model_dir, "triton", max_piecewise_graph_tokens=tokens)
+        llm = _engine(model_dir, "triton", budget=128, max_piecewise_graph_tokens=tokens)
         pw = llm.engine.runner.piecewise
         assert (pw is None) == (tokens == 0)
         outs[tokens] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
