@@ -40,6 +40,11 @@ class PoolConfig(BaseModel):
         "stream's tokens are merged into fewer, larger messages (each costs the replica 0.25-0.6 ms of CPU on Ray "
         "Serve, beside the engine). A stream's first and last tokens are never held. None: one message per "
         "token step."))
+    gil_switch_interval_s: Optional[float] = Field(0.0005, gt=0, description=(
+        "The engine replica process's GIL switch interval (sys.setswitchinterval). Its engine thread shares the "
+        "GIL with Serve's event loop; when the thread gives the GIL up (waiting for the device) it gets it back "
+        "only once the loop releases it or has run this long, so Python's default (5 ms) could add up to 5 ms "
+        "to a 1-4 ms step. None: Python's default."))
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description=(
         "How a request picks a replica of this pool: Serve's default, or kv_aware (cluster/kv_router.py)."))
 
@@ -221,7 +226,7 @@ def _engine_pool(cls, name: str, cfg: ServerConfig, pool: PoolConfig, engine_arg
     cpu_threads = int(pool.ray_actor_options.get("num_cpus", 1) or 1)
     return serve.deployment(cls, name=name, **opts).bind(
         engine_args.model_dump(exclude_none=True), pool.max_queued_requests, cpu_threads, plan,
-        cfg.request_timeout_s, cfg.health_stall_s, pool.max_stream_messages_per_s)
+        cfg.request_timeout_s, cfg.health_stall_s, pool.max_stream_messages_per_s, pool.gil_switch_interval_s)
 
 
 def _ingress(cfg: ServerConfig, engine, engine_args: EngineArgs):

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import time
 from typing import Any, AsyncIterator, Optional
 
@@ -80,10 +81,12 @@ class EngineReplica:
 
     def __init__(self, engine_args: dict[str, Any], max_queued_requests: Optional[int] = None,
                  cpu_threads: Optional[int] = None, placement=None, request_timeout_s: Optional[float] = None,
-                 health_stall_s: float = 60.0, max_stream_messages_per_s: Optional[float] = None):
+                 health_stall_s: float = 60.0, max_stream_messages_per_s: Optional[float] = None,
+                 gil_switch_interval_s: Optional[float] = None):
         """`placement`: the PlacementPlan this replica's placement group was made from (TP x PP > 1):
         this actor is rank 0 and starts the other ranks as Ray actors in their bundles.
-        `request_timeout_s`, `health_stall_s`: see AppConfig; `max_stream_messages_per_s`: see PoolConfig."""
+        `request_timeout_s`, `health_stall_s`: see AppConfig; `max_stream_messages_per_s`,
+        `gil_switch_interval_s`: see PoolConfig (the interval is this process's: the actor is the replica's own)."""
         import torch
 
         from raylight.engine.async_engine import AsyncLLMEngine
@@ -92,6 +95,8 @@ class EngineReplica:
         # Ray sets OMP_NUM_THREADS to the actor's CPU count (1 by default); use what we were given.
         threads = cpu_threads or int(float(os.environ.get("OMP_NUM_THREADS", "0") or 0)) or os.cpu_count()
         torch.set_num_threads(max(1, threads))
+        if gil_switch_interval_s is not None:
+            sys.setswitchinterval(gil_switch_interval_s)
         self.replica_id = _replica_id()
         self.engine = LLMEngine(EngineArgs(**engine_args), placement=placement)
         self.async_engine = AsyncLLMEngine(self.engine, max_queued_requests, max_stream_messages_per_s)

@@ -7,6 +7,7 @@ The step is slowed down (or hung) by wrapping the engine's `step` on the instanc
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 
@@ -35,11 +36,13 @@ def make_engine(model_dir, step_s=STEP_S, **kw) -> LLMEngine:
     return slow_down(LLMEngine(EngineArgs(**{**ENGINE, "model": model_dir, **kw})), step_s)
 
 
-def make_replica(model_dir, step_s=STEP_S, request_timeout_s=None, health_stall_s=60.0, **kw):
+def make_replica(model_dir, step_s=STEP_S, request_timeout_s=None, health_stall_s=60.0, gil_switch_interval_s=None,
+                 **kw):
     from raylight.cluster.replica import EngineReplica
 
     rep = EngineReplica({**ENGINE, "model": model_dir, **kw}, max_queued_requests=8, cpu_threads=1,
-                        request_timeout_s=request_timeout_s, health_stall_s=health_stall_s)
+                        request_timeout_s=request_timeout_s, health_stall_s=health_stall_s,
+                        gil_switch_interval_s=gil_switch_interval_s)
     slow_down(rep.engine, step_s)
     return rep
 
@@ -225,13 +228,17 @@ def test_stalled_step_fails_waiting_requests_and_refuses_new_ones(model_dir, run
 
 
 def test_an_idle_replica_stays_healthy(model_dir):
-    rep = make_replica(model_dir, step_s=0.0, health_stall_s=2.0)
+    before = sys.getswitchinterval()
+    rep = make_replica(model_dir, step_s=0.0, health_stall_s=2.0, gil_switch_interval_s=0.0005)
     try:
+        # The replica's process hands the GIL over sooner (PoolConfig.gil_switch_interval_s).
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
         time.sleep(2.5)
         assert rep.engine_ok()
         rep.check_health()
     finally:
         rep._stop()
+        sys.setswitchinterval(before)
 
 
 def test_crashed_step_fails_waiting_requests(model_dir, run):
