@@ -40,11 +40,12 @@ class PoolConfig(BaseModel):
         "stream's tokens are merged into fewer, larger messages (each costs the replica 0.25-0.6 ms of CPU on Ray "
         "Serve, beside the engine). A stream's first and last tokens are never held. None: one message per "
         "token step."))
-    gil_switch_interval_s: Optional[float] = Field(0.0005, gt=0, description=(
-        "The engine replica process's GIL switch interval (sys.setswitchinterval). Its engine thread shares the "
-        "GIL with Serve's event loop; when the thread gives the GIL up (waiting for the device) it gets it back "
-        "only once the loop releases it or has run this long, so Python's default (5 ms) could add up to 5 ms "
-        "to a 1-4 ms step. None: Python's default."))
+    gil_switch_interval_s: Optional[float] = Field(None, gt=0, description=(
+        "The engine replica process's GIL switch interval (sys.setswitchinterval; None: Python's 5 ms). Its engine "
+        "thread shares the GIL with Serve's event loop: when the thread gives the GIL up (waiting for the device) "
+        "it gets it back only once the loop releases it or has run this long, and the loop waits as long for a "
+        "thread launching a step. A knob to measure, not yet a tuned default: on 2 CPU cores 0.5 ms and 5 ms "
+        "served the same within noise; no GPU run has tried it."))
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description=(
         "How a request picks a replica of this pool: Serve's default, or kv_aware (cluster/kv_router.py)."))
 

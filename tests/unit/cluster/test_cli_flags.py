@@ -76,6 +76,6 @@ def test_stream_budget_reaches_each_engine_replica():
     assert replica_args({"engine_args": {"load_format": "dummy"}})[6] == 500.0
     assert replica_args({"engine_args": {"load_format": "dummy"}, "max_stream_messages_per_s": 250})[6] == 250
     assert replica_args({"engine_args": {"load_format": "dummy"}, "max_stream_messages_per_s": None})[6] is None
-    # The replica process's GIL switch interval (PoolConfig.gil_switch_interval_s): 0.5 ms unless set.
-    assert replica_args({"engine_args": {"load_format": "dummy"}})[7] == 0.0005
-    assert replica_args({"engine_args": {"load_format": "dummy"}, "gil_switch_interval_s": None})[7] is None
+    # The replica process's GIL switch interval (PoolConfig.gil_switch_interval_s): Python's unless set.
+    assert replica_args({"engine_args": {"load_format": "dummy"}})[7] is None
+    assert replica_args({"engine_args": {"load_format": "dummy"}, "gil_switch_interval_s": 0.0005})[7] == 0.0005
