@@ -8,6 +8,7 @@
 #   ours     `serve run configs/gpu.yaml` (a local Ray of its own; PYTHONPATH=/root/raysite:/tmp/site, our
 #            site dirs only), waits for /health, runs scripts/bench_serving.py at every rate, stops it (SIGINT:
 #            serve run shuts Serve and its Ray down; then the process group is killed, and the GPU waited on)
+#   ours:<config>  the same with another config of the same model and port (label raylight-<its name>): an A/B
 #   offline  the same requests through raylight's offline LLM with the config's engine_args
 #   vllm     vLLM's OpenAI server (PYTHONPATH=/root/peer/site alone) on the same model shape, dummy weights,
 #            the same scheduler limits, the same load
@@ -130,16 +131,20 @@ for phase in $PHASES; do
   echo "=== $phase $(date +%T)"
   wait_gpu_free
   case $phase in
-    ours)
+    ours|ours:*)
+      # ours:<config>: our server with another config (same model, port and load), labelled raylight-<name>:
+      # an A/B of server settings in one call, e.g. PHASES="ours ours:/tmp/gil.yaml".
+      cfg=$CONFIG label=raylight
+      if [ "$phase" != ours ]; then cfg=${phase#ours:}; label=raylight-$(basename "$cfg" .yaml); fi
       if ! PYTHONPATH=$OURPATH python3 -c "import ray.serve, fastapi" 2>/dev/null; then
         echo "ray[serve] is not in $RAYSITE: run scripts/pack_ray_wheels.sh --device-1 / --device-2 first"; continue
       fi
-      start_bg serve_raylight "$OURPATH" python3 -c "$SERVE_CLI" run --address local "$CONFIG"
+      start_bg "serve_$label" "$OURPATH" python3 -c "$SERVE_CLI" run --address local "$cfg"
       if wait_health "$OUR_PORT" "${START_OURS_S:-180}" "$SPID"; then
         PROF=""
-        if [ -n "${PYSPY_AFTER:-}" ]; then profile_when "$PYSPY_AFTER" "$OUT/logs/bench_raylight.log" & PROF=$!; fi
-        bench "${LOAD_S:-200}" --url "http://127.0.0.1:$OUR_PORT" --model "$SERVED" --label raylight $WL \
-          2>&1 | tee "$OUT/logs/bench_raylight.log"
+        if [ -n "${PYSPY_AFTER:-}" ]; then profile_when "$PYSPY_AFTER" "$OUT/logs/bench_$label.log" & PROF=$!; fi
+        bench "${LOAD_S:-200}" --url "http://127.0.0.1:$OUR_PORT" --model "$SERVED" --label "$label" $WL \
+          2>&1 | tee "$OUT/logs/bench_$label.log"
         echo "bench exit ${PIPESTATUS[0]}"
         if [ -n "$PROF" ]; then  # a profile under way ends by itself; one still waiting for its cue, now
           for _ in $(seq 1 $(( ${PYSPY_S:-8} + 10 ))); do kill -0 "$PROF" 2>/dev/null || break; sleep 1; done
@@ -147,7 +152,7 @@ for phase in $PHASES; do
         fi
       fi
       stop_bg "$SPID" INT
-      tail -3 "$OUT/logs/serve_raylight.log"
+      tail -3 "$OUT/logs/serve_$label.log"
       mkdir -p "$OUT/logs/ray" && cp -r /tmp/ray/session_latest/logs/serve "$OUT/logs/ray/" 2>/dev/null
       cp /tmp/ray/session_latest/logs/*.err "$OUT/logs/ray/" 2>/dev/null
       ;;
