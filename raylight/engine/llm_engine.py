@@ -136,8 +136,8 @@ class LLMEngine:
             args.tensor_parallel_size, args.pipeline_parallel_size,
             f" ep={args.tensor_parallel_size}{' eplb' if rank.eplb else ''}" if args.enable_expert_parallel else "",
             self.attn_backend.name, ("decode+piecewise" if rank.piecewise else "decode") if graphs else "none",
-            self.num_blocks, args.block_size, self.num_blocks * args.block_size, self.kv_cache_bytes / 2**30, self.max_model_len, self.policy.name,
-            self.warmup_s)
+            self.num_blocks, args.block_size, self.num_blocks * args.block_size, self.kv_cache_bytes / 2**30,
+            self.max_model_len, self.policy.name, self.warmup_s)
 
     # ---- sizing ----
     @property

@@ -223,9 +223,9 @@ class ModelRunner:
                 ids[fill_ids[0]] = fill_ids[1]
         if staged is not None:
             staged.record()
-        if not pushes and self.piecewise is not None and self.piecewise.can_run(len(inputs.input_ids)):
-            return self.piecewise.run(ids, positions, attn_meta)
         if not pushes:
+            if self.piecewise is not None and self.piecewise.can_run(len(inputs.input_ids)):
+                return self.piecewise.run(ids, positions, attn_meta)
             return self.model(ids, positions, self.kv_caches, attn_meta)
         self.kv_sender.begin_step(pushes)  # the layers' forward hooks push as each layer finishes
         try:

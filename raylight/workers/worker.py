@@ -98,10 +98,14 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
     elem = torch.empty((), dtype=dtype).element_size()
     bytes_per_block = model.num_local_layers * 2 * bs * kv_heads * arch.head_dim * elem
 
+    # PP stages hand activations over outside the model, which a captured graph cannot do (yet).
+    use_graphs = (device.type == "cuda" and not args.enforce_eager and groups.pp_size == 1
+                  and getattr(backend, "supports_cuda_graphs", False))
+    piecewise_tokens = piecewise_graph_tokens(args, model) if use_graphs else 0
     if args.num_kv_blocks is not None:
         budget, blocks = None, args.num_kv_blocks
     else:
-        budget = (profile_gpu_kv_budget(args, model, backend, groups, device, dtype, max_model_len)
+        budget = (profile_gpu_kv_budget(args, model, backend, groups, device, dtype, max_model_len, piecewise_tokens)
                   if device.type == "cuda" else args.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES)
         blocks = budget // bytes_per_block
     num_blocks = _min_over_ranks(int(blocks), groups)  # the scheduler's one pool must fit every rank's
@@ -110,9 +114,6 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
                          f"{' on some rank' if groups.world_size > 1 else ''}; raise kv_cache_memory / "
                          f"gpu_memory_utilization")
 
-    # PP stages hand activations over outside the model, which a captured graph cannot do (yet).
-    use_graphs = (device.type == "cuda" and not args.enforce_eager and groups.pp_size == 1
-                  and getattr(backend, "supports_cuda_graphs", False))
     # Under CUDA graphs one extra block, never handed out by the pool, absorbs the padding rows' writes.
     shape = model.kv_cache_shape(num_blocks + use_graphs, bs)
     kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_local_layers)]
@@ -135,11 +136,11 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
                                  block_size=bs, device=device)
         capture_s = graphs.capture()
     piecewise = None
-    max_tokens = piecewise_graph_tokens(args, model) if use_graphs else 0
-    if max_tokens:
+    if piecewise_tokens:
         from raylight.workers.piecewise_graphs import PiecewiseGraphRunner
 
-        piecewise = PiecewiseGraphRunner(model, backend, kv_caches, max_tokens, heads, arch.head_dim, dtype, device)
+        piecewise = PiecewiseGraphRunner(model, backend, kv_caches, piecewise_tokens, heads, arch.head_dim, dtype,
+                                         device)
         capture_s += piecewise.capture()
     stage = model if groups.pp_size == 1 else StageModel(model, groups)
     endpoint, sender = _kv_transfer(args, arch, groups, model, kv_caches, device, dtype)
@@ -211,10 +212,12 @@ def _min_over_ranks(value: int, groups: ParallelGroups) -> int:
 
 @torch.inference_mode()
 def profile_gpu_kv_budget(args: EngineArgs, model: torch.nn.Module, backend, groups: ParallelGroups,
-                          device: torch.device, dtype: torch.dtype, max_model_len: int) -> int:
+                          device: torch.device, dtype: torch.dtype, max_model_len: int,
+                          piecewise_tokens: int = 0) -> int:
     """Runs one forward of this rank's layers at the full token budget; what remains under the
-    utilization cap is KV. A later PP stage runs on zero activations instead of receiving any, so
-    stages profile at the same time without talking; TP ranks of a stage run their all-reduces."""
+    utilization cap is KV, less room for the activations of piecewise graphs up to `piecewise_tokens`.
+    A later PP stage runs on zero activations instead of receiving any, so stages profile at the same
+    time without talking; TP ranks of a stage run their all-reduces."""
     n = min(args.max_num_batched_tokens, max_model_len)
     bs = args.block_size
     nb = -(-n // bs)
@@ -239,8 +242,7 @@ def profile_gpu_kv_budget(args: EngineArgs, model: torch.nn.Module, backend, gro
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     # The piecewise graphs keep their own activations (their memory pool) beside the eager steps'.
-    graphs = not args.enforce_eager and groups.pp_size == 1
-    peak_extra += peak_extra * min(piecewise_graph_tokens(args, model), n) // n if graphs else 0
+    peak_extra += peak_extra * min(piecewise_tokens, n) // n
     budget = int(total * args.gpu_memory_utilization) - (total - free) - peak_extra
     logger.info("rank %d GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB -> KV budget "
                 "%.1f GiB", groups.rank, total / 2**30, (total - free) / 2**30, peak_extra / 2**30, budget / 2**30)

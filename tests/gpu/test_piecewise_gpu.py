@@ -10,31 +10,24 @@ import torch
 
 from raylight import LLM, SamplingParams
 from raylight.kernels.attention import CommonAttentionMetadata
-from raylight.testing.helpers import make_random_hf_model, random_prompts
+from raylight.testing.helpers import random_prompts
 from raylight.workers.piecewise_graphs import piecewise_sizes
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("llama-piecewise"))
-    make_random_hf_model("llama", path, hidden_size=256, intermediate_size=512, embed_std=1.0, weight_std=0.04)
-    return path
-
-
-def _engine(model_dir, backend, budget=256, **kw):
-    return LLM(model_dir, dtype="float32" if backend == "triton" else "bfloat16", device="cuda",
+def _engine(gpu_llama_dir, backend, budget=256, **kw):
+    return LLM(gpu_llama_dir, dtype="float32" if backend == "triton" else "bfloat16", device="cuda",
                max_num_batched_tokens=budget, attention_backend=backend, num_kv_blocks=1024,
                max_cuda_graph_batch_size=16, **kw)
 
 
 @pytest.mark.parametrize("backend", ["triton", "auto"])
 @torch.inference_mode()
-def test_replayed_step_equals_the_eager_forward(model_dir, backend, monkeypatch):
+def test_replayed_step_equals_the_eager_forward(gpu_llama_dir, backend, monkeypatch):
     # auto: FlashInfer takes prefill rows over 64+ tokens of context here (its `long` role), Triton the rest.
     monkeypatch.setenv("RAYLIGHT_LONG_PREFILL_MIN_CONTEXT", "64")
-    llm = _engine(model_dir, backend)
+    llm = _engine(gpu_llama_dir, backend)
     eng = llm.engine
     pw = eng.runner.piecewise
     assert pw is not None and pw.sizes == piecewise_sizes(256) and pw.sizes[-1] == 256
@@ -70,7 +63,7 @@ def test_replayed_step_equals_the_eager_forward(model_dir, backend, monkeypatch)
 
 
 @torch.inference_mode()
-def test_engine_greedy_output_equals_the_engine_without_piecewise_graphs(model_dir):
+def test_engine_greedy_output_equals_the_engine_without_piecewise_graphs(gpu_llama_dir):
     # Prompts over the 128-token budget run in chunks beside other requests' decodes: every kind of step
     # (the model's window is 512 tokens).
     prompts = random_prompts(24, 512, 5, 400, seed=3)
@@ -78,7 +71,7 @@ def test_engine_greedy_output_equals_the_engine_without_piecewise_graphs(model_d
               for i in range(len(prompts))]
     outs = {}
     for tokens in (None, 0):
-        llm = _engine(model_dir, "triton", budget=128, max_piecewise_graph_tokens=tokens)
+        llm = _engine(gpu_llama_dir, "triton", budget=128, max_piecewise_graph_tokens=tokens)
         pw = llm.engine.runner.piecewise
         assert (pw is None) == (tokens == 0)
         outs[tokens] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

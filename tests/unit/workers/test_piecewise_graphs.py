@@ -4,11 +4,13 @@ forward run in tests/gpu/test_piecewise_gpu.py.)"""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from raylight import LLM, SamplingParams
 from raylight.config import EngineArgs
+from raylight.kernels.attention import CommonAttentionMetadata
 from raylight.defaults import DEFAULT_PIECEWISE_GRAPH_TOKENS
 from raylight.testing.helpers import make_random_hf_model, random_prompts
 from raylight.workers.piecewise_graphs import PiecewiseGraphRunner, _attention_swapped, _Splitter, piecewise_sizes
@@ -67,9 +69,6 @@ def test_a_forward_splits_at_every_attention_call_and_only_there(model_dir):
     eng = llm.engine
     ids = torch.randint(0, 100, (23,))
     pos = torch.arange(23)
-    from raylight.kernels.attention import CommonAttentionMetadata
-    import numpy as np
-
     common = CommonAttentionMetadata(num_decodes=0, query_start_loc=np.array([0, 23]), seq_lens=np.array([23]),
                                      block_tables=np.array([[0, 1]]), slot_mapping=torch.arange(23))
     recorder = _Recorder(eng.attn_backend)
