@@ -2,8 +2,9 @@
 
 * ingress <-> replica (Ray Serve handle calls): `GenerateCall` in, `ReplicaMessage`s out,
   `ReplicaStats` for the router and `/metrics`;
-* event loop <-> engine thread (one replica): `AddRequest`, `AbortRequest` in;
-  `RequestOutput` (raylight.outputs) out;
+* event loop <-> engine loop (one replica; a thread, or the engine's own process):
+  `AddRequest`, `AbortRequest`, `RemotePrefillFailed` in; `RequestOutput` (raylight.outputs) out;
+  with an engine process also `EngineProcessStart`/`Ready`/`Failed`, `EngineUpdate`, `StopEngine`;
 * scheduler -> model runner (rank 0): `SchedulerOutput`, with its `SampleRow`s and
   `PromptLogprobTask`s: everything the runner needs, so it never reads the KV manager or a
   scheduler-owned `Request`;
@@ -68,19 +69,21 @@ class ReplicaStats:
 
 @dataclass
 class AddRequest:
-    """A request for the engine thread; its outputs go to `sink` (an `OutputSink`)."""
+    """A request for the engine loop; its outputs go back marked with `ticket` (the client's number for
+    this generate call: engine/async_engine.py)."""
 
     request_id: str
     prompt: PromptType
     params: SamplingParams
     cache_salt: Optional[str]
-    sink: "OutputSink"
+    ticket: int
     # Disaggregated serving. Decode side: reserve blocks for a remote prefill (the first item the sink
     # gets is a `KVReservation`) unless the uncached part of the prompt is shorter than this many tokens.
     remote_prefill_threshold: Optional[int] = None
     # Prefill side: push the prompt's KV into these decode blocks as it is computed.
     kv_push: Optional["KVPushTarget"] = None
-    # Structured outputs: the grammar compiled (off the step loop) for params.structured_outputs.
+    # Structured outputs: the grammar compiled for params.structured_outputs (by the engine loop, off the
+    # step, when it arrives without one; never sent across a process: it is set where the loop runs).
     grammar: Any = None
 
 
@@ -123,6 +126,66 @@ class OutputSink:
 def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
     for q, item in batch:
         q.put_nowait(item)
+
+
+# ---------------------------------------------------------------- replica <-> engine process
+# (engine/engine_process.py: over a socket pair between a replica and the engine process it started;
+# the engine commands above travel the same way, without a grammar)
+
+@dataclass
+class EngineProcessStart:
+    """The first message to a new engine process: what to build."""
+
+    engine_args: dict[str, Any]  # EngineArgs fields
+    threads: int  # torch threads
+    log_level: str
+    max_stream_messages_per_s: Optional[float] = None
+
+
+@dataclass
+class EngineState:
+    """The engine's gauges as the loop last saw them (sent with every update)."""
+
+    num_running: int = 0
+    num_waiting: int = 0  # in the scheduler's queue or compiling a grammar
+    kv_blocks_free: int = 0
+    kv_blocks_total: int = 0
+    kv_cache_usage: float = 0.0
+    last_step_time: float = 0.0
+    has_unfinished: bool = False
+
+
+@dataclass
+class EngineProcessReady:
+    max_num_seqs: int
+    kv_events_enabled: bool
+    state: EngineState
+    metrics: dict[str, Any]
+
+
+@dataclass
+class EngineUpdate:
+    """The engine process's news since its last update: outputs by ticket (a `RequestOutput`, a
+    `KVReservation`, or the ValueError refusing a request), the last ticket its loop took, its gauges,
+    new KV events, and its metrics when they are due (a request finished, or every METRICS_EVERY_S)."""
+
+    outputs: list[tuple[int, Any]]
+    taken: int
+    state: EngineState
+    kv_events: list[Any] = field(default_factory=list)
+    metrics: Optional[dict[str, Any]] = None
+
+
+@dataclass
+class EngineProcessFailed:
+    """The engine process could not start, or its loop crashed: the traceback, then it exits."""
+
+    error: str
+
+
+@dataclass
+class StopEngine:
+    """Finish the steps in flight, stop the engine (and its other ranks), exit."""
 
 
 # ---------------------------------------------------------------- disaggregated prefill/decode

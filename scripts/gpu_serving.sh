@@ -108,14 +108,14 @@ wait_gpu_free() {
 
 # Once the bench output $2 shows $1 (PYSPY_AFTER, e.g. "rate 64:": the `inf` rate starts next), py-spy records
 # for PYSPY_S seconds (default 8) which Python stacks hold the GIL in the engine replica, the ingress and the
-# proxy (raw stacks in $OUT/logs/pyspy-<name>.txt): what shares the replica's GIL with the engine loop.
+# proxy, and the engine's own process when it has one (raw stacks in $OUT/logs/pyspy-<name>.txt).
 # py-spy comes from PATH or from the carried wheels (.whl/py_spy-*.whl, installed into /tmp/site/bin).
 profile_when() {
   local spy pid name
   spy=$(command -v py-spy || ls /tmp/site/bin/py-spy 2>/dev/null) || { echo "no py-spy: no profile"; return; }
   for _ in $(seq 1 1200); do grep -q "$1" "$2" 2>/dev/null && break; sleep 0.5; done
   sleep "${PYSPY_DELAY_S:-1}"
-  for name in EngineReplica OpenAIIngress ProxyActor; do
+  for name in EngineReplica OpenAIIngress ProxyActor raylight.engine.engine_process; do
     pid=$(pgrep -f "$name" | head -1)
     [ -n "$pid" ] && "$spy" record -p "$pid" -d "${PYSPY_S:-8}" -r 100 --gil --format raw --nonblocking \
       -o "$OUT/logs/pyspy-$name.txt" > "$OUT/logs/pyspy-$name.log" 2>&1 &

@@ -46,6 +46,11 @@ class PoolConfig(BaseModel):
         "it gets it back only once the loop releases it or has run this long, and the loop waits as long for a "
         "thread launching a step. A knob to measure, not yet a tuned default: on 2 CPU cores 0.5 ms and 5 ms "
         "served the same within noise; no GPU run has tried it."))
+    engine_process: Optional[bool] = Field(None, description=(
+        "Run each replica's engine in a process of its own (true) or on a thread of the replica's process "
+        "(false). In one process the engine's step loop shares the GIL with Serve's event loop, which streams "
+        "every output; its own process gives it its own. None: its own process on a GPU, except for replicas "
+        "over several ranks (tensor/pipeline parallel), whose Ray actors the replica's process starts."))
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description=(
         "How a request picks a replica of this pool: Serve's default, or kv_aware (cluster/kv_router.py)."))
 
@@ -227,7 +232,8 @@ def _engine_pool(cls, name: str, cfg: ServerConfig, pool: PoolConfig, engine_arg
     cpu_threads = int(pool.ray_actor_options.get("num_cpus", 1) or 1)
     return serve.deployment(cls, name=name, **opts).bind(
         engine_args.model_dump(exclude_none=True), pool.max_queued_requests, cpu_threads, plan,
-        cfg.request_timeout_s, cfg.health_stall_s, pool.max_stream_messages_per_s, pool.gil_switch_interval_s)
+        cfg.request_timeout_s, cfg.health_stall_s, pool.max_stream_messages_per_s, pool.gil_switch_interval_s,
+        pool.engine_process)
 
 
 def _ingress(cfg: ServerConfig, engine, engine_args: EngineArgs):

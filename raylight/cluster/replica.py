@@ -82,36 +82,53 @@ class EngineReplica:
     def __init__(self, engine_args: dict[str, Any], max_queued_requests: Optional[int] = None,
                  cpu_threads: Optional[int] = None, placement=None, request_timeout_s: Optional[float] = None,
                  health_stall_s: float = 60.0, max_stream_messages_per_s: Optional[float] = None,
-                 gil_switch_interval_s: Optional[float] = None):
+                 gil_switch_interval_s: Optional[float] = None, engine_process: Optional[bool] = None):
         """`placement`: the PlacementPlan this replica's placement group was made from (TP x PP > 1):
         this actor is rank 0 and starts the other ranks as Ray actors in their bundles.
         `request_timeout_s`, `health_stall_s`: see AppConfig; `max_stream_messages_per_s`,
-        `gil_switch_interval_s`: see PoolConfig (the interval is this process's: the actor is the replica's own)."""
+        `gil_switch_interval_s`: see PoolConfig (the interval is this process's: the actor is the replica's own).
+        `engine_process`: the engine in a process of its own (engine/engine_process.py) instead of a thread
+        of this one; None: on a GPU, unless this replica spans several ranks (`placement`), whose Ray actors
+        this process starts."""
         import torch
 
-        from raylight.engine.async_engine import AsyncLLMEngine
-        from raylight.engine.llm_engine import LLMEngine
-
         # Ray sets OMP_NUM_THREADS to the actor's CPU count (1 by default); use what we were given.
-        threads = cpu_threads or int(float(os.environ.get("OMP_NUM_THREADS", "0") or 0)) or os.cpu_count()
-        torch.set_num_threads(max(1, threads))
+        threads = max(1, cpu_threads or int(float(os.environ.get("OMP_NUM_THREADS", "0") or 0)) or os.cpu_count())
         if gil_switch_interval_s is not None:
             sys.setswitchinterval(gil_switch_interval_s)
         self.replica_id = _replica_id()
-        self.engine = LLMEngine(EngineArgs(**engine_args), placement=placement)
-        self.async_engine = AsyncLLMEngine(self.engine, max_queued_requests, max_stream_messages_per_s)
+        args = EngineArgs(**engine_args)
+        if engine_process is None:
+            engine_process = placement is None and _on_gpu(args.device)
+        elif engine_process and placement is not None:
+            raise ValueError("engine_process: a replica over several ranks (tensor/pipeline parallel under Serve) "
+                             "runs its engine in the replica's own process")
+        self.engine = None  # the LLMEngine, when it runs in this process (a thread beside the event loop)
+        if engine_process:
+            from raylight.engine.engine_process import EngineProcessClient
+
+            self.async_engine = EngineProcessClient(args.model_dump(exclude_none=True), max_queued_requests,
+                                                    max_stream_messages_per_s, threads)
+        else:
+            from raylight.engine.async_engine import AsyncLLMEngine
+            from raylight.engine.llm_engine import LLMEngine
+
+            torch.set_num_threads(threads)
+            self.engine = LLMEngine(args, placement=placement)
+            self.async_engine = AsyncLLMEngine(self.engine, max_queued_requests, max_stream_messages_per_s)
         self.watch = RequestWatch(self._failure, self.async_engine.fail)
         self.request_timeout_s, self.health_stall_s = request_timeout_s, health_stall_s
         self.stalled: Optional[str] = None  # why the engine was declared unusable (sticky)
         self.drain_end: Optional[float] = None  # set by drain_and_stop: no new requests; leftovers end then
         self.drain_expired = False  # set by drain_and_stop once it has counted the leftovers: guards end them
         # KV-aware routing (cluster/kv_router.py): the engine's KV events, numbered for routers that pull them.
-        self.kv_log = KVEventLog() if self.engine.args.enable_kv_events else None
+        self.kv_log = KVEventLog() if self.async_engine.kv_events_enabled else None
         self._kv_ticker: Optional[asyncio.Task] = None
         if self.kv_log is not None:
             _quiet_kv_pulls()
         self.slo = SLORecorder()  # TTFT/ITL for SLO autoscaling (cluster/autoscaling.py)
-        logger.info("replica %s ready (%d torch threads)", self.replica_id, torch.get_num_threads())
+        logger.info("replica %s ready (%d torch threads, engine %s)", self.replica_id, threads,
+                    "in its own process" if engine_process else "on a thread of the replica's")
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[ReplicaMessage]:
         async with contextlib.aclosing(self._generate(call)) as msgs:  # closing this closes that: abort
@@ -192,11 +209,7 @@ class EngineReplica:
                               replica_id=self.replica_id)
 
     def _metrics(self) -> dict[str, Any]:
-        m = self.engine.get_metrics()
-        periods = sorted(self.async_engine.step_periods)
-        m["step_period_p50_s"] = periods[len(periods) // 2] if periods else 0.0
-        m["idle_seconds_total"] = self.async_engine.idle_seconds_total
-        return m
+        return self.async_engine.metrics()
 
     async def stats(self) -> ReplicaStats:
         return ReplicaStats(self.replica_id, self._metrics(), self.async_engine.last_step_time, self.engine_ok())
@@ -204,28 +217,21 @@ class EngineReplica:
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this while the pool autoscales (every look_back_period_s / 5 s): TTFT and ITL bucket
         counts since the previous call, waiting and running requests, KV usage (cluster/autoscaling.py)."""
-        running = len(self.engine.scheduler.running)
-        return self.slo.take(max(0, self.async_engine.num_pending - running), running, self.engine.kv.usage())
+        load = self.async_engine.load()
+        running = load["num_running"]
+        return self.slo.take(max(0, self.async_engine.num_pending - running), running, load["kv_cache_usage"])
 
     # ---- KV-aware routing (cluster/kv_router.py) ----
     def _load(self) -> dict[str, Any]:
-        kv = self.engine.kv
-        return {"num_running": len(self.engine.scheduler.running), "num_waiting": self.async_engine.num_waiting(),
-                "kv_blocks_free": kv.num_free_blocks, "kv_blocks_total": kv.num_blocks, "t": time.time()}
+        load = self.async_engine.load()
+        return {"num_running": load["num_running"], "num_waiting": self.async_engine.num_waiting(),
+                "kv_blocks_free": load["kv_blocks_free"], "kv_blocks_total": load["kv_blocks_total"], "t": time.time()}
 
     def _kv_drain(self) -> None:
-        """Moves the engine's new KV events into the log, stamped now. The engine thread appends to its
-        list while we read; taking a counted head with one `del` (atomic under the GIL) loses none."""
-        pool = getattr(self.engine.kv, "pool", None)
-        events = getattr(pool, "events", None)
-        if events is None:
-            self.kv_log.add(self.engine.take_kv_events())
-            return
-        n = len(events)
-        if n:
-            head = events[:n]
-            del events[:n]
-            self.kv_log.add(head)
+        """Moves the engine's new KV events into the log, stamped now."""
+        events = self.async_engine.take_kv_events()
+        if events:
+            self.kv_log.add(events)
 
     async def _kv_tick(self) -> None:
         """Drains every KV_TICK_S, so an event's stamp (the event lag's start) is at most that late."""
@@ -259,7 +265,7 @@ class EngineReplica:
         parallel replica (even an idle one), gets this replica replaced."""
         if not self.engine_ok():
             raise RuntimeError(f"engine loop unhealthy: {self.stalled}")
-        self.engine.executor.check()
+        self.async_engine.check_ranks()
 
     def __del__(self):
         """Serve's graceful shutdown (serve shutdown/SIGTERM, a rolling upgrade, scale-down) calls this
@@ -285,7 +291,7 @@ class EngineReplica:
             await asyncio.sleep(0.05)
         aborted = self.async_engine.num_pending
         self.drain_expired = True  # only now: a guard ending its request first would hide it from the count
-        while (self.async_engine.num_pending or self.engine.has_unfinished_requests()) and \
+        while (self.async_engine.num_pending or self.async_engine.has_unfinished()) and \
                 time.monotonic() < self.drain_end + 2 * POLL_S + 1:
             await asyncio.sleep(0.05)  # the guards end them within a poll; the engine aborts them at its next step
         if aborted:
@@ -297,9 +303,16 @@ class EngineReplica:
         ticker = getattr(self, "_kv_ticker", None)
         if ticker is not None:
             ticker.cancel()
-        eng = self.async_engine
-        eng.shutdown()
-        eng.engine.shutdown()
+        self.async_engine.close()
+
+
+def _on_gpu(device: str) -> bool:
+    """Whether an engine with this `device` setting runs on a GPU (without making a CUDA context here)."""
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
 
 
 def _quiet_kv_pulls() -> None:

@@ -182,7 +182,7 @@ class LLMEngine:
                      request_id: Optional[str] = None, cache_salt: Optional[str] = None,
                      grammar=None) -> Request:
         """Validates and tokenizes; raises ValueError naming the problem. Queues nothing. A request with
-        `structured_outputs` takes its compiled `grammar` (GrammarCompileService.compile_async), or it is
+        `structured_outputs` takes its compiled `grammar` (compiled off the step loop: engine/engine_loop.py), or it is
         compiled here (blocking, within the compile time cap)."""
         params = params or SamplingParams()
         params.verify(self.arch.vocab_size, self.args.max_n)

@@ -130,7 +130,8 @@ class GrammarCompileService:
     def submit(self, spec: StructuredOutputsParams) -> concurrent.futures.Future:
         return self._pool.submit(self._compile_now, spec)
 
-    def _timed_out(self, spec: StructuredOutputsParams) -> ValueError:
+    def timed_out(self, spec: StructuredOutputsParams) -> ValueError:
+        """Counts a compile that passed the time cap and returns the error its request gets."""
         self.num_timed_out += 1
         logger.warning("structured outputs: a %s did not compile within %.1fs; refused", spec.kind, self.timeout_s)
         return ValueError(f"{spec.source}: the {spec.kind} did not compile within {self.timeout_s:g} s "
@@ -143,7 +144,7 @@ class GrammarCompileService:
             return fut.result(timeout=self.timeout_s)
         except concurrent.futures.TimeoutError:
             fut.cancel()
-            raise self._timed_out(spec) from None
+            raise self.timed_out(spec) from None
 
     async def compile_async(self, spec: StructuredOutputsParams):
         """Awaitable on an event loop, which it never blocks; raises ValueError like `compile`."""
@@ -152,7 +153,7 @@ class GrammarCompileService:
             return await asyncio.wait_for(asyncio.wrap_future(fut), self.timeout_s)
         except asyncio.TimeoutError:
             fut.cancel()  # still queued: never runs; running: finishes in its thread, result dropped
-            raise self._timed_out(spec) from None
+            raise self.timed_out(spec) from None
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -18,6 +18,7 @@ from typing import Any, Optional, Protocol
 
 import torch
 
+from raylight.utils.child_process import child_env
 from raylight.workers.worker import RankSpec, run_rank
 
 
@@ -49,10 +50,7 @@ class _RankProcess:
     TAIL_LINES = 25
 
     def __init__(self, spec: RankSpec, rank: int, threads: int):
-        env = dict(os.environ)
-        # The child imports raylight from where we did, whatever our sys.path or working directory.
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env = child_env()  # the child imports raylight from where we did
         level = logging.getLevelName(logging.getLogger("raylight").getEffectiveLevel())
         self.rank = rank
         self.name = f"raylight-rank{rank}"

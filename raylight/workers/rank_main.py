@@ -15,29 +15,16 @@ import logging
 import os
 import pickle  # the parent's own RankSpec, over the parent's pipe (see the module docstring)
 import sys
-import threading
-import time
 import traceback
 
-
-def _watch_parent(parent: int, poll_s: float = 1.0) -> None:
-    """Ends this process once `parent` (the engine's) is gone, from the first instant on: loading
-    torch and the model takes a while, and a rank without rank 0 would otherwise wait in the
-    rendezvous until its timeout. The rank's only parent watch: it lasts the process's whole life."""
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="raylight-parent-watch", daemon=True).start()
+from raylight.utils.child_process import watch_parent
 
 
 def main(argv: list[str]) -> None:
     rank, threads = int(argv[0]), int(argv[1])
     level = argv[2] if len(argv) > 2 else "WARNING"
     if len(argv) > 3:
-        _watch_parent(int(argv[3]))
+        watch_parent(int(argv[3]))  # a rank without rank 0 would wait in the rendezvous until its timeout
     data = sys.stdin.buffer.read()  # first, so the parent's write never waits on our imports
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s")
     try:

@@ -81,8 +81,14 @@ def test_imports_run_one_way(path):
 def test_file_sizes():
     too_long = {str(p.relative_to(PKG)): n for p in _sources() if (n := len(p.read_text().splitlines())) > 500}
     assert not too_long, too_long
-    engine_lines = sum(len(p.read_text().splitlines()) for p in (PKG / "engine").rglob("*.py"))
+    # The serving loop and where it runs (a thread, or the engine's own process since 2026-12-05) are
+    # counted apart from the host core they drive.
+    serving = {"async_engine.py", "engine_loop.py", "engine_process.py"}
+    engine = [p for p in (PKG / "engine").rglob("*.py")]
+    engine_lines = sum(len(p.read_text().splitlines()) for p in engine if p.name not in serving)
+    serving_lines = sum(len(p.read_text().splitlines()) for p in engine if p.name in serving)
     # The host core stays small enough to read in a sitting. 1800 until 2026-12-04, when the start-up
     # warm-up (engine/warmup.py) and structured outputs' engine side joined it (1939 lines); 2000 until
     # the block table kept as one array (kv_cache/block_table.py) and stream pacing joined it (2,061).
     assert engine_lines < 2100, engine_lines
+    assert serving_lines < 850, serving_lines

@@ -79,3 +79,6 @@ def test_stream_budget_reaches_each_engine_replica():
     # The replica process's GIL switch interval (PoolConfig.gil_switch_interval_s): Python's unless set.
     assert replica_args({"engine_args": {"load_format": "dummy"}})[7] is None
     assert replica_args({"engine_args": {"load_format": "dummy"}, "gil_switch_interval_s": 0.0005})[7] == 0.0005
+    # Where the engine runs (PoolConfig.engine_process): None decides by device in the replica.
+    assert replica_args({"engine_args": {"load_format": "dummy"}})[8] is None
+    assert replica_args({"engine_args": {"load_format": "dummy"}, "engine_process": True})[8] is True

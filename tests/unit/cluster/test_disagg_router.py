@@ -358,15 +358,16 @@ class FakeAsyncEngine:
     def fail(self, request_id, error):
         return False
 
-
-class FakeLLMEngine:
-    def get_metrics(self):
+    def metrics(self):
         return {"num_running": 0, "kv_local_prefills": {"short": 2}}
+
+    def close(self):
+        pass
 
 
 def make_role(cls):
     rep = cls.__new__(cls)
-    rep.replica_id, rep.engine, rep.async_engine = "me", FakeLLMEngine(), FakeAsyncEngine()
+    rep.replica_id, rep.engine, rep.async_engine = "me", None, FakeAsyncEngine()
     rep.request_timeout_s, rep.health_stall_s, rep.stalled, rep.drain_end, rep.drain_expired = None, 60.0, None, None, False
     from raylight.cluster.autoscaling import SLORecorder
 
