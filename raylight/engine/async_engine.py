@@ -73,6 +73,9 @@ class EngineClient:
         """Requests the loop took that wait for a slot (or for their grammar)."""
         raise NotImplementedError
 
+    def _forget(self, ticket: int) -> None:
+        """A generate call ended: whatever the transport kept for its ticket can go."""
+
     # ---- called on the event loop ----
     async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str,
                        cache_salt: Optional[str] = None, remote_prefill_threshold: Optional[int] = None,
@@ -122,6 +125,7 @@ class EngineClient:
             self.num_pending -= 1
             self._readers.pop(request_id, None)  # (ids are unique among readers: checked above)
             self._tickets.pop(ticket, None)
+            self._forget(ticket)
             if not finished:
                 self.abort(request_id)
 

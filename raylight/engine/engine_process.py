@@ -41,8 +41,9 @@ from multiprocessing.connection import Connection
 from typing import Any, Optional
 
 from raylight.engine.async_engine import EngineClient, EngineDeadError
-from raylight.messages import (AddRequest, EngineProcessFailed, EngineProcessReady, EngineProcessStart, EngineState,
+from raylight.messages import (AbortRequest, AddRequest, EngineProcessFailed, EngineProcessReady, EngineProcessStart, EngineState,
                                EngineUpdate, StopEngine)
+from raylight.outputs import RequestOutput
 from raylight.utils.child_process import child_env, watch_parent
 
 logger = logging.getLogger("raylight.engine_process")
@@ -76,6 +77,7 @@ class EngineProcessClient(EngineClient):
         self.state: EngineState = ready.state
         self._metrics: dict[str, Any] = ready.metrics
         self._kv_events: list = []
+        self._prompts: dict[int, tuple[Optional[str], list[int]]] = {}  # by ticket, while its request runs
         self.last_progress = time.monotonic()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._write, name="raylight-engine-send", daemon=True)
@@ -184,7 +186,22 @@ class EngineProcessClient(EngineClient):
         if msg.metrics is not None:
             self._metrics = msg.metrics
         if msg.outputs:
+            for ticket, item in msg.outputs:
+                if isinstance(item, RequestOutput):
+                    self._restore_prompt(ticket, item)
             self._deliver(msg.outputs)
+
+    def _restore_prompt(self, ticket: int, out: RequestOutput) -> None:
+        """Puts back the prompt the engine process sent only with the request's first output."""
+        if out.prompt_token_ids is None:
+            out.prompt, out.prompt_token_ids = self._prompts.get(ticket, (None, []))
+        elif not out.finished:
+            self._prompts[ticket] = (out.prompt, out.prompt_token_ids)
+        if out.finished:
+            self._prompts.pop(ticket, None)
+
+    def _forget(self, ticket: int) -> None:
+        self._prompts.pop(ticket, None)
 
     # ---- stopping ----
     def shutdown(self) -> None:
@@ -231,6 +248,7 @@ class _EngineProcess:
         self.loop = EngineLoop(engine, self._send_outputs, max_stream_messages_per_s)
         self.stopped = False
         self._taken = -1
+        self._prompt_sent: set[str] = set()  # requests whose prompt went with an earlier output
         self._last_sent = 0.0
         self._last_metrics = 0.0
 
@@ -253,6 +271,8 @@ class _EngineProcess:
                 return cmds
             if isinstance(cmd, AddRequest):
                 self._taken = cmd.ticket
+            elif isinstance(cmd, AbortRequest):
+                self._prompt_sent.discard(cmd.request_id)
             cmds.append(cmd)
             if not self.conn.poll(0) or time.monotonic() >= end:  # a steady stream of requests must not hold the step
                 return cmds
@@ -277,7 +297,21 @@ class _EngineProcess:
         self._last_sent = now
 
     def _send_outputs(self, items: list[tuple[int, Any]]) -> None:
-        finished = any(getattr(item, "finished", False) or isinstance(item, BaseException) for _, item in items)
+        finished = False
+        for ticket, item in items:
+            if isinstance(item, RequestOutput):
+                # A request's prompt (text and ids: thousands of tokens for a long one) crosses once, with
+                # its first output; the client puts it back into the later ones (`_restore_prompt`).
+                rid = item.request_id
+                if rid in self._prompt_sent:
+                    item.prompt, item.prompt_token_ids = None, None
+                else:
+                    self._prompt_sent.add(rid)
+                if item.finished:
+                    self._prompt_sent.discard(rid)
+                    finished = True
+            elif isinstance(item, BaseException):
+                finished = True
         self._send(items, finished)
 
     def _after_turn(self) -> None:

@@ -62,8 +62,10 @@ def test_outputs_equal_the_in_process_engine_and_everything_is_freed(client, mod
 
     streams = asyncio.run(main())
     want = LLM(**{**ENGINE, "model": model_dir}).generate(prompts, params, use_tqdm=False)
-    for outs, ref in zip(streams, want):
+    for outs, ref, p in zip(streams, want, prompts):
         assert outs[-1].finished and len(outs) >= 2  # streamed, not one final message
+        # The prompt crosses once; every output the reader gets has it back.
+        assert all(o.prompt_token_ids == p for o in outs)
         assert outs[-1].outputs[0].token_ids == ref.outputs[0].token_ids
     assert wait_for(lambda: not client.has_unfinished() and client.load()["kv_blocks_free"] == ENGINE["num_kv_blocks"])
     m = client.metrics()
