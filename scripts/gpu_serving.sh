@@ -9,6 +9,7 @@
 #            site dirs only), waits for /health, runs scripts/bench_serving.py at every rate, stops it (SIGINT:
 #            serve run shuts Serve and its Ray down; then the process group is killed, and the GPU waited on)
 #   ours:<config>  the same with another config of the same model and port (label raylight-<its name>): an A/B
+#   ours+<key>=<value>  the same with one application arg of $CONFIG changed (label raylight-<key>-<value>)
 #   offline  the same requests through raylight's offline LLM with the config's engine_args
 #   vllm     vLLM's OpenAI server (PYTHONPATH=/root/peer/site alone) on the same model shape, dummy weights,
 #            the same scheduler limits, the same load
@@ -131,11 +132,25 @@ for phase in $PHASES; do
   echo "=== $phase $(date +%T)"
   wait_gpu_free
   case $phase in
-    ours|ours:*)
+    ours|ours:*|ours+*)
       # ours:<config>: our server with another config (same model, port and load), labelled raylight-<name>:
       # an A/B of server settings in one call, e.g. PHASES="ours ours:/tmp/gil.yaml".
+      # ours+<key>=<value>: $CONFIG with one application arg set (a YAML value), labelled
+      # raylight-<key>-<value>, e.g. PHASES="ours ours+engine_process=false".
       cfg=$CONFIG label=raylight
-      if [ "$phase" != ours ]; then cfg=${phase#ours:}; label=raylight-$(basename "$cfg" .yaml); fi
+      case $phase in
+        ours:*) cfg=${phase#ours:}; label=raylight-$(basename "$cfg" .yaml) ;;
+        ours+*)
+          kv=${phase#ours+}; label=raylight-${kv%%=*}-${kv#*=}; cfg=/tmp/$label.yaml
+          PYTHONPATH=$OURPATH python3 - "$CONFIG" "$cfg" "${kv%%=*}" "${kv#*=}" <<'EOF'
+import sys, yaml
+src, dst, key, value = sys.argv[1:]
+cfg = yaml.safe_load(open(src))
+cfg["applications"][0]["args"][key] = yaml.safe_load(value)
+yaml.safe_dump(cfg, open(dst, "w"), sort_keys=False)
+EOF
+          ;;
+      esac
       if ! PYTHONPATH=$OURPATH python3 -c "import ray.serve, fastapi" 2>/dev/null; then
         echo "ray[serve] is not in $RAYSITE: run scripts/pack_ray_wheels.sh --device-1 / --device-2 first"; continue
       fi
