@@ -28,6 +28,7 @@ every reader gets `EngineDeadError` and the replica reports itself unhealthy (Se
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -76,7 +77,7 @@ class EngineProcessClient(EngineClient):
         self.kv_events_enabled = ready.kv_events_enabled
         self.state: EngineState = ready.state
         self._metrics: dict[str, Any] = ready.metrics
-        self._kv_events: list = []
+        self._kv_events: collections.deque = collections.deque()  # the reader appends, take_kv_events pops
         self._prompts: dict[int, tuple[Optional[str], list[int]]] = {}  # by ticket, while its request runs
         self.last_progress = time.monotonic()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -127,8 +128,8 @@ class EngineProcessClient(EngineClient):
                 "kv_blocks_total": s.kv_blocks_total, "kv_cache_usage": s.kv_cache_usage}
 
     def take_kv_events(self) -> list:
-        events, self._kv_events = self._kv_events, []  # (one rebinding: the reader appends to the new list)
-        return events
+        events = self._kv_events
+        return [events.popleft() for _ in range(len(events))]
 
     def check_ranks(self) -> None:
         """The engine process watches its own ranks (a dead one crashes its loop, which ends it)."""
