@@ -140,6 +140,9 @@ class EngineProcessStart:
     threads: int  # torch threads
     log_level: str
     max_stream_messages_per_s: Optional[float] = None
+    # The replica's import path: what it can import (a Ray runtime env's working_dir or py_modules, a
+    # site directory added at run time) the engine process must import too.
+    sys_path: list[str] = field(default_factory=list)
 
 
 @dataclass

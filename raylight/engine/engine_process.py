@@ -71,7 +71,7 @@ class EngineProcessClient(EngineClient):
         theirs.close()
         self.conn = Connection(ours.detach())
         self.conn.send(EngineProcessStart(dict(engine_args), int(threads or os.cpu_count() or 1), str(level),
-                                          max_stream_messages_per_s))
+                                          max_stream_messages_per_s, [p for p in sys.path if p]))
         ready = self._recv_first()
         super().__init__(max_queued_requests, ready.max_num_seqs)
         self.kv_events_enabled = ready.kv_events_enabled
@@ -328,6 +328,7 @@ def main(argv: list[str]) -> None:
     watch_parent(parent)
     conn = Connection(fd)
     start: EngineProcessStart = conn.recv()
+    sys.path.extend(p for p in start.sys_path if p not in sys.path)  # ours first, then what only the parent had
     logging.basicConfig(level=start.log_level,
                         format="%(asctime)s %(levelname)s engine-process %(name)s: %(message)s")
     try:
