@@ -106,7 +106,7 @@ def app_config_from(ns: argparse.Namespace):
         num_replicas=ns.num_replicas, ray_actor_options={"num_cpus": ns.num_cpus, "num_gpus": ns.num_gpus},
         max_queued_requests=ns.max_queued_requests, api_key=ns.api_key, api_keys=split_keys(ns.api_keys),
         default_max_tokens=ns.default_max_tokens, max_constructor_retry_count=ns.max_constructor_retry_count,
-        tool_call_parser=ns.tool_call_parser, **optional,
+        tool_call_parser=ns.tool_call_parser, engine_process=ns.engine_process, **optional,
     )
 
 
@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ray-logs", action=argparse.BooleanOptionalAction, default=False,
                      help="stream Ray's logs (Serve controller, replicas) to this terminal")
     srv.add_argument("--address", default=None, help="Ray cluster address (default: start or join a local one)")
+    srv.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                     help="run each replica's engine in a process of its own (its own GIL) or on a thread of the "
+                     "replica's (default: its own process on a GPU)")
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
 

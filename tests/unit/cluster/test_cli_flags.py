@@ -32,6 +32,12 @@ def test_api_keys_comma_separated_and_repeated():
     assert split_keys(None) == [] and split_keys([",", " "]) == []
 
 
+def test_engine_process_flag():
+    assert config().engine_process is None  # the replica decides: its own process on a GPU
+    assert config("--engine-process").engine_process is True
+    assert config("--no-engine-process").engine_process is False
+
+
 def test_max_request_body_bytes():
     assert config("--max-request-body-bytes", "4096").max_request_body_bytes == 4096
     with pytest.raises(SystemExit):  # not a number: argparse's usage error
