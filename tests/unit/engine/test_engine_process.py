@@ -166,3 +166,33 @@ def test_structured_outputs_compile_in_the_engine_process(smollm2_dir):
         assert c.metrics()["num_running"] == 0
     finally:
         c.close()
+
+
+def test_a_replica_with_an_engine_process_reports_drains_and_stops(model_dir):
+    """The replica (cluster/replica.py, without Ray) over an engine process: its stats come from the
+    child's updates, and a drain aborts what is still running, then stops the child cleanly."""
+    from raylight.cluster.replica import EngineReplica
+    from raylight.messages import GenerateCall
+
+    rep = EngineReplica({**ENGINE, "model": model_dir}, max_queued_requests=8, cpu_threads=1, engine_process=True)
+    assert rep.engine is None  # nothing of the engine lives in the replica's process
+
+    async def main():
+        params = SamplingParams(max_tokens=10**4, ignore_eos=True)
+        agen = rep.generate(GenerateCall("long", [1, 2, 3], params))
+        first = await agen.__anext__()
+        assert first.output is not None and not first.output.finished
+        assert wait_for(lambda: rep.async_engine.num_running() == 1)
+        stats = await rep.stats()
+        assert stats.healthy and stats.metrics["num_running"] == 1 and stats.metrics["kv_blocks_free"] < 256
+        rest = asyncio.ensure_future(_drain(agen))
+        assert await rep.drain_and_stop(grace_s=0.2) == 1
+        msgs = await rest
+        assert msgs[-1].error_status == 503
+
+    asyncio.run(main())
+    assert rep.async_engine.proc.returncode == 0  # told to stop, it finished and exited
+
+
+async def _drain(agen):
+    return [m async for m in agen]
