@@ -246,7 +246,7 @@ class _EngineProcess:
 
         self.engine = engine
         self.conn = conn
-        self.loop = EngineLoop(engine, self._send_outputs, max_stream_messages_per_s)
+        self.loop = EngineLoop(engine, self._send_outputs, max_stream_messages_per_s, launched=self._launched)
         self.stopped = False
         self._taken = -1
         self._prompt_sent: set[str] = set()  # requests whose prompt went with an earlier output
@@ -314,6 +314,11 @@ class _EngineProcess:
             elif isinstance(item, BaseException):
                 finished = True
         self._send(items, finished)
+
+    def _launched(self) -> None:
+        """A step just started: its requests count as running now, not only once it ends (a long step)."""
+        if time.monotonic() - self._last_sent >= STATE_EVERY_S:
+            self._send([], False)
 
     def _after_turn(self) -> None:
         busy = self.engine.has_unfinished_requests()

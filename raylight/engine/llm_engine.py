@@ -282,10 +282,12 @@ class LLMEngine:
                 or (self.remote is not None and self.remote.num_held > 0))
 
     # ---- the step loop ----
-    def step(self, emit: Optional[Callable[[list[RequestOutput]], None]] = None) -> list[RequestOutput]:
+    def step(self, emit: Optional[Callable[[list[RequestOutput]], None]] = None,
+             launched: Optional[Callable[[], None]] = None) -> list[RequestOutput]:
         """One engine step: schedule, launch, and collect the steps the overlap policy lets finish.
         Outputs of tokens collected earlier are built while the device runs the launched step;
-        `emit`, when given, receives those as soon as they are ready instead of at return."""
+        `emit`, when given, receives those as soon as they are ready instead of at return; `launched` is
+        called once the step is scheduled and launched (the gauges then count it as running)."""
         t0 = time.perf_counter()
         outputs: list[RequestOutput] = []
         if self.remote is not None and self.remote.num_held:
@@ -297,6 +299,8 @@ class LLMEngine:
             sched = self._schedule()
         if sched.requests:
             self._launch(sched, t0)
+            if launched is not None:
+                launched()
         outputs += self.outputs.process(self._take_pending())
         if not sched.requests and not self._in_flight:
             if self.remote is not None and self.remote.num_held and not self.scheduler.has_unfinished():
