@@ -33,14 +33,14 @@ COMPILE_POLL_S = 0.005  # how often an otherwise idle loop looks at a compiling 
 class EngineLoop:
     def __init__(self, engine: LLMEngine, deliver: Callable[[list[tuple[Any, Any]]], None],
                  max_stream_messages_per_s: Optional[float] = None, wake: Optional[Callable[[], None]] = None,
-                 launched: Optional[Callable[[], None]] = None):
+                 scheduled: Optional[Callable[[], None]] = None):
         """`wake`: makes a waiting `receive` return (a finished compile calls it); None: polled.
-        `launched`: called within each step once it is launched (LLMEngine.step)."""
+        `scheduled`: called within each step once it is scheduled, before it runs (LLMEngine.step)."""
         self.engine = engine
         self.deliver = deliver
         self.max_stream_messages_per_s = max_stream_messages_per_s
         self.wake = wake
-        self.launched = launched
+        self.scheduled = scheduled
         self._targets: dict[str, Any] = {}  # admitted requests -> where their outputs go
         # Requests whose grammar compiles: request_id -> (command, future, give-up time)
         self._compiling: dict[str, tuple[AddRequest, concurrent.futures.Future, float]] = {}
@@ -91,7 +91,7 @@ class EngineLoop:
             self.step_periods.append(t0 - self._last_step_start)
         self._last_step_start = t0
         self._pace_streams()
-        self._deliver_outputs(self.engine.step(emit=self._deliver_outputs, launched=self.launched))
+        self._deliver_outputs(self.engine.step(emit=self._deliver_outputs, scheduled=self.scheduled))
         self.last_step_time = time.perf_counter() - t0
         self.last_progress = time.monotonic()
 

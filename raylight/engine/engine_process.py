@@ -246,7 +246,7 @@ class _EngineProcess:
 
         self.engine = engine
         self.conn = conn
-        self.loop = EngineLoop(engine, self._send_outputs, max_stream_messages_per_s, launched=self._launched)
+        self.loop = EngineLoop(engine, self._send_outputs, max_stream_messages_per_s, scheduled=self._scheduled)
         self.stopped = False
         self._taken = -1
         self._prompt_sent: set[str] = set()  # requests whose prompt went with an earlier output
@@ -315,8 +315,8 @@ class _EngineProcess:
                 finished = True
         self._send(items, finished)
 
-    def _launched(self) -> None:
-        """A step just started: its requests count as running now, not only once it ends (a long step)."""
+    def _scheduled(self) -> None:
+        """A step is about to run: its requests count as running now, not only once it ends (a long step)."""
         if time.monotonic() - self._last_sent >= STATE_EVERY_S:
             self._send([], False)
 

@@ -283,11 +283,11 @@ class LLMEngine:
 
     # ---- the step loop ----
     def step(self, emit: Optional[Callable[[list[RequestOutput]], None]] = None,
-             launched: Optional[Callable[[], None]] = None) -> list[RequestOutput]:
+             scheduled: Optional[Callable[[], None]] = None) -> list[RequestOutput]:
         """One engine step: schedule, launch, and collect the steps the overlap policy lets finish.
         Outputs of tokens collected earlier are built while the device runs the launched step;
-        `emit`, when given, receives those as soon as they are ready instead of at return; `launched` is
-        called once the step is scheduled and launched (the gauges then count it as running)."""
+        `emit`, when given, receives those as soon as they are ready instead of at return; `scheduled` is
+        called once the step is scheduled, before it runs (the gauges then count its requests as running)."""
         t0 = time.perf_counter()
         outputs: list[RequestOutput] = []
         if self.remote is not None and self.remote.num_held:
@@ -298,9 +298,9 @@ class LLMEngine:
             outputs += self.outputs.process(self._collect(*self._in_flight.popleft()))
             sched = self._schedule()
         if sched.requests:
+            if scheduled is not None:
+                scheduled()
             self._launch(sched, t0)
-            if launched is not None:
-                launched()
         outputs += self.outputs.process(self._take_pending())
         if not sched.requests and not self._in_flight:
             if self.remote is not None and self.remote.num_held and not self.scheduler.has_unfinished():
