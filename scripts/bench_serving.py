@@ -642,6 +642,18 @@ def targets(servers: dict) -> dict:
                 out["raylight_low_load_rate"] = low["rate"]
                 out["raylight_low_load_itl_p50_vs_engine_step"] = low["itl_ms_p50"] / off["batch1_ms_per_token"]
                 out["low_load_target_met"] = out["raylight_low_load_itl_p50_vs_engine_step"] <= 1.1
+    if off:  # every server's two ratios, so an A/B of our configs (ours+key=value) and the peer read alike
+        vs = {}
+        for label, rates in by_rate.items():
+            sat = rates.get(off["saturation"]["rate"])
+            finite = [r for r in rates if r != "inf"]
+            low = rates[min(finite, key=float)] if finite else None
+            vs[label] = {
+                "saturation_vs_offline": (sat["output_tok_s"] / off["saturation"]["output_tok_s"]
+                                          if sat and sat.get("output_tok_s") else None),
+                "low_load_itl_p50_vs_engine_step": (low["itl_ms_p50"] / off["batch1_ms_per_token"]
+                                                    if low and low.get("itl_ms_p50") is not None else None)}
+        out["servers_vs_offline"] = vs
     for label, rates in by_rate.items():
         if label == "raylight" or not ours:
             continue

@@ -26,3 +26,22 @@ def test_the_timeline_says_when_the_first_token_and_completion_came():
             dict(sent_wall=100.2, done_wall=None, error="ClientError")]
     tl = bench.timeline(recs, 100.0)
     assert tl == dict(first_token_s=2.5, first_done_s=6.5, last_sent_s=0.5, completions_per_s=[0] * 6 + [1, 1])
+
+
+def test_targets_give_every_server_its_ratios_to_the_offline_engine():
+    bench = load_script("bench_serving")
+
+    def server(low_itl, sat_tok_s):
+        return {"kind": "server", "rates": [dict(rate="1", itl_ms_p50=low_itl, output_tok_s=100.0),
+                                            dict(rate="inf", itl_ms_p50=20.0, output_tok_s=sat_tok_s)]}
+
+    servers = {"offline": {"kind": "offline", "saturation": {"rate": "inf", "output_tok_s": 1000.0},
+                           "batch1_ms_per_token": 2.0},
+               "raylight": server(2.1, 950.0), "raylight-engine_process-false": server(3.0, 400.0),
+               "vllm": server(2.4, 800.0)}
+    t = bench.targets(servers)
+    assert t["saturation_target_met"] and t["low_load_target_met"]
+    assert t["servers_vs_offline"]["raylight-engine_process-false"] == {
+        "saturation_vs_offline": 0.4, "low_load_itl_p50_vs_engine_step": 1.5}
+    assert t["servers_vs_offline"]["vllm"]["saturation_vs_offline"] == 0.8
+    assert t["raylight_over_vllm"]["inf"]["output_tok_s"] == 950.0 / 800.0
