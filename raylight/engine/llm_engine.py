@@ -424,6 +424,8 @@ class LLMEngine:
             "generation_tokens_total": self.generation_tokens_total,
             "num_steps": self.num_steps,
             "step_time_p50_s": float(np.median(self.step_times)) if self.step_times else 0.0,
+            "cuda_graph_replays": getattr(self.runner.graphs, "num_replays", 0),
+            "piecewise_graph_replays": getattr(self.runner.piecewise, "num_replays", 0),
             **self.step_totals.as_metrics(),
             **(self.remote.metrics() if self.remote is not None else {}),
             **(self._sender_metrics() if self.kv_sender is not None else {}), **self.executor.rank.metrics(),

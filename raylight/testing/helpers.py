@@ -34,6 +34,38 @@ def hf_greedy(model, prompt_ids: list[list[int]], max_new_tokens: int, stop_at_e
     return outs
 
 
+NEAR_TIE = 1e-2  # the bound on HF's top-1 minus our token's exact logit, for any mismatch (the near-tie rule)
+
+
+@torch.inference_mode()
+def near_tie_report(model_dir: str, prompts: list[list[int]], outputs: list[list[int]], device: str = "cuda"):
+    """Our greedy bf16 `outputs` against HF teacher-forced on the same prefixes: (matched, total, worst),
+    `worst` holding (exact-logit gap between HF's top-1 and our token, HF bf16's own error) per mismatch.
+    The rule: every gap below max(NEAR_TIE, 2 x that error), and >= 95% of tokens equal."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    hf32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    matched = total = 0
+    worst = []
+    for prompt, out in zip(prompts, outputs):
+        ids = torch.tensor([prompt + list(out)], device=device)
+        rows = slice(len(prompt) - 1, -1)
+        ref = hf32(ids).logits[0, rows].float()  # the exact order of the candidates
+        hf_bf16 = hf(ids).logits[0, rows].float()  # the peer we match: HF in the same precision
+        noise = (hf_bf16 - ref).abs().max(dim=-1).values  # how far HF's own bf16 run strays from fp32
+        hf_top = hf_bf16.argmax(dim=-1)
+        for step, token in enumerate(out):
+            total += 1
+            if token == int(hf_top[step]):
+                matched += 1
+            else:
+                gap = abs(float(ref[step, hf_top[step]] - ref[step, token]))
+                worst.append((round(gap, 4), round(float(noise[step]), 4)))
+    del hf, hf32
+    return matched, total, worst
+
+
 def make_random_hf_model(kind: str, path: str, seed: int = 0, embed_std: float = 0.3, weight_std: float = 0.15,
                          **overrides):
     """A small random HF model saved as safetensors, with weights large enough that greedy picks

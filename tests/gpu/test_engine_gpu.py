@@ -9,12 +9,9 @@ import torch
 
 from raylight import LLM, SamplingParams
 
-from raylight.testing.helpers import random_prompts
+from raylight.testing.helpers import NEAR_TIE, near_tie_report, random_prompts
 
 pytestmark = pytest.mark.gpu
-
-
-NEAR_TIE = 1e-2  # the issue's bound on HF's top-1 minus our token's logit, for any mismatch
 
 
 # Async scheduling is on by default on CUDA: one case runs the plain step instead.
@@ -23,8 +20,6 @@ NEAR_TIE = 1e-2  # the issue's bound on HF's top-1 minus our token's logit, for 
     ("flashinfer", True, None), ("flashinfer", False, False), ("flashinfer+triton", False, None)])
 @torch.inference_mode()
 def test_bf16_greedy_agrees_with_hf(gpu_llama_dir, backend, eager, async_scheduling):
-    from transformers import AutoModelForCausalLM
-
     for module in backend.split("+"):
         if module != "torch":
             pytest.importorskip(module)
@@ -44,25 +39,7 @@ def test_bf16_greedy_agrees_with_hf(gpu_llama_dir, backend, eager, async_schedul
                         use_tqdm=False)
     if graphs is not None:  # decode steps from the decode graphs, prefill and mixed steps from the piecewise ones
         assert graphs.num_replays > 0 and llm.engine.runner.piecewise.num_replays > 0
-    hf = AutoModelForCausalLM.from_pretrained(gpu_llama_dir, dtype=torch.bfloat16).cuda().eval()
-    hf32 = AutoModelForCausalLM.from_pretrained(gpu_llama_dir, dtype=torch.float32).cuda().eval()
-    matched = total = 0
-    worst = []
-    for prompt, out in zip(prompts, outs):
-        ids = torch.tensor([prompt + out.outputs[0].token_ids], device="cuda")
-        rows = slice(len(prompt) - 1, -1)
-        ref = hf32(ids).logits[0, rows].float()  # the exact order of the candidates
-        hf_bf16 = hf(ids).logits[0, rows].float()  # the peer we match: HF in the same precision
-        # How far HF's own bf16 run strays from fp32 at each step: bf16's resolution on this model.
-        noise = (hf_bf16 - ref).abs().max(dim=-1).values
-        hf_top = hf_bf16.argmax(dim=-1)
-        for step, token in enumerate(out.outputs[0].token_ids):
-            total += 1
-            if token == int(hf_top[step]):
-                matched += 1
-            else:
-                gap = abs(float(ref[step, hf_top[step]] - ref[step, token]))
-                worst.append((round(gap, 4), round(float(noise[step]), 4)))
+    matched, total, worst = near_tie_report(gpu_llama_dir, prompts, [o.outputs[0].token_ids for o in outs])
     print(f"{backend} eager={eager}: matched {matched}/{total}; mismatches (gap, HF bf16 error): {worst}")
     # Every mismatch a near-tie: ours and HF's pick closer in exact logits than 1e-2, or than the two
     # bf16 runs' errors together (each may stray by bf16's error, here HF's, in opposite directions).
@@ -72,5 +49,5 @@ def test_bf16_greedy_agrees_with_hf(gpu_llama_dir, backend, eager, async_schedul
     assert matched / total >= 0.95, matched / total
     m = llm.get_metrics()
     assert m["kv_blocks_free"] == m["kv_blocks_total"]
-    del llm, hf, hf32
+    del llm
     torch.cuda.empty_cache()
