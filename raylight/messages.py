@@ -143,6 +143,12 @@ class EngineProcessStart:
     # The replica's import path: what it can import (a Ray runtime env's working_dir or py_modules, a
     # site directory added at run time) the engine process must import too.
     sys_path: list[str] = field(default_factory=list)
+    # A replica over several ranks under Serve: its PlacementPlan (with its group's id), and the Ray
+    # cluster the engine process joins to start the other ranks as actors in that group.
+    placement: Any = None
+    ray_address: Optional[str] = None
+    ray_namespace: Optional[str] = None
+    ray_runtime_env: Optional[dict[str, Any]] = None  # the replica's (the rank actors' code and packages)
 
 
 @dataclass

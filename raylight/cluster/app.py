@@ -49,8 +49,9 @@ class PoolConfig(BaseModel):
     engine_process: Optional[bool] = Field(None, description=(
         "Run each replica's engine in a process of its own (true) or on a thread of the replica's process "
         "(false). In one process the engine's step loop shares the GIL with Serve's event loop, which streams "
-        "every output; its own process gives it its own. None: its own process on a GPU, except for replicas "
-        "over several ranks (tensor/pipeline parallel), whose Ray actors the replica's process starts."))
+        "every output; its own process gives it its own (with tensor/pipeline parallelism that process joins "
+        "the Ray cluster and starts the other ranks' actors in the replica's placement group). None: its own "
+        "process on a GPU, a thread on CPU."))
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description=(
         "How a request picks a replica of this pool: Serve's default, or kv_aware (cluster/kv_router.py)."))
 

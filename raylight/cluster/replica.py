@@ -88,8 +88,7 @@ class EngineReplica:
         `request_timeout_s`, `health_stall_s`: see AppConfig; `max_stream_messages_per_s`,
         `gil_switch_interval_s`: see PoolConfig (the interval is this process's: the actor is the replica's own).
         `engine_process`: the engine in a process of its own (engine/engine_process.py) instead of a thread
-        of this one; None: on a GPU, unless this replica spans several ranks (`placement`), whose Ray actors
-        this process starts."""
+        of this one; None: on a GPU. With `placement` that process starts the other ranks' Ray actors."""
         import torch
 
         # Ray sets OMP_NUM_THREADS to the actor's CPU count (1 by default); use what we were given.
@@ -99,16 +98,20 @@ class EngineReplica:
         self.replica_id = _replica_id()
         args = EngineArgs(**engine_args)
         if engine_process is None:
-            engine_process = placement is None and _on_gpu(args.device)
-        elif engine_process and placement is not None:
-            raise ValueError("engine_process: a replica over several ranks (tensor/pipeline parallel under Serve) "
-                             "runs its engine in the replica's own process")
+            engine_process = _on_gpu(args.device)
         self.engine = None  # the LLMEngine, when it runs in this process (a thread beside the event loop)
         if engine_process:
             from raylight.engine.engine_process import EngineProcessClient
 
+            if placement is not None:  # the engine process is no Ray worker: it gets our group by its id
+                import dataclasses
+
+                from raylight.placement import current_placement_group
+
+                placement = dataclasses.replace(placement, group_id=current_placement_group().id.hex())
+
             self.async_engine = EngineProcessClient(args.model_dump(exclude_none=True), max_queued_requests,
-                                                    max_stream_messages_per_s, threads)
+                                                    max_stream_messages_per_s, threads, placement)
         else:
             from raylight.engine.async_engine import AsyncLLMEngine
             from raylight.engine.llm_engine import LLMEngine

@@ -59,9 +59,12 @@ class EngineProcessClient(EngineClient):
     """An engine in its own process, driven from this one's event loop (module docstring)."""
 
     def __init__(self, engine_args: dict[str, Any], max_queued_requests: Optional[int] = None,
-                 max_stream_messages_per_s: Optional[float] = None, threads: Optional[int] = None):
+                 max_stream_messages_per_s: Optional[float] = None, threads: Optional[int] = None,
+                 placement=None):
         """Blocks until the engine is ready (model loaded, warmed up); raises RuntimeError with the
-        child's traceback if it could not start."""
+        child's traceback if it could not start. `placement`: the PlacementPlan of a replica over
+        several ranks (a Serve replica), with its placement group's id (`group_id`): the engine process
+        joins this Ray cluster and starts the other ranks as actors in that group."""
         ours, theirs = socket.socketpair()
         level = logging.getLevelName(logging.getLogger("raylight").getEffectiveLevel())
         self._closing = False
@@ -70,8 +73,16 @@ class EngineProcessClient(EngineClient):
             pass_fds=(theirs.fileno(),), env=child_env(), close_fds=True)
         theirs.close()
         self.conn = Connection(ours.detach())
-        self.conn.send(EngineProcessStart(dict(engine_args), int(threads or os.cpu_count() or 1), str(level),
-                                          max_stream_messages_per_s, [p for p in sys.path if p]))
+        start = EngineProcessStart(dict(engine_args), int(threads or os.cpu_count() or 1), str(level),
+                                   max_stream_messages_per_s, [p for p in sys.path if p])
+        if placement is not None:
+            import ray
+
+            ctx = ray.get_runtime_context()
+            start.placement = placement
+            start.ray_address, start.ray_namespace = ctx.gcs_address, ctx.namespace
+            start.ray_runtime_env = dict(ctx.runtime_env or {}) or None
+        self.conn.send(start)
         ready = self._recv_first()
         super().__init__(max_queued_requests, ready.max_num_seqs)
         self.kv_events_enabled = ready.kv_events_enabled
@@ -343,7 +354,12 @@ def main(argv: list[str]) -> None:
         from raylight.engine.llm_engine import LLMEngine
 
         torch.set_num_threads(max(1, start.threads))
-        engine = LLMEngine(EngineArgs(**start.engine_args))
+        if start.placement is not None:  # the other ranks: Ray actors this process starts in the replica's group
+            import ray
+
+            ray.init(address=start.ray_address, namespace=start.ray_namespace, runtime_env=start.ray_runtime_env,
+                     log_to_driver=False, configure_logging=False)
+        engine = LLMEngine(EngineArgs(**start.engine_args), placement=start.placement)
         proc = _EngineProcess(engine, conn, start.max_stream_messages_per_s)
         conn.send(proc.ready())
     except BaseException:

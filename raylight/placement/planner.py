@@ -101,6 +101,10 @@ class PlacementPlan:
     strategy: str
     ranks: tuple[RankPlacement, ...]
     expert_parallel: bool = False  # experts sharded over each stage's TP ranks (EP size = TP)
+    # The replica's placement group (its id, hex), when rank 0 runs outside it: the replica's engine
+    # process (engine/engine_process.py) is no Ray worker, so Ray cannot tell it its group. None: the
+    # calling actor's own.
+    group_id: Optional[str] = None
 
     @property
     def expert_parallel_size(self) -> int:

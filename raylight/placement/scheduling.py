@@ -8,7 +8,7 @@ could put a TP rank of stage 0 into stage 1's bundle on another node.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from raylight.placement.planner import PlacementPlan
 
@@ -33,11 +33,17 @@ def rank_actor_options(plan: PlacementPlan, placement_group: PlacementGroup, ran
             "scheduling_strategy": rank_scheduling_strategy(plan, placement_group, rank)}
 
 
-def current_placement_group() -> PlacementGroup:
+def current_placement_group(group_id: Optional[str] = None) -> PlacementGroup:
     """The placement group the calling actor runs in (inside a Serve replica: the one Serve
-    created from the plan's bundles)."""
+    created from the plan's bundles); with `group_id` (hex), that group (the replica's, for its
+    engine process)."""
     from ray.util import get_current_placement_group
 
+    if group_id is not None:
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import PlacementGroup
+
+        return PlacementGroup(PlacementGroupID(bytes.fromhex(group_id)))
     pg = get_current_placement_group()
     if pg is None:
         raise RuntimeError("not running inside a placement group: a replica with tensor_parallel_size x "
@@ -48,12 +54,12 @@ def current_placement_group() -> PlacementGroup:
 
 def current_rank_strategy(plan: PlacementPlan, rank: int) -> PlacementGroupSchedulingStrategy:
     """Inside a running replica: the scheduling strategy for its rank `rank` actor."""
-    return rank_scheduling_strategy(plan, current_placement_group(), rank)
+    return rank_scheduling_strategy(plan, current_placement_group(plan.group_id), rank)
 
 
 def current_rank_actor_options(plan: PlacementPlan, rank: int) -> dict[str, Any]:
     """Inside a running replica: full actor options for its rank `rank` actor."""
-    return rank_actor_options(plan, current_placement_group(), rank)
+    return rank_actor_options(plan, current_placement_group(plan.group_id), rank)
 
 
 def _check_group(plan: PlacementPlan, placement_group: PlacementGroup) -> None:

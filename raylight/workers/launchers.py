@@ -170,7 +170,7 @@ class RayRanks:
     def __init__(self, plan):
         from raylight.placement import current_placement_group
 
-        current_placement_group()  # fail now, with the planner's message, outside a placement group
+        current_placement_group(plan.group_id)  # fail now, with the planner's message, outside a placement group
         self.plan = plan
         self.actors: list[Any] = []
         self.runs: list[Any] = []  # each rank's `run` call: finishes when the rank ends

@@ -1,6 +1,6 @@
 """A tensor-parallel replica under Ray Serve on CPU: `build_app` with tensor_parallel_size=2 gets a
-placement group of one {CPU: 2} bundle, the replica (rank 0) starts rank 1 as a Ray actor in that
-bundle, and a chat request over HTTP answers what the single-process engine generates."""
+placement group of one {CPU: 2} bundle, rank 0 (the replica, or its engine process) starts rank 1 as a
+Ray actor in that bundle, and a chat request over HTTP answers what the single-process engine generates."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ MODEL = "SmolLM2-135M-Instruct"
 ENGINE = {"device": "cpu", "dtype": "float32", "max_model_len": 512, "max_num_seqs": 8, "kv_cache_memory": 2**26}
 
 
-@pytest.fixture(scope="module")
-def tp2_server(smollm2_dir):
+# Rank 0 on a thread of the replica (the CPU default), or in the replica's engine process (the GPU
+# default), which joins the Ray cluster to start rank 1 as an actor in the replica's placement group.
+@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
+def tp2_server(smollm2_dir, request):
     from raylight.cluster.app import AppConfig
 
     cfg = AppConfig(engine_args={**ENGINE, "tensor_parallel_size": 2}, ray_actor_options={"num_cpus": 1},
-                    default_max_tokens=16)
+                    default_max_tokens=16, engine_process=request.param)
     with serve_app(cfg, "raylight-tp2", timeout_s=240) as base:
         yield base
 

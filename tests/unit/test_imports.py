@@ -91,4 +91,4 @@ def test_file_sizes():
     # warm-up (engine/warmup.py) and structured outputs' engine side joined it (1939 lines); 2000 until
     # the block table kept as one array (kv_cache/block_table.py) and stream pacing joined it (2,061).
     assert engine_lines < 2100, engine_lines
-    assert serving_lines < 850, serving_lines
+    assert serving_lines < 900, serving_lines  # 834 with the engine process, 858 once it could start TP/PP ranks
