@@ -84,7 +84,8 @@ class EngineReplica:
                  health_stall_s: float = 60.0, max_stream_messages_per_s: Optional[float] = None,
                  gil_switch_interval_s: Optional[float] = None, engine_process: Optional[bool] = None):
         """`placement`: the PlacementPlan this replica's placement group was made from (TP x PP > 1):
-        this actor is rank 0 and starts the other ranks as Ray actors in their bundles.
+        rank 0 (this actor's engine, on its thread or in its process) starts the other ranks as Ray actors
+        in their bundles.
         `request_timeout_s`, `health_stall_s`: see AppConfig; `max_stream_messages_per_s`,
         `gil_switch_interval_s`: see PoolConfig (the interval is this process's: the actor is the replica's own).
         `engine_process`: the engine in a process of its own (engine/engine_process.py) instead of a thread
