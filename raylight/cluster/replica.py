@@ -99,7 +99,9 @@ class EngineReplica:
         self.replica_id = _replica_id()
         args = EngineArgs(**engine_args)
         if engine_process is None:
-            engine_process = _on_gpu(args.device)
+            from raylight.engine.llm_engine import resolve_device
+
+            engine_process = resolve_device(args.device).type == "cuda"
         self.engine = None  # the LLMEngine, when it runs in this process (a thread beside the event loop)
         if engine_process:
             from raylight.engine.engine_process import EngineProcessClient
@@ -222,14 +224,14 @@ class EngineReplica:
         """Serve calls this while the pool autoscales (every look_back_period_s / 5 s): TTFT and ITL bucket
         counts since the previous call, waiting and running requests, KV usage (cluster/autoscaling.py)."""
         load = self.async_engine.load()
-        running = load["num_running"]
-        return self.slo.take(max(0, self.async_engine.num_pending - running), running, load["kv_cache_usage"])
+        return self.slo.take(max(0, self.async_engine.num_pending - load.num_running), load.num_running,
+                             load.kv_cache_usage)
 
     # ---- KV-aware routing (cluster/kv_router.py) ----
     def _load(self) -> dict[str, Any]:
         load = self.async_engine.load()
-        return {"num_running": load["num_running"], "num_waiting": self.async_engine.num_waiting(),
-                "kv_blocks_free": load["kv_blocks_free"], "kv_blocks_total": load["kv_blocks_total"], "t": time.time()}
+        return {"num_running": load.num_running, "num_waiting": self.async_engine.num_waiting(),
+                "kv_blocks_free": load.kv_blocks_free, "kv_blocks_total": load.kv_blocks_total, "t": time.time()}
 
     def _kv_drain(self) -> None:
         """Moves the engine's new KV events into the log, stamped now."""
@@ -308,15 +310,6 @@ class EngineReplica:
         if ticker is not None:
             ticker.cancel()
         self.async_engine.close()
-
-
-def _on_gpu(device: str) -> bool:
-    """Whether an engine with this `device` setting runs on a GPU (without making a CUDA context here)."""
-    if device == "auto":
-        import torch
-
-        return torch.cuda.is_available()
-    return device.startswith("cuda")
 
 
 def _quiet_kv_pulls() -> None:

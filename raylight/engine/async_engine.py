@@ -29,8 +29,8 @@ from typing import Any, AsyncIterator, Optional
 
 from raylight.engine.engine_loop import EngineLoop
 from raylight.engine.llm_engine import LLMEngine
-from raylight.messages import (AbortRequest, AddRequest, KVPushTarget, KVReservation, OutputSink, PromptType,
-                               RemotePrefillFailed)
+from raylight.messages import (AbortRequest, AddRequest, EngineState, KVPushTarget, KVReservation, OutputSink,
+                               PromptType, RemotePrefillFailed)
 from raylight.outputs import RequestOutput, merge_outputs
 from raylight.sampling_params import SamplingParams
 
@@ -213,24 +213,11 @@ class AsyncLLMEngine(EngineClient):
     def last_step_time(self) -> float:
         return self.loop.last_step_time
 
-    @property
-    def idle_seconds_total(self) -> float:
-        return self.loop.idle_seconds_total
-
-    @property
-    def step_periods(self):
-        return self.loop.step_periods
-
     def metrics(self) -> dict[str, Any]:
-        m = self.engine.get_metrics()
-        m["step_period_p50_s"] = self.loop.step_period_p50()
-        m["idle_seconds_total"] = self.loop.idle_seconds_total
-        return m
+        return self.loop.metrics()
 
-    def load(self) -> dict[str, Any]:
-        kv = self.engine.kv
-        return {"num_running": self.num_running(), "kv_blocks_free": kv.num_free_blocks,
-                "kv_blocks_total": kv.num_blocks, "kv_cache_usage": kv.usage()}
+    def load(self) -> EngineState:
+        return self.loop.state()
 
     def take_kv_events(self) -> list:
         """The engine's new KV events. The engine thread appends to the pool's list while we read;
@@ -275,9 +262,9 @@ class AsyncLLMEngine(EngineClient):
                 cmds.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
-        for cmd in cmds:
-            if isinstance(cmd, AddRequest):
-                self._taken(cmd.ticket)
+        tickets = [cmd.ticket for cmd in cmds if isinstance(cmd, AddRequest)]
+        if tickets:
+            self._taken(tickets[-1])
         return cmds
 
     def _run(self) -> None:

@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 from raylight.engine.llm_engine import LLMEngine
-from raylight.messages import AbortRequest, AddRequest, RemotePrefillFailed
+from raylight.messages import AbortRequest, AddRequest, EngineState, RemotePrefillFailed
 
 logger = logging.getLogger("raylight.engine_loop")
 
@@ -171,6 +171,18 @@ class EngineLoop:
         if items:
             self.deliver(items)
 
-    def step_period_p50(self) -> float:
+    # ---- what the client reads ----
+    def state(self) -> EngineState:
+        """The engine's gauges now (requests compiling a grammar count as waiting)."""
+        eng = self.engine
+        kv, sched = eng.kv, eng.scheduler
+        return EngineState(len(sched.running), len(sched.waiting) + len(self._compiling), kv.num_free_blocks,
+                           kv.num_blocks, kv.usage(), self.last_step_time, eng.has_unfinished_requests())
+
+    def metrics(self) -> dict[str, Any]:
+        """The engine's metrics with the loop's own: the median step period and the idle time."""
+        m = self.engine.get_metrics()
         periods = sorted(self.step_periods)
-        return periods[len(periods) // 2] if periods else 0.0
+        m["step_period_p50_s"] = periods[len(periods) // 2] if periods else 0.0
+        m["idle_seconds_total"] = self.idle_seconds_total
+        return m

@@ -116,10 +116,6 @@ class EngineProcessClient(EngineClient):
     def last_step_time(self) -> float:
         return self.state.last_step_time
 
-    @property
-    def idle_seconds_total(self) -> float:
-        return float(self._metrics.get("idle_seconds_total", 0.0))
-
     def num_running(self) -> int:
         return self.state.num_running
 
@@ -133,10 +129,8 @@ class EngineProcessClient(EngineClient):
                  kv_cache_usage=s.kv_cache_usage)
         return m
 
-    def load(self) -> dict[str, Any]:
-        s = self.state
-        return {"num_running": s.num_running, "kv_blocks_free": s.kv_blocks_free,
-                "kv_blocks_total": s.kv_blocks_total, "kv_cache_usage": s.kv_cache_usage}
+    def load(self) -> EngineState:
+        return self.state
 
     def take_kv_events(self) -> list:
         events = self._kv_events
@@ -161,8 +155,6 @@ class EngineProcessClient(EngineClient):
     def _write(self) -> None:
         while True:
             cmd = self._outbox.get()
-            if cmd is None:
-                return
             try:
                 self.conn.send(cmd)
             except (OSError, ValueError):  # the process is gone: the reader reports it
@@ -266,7 +258,7 @@ class _EngineProcess:
 
     def ready(self) -> EngineProcessReady:
         return EngineProcessReady(self.engine.scheduler.max_num_seqs, bool(self.engine.args.enable_kv_events),
-                                  self._state(), self._metrics())
+                                  self.loop.state(), self._metrics())
 
     def run(self) -> None:
         self.loop.run(self._receive, lambda: self.stopped, self._after_turn)
@@ -289,23 +281,14 @@ class _EngineProcess:
             if not self.conn.poll(0) or time.monotonic() >= end:  # a steady stream of requests must not hold the step
                 return cmds
 
-    def _state(self) -> EngineState:
-        eng = self.engine
-        kv, sched = eng.kv, eng.scheduler
-        return EngineState(len(sched.running), len(sched.waiting) + self.loop.num_compiling, kv.num_free_blocks,
-                           kv.num_blocks, kv.usage(), self.loop.last_step_time, eng.has_unfinished_requests())
-
     def _metrics(self) -> dict[str, Any]:
         self._last_metrics = time.monotonic()
-        m = self.engine.get_metrics()
-        m["step_period_p50_s"] = self.loop.step_period_p50()
-        m["idle_seconds_total"] = self.loop.idle_seconds_total
-        return m
+        return self.loop.metrics()
 
     def _send(self, outputs: list[tuple[int, Any]], finished: bool) -> None:
         now = time.monotonic()
         metrics = self._metrics() if finished or now - self._last_metrics >= METRICS_EVERY_S else None
-        self.conn.send(EngineUpdate(outputs, self._taken, self._state(), self.engine.take_kv_events(), metrics))
+        self.conn.send(EngineUpdate(outputs, self._taken, self.loop.state(), self.engine.take_kv_events(), metrics))
         self._last_sent = now
 
     def _send_outputs(self, items: list[tuple[int, Any]]) -> None:

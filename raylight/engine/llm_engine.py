@@ -59,7 +59,7 @@ class LLMEngine:
         """`placement`: under Serve with tensor/pipeline parallelism, the replica's PlacementPlan (its
         other ranks become Ray actors in its placement group); otherwise they are child processes."""
         t0 = time.monotonic()
-        self.device = _resolve_device(args.device)
+        self.device = resolve_device(args.device)
         if args.max_num_batched_tokens is None:
             budget = 8192 if self.device.type == "cuda" else 2048
             args = args.model_copy(update=dict(max_num_batched_tokens=budget))
@@ -437,7 +437,8 @@ class LLMEngine:
                 "kv_pushes_failed": s.transfers_failed}
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """The device an engine with this `device` setting runs on (no CUDA context is made)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

@@ -158,6 +158,34 @@ def read_metrics(base: str, headers=None, timeout: float = 10, labelled: bool = 
     return out
 
 
+def leave_stream(base: str, body: dict, headers=None, lines: int = 3, path: str = "/v1/completions") -> None:
+    """Streams `body`, reads `lines` SSE data lines, then goes away mid-stream (a disconnecting client)."""
+    import httpx
+
+    with httpx.Client(timeout=60) as h:
+        with h.stream("POST", f"{base}{path}", headers=headers, json=body) as r:
+            assert r.status_code == 200
+            got = 0
+            for line in r.iter_lines():
+                got += line.startswith("data: ")
+                if got >= lines:
+                    break
+
+
+def wait_engines_idle(base: str, headers=None, timeout_s: float = 10.0) -> tuple[bool, dict[str, float]]:
+    """Polls /metrics until no request runs and no KV block is in use: (whether it got there, the last read)."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while True:
+        m = read_metrics(base, headers=headers)
+        if m["raylight:num_requests_running"] == 0 and m["raylight:kv_cache_usage_perc"] == 0:
+            return True, m
+        if time.time() >= deadline:
+            return False, m
+        time.sleep(0.2)
+
+
 def serve_replica_pids(app: str, deployment: str) -> list[int]:
     """Processes of a Serve app's replicas of one deployment (Ray titles a replica
     'ray::ServeReplica:<app>:<deployment>')."""

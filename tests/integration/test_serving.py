@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import pytest
@@ -11,7 +10,7 @@ import pytest
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
-from raylight.testing.helpers import serve_app, read_metrics
+from raylight.testing.helpers import leave_stream, read_metrics, serve_app, wait_engines_idle
 
 API_KEY = "sk-raylight-test"
 MODEL = "SmolLM2-135M-Instruct"
@@ -158,23 +157,9 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
     # ~2000 tokens would take far longer than the 10 s we wait, unless the request is aborted.
     body = {"model": MODEL, "prompt": "Write a very long essay about the sea.", "max_tokens": 2000,
             "temperature": 0, "ignore_eos": True, "stream": True}
-    with httpx.Client(timeout=60) as h:
-        with h.stream("POST", f"{server}/v1/completions", headers=auth(), json=body) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()
-            got = 0
-            for line in lines:
-                if line.startswith("data: "):
-                    got += 1
-                if got >= 3:
-                    break
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        m = metrics(server)
-        if m["raylight:num_requests_running"] == 0 and m["raylight:kv_cache_usage_perc"] == 0:
-            break
-        time.sleep(0.2)
-    else:
+    leave_stream(server, body, headers=auth())
+    idle, m = wait_engines_idle(server, headers=auth())
+    if not idle:
         pytest.fail(f"request not aborted: {m}")
 
 

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
-from raylight.testing.helpers import read_metrics, serve_app
+from raylight.testing.helpers import leave_stream, read_metrics, serve_app, wait_engines_idle
 
 MODEL = "SmolLM2-135M-Instruct"
 ENGINE = {"device": "cpu", "dtype": "float32", "max_model_len": 1024, "max_num_seqs": 8, "num_kv_blocks": 256}
@@ -59,22 +59,11 @@ def test_greedy_outputs_equal_the_offline_engine_streamed_and_not(server, smollm
 def test_a_client_that_leaves_frees_its_blocks_and_structured_outputs_work(server):
     body = {"model": MODEL, "prompt": "Write a very long essay about the sea.", "max_tokens": 900,
             "temperature": 0, "ignore_eos": True, "stream": True}
+    leave_stream(server, body)
+    idle, m = wait_engines_idle(server)
+    if not idle:
+        pytest.fail(f"request not aborted: {m}")
     with httpx.Client(timeout=60) as h:
-        with h.stream("POST", f"{server}/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            got = 0
-            for line in r.iter_lines():
-                got += line.startswith("data: ")
-                if got >= 3:
-                    break
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            m = read_metrics(server)
-            if m["raylight:num_requests_running"] == 0 and m["raylight:kv_cache_usage_perc"] == 0:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"request not aborted: {m}")
         r = h.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "Colors: ", "max_tokens": 8,
                                                      "guided_choice": ["red", "blue"]})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] in ("red", "blue")

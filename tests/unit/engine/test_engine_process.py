@@ -67,7 +67,7 @@ def test_outputs_equal_the_in_process_engine_and_everything_is_freed(client, mod
         # The prompt crosses once; every output the reader gets has it back.
         assert all(o.prompt_token_ids == p for o in outs)
         assert outs[-1].outputs[0].token_ids == ref.outputs[0].token_ids
-    assert wait_for(lambda: not client.has_unfinished() and client.load()["kv_blocks_free"] == ENGINE["num_kv_blocks"])
+    assert wait_for(lambda: not client.has_unfinished() and client.load().kv_blocks_free == ENGINE["num_kv_blocks"])
     m = client.metrics()
     assert m["generation_tokens_total"] == 24 * len(prompts) and m["num_running"] == 0 and m["num_steps"] > 0
     assert client.healthy() and client.num_waiting() == 0
@@ -88,7 +88,7 @@ def test_bad_input_is_refused_before_any_output_and_ids_in_use_are_refused(clien
 
     outs = asyncio.run(main())
     assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 3
-    assert wait_for(lambda: not client.has_unfinished() and client.load()["kv_blocks_free"] == ENGINE["num_kv_blocks"])
+    assert wait_for(lambda: not client.has_unfinished() and client.load().kv_blocks_free == ENGINE["num_kv_blocks"])
 
 
 @pytest.mark.parametrize("client", [{"max_queued_requests": 1, "engine": {"max_num_seqs": 1}}], indirect=True)
