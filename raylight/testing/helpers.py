@@ -172,14 +172,17 @@ def leave_stream(base: str, body: dict, headers=None, lines: int = 3, path: str 
                     break
 
 
-def wait_engines_idle(base: str, headers=None, timeout_s: float = 10.0) -> tuple[bool, dict[str, float]]:
-    """Polls /metrics until no request runs and no KV block is in use: (whether it got there, the last read)."""
+def wait_engines_idle(base: str, headers=None, timeout_s: float = 10.0,
+                      until=None, timeout: float = 10.0) -> tuple[bool, dict[str, float]]:
+    """Polls /metrics until no request runs or waits and every KV block is free (and `until(metrics)`, when
+    given, holds too): (whether it got there within `timeout_s`, the last read). `timeout`: each read's."""
     import time
 
     deadline = time.time() + timeout_s
     while True:
-        m = read_metrics(base, headers=headers)
-        if m["raylight:num_requests_running"] == 0 and m["raylight:kv_cache_usage_perc"] == 0:
+        m = read_metrics(base, headers=headers, timeout=timeout)
+        if (m["raylight:num_requests_running"] == 0 and m["raylight:num_requests_waiting"] == 0
+                and m["raylight:kv_cache_usage_perc"] == 0 and (until is None or until(m))):
             return True, m
         if time.time() >= deadline:
             return False, m

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
-from raylight.testing.helpers import serve_app, read_metrics
+from raylight.testing.helpers import read_metrics, serve_app, wait_engines_idle
 
 KEY_A, KEY_B = "sk-tenant-a", "sk-tenant-b"
 MODEL = "SmolLM2-135M-Instruct"
@@ -178,14 +178,8 @@ def test_departed_clients_leave_nothing_behind(server):  # row 23 (issue 23)
         await asyncio.gather(*(give_up(i) for i in range(MAX_ONGOING + 4)))
 
     asyncio.run(burst())
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        m = metrics(server)
-        if (m["raylight:num_requests_running"] == 0 and m["raylight:num_requests_waiting"] == 0
-                and m["raylight:kv_cache_free_blocks"] == m["raylight:kv_cache_total_blocks"]):
-            break
-        time.sleep(0.2)
-    else:
+    idle, m = wait_engines_idle(server, headers=auth(), timeout_s=10)
+    if not idle:
         pytest.fail(f"requests of departed clients still held: {m}")
     assert m["raylight:request_aborted_total"] == before["raylight:request_aborted_total"] + MAX_ONGOING + 4
     t0 = time.time()

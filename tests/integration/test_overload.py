@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raylight.testing.helpers import serve_app, read_metrics
+from raylight.testing.helpers import read_metrics, serve_app, wait_engines_idle
 
 MODEL = "SmolLM2-135M-Instruct"
 MAX_NUM_SEQS, MAX_QUEUED = 4, 4
@@ -39,15 +39,10 @@ def gauges(base) -> dict[str, float]:
 
 
 def wait_gauges_idle(base, timeout_s=15.0) -> dict[str, float]:
-    deadline = time.time() + timeout_s
-    while True:
-        m = gauges(base)
-        if (m["raylight:num_requests_running"] == 0 and m["raylight:num_requests_waiting"] == 0
-                and m["raylight:kv_cache_usage_perc"] == 0):
-            return m
-        if time.time() > deadline:
-            pytest.fail(f"gauges not back to idle: {m}")
-        time.sleep(0.3)
+    idle, m = wait_engines_idle(base, timeout_s=timeout_s)
+    if not idle:
+        pytest.fail(f"gauges not back to idle: {m}")
+    return m
 
 
 async def _burst(base: str, n: int):

@@ -23,7 +23,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raylight.testing.helpers import serve_app, read_metrics
+from raylight.testing.helpers import read_metrics, serve_app, wait_engines_idle
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -44,16 +44,11 @@ def metrics(base) -> dict[str, float]:
 
 def wait_idle(base, aborted: float, timeout_s: float = 30.0) -> dict[str, float]:
     """Waits until no request runs or waits, every KV block is free, and request_aborted_total is `aborted`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        m = metrics(base)
-        if (m["raylight:num_requests_running"] == 0 and m["raylight:num_requests_waiting"] == 0
-                and m["raylight:kv_cache_free_blocks"] == m["raylight:kv_cache_total_blocks"]
-                and m["raylight:request_aborted_total"] == aborted):
-            return m
-        if time.monotonic() > deadline:
-            pytest.fail(f"not idle with {aborted} aborted after {timeout_s:.0f}s: {m}")
-        time.sleep(0.3)
+    idle, m = wait_engines_idle(base, timeout_s=timeout_s, timeout=30,
+                                until=lambda m: m["raylight:request_aborted_total"] == aborted)
+    if not idle:
+        pytest.fail(f"not idle with {aborted} aborted after {timeout_s:.0f}s: {m}")
+    return m
 
 
 def others_are_served(base) -> None:
