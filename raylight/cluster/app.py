@@ -73,6 +73,9 @@ class ServerConfig(BaseModel):
         3, ge=1, description="Failed engine-replica starts (a bad model path, bad engine args) before Serve marks "
         "the application DEPLOY_FAILED and stops retrying (Serve's deployment option of that name, default 20; "
         "Serve also caps it at 3 per replica).")
+    ingress_replicas: int = Field(1, ge=1, description=(
+        "Replicas of the HTTP ingress (parsing, validation, tokenizing, chat templates, SSE), each a process of "
+        "its own that Serve's proxy spreads requests over; the ingress is one process's GIL per request."))
     api_key: Optional[str] = Field(None, description="Bearer key required on every route but /health.")
     api_keys: list[str] = Field(default_factory=list, description=(
         "More bearer keys (tenants), beside api_key. Each key gets its own prefix-cache salt (a keyed hash of "
@@ -245,7 +248,7 @@ def _ingress(cfg: ServerConfig, engine, engine_args: EngineArgs):
 
     name = cfg.served_model_name or (cfg.model or DEFAULT_MODEL_NAME)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=4096, max_constructor_retry_count=cfg.max_constructor_retry_count)
+                               num_replicas=cfg.ingress_replicas, max_ongoing_requests=4096, max_constructor_retry_count=cfg.max_constructor_retry_count)
     return ingress.bind(engine, name, cfg.model, engine_args.load_format, engine_args.max_model_len, cfg.api_key,
                         cfg.default_max_tokens, api_keys=cfg.api_keys,
                         max_request_body_bytes=cfg.max_request_body_bytes, tool_call_parser=cfg.tool_call_parser)

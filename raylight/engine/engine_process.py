@@ -50,7 +50,8 @@ from raylight.utils.child_process import child_env, watch_parent
 logger = logging.getLogger("raylight.engine_process")
 
 STATE_EVERY_S = 0.02  # a busy loop sends its gauges at least this often, outputs or not
-METRICS_EVERY_S = 0.25  # and its full metrics (also whenever a request finishes)
+METRICS_EVERY_S = 0.25  # and its full metrics (also when a request finishes, at most every METRICS_MIN_GAP_S)
+METRICS_MIN_GAP_S = 0.05
 RECEIVE_FOR_S = 0.005  # a turn reads commands at most this long before it steps
 STOP_TIMEOUT_S = 30.0  # finishing the steps in flight and stopping other ranks; then it is killed
 
@@ -287,7 +288,12 @@ class _EngineProcess:
 
     def _send(self, outputs: list[tuple[int, Any]], finished: bool) -> None:
         now = time.monotonic()
-        metrics = self._metrics() if finished or now - self._last_metrics >= METRICS_EVERY_S else None
+        since = now - self._last_metrics
+        # A finish refreshes the metrics (counters a client reads right after its request), but at saturation
+        # requests finish every step: at most every METRICS_MIN_GAP_S then, and always once all are done.
+        due = since >= METRICS_EVERY_S or finished and (
+            since >= METRICS_MIN_GAP_S or not self.engine.has_unfinished_requests())
+        metrics = self._metrics() if due else None
         self.conn.send(EngineUpdate(outputs, self._taken, self.loop.state(), self.engine.take_kv_events(), metrics))
         self._last_sent = now
 
