@@ -76,6 +76,7 @@ class OpenAIServer:
         # CPU they take, and a request waiting for it longer than tokenize_timeout_s gets a 400.
         self._tokenize_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.metrics = ServerMetrics()  # its own registry
+        self.peers = None  # a PeerLink when the app runs several ingress replicas (cluster/ingress_peers.py)
         self.server_load = 0  # generation requests in flight here, streams until their end (vLLM's /load)
         self.created = int(time.time())
 
@@ -186,6 +187,8 @@ class OpenAIServer:
         return self.engine.options(stream=True).generate.remote(call)
 
     def _open(self, call: GenerateCall, request: Request) -> EngineStream:
+        if self.peers is not None:
+            self.peers.start()  # sharing starts with the first request (the constructor has no running loop)
         return EngineStream(self._stream(call), request, self.metrics)
 
     async def _run_to_end(self, request: Request, call: GenerateCall, timing) -> RequestOutput:
@@ -214,6 +217,8 @@ class OpenAIServer:
             stats = await asyncio.wait_for(self.engine.stats.remote(), timeout=2)
             self.metrics.update_replica(stats.replica_id, stats.metrics)
         self.metrics.retain_replicas(await running_replica_ids())  # a scaled-down replica's KV leaves the gauges
+        if self.peers is not None:  # the other ingress replicas' requests, counted too
+            await self.peers.exchange()
         body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
 
@@ -412,7 +417,9 @@ class OpenAIIngress(OpenAIServer):
     def __init__(self, engine_handle, served_model_name: str, model: Optional[str], load_format: str = "auto",
                  max_model_len: Optional[int] = None, api_key: Optional[str] = None,
                  default_max_tokens: int = 256, api_keys: Sequence[str] = (),
-                 max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES, tool_call_parser: Optional[str] = None):
+                 max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES, tool_call_parser: Optional[str] = None,
+                 share_metrics: bool = False):
+        """`share_metrics`: the app runs several ingress replicas, which pool their request metrics."""
         from raylight.engine.tokenizer import load_tokenizer
         from raylight.models.loader import resolve_model
 
@@ -421,3 +428,8 @@ class OpenAIIngress(OpenAIServer):
                          max_model_len or resolved.arch.max_position_embeddings, api_key, default_max_tokens,
                          api_keys=api_keys, max_request_body_bytes=max_request_body_bytes,
                          tool_call_parser=tool_call_parser)
+        if share_metrics:
+            from raylight.cluster.ingress_peers import PeerLink
+
+            ctx = serve.get_replica_context()
+            self.peers = PeerLink(ctx.app_name, ctx.replica_id.unique_id, self.metrics)

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.metrics_core import Metric
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0)
@@ -229,25 +230,67 @@ class _RouterCollector:
             yield family
 
 
+class _SummedRequests:
+    """The request metrics of this ingress plus those its sibling ingress replicas last shared (`peers`:
+    ingress id -> samples), family by family: with several ingress replicas behind Serve's proxy a scrape
+    reaches one of them, and must still count every request."""
+
+    def __init__(self, own: CollectorRegistry):
+        self.own = own
+        self.peers: dict[str, list[tuple[str, tuple[tuple[str, str], ...], float]]] = {}
+
+    def collect(self):
+        extra: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for samples in self.peers.values():
+            for name, labels, value in samples:
+                extra[name, labels] = extra.get((name, labels), 0.0) + value
+        for fam in self.own.collect():
+            out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            names = set()
+            for sm in fam.samples:
+                if sm.name.endswith("_created"):  # per process; meaningless summed
+                    continue
+                key = (sm.name, tuple(sorted(sm.labels.items())))
+                names.add(sm.name)
+                out.add_sample(sm.name, sm.labels, sm.value + extra.pop(key, 0.0))
+            for (name, labels), value in sorted(extra.items()):  # label values only a sibling has seen yet
+                if name in names:
+                    out.add_sample(name, dict(labels), value)
+                    del extra[name, labels]
+            yield out
+
+
 class ServerMetrics:
     def __init__(self):
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.ttft = Histogram("raylight:time_to_first_token_seconds", "Time to first token", registry=r,
+        own = self._own = CollectorRegistry()  # what this ingress observed itself
+        self.ttft = Histogram("raylight:time_to_first_token_seconds", "Time to first token", registry=own,
                               buckets=_LATENCY_BUCKETS)
-        self.itl = Histogram("raylight:inter_token_latency_seconds", "Time between streamed tokens", registry=r,
+        self.itl = Histogram("raylight:inter_token_latency_seconds", "Time between streamed tokens", registry=own,
                              buckets=_LATENCY_BUCKETS)
-        self.e2e = Histogram("raylight:e2e_request_latency_seconds", "End-to-end request latency", registry=r,
+        self.e2e = Histogram("raylight:e2e_request_latency_seconds", "End-to-end request latency", registry=own,
                              buckets=_LATENCY_BUCKETS)
-        self.prompt_tokens = Counter("raylight:prompt_tokens", "Prompt tokens processed", registry=r)
-        self.generation_tokens = Counter("raylight:generation_tokens", "Tokens generated", registry=r)
-        self.requests = Counter("raylight:request_success", "Finished requests", ["finished_reason"], registry=r)
+        self.prompt_tokens = Counter("raylight:prompt_tokens", "Prompt tokens processed", registry=own)
+        self.generation_tokens = Counter("raylight:generation_tokens", "Tokens generated", registry=own)
+        self.requests = Counter("raylight:request_success", "Finished requests", ["finished_reason"], registry=own)
         self.aborted = Counter("raylight:request_aborted", "Requests aborted because their client went away "
-                               "before the end", registry=r)
+                               "before the end", registry=own)
+        self.registry = r = CollectorRegistry()
+        self._requests = _SummedRequests(own)
+        r.register(self._requests)
         self._replicas = _ReplicaCollector()
         r.register(self._replicas)
         self._routers = _RouterCollector()
         r.register(self._routers)
+
+    def request_samples(self) -> list[tuple[str, tuple[tuple[str, str], ...], float]]:
+        """This ingress's own request metrics as (sample name, labels, value): what it shares with its siblings."""
+        return [(sm.name, tuple(sorted(sm.labels.items())), sm.value) for fam in self._own.collect()
+                for sm in fam.samples if not sm.name.endswith("_created")]
+
+    def set_peers(self, peers: dict[str, list]) -> None:
+        """The other ingress replicas' last shared request samples (cluster/ingress_peers.py)."""
+        self._requests.peers = {k: [(n, tuple(tuple(x) for x in labels), float(v)) for n, labels, v in samples]
+                                for k, samples in peers.items()}
 
     def update_replica(self, replica_id: str, stats: dict[str, Any]) -> None:
         """One replica's snapshot, or a disaggregated router's bundle of several (`{"replicas": {id:

@@ -87,3 +87,43 @@ def test_engine_step_counters_are_summed_over_replicas():
     assert _value(text, "raylight:engine_step_rows_total") == 400
     assert _value(text, "raylight:engine_step_tokens_total") == 1000
     assert _value(text, "raylight:engine_idle_seconds_total") == 1.5
+
+
+def test_sibling_ingress_replicas_request_metrics_are_summed():
+    """With several ingress replicas a scrape reaches one: it serves its own request metrics plus what
+    the others last shared, histograms bucket by bucket and counters label by label (a label value only a
+    sibling has seen included); per-process `_created` samples are not served."""
+    a, b, c = ServerMetrics(), ServerMetrics(), ServerMetrics()
+    a.ttft.observe(0.003)
+    a.requests.labels(finished_reason="stop").inc()
+    a.prompt_tokens.inc(7)
+    b.ttft.observe(0.3)
+    b.requests.labels(finished_reason="stop").inc(2)
+    b.requests.labels(finished_reason="length").inc(4)
+    b.prompt_tokens.inc(5)
+    c.aborted.inc()
+    a.set_peers({"b": b.request_samples(), "c": c.request_samples()})
+    text = a.render()[0].decode()
+    assert _value(text, 'raylight:request_success_total{finished_reason="stop"}') == 3
+    assert _value(text, 'raylight:request_success_total{finished_reason="length"}') == 4
+    assert _value(text, "raylight:prompt_tokens_total") == 12
+    assert _value(text, "raylight:request_aborted_total") == 1
+    assert _value(text, "raylight:time_to_first_token_seconds_count") == 2
+    assert abs(_value(text, "raylight:time_to_first_token_seconds_sum") - 0.303) < 1e-9
+    assert _value(text, 'raylight:time_to_first_token_seconds_bucket{le="0.005"}') == 1
+    assert _value(text, 'raylight:time_to_first_token_seconds_bucket{le="0.5"}') == 2
+    assert "_created" not in text
+    a.set_peers({})  # the siblings left: only a's own again
+    assert _value(a.render()[0].decode(), "raylight:prompt_tokens_total") == 7
+
+
+def test_ingress_peers_actor_answers_the_others_and_forgets_silent_ones(monkeypatch):
+    from raylight.cluster import ingress_peers
+
+    hub = ingress_peers.IngressPeers()
+    assert hub.post("a", [("x_total", (), 1.0)]) == {}
+    assert hub.post("b", [("x_total", (), 2.0)]) == {"a": [("x_total", (), 1.0)]}
+    t, s = hub.samples["a"]
+    hub.samples["a"] = (t - ingress_peers.STALE_S - 1, s)  # a stopped posting (scaled down, dead)
+    assert hub.post("b", [("x_total", (), 3.0)]) == {}
+    assert hub.post("a", []) == {"b": [("x_total", (), 3.0)]}
