@@ -149,6 +149,7 @@ class EngineProcessStart:
     ray_address: Optional[str] = None
     ray_namespace: Optional[str] = None
     ray_runtime_env: Optional[dict[str, Any]] = None  # the replica's (the rank actors' code and packages)
+    gc_freeze: bool = False  # once ready, move the start-up objects out of the garbage collector's walks
 
 
 @dataclass

@@ -76,6 +76,10 @@ class ServerConfig(BaseModel):
     ingress_replicas: int = Field(1, ge=1, description=(
         "Replicas of the HTTP ingress (parsing, validation, tokenizing, chat templates, SSE), each a process of "
         "its own that Serve's proxy spreads requests over; the ingress is one process's GIL per request."))
+    gc_freeze: bool = Field(True, description=(
+        "Once started, the ingress, each engine replica and its engine process move their start-up objects out "
+        "of Python's cyclic garbage collector (utils/gc_heap.py): a full collection of them paused a process "
+        "for ~0.1 s every few seconds under load. false: leave the collector as Python has it."))
     api_key: Optional[str] = Field(None, description="Bearer key required on every route but /health.")
     api_keys: list[str] = Field(default_factory=list, description=(
         "More bearer keys (tenants), beside api_key. Each key gets its own prefix-cache salt (a keyed hash of "
@@ -237,7 +241,7 @@ def _engine_pool(cls, name: str, cfg: ServerConfig, pool: PoolConfig, engine_arg
     return serve.deployment(cls, name=name, **opts).bind(
         engine_args.model_dump(exclude_none=True), pool.max_queued_requests, cpu_threads, plan,
         cfg.request_timeout_s, cfg.health_stall_s, pool.max_stream_messages_per_s, pool.gil_switch_interval_s,
-        pool.engine_process)
+        pool.engine_process, cfg.gc_freeze)
 
 
 def _ingress(cfg: ServerConfig, engine, engine_args: EngineArgs):
@@ -252,7 +256,7 @@ def _ingress(cfg: ServerConfig, engine, engine_args: EngineArgs):
     return ingress.bind(engine, name, cfg.model, engine_args.load_format, engine_args.max_model_len, cfg.api_key,
                         cfg.default_max_tokens, api_keys=cfg.api_keys,
                         max_request_body_bytes=cfg.max_request_body_bytes, tool_call_parser=cfg.tool_call_parser,
-                        share_metrics=cfg.ingress_replicas > 1)
+                        share_metrics=cfg.ingress_replicas > 1, gc_freeze=cfg.gc_freeze)
 
 
 def placement_options(cfg: PoolConfig, engine_args: EngineArgs) -> dict[str, Any]:

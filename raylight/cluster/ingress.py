@@ -418,8 +418,9 @@ class OpenAIIngress(OpenAIServer):
                  max_model_len: Optional[int] = None, api_key: Optional[str] = None,
                  default_max_tokens: int = 256, api_keys: Sequence[str] = (),
                  max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES, tool_call_parser: Optional[str] = None,
-                 share_metrics: bool = False):
-        """`share_metrics`: the app runs several ingress replicas, which pool their request metrics."""
+                 share_metrics: bool = False, gc_freeze: bool = False):
+        """`share_metrics`: the app runs several ingress replicas, which pool their request metrics.
+        `gc_freeze`: once built, its start-up objects leave the garbage collector's walks (utils/gc_heap.py)."""
         from raylight.engine.tokenizer import load_tokenizer
         from raylight.models.loader import resolve_model
 
@@ -433,3 +434,7 @@ class OpenAIIngress(OpenAIServer):
 
             ctx = serve.get_replica_context()
             self.peers = PeerLink(ctx.app_name, ctx.replica_id.unique_id, self.metrics)
+        if gc_freeze:
+            from raylight.utils.gc_heap import freeze_heap
+
+            freeze_heap("ingress")

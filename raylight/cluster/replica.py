@@ -82,14 +82,17 @@ class EngineReplica:
     def __init__(self, engine_args: dict[str, Any], max_queued_requests: Optional[int] = None,
                  cpu_threads: Optional[int] = None, placement=None, request_timeout_s: Optional[float] = None,
                  health_stall_s: float = 60.0, max_stream_messages_per_s: Optional[float] = None,
-                 gil_switch_interval_s: Optional[float] = None, engine_process: Optional[bool] = None):
+                 gil_switch_interval_s: Optional[float] = None, engine_process: Optional[bool] = None,
+                 gc_freeze: bool = False):
         """`placement`: the PlacementPlan this replica's placement group was made from (TP x PP > 1):
         rank 0 (this actor's engine, on its thread or in its process) starts the other ranks as Ray actors
         in their bundles.
         `request_timeout_s`, `health_stall_s`: see AppConfig; `max_stream_messages_per_s`,
         `gil_switch_interval_s`: see PoolConfig (the interval is this process's: the actor is the replica's own).
         `engine_process`: the engine in a process of its own (engine/engine_process.py) instead of a thread
-        of this one; None: on a GPU. With `placement` that process starts the other ranks' Ray actors."""
+        of this one; None: on a GPU. With `placement` that process starts the other ranks' Ray actors.
+        `gc_freeze`: once started, this process's (and the engine process's) start-up objects leave the garbage
+        collector's walks (utils/gc_heap.py)."""
         import torch
 
         # Ray sets OMP_NUM_THREADS to the actor's CPU count (1 by default); use what we were given.
@@ -114,7 +117,7 @@ class EngineReplica:
                 placement = dataclasses.replace(placement, group_id=current_placement_group().id.hex())
 
             self.async_engine = EngineProcessClient(args.model_dump(exclude_none=True), max_queued_requests,
-                                                    max_stream_messages_per_s, threads, placement)
+                                                    max_stream_messages_per_s, threads, placement, gc_freeze)
         else:
             from raylight.engine.async_engine import AsyncLLMEngine
             from raylight.engine.llm_engine import LLMEngine
@@ -135,6 +138,10 @@ class EngineReplica:
         self.slo = SLORecorder()  # TTFT/ITL for SLO autoscaling (cluster/autoscaling.py)
         logger.info("replica %s ready (%d torch threads, engine %s)", self.replica_id, threads,
                     "in its own process" if engine_process else "on a thread of the replica's")
+        if gc_freeze:
+            from raylight.utils.gc_heap import freeze_heap
+
+            freeze_heap("engine replica")
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[ReplicaMessage]:
         async with contextlib.aclosing(self._generate(call)) as msgs:  # closing this closes that: abort

@@ -61,11 +61,12 @@ class EngineProcessClient(EngineClient):
 
     def __init__(self, engine_args: dict[str, Any], max_queued_requests: Optional[int] = None,
                  max_stream_messages_per_s: Optional[float] = None, threads: Optional[int] = None,
-                 placement=None):
+                 placement=None, gc_freeze: bool = False):
         """Blocks until the engine is ready (model loaded, warmed up); raises RuntimeError with the
         child's traceback if it could not start. `placement`: the PlacementPlan of a replica over
         several ranks (a Serve replica), with its placement group's id (`group_id`): the engine process
-        joins this Ray cluster and starts the other ranks as actors in that group."""
+        joins this Ray cluster and starts the other ranks as actors in that group. `gc_freeze`: once ready,
+        the child's start-up objects leave the garbage collector's walks (utils/gc_heap.py)."""
         ours, theirs = socket.socketpair()
         level = logging.getLevelName(logging.getLogger("raylight").getEffectiveLevel())
         self._closing = False
@@ -75,7 +76,7 @@ class EngineProcessClient(EngineClient):
         theirs.close()
         self.conn = Connection(ours.detach())
         start = EngineProcessStart(dict(engine_args), int(threads or os.cpu_count() or 1), str(level),
-                                   max_stream_messages_per_s, [p for p in sys.path if p])
+                                   max_stream_messages_per_s, [p for p in sys.path if p], gc_freeze=gc_freeze)
         if placement is not None:
             import ray
 
@@ -353,6 +354,10 @@ def main(argv: list[str]) -> None:
         conn.send(proc.ready())
     except BaseException:
         _report_and_exit(conn)
+    if start.gc_freeze:
+        from raylight.utils.gc_heap import freeze_heap
+
+        freeze_heap("engine process")
     try:
         proc.run()
     except EOFError:  # the parent closed its end: nobody to serve
