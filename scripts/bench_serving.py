@@ -313,6 +313,41 @@ def scrape_metrics(base: str) -> dict:
     return out
 
 
+# The server's processes on this host, by a piece of their command line: Ray Serve's proxy, our ingress,
+# the engine replicas and their engine processes, vLLM's API server and engine core.
+_SERVER_PROCS = {"proxy": "ProxyActor", "ingress": "OpenAIIngress", "replica": "EngineReplica",
+                 "engine_process": "raylight.engine.engine_process", "vllm_api": "vllm.entrypoints",
+                 "vllm_engine_core": "VLLM::EngineCore"}
+
+
+def process_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) each kind of server process on this host has used so far (Linux /proc;
+    {} elsewhere). Differences across a rate, per request, say which process each request costs most."""
+    if not os.path.isdir("/proc"):
+        return {}
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        for kind, pattern in _SERVER_PROCS.items():
+            if pattern in cmd:
+                out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+                break
+    return out
+
+
+def cpu_per_request(before: dict, after: dict, requests: int) -> dict[str, float]:
+    """Milliseconds of CPU per request of each server process kind over a rate."""
+    return {k: round(1000 * (after[k] - before.get(k, 0.0)) / max(1, requests), 3) for k in after}
+
+
 def engine_window(before: dict, after: dict) -> Optional[dict]:
     """The engine's steps between two scrapes (the counters come with each request's last message, so
     `after` holds the window's last finished request): step count, busy and idle seconds, mean step time,
@@ -388,10 +423,12 @@ def run_server(args, plan: dict, checkpoint=None) -> dict:
     for rr in plan["rates"]:
         bodies = [request_body(args.model, p, o) for p, o in zip(rr["prompts"], rr["out_lens"])]
         before = scrape_metrics(base) if args.scrape_metrics else {}
+        cpu_before = process_cpu_s()
         t = time.time()
         recs = run_load(url, bodies, rr["send_at"], args.client_procs, args.request_timeout_s)
         s = summarize(recs, rr["rate"])
         s["wall_s"] = time.time() - t
+        s["cpu_ms_per_request"] = cpu_per_request(cpu_before, process_cpu_s(), len(bodies))
         if args.scrape_metrics:
             s["server_metrics"] = scrape_metrics(base)
             s["engine"] = engine_window(before, s["server_metrics"])
@@ -403,6 +440,8 @@ def run_server(args, plan: dict, checkpoint=None) -> dict:
               + (f"; errors: {s['errors'][0]}" if s.get("errors") else ""), flush=True)
         if s.get("engine"):
             print(f"[{args.label}]   engine: {s['engine']}", flush=True)
+        if s["cpu_ms_per_request"]:
+            print(f"[{args.label}]   CPU ms per request: {s['cpu_ms_per_request']}", flush=True)
         if s.get("timeline"):
             tl = s["timeline"]
             print(f"[{args.label}]   first token {fmt(tl['first_token_s'], ' s')}, first completion "

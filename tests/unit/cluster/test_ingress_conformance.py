@@ -122,7 +122,8 @@ def test_one_failing_prompt_aborts_the_others():
     with pytest.raises(APIError) as e:
         asyncio.run(main())
     assert e.value.status == 429
-    assert all(s.cancelled for s in streams), [s.cancelled for s in streams]
+    # the two still running are cancelled; the failed one's stream ended with its error message
+    assert [s.cancelled for s in streams] == [True, False, True]
 
 
 # ---------------------------------------------------------------- request fields, checked before the engine
@@ -206,3 +207,22 @@ def test_tokenizer_info_and_load():
     bare = TestClient(build_api(OpenAIServer(FakeEngine(), "m", None, max_model_len=64)))
     r = bare.get("/tokenizer_info")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stream_that_ended_is_not_cancelled(stream):
+    """A request whose replica sent its last message needs no cancel (each is a call into Serve and Ray):
+    only streams still running when the ingress lets go are cancelled."""
+    engine = FakeEngine()
+    streams = []
+    make = engine.generate.fn
+
+    def generate(call):
+        streams.append(make(call))
+        return streams[-1]
+
+    engine.generate.fn = generate
+    client, server = _client(engine)
+    r = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 3, "stream": stream})
+    assert r.status_code == 200, r.text
+    assert len(streams) == 1 and not streams[0].cancelled and _aborted(server) == 0

@@ -45,3 +45,30 @@ def test_targets_give_every_server_its_ratios_to_the_offline_engine():
         "saturation_vs_offline": 0.4, "low_load_itl_p50_vs_engine_step": 1.5}
     assert t["servers_vs_offline"]["vllm"]["saturation_vs_offline"] == 0.8
     assert t["raylight_over_vllm"]["inf"]["output_tok_s"] == 950.0 / 800.0
+
+
+def test_cpu_seconds_of_server_processes_are_read_by_kind():
+    """A child process whose command line names our ingress counts as the ingress; its CPU per request is
+    the difference across a rate divided by the requests."""
+    import subprocess
+    import sys
+    import time
+
+    bench = load_script("bench_serving")
+    process_cpu_s, cpu_per_request = bench.process_cpu_s, bench.cpu_per_request
+
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)"
+    p = subprocess.Popen([sys.executable, "-c", busy, "OpenAIIngress"])
+    try:
+        before = process_cpu_s()
+        deadline = time.time() + 20
+        while True:
+            after = process_cpu_s()
+            if after.get("ingress", 0.0) - before.get("ingress", 0.0) >= 0.2 or time.time() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        p.kill()
+    per = cpu_per_request(before, after, 10)
+    assert per["ingress"] >= 20  # at least 0.2 s over 10 requests
+    assert cpu_per_request({"proxy": 1.0}, {"proxy": 1.5}, 5) == {"proxy": 100.0}
