@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import collections
 
-ENGINE_LOOP = "AsyncLLMEngine._run"  # the frame every engine-loop stack passes through
+ENGINE_LOOP = "EngineLoop.run"  # the frame every engine-loop stack passes through (a replica's thread or the engine process)
 
 
 def load(path: str) -> list[tuple[list[str], int]]:

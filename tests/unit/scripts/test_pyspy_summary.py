@@ -9,6 +9,7 @@ def test_samples_split_into_the_engine_loop_and_the_heaviest_other_stacks(tmp_pa
     raw = tmp_path / "pyspy.txt"
     raw.write_text(
         "Thread._bootstrap (threading.py:1);AsyncLLMEngine._run (raylight/engine/async_engine.py:2);"
+        "EngineLoop.run (raylight/engine/engine_loop.py:9);"
         "LLMEngine.step (raylight/engine/llm_engine.py:3) 30\n"
         "Thread.run (threading.py:4);handle (ray/serve/replica.py:5);dumps (cloudpickle.py:6) 12\n"
         "Thread.run (threading.py:4);handle (ray/serve/replica.py:5);loads (cloudpickle.py:7) 5\n"
