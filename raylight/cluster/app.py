@@ -252,7 +252,8 @@ def _ingress(cfg: ServerConfig, engine, engine_args: EngineArgs):
 
     name = cfg.served_model_name or (cfg.model or DEFAULT_MODEL_NAME)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
-                               num_replicas=cfg.ingress_replicas, max_ongoing_requests=4096, max_constructor_retry_count=cfg.max_constructor_retry_count)
+                               num_replicas=cfg.ingress_replicas, max_ongoing_requests=4096,
+                               max_constructor_retry_count=cfg.max_constructor_retry_count)
     return ingress.bind(engine, name, cfg.model, engine_args.load_format, engine_args.max_model_len, cfg.api_key,
                         cfg.default_max_tokens, api_keys=cfg.api_keys,
                         max_request_body_bytes=cfg.max_request_body_bytes, tool_call_parser=cfg.tool_call_parser,

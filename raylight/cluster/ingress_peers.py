@@ -78,8 +78,3 @@ class PeerLink:
         while True:
             await self.exchange()
             await asyncio.sleep(PERIOD_S)
-
-    def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None

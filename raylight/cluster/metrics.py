@@ -230,6 +230,13 @@ class _RouterCollector:
             yield family
 
 
+def _shared_samples(family):
+    """A family's samples as (name, sorted labels, value), less the per-process `_created` ones (meaningless
+    summed over processes)."""
+    return [(sm.name, tuple(sorted(sm.labels.items())), sm.value) for sm in family.samples
+            if not sm.name.endswith("_created")]
+
+
 class _SummedRequests:
     """The request metrics of this ingress plus those its sibling ingress replicas last shared (`peers`:
     ingress id -> samples), family by family: with several ingress replicas behind Serve's proxy a scrape
@@ -247,12 +254,9 @@ class _SummedRequests:
         for fam in self.own.collect():
             out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
             names = set()
-            for sm in fam.samples:
-                if sm.name.endswith("_created"):  # per process; meaningless summed
-                    continue
-                key = (sm.name, tuple(sorted(sm.labels.items())))
-                names.add(sm.name)
-                out.add_sample(sm.name, sm.labels, sm.value + extra.pop(key, 0.0))
+            for name, labels, value in _shared_samples(fam):
+                names.add(name)
+                out.add_sample(name, dict(labels), value + extra.pop((name, labels), 0.0))
             for (name, labels), value in sorted(extra.items()):  # label values only a sibling has seen yet
                 if name in names:
                     out.add_sample(name, dict(labels), value)
@@ -284,8 +288,7 @@ class ServerMetrics:
 
     def request_samples(self) -> list[tuple[str, tuple[tuple[str, str], ...], float]]:
         """This ingress's own request metrics as (sample name, labels, value): what it shares with its siblings."""
-        return [(sm.name, tuple(sorted(sm.labels.items())), sm.value) for fam in self._own.collect()
-                for sm in fam.samples if not sm.name.endswith("_created")]
+        return [sample for fam in self._own.collect() for sample in _shared_samples(fam)]
 
     def set_peers(self, peers: dict[str, list]) -> None:
         """The other ingress replicas' last shared request samples (cluster/ingress_peers.py)."""
