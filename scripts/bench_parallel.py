@@ -210,14 +210,13 @@ def _custom_times(groups, x: torch.Tensor, hidden: int) -> dict:
 
 
 def measure_collectives(sizes: dict, reps: int = 200) -> dict:
-    import socket
     import tempfile
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from raylight.utils.ports import free_port
+
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "collectives.json")
         mp.spawn(_collective_rank, args=(2, f"tcp://127.0.0.1:{port}", sizes, reps, out), nprocs=2)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
 import statistics
 import sys
 import time
@@ -37,9 +36,9 @@ def main(argv=None):
 
     from raylight.cluster.app import AppConfig, build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from raylight.utils.ports import free_port
+
+    port = free_port()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(AppConfig(engine_args={"device": "cpu"}, ray_actor_options={"num_cpus": args.num_cpus})),

@@ -221,11 +221,9 @@ def load_script(name: str):
 
 
 def free_port() -> int:
-    import socket
+    from raylight.utils.ports import free_port as _free
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free("127.0.0.1")
 
 
 @contextlib.contextmanager
@@ -239,10 +237,9 @@ def serve_app(cfg, name: str, timeout_s: float = 180):
 
     if ray.is_initialized():  # a session an earlier test left behind: ours must own its resources
         ray.shutdown()
-    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        port = _start_serve(serve)
         serve.run(build_app(cfg), name=name, route_prefix="/")
         base = f"http://127.0.0.1:{port}"
         if not wait_healthy(base, timeout_s):
@@ -251,6 +248,21 @@ def serve_app(cfg, name: str, timeout_s: float = 180):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _start_serve(serve, attempts: int = 3) -> int:
+    """serve.start on a free port; on a bind failure (another process took the port between our check
+    and the proxy's bind) Serve is shut down and started again on another. Returns the port."""
+    for attempt in range(attempts):
+        port = free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            return port
+        except Exception as e:
+            if "bind" not in str(e).lower() or attempt == attempts - 1:
+                raise
+            serve.shutdown()
+    raise AssertionError("unreachable")
 
 
 def wait_healthy(base: str, timeout_s: float, still_running=lambda: True) -> bool:

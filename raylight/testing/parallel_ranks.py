@@ -26,17 +26,10 @@ from raylight.parallel.layers import (ColumnParallelLinear, MergedColumnParallel
                                       QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding)
 from raylight.parallel.pipeline import recv_intermediate, send_intermediate
 from raylight.parallel.state import ParallelConfig, ParallelGroups, init_distributed, shard_range
+from raylight.utils.ports import free_port
 
 
 # ---------------------------------------------------------------- launcher
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _entry(fn, rank, world_size, init_method, args, results):
     torch.set_num_threads(1)  # several ranks share two cores
@@ -57,7 +50,7 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 120.0) -> list:
     (rank order) or raises with the first failing rank's traceback."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     procs = [ctx.Process(target=_entry, args=(fn, r, world_size, init_method, args, results), daemon=True)
              for r in range(world_size)]
     for p in procs:

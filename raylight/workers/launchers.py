@@ -9,7 +9,6 @@ import collections
 import logging
 import os
 import pickle  # only to hand our own RankSpec to our own child, over its stdin pipe (see rank_main)
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from typing import Any, Optional, Protocol
 import torch
 
 from raylight.utils.child_process import child_env
+from raylight.utils.ports import free_port
 from raylight.workers.worker import RankSpec, run_rank
 
 
@@ -34,12 +34,6 @@ class Launcher(Protocol):
 
     def stop(self, timeout_s: float) -> None:
         """Waits up to timeout_s for the ranks to exit (after rank 0 told them to), then kills the rest."""
-
-
-def _free_port(host: str = "") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class _RankProcess:
@@ -122,7 +116,7 @@ class LocalRanks:
         self.threads = max(1, (os.cpu_count() or 1) // world_size)
 
     def init_method(self) -> str:
-        return f"tcp://127.0.0.1:{_free_port('127.0.0.1')}"
+        return f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
 
     def start(self, spec: RankSpec) -> None:
         for rank in range(1, self.world_size):
@@ -178,7 +172,7 @@ class RayRanks:
     def init_method(self) -> str:
         import ray
 
-        return f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+        return f"tcp://{ray.util.get_node_ip_address()}:{free_port('')}"
 
     def start(self, spec: RankSpec) -> None:
         import ray
