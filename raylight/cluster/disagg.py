@@ -112,7 +112,9 @@ class DisaggRouter:
     def __init__(self, decode, prefill, remote_prefill_threshold: int = 512, kv_transfer_timeout_s: float = 30.0,
                  probe_s: float = 2.0, decode_retries: int = 1):
         """`decode`, `prefill`: handles of the DecodeReplica and PrefillReplica deployments."""
-        self.decode, self.prefill = decode, prefill
+        from raylight.cluster.serve_mode import replica_handle
+
+        self.decode, self.prefill = replica_handle(decode), replica_handle(prefill)
         self.threshold = int(remote_prefill_threshold)
         self.kv_transfer_timeout_s = float(kv_transfer_timeout_s)
         self.decode_retries = int(decode_retries)

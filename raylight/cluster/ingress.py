@@ -421,11 +421,12 @@ class OpenAIIngress(OpenAIServer):
                  share_metrics: bool = False, gc_freeze: bool = False):
         """`share_metrics`: the app runs several ingress replicas, which pool their request metrics.
         `gc_freeze`: once built, its start-up objects leave the garbage collector's walks (utils/gc_heap.py)."""
+        from raylight.cluster.serve_mode import replica_handle
         from raylight.engine.tokenizer import load_tokenizer
         from raylight.models.loader import resolve_model
 
         resolved = resolve_model(model, load_format)
-        super().__init__(engine_handle, served_model_name, load_tokenizer(resolved.path),
+        super().__init__(replica_handle(engine_handle), served_model_name, load_tokenizer(resolved.path),
                          max_model_len or resolved.arch.max_position_embeddings, api_key, default_max_tokens,
                          api_keys=api_keys, max_request_body_bytes=max_request_body_bytes,
                          tool_call_parser=tool_call_parser)

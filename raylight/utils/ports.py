@@ -5,7 +5,8 @@ every outgoing connection. Between our check and the server's bind, Ray alone op
 connections (workers to the GCS, raylets, the object store), and one of them can take the port: CI saw
 Serve's proxy fail with "Failed to bind to address" that way. A port below the ephemeral range is never
 given to an outgoing connection, so only another server binding it on purpose can collide. Ray's own
-default worker ports sit at 10002-19999, so we draw from 20000 up to the ephemeral range's start.
+default worker ports sit at 10002-19999 and Serve's direct-ingress replicas take theirs from 30000 up
+(raylight/cluster/serve_mode.py), so we draw from 20000-29999 (less where the ephemeral range starts lower).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import random
 import socket
 
 LOW = 20000  # above Ray's default worker ports (10002-19999)
+HIGH = 30000  # below Serve's direct-ingress HTTP ports (RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT)
 
 
 def ephemeral_range() -> tuple[int, int]:
@@ -38,7 +40,7 @@ def _bindable(host: str, port: int) -> bool:
 def free_port(host: str = "127.0.0.1", tries: int = 200) -> int:
     """A port that `host` can bind now, outside the ephemeral range where there is room for one;
     otherwise whatever bind(0) gives."""
-    hi = ephemeral_range()[0]
+    hi = min(HIGH, ephemeral_range()[0])
     if hi - LOW >= 1000:
         for _ in range(tries):
             port = random.randrange(LOW, hi)

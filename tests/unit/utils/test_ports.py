@@ -10,6 +10,7 @@ def test_free_port_is_bindable_and_outside_the_ephemeral_range():
     for _ in range(20):
         port = ports.free_port()
         assert not lo <= port <= hi or lo - ports.LOW < 1000
+        assert not 30000 <= port <= 31000  # Serve's direct-ingress replicas bind there
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))  # raises if it was not free
 
