@@ -226,3 +226,30 @@ def test_a_stream_that_ended_is_not_cancelled(stream):
     r = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 3, "stream": stream})
     assert r.status_code == 200, r.text
     assert len(streams) == 1 and not streams[0].cancelled and _aborted(server) == 0
+
+
+def test_a_disconnect_interrupts_the_waiting_read_and_leaves_the_task_usable():
+    """EngineStream.next waits on the replica's stream alone; the client's departure cancels that wait
+    from a callback. The caller gets 499, and its task is not left cancelling (it may still clean up)."""
+    import sys
+
+    from raylight.cluster.metrics import ServerMetrics
+    from raylight.cluster.protocol import APIError
+    from raylight.cluster.streams import EngineStream
+
+    async def main():
+        gone = asyncio.Event()
+        stream = Stream([], endless=True)
+        es = EngineStream(stream, _request(gone), ServerMetrics())
+        asyncio.get_running_loop().call_later(0.05, gone.set)
+        with pytest.raises(APIError) as e:
+            await es.next()
+        assert e.value.status == 499 and stream.cancelled
+        await asyncio.sleep(0.01)  # no CancelledError left pending on this task
+        if sys.version_info >= (3, 11):
+            assert asyncio.current_task().cancelling() == 0
+        with pytest.raises(APIError):  # and once gone, every later read says so at once
+            await es.next()
+        return es._metrics.aborted._value.get()
+
+    assert asyncio.run(main()) == 1
