@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -60,9 +61,11 @@ def device_name(device: str) -> str:
 
 def git_commit() -> str:
     # The device machine gets a copy of the working tree whose .git may not be current: the commit
-    # written into .device_commit before the run (git-ignored, carried to the device) wins.
+    # written into .device_commit before the run (git-ignored, carried to the device) wins there. Only
+    # there (a machine with nvidia-smi): on the development machine the file outlives its device call,
+    # and a CPU record stamped with it named a commit from hours before.
     stamp = os.path.join(REPO, ".device_commit")
-    if os.path.exists(stamp):
+    if os.path.exists(stamp) and shutil.which("nvidia-smi"):
         with open(stamp) as f:
             return f.read().strip()
     try:
