@@ -15,15 +15,16 @@
 #            the same scheduler limits, the same load
 # then merges the parts into one record $OUT/serving-gpu-<date>.json (-cpu- with a CPU config; the parts stay
 # in $OUT/parts, the servers' logs in $OUT/logs.tar.gz: 5 files come back).
-# Knobs (environment): PHASES ("ours offline vllm"), SERVE_MODE (fast: Ray Serve's mode for `ours` phases), RATES ("1 4 16 64 inf"), DURATION_S (12: requests per
-# finite rate = rate x this, at least 8), SAT_REQUESTS (1024, the `inf` rate), SEED (0), CONFIG
-# (configs/gpu.yaml), VLLM_PORT (8100), RAYSITE, PEERSITE, START_OURS_S (180), START_VLLM_S (240), LOAD_S
-# (200 per server), OFFLINE_S (180), BENCH_EXTRA (more bench_serving.py flags), PYSPY_AFTER / PYSPY_S (a
-# py-spy profile of our server's processes during a rate: see profile_when), SKIP_GPU_ENV (1: do not
-# source gpu_env.sh; for a CPU try with a CPU config). Expected on an H200: ours ~2.5-3 min (Ray, the engine's
-# start and warm-up, 5 loads), offline ~1 min, vLLM ~3.5-4 min (its first start of a model shape compiles for
-# ~2 min), 7-8.5 minutes in all: give the call timeout_s 600. If the vLLM phase is cut short, run it alone in
-# the next call (PHASES=vllm) and merge the parts here: bench_serving.py --merge A.json B.json C.json.
+# Knobs (environment): PHASES ("ours offline vllm"), SERVE_MODE (fast: Ray Serve's mode for `ours` phases),
+# RATES ("1 4 16 64 inf"), DURATION_S (12: requests per finite rate = rate x this, at least 8), SAT_REQUESTS
+# (1024, the `inf` rate), SEED (0), CONFIG (configs/gpu.yaml), VLLM_PORT (8100), RAYSITE, PEERSITE,
+# START_OURS_S (180), START_VLLM_S (240), LOAD_S (200 per server), OFFLINE_S (180), BENCH_EXTRA (more
+# bench_serving.py flags), PYSPY_AFTER / PYSPY_S (a py-spy profile of our server's processes during a rate:
+# see profile_when), SKIP_GPU_ENV (1: do not source gpu_env.sh; for a CPU try with a CPU config). Expected on
+# an H200: ours ~2.5-3 min (Ray, the engine's start and warm-up, 5 loads), offline ~1 min, vLLM ~3.5-4 min
+# (its first start of a model shape compiles for ~2 min), 7-8.5 minutes in all: give the call timeout_s 600.
+# If the vLLM phase is cut short, run it alone in the next call (PHASES=vllm) and merge the parts here:
+# bench_serving.py --merge A.json B.json C.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/out}

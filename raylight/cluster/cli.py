@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 from pydantic import BaseModel, ValidationError
 
+from raylight.cluster import serve_mode
 from raylight.config import EngineArgs
 
 
@@ -112,8 +113,6 @@ def app_config_from(ns: argparse.Namespace):
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    from raylight.cluster import serve_mode
-
     cfg = app_config_from(ns)  # bad flags fail here, before Ray starts
     # Serve reads its data-plane settings from the environment of each process a Ray cluster starts: set
     # before ray.init, so the local Ray started here (and everything in it) gets them. A cluster joined
@@ -207,8 +206,6 @@ def _prepare_model(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raylight.cluster import serve_mode
-
     parser = argparse.ArgumentParser(prog="raylight", description="raylight: a Ray-native LLM serving cluster")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -14,9 +14,8 @@ cluster must start with, since Serve reads it once, in every process, when it im
   metrics on 9101 on every interface, and binds the replicas' ports on every interface on multi-node
   clusters (Ray's choice, not configurable to a host): firewall them where that matters.
 
-On our 2-core CPU (llama-tiny, engine process, 512 requests at once; scripts/bench_serving.py) output
-throughput was 6,260 tok/s classic, 11,079 fast, 17,619 haproxy, and the CPU per request of the ingress
-16.9 / 7.8 / 3.6 ms, of the engine replica 8.1 / 2.5 / 2.1 ms, of Serve's proxy 9.3 / 5.9 / 0.1 ms.
+Measured on our CPU, all modes in one call: benchmarks/results/serving-cpu-20261205-153051-serve-modes.json
+(README, "How Ray Serve carries a request").
 """
 
 from __future__ import annotations
@@ -25,19 +24,25 @@ import importlib.util
 import os
 from typing import MutableMapping
 
+MODES = ("classic", "fast", "haproxy")
+DEFAULT_MODE = "fast"
+
+THROUGHPUT = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
+HAPROXY = "RAY_SERVE_ENABLE_HA_PROXY"
+HAPROXY_BINARY = "RAY_SERVE_HAPROXY_BINARY_PATH"
+GRPC = "RAY_SERVE_USE_GRPC_BY_DEFAULT"
+
 # What a deployment can set for its own replicas (their runtime_env), whatever the cluster's environment
 # (AppConfig.serve_fast_path): our code on Serve's event loop, handle routing on it, handle calls over gRPC.
 REPLICA_FAST_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-                    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
-
-MODES = ("classic", "fast", "haproxy")
+                    GRPC: "1"}
 
 
 def replica_handle(handle):
     """A handle a replica was given, set to call over gRPC when this process's environment says so
     (REPLICA_FAST_ENV). Needed because a handle passed in a deployment's arguments was made, with its
     transport, where the application was built (the driver's or controller's environment), not here."""
-    if os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT") != "1":
+    if os.environ.get(GRPC) != "1":
         return handle
     try:
         from ray.serve.handle import DeploymentHandle
@@ -51,11 +56,6 @@ def replica_handle(handle):
         return handle.options(_by_reference=False, request_serialization="pickle", response_serialization="pickle")
     except TypeError:  # a Ray without gRPC between replicas (before 2.5x): Ray object refs, as always
         return handle
-DEFAULT_MODE = "fast"
-
-THROUGHPUT = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
-HAPROXY = "RAY_SERVE_ENABLE_HA_PROXY"
-HAPROXY_BINARY = "RAY_SERVE_HAPROXY_BINARY_PATH"
 
 
 def haproxy_available() -> bool:

@@ -8,6 +8,8 @@ import contextlib
 
 import torch
 
+from raylight.utils.ports import free_port  # noqa: F401  (the tests import it from here)
+
 SMOLLM2_PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -218,12 +220,6 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    from raylight.utils.ports import free_port as _free
-
-    return _free("127.0.0.1")
 
 
 @contextlib.contextmanager
