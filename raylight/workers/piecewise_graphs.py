@@ -16,9 +16,21 @@ rows run through the pieces on whatever ids and positions their buffer rows hold
 attention (so never write KV) and are never read.
 
 The capture splits one ordinary forward: the layers' attention backend is swapped for `_Splitter`,
-which ends the graph being captured, records the layer's q, k, v and KV cache, starts the next graph
-and hands back the output buffer. All graphs share one memory pool; they only ever run in the order
-they were captured, one token count at a time, and tensors that cross a split stay referenced.
+which ends the graph being captured, records the layer's q, k, v and which layer's KV cache it reads,
+starts the next graph and hands back the output buffer. All graphs share one memory pool; they only
+ever run in the order they were captured, one token count at a time.
+
+Memory: the recorded q, k, v do not keep their memory allocated (`_unowned`). Holding them would keep
+every layer's attention inputs of every token count alive in the pool (for an 8B model at 4,096
+tokens, 28 counts x 32 layers: 9.7 GiB, measured as an out-of-memory past the utilization cap on an
+80 GB H100). Unowned, a layer's q, k, v go back to the pool once the next layer's piece starts, and
+the next piece (or a smaller count's capture) reuses them. That is safe because a replay writes them
+in its piece and the eager attention reads them right after, before any later piece runs: the pool
+then holds about one layer's working set at the largest count, as an eager forward does.
+
+The graphs do not depend on the KV cache (attention runs outside them), so they are captured before
+the cache is allocated, on stand-in caches, and `bind_kv_caches` hands them the real ones: the
+worker then sizes the KV cache from the memory the graphs really took, not from an estimate.
 """
 
 from __future__ import annotations
@@ -45,14 +57,31 @@ def piecewise_sizes(max_tokens: int) -> list[int]:
     return sizes
 
 
+def _unowned(t: torch.Tensor) -> torch.Tensor:
+    """A view of `t`'s memory that does not keep it allocated (the caching allocator may hand the
+    memory out again once `t` itself is gone). Built from a raw pointer through the CUDA array
+    interface, which torch wraps without taking ownership; as bytes, because the interface has no
+    bfloat16."""
+    storage = t.untyped_storage()
+
+    class _Memory:
+        __cuda_array_interface__ = {"version": 3, "shape": (storage.nbytes(),), "typestr": "|u1",
+                                    "data": (storage.data_ptr(), False), "strides": None}
+
+    raw = torch.as_tensor(_Memory(), device=t.device)
+    if raw.data_ptr() != storage.data_ptr():  # a copy would silently read stale inputs at every replay
+        raise RuntimeError("torch copied the memory it was asked to view")
+    return raw.view(t.dtype).as_strided(t.shape, t.stride(), t.storage_offset())
+
+
 @dataclass
 class _AttentionCall:
     """One layer's attention inputs as the graph before it leaves them (sliced to a step's rows at replay)."""
 
-    q: torch.Tensor
+    q: torch.Tensor  # unowned views (see the module's docstring)
     k: torch.Tensor
     v: torch.Tensor
-    kv_cache: torch.Tensor
+    layer: int  # which of the runner's KV caches this attention reads and writes
     scale: float
 
 
@@ -66,15 +95,17 @@ class _Pieces:
 class _Splitter:
     """Stands in for the attention backend while a forward is captured (or warmed up)."""
 
-    def __init__(self, out: torch.Tensor, pool):
+    def __init__(self, out: torch.Tensor, pool, stand_in_caches: list[torch.Tensor]):
         self.out = out
         self.pool = pool
+        self.layer_of = {id(c): i for i, c in enumerate(stand_in_caches)}
         self.pieces: Optional[_Pieces] = None  # None: a warm-up pass, nothing captured
 
     def forward(self, q, k, v, kv_cache, meta, scale, out=None):
         if self.pieces is not None:
             self.pieces.graphs[-1].capture_end()
-            self.pieces.calls.append(_AttentionCall(q, k, v, kv_cache, scale))
+            self.pieces.calls.append(_AttentionCall(_unowned(q), _unowned(k), _unowned(v),
+                                                    self.layer_of[id(kv_cache)], scale))
             self.pieces.graphs.append(_begin(self.pool))
         return self.out[: q.shape[0]]
 
@@ -99,11 +130,14 @@ def _attention_swapped(model: torch.nn.Module, backend, stand_in):
 
 
 class PiecewiseGraphRunner:
-    def __init__(self, model: torch.nn.Module, backend, kv_caches: list[torch.Tensor], max_tokens: int,
+    def __init__(self, model: torch.nn.Module, backend, num_layers: int, max_tokens: int,
                  num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.model = model
         self.backend = backend
-        self.kv_caches = kv_caches
+        # The capture passes these through the model in place of KV caches (attention is not captured);
+        # bind_kv_caches gives the real ones, one per local layer, before any step runs.
+        self.stand_in_caches = [torch.empty(0, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.kv_caches: Optional[list[torch.Tensor]] = None
         self.sizes = piecewise_sizes(max_tokens)
         self.max_tokens = self.sizes[-1]
         self.device = device
@@ -113,9 +147,15 @@ class PiecewiseGraphRunner:
         self.attn_out = torch.zeros(self.max_tokens, num_heads, head_dim, dtype=dtype, device=device)
         self.pieces: dict[int, _Pieces] = {}
         self.num_replays = 0
+        self.memory_bytes = 0  # what the capture took from the GPU (the pool, as mem_get_info saw it)
+
+    def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
+        if len(kv_caches) != len(self.stand_in_caches):
+            raise ValueError(f"{len(kv_caches)} KV caches for {len(self.stand_in_caches)} layers")
+        self.kv_caches = kv_caches
 
     def can_run(self, num_tokens: int) -> bool:
-        return bool(self.pieces) and num_tokens <= self.max_tokens
+        return bool(self.pieces) and self.kv_caches is not None and num_tokens <= self.max_tokens
 
     def release(self) -> None:
         """Frees every graph (see CudaGraphRunner.release: must precede leaving the torch.distributed world)."""
@@ -135,7 +175,7 @@ class PiecewiseGraphRunner:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         before = torch.cuda.mem_get_info(self.device)[0]
-        splitter = _Splitter(self.attn_out, pool)
+        splitter = _Splitter(self.attn_out, pool, self.stand_in_caches)
         num_graphs = 0
         with _attention_swapped(self.model, self.backend, splitter) as num_layers:
             if num_layers == 0:
@@ -145,10 +185,10 @@ class PiecewiseGraphRunner:
                 for n in reversed(self.sizes):
                     ids, pos = self.input_ids[:n], self.positions[:n]
                     splitter.pieces = None
-                    self.model(ids, pos, self.kv_caches, None)  # warm-up: lazy inits, GEMM algorithm choice
+                    self.model(ids, pos, self.stand_in_caches, None)  # warm-up: lazy inits, GEMM choice
                     pieces = splitter.pieces = _Pieces(graphs=[_begin(pool)])
                     try:
-                        pieces.hidden = self.model(ids, pos, self.kv_caches, None)
+                        pieces.hidden = self.model(ids, pos, self.stand_in_caches, None)
                     finally:
                         pieces.graphs[-1].capture_end()
                         splitter.pieces = None
@@ -157,7 +197,7 @@ class PiecewiseGraphRunner:
             torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
-        used = before - torch.cuda.mem_get_info(self.device)[0]
+        used = self.memory_bytes = before - torch.cuda.mem_get_info(self.device)[0]
         logger.info("captured %d piecewise CUDA graphs (%d token counts %d..%d, %d layers) in %.1fs, %.2f GiB",
                     num_graphs, len(self.sizes), self.sizes[0], self.sizes[-1], num_layers, elapsed, used / 2**30)
         return elapsed
@@ -173,7 +213,7 @@ class PiecewiseGraphRunner:
         forward = self.backend.forward
         for graph, call in zip(pieces.graphs, pieces.calls):
             graph.replay()
-            forward(call.q[:n], call.k[:n], call.v[:n], call.kv_cache, attn_meta, call.scale, out=out)
+            forward(call.q[:n], call.k[:n], call.v[:n], self.kv_caches[call.layer], attn_meta, call.scale, out=out)
         pieces.graphs[-1].replay()
         self.num_replays += 1
         return pieces.hidden[:n]

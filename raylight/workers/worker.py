@@ -102,10 +102,20 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
     use_graphs = (device.type == "cuda" and not args.enforce_eager and groups.pp_size == 1
                   and getattr(backend, "supports_cuda_graphs", False))
     piecewise_tokens = piecewise_graph_tokens(args, model) if use_graphs else 0
+    max_graph_bs = (args.max_cuda_graph_batch_size or min(args.max_num_seqs, 512)) if use_graphs else 0
+    piecewise, capture_s = None, 0.0
+    if piecewise_tokens:
+        from raylight.workers.piecewise_graphs import PiecewiseGraphRunner
+
+        # Before the KV cache (the graphs do not read it), so that the budget below sees the memory
+        # their pool really took.
+        piecewise = PiecewiseGraphRunner(model, backend, model.num_local_layers, piecewise_tokens, heads,
+                                         arch.head_dim, dtype, device)
+        capture_s += piecewise.capture()
     if args.num_kv_blocks is not None:
         budget, blocks = None, args.num_kv_blocks
     else:
-        budget = (profile_gpu_kv_budget(args, model, backend, groups, device, dtype, max_model_len, piecewise_tokens)
+        budget = (profile_gpu_kv_budget(args, model, backend, groups, device, dtype, max_model_len, max_graph_bs)
                   if device.type == "cuda" else args.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES)
         blocks = budget // bytes_per_block
     num_blocks = _min_over_ranks(int(blocks), groups)  # the scheduler's one pool must fit every rank's
@@ -117,31 +127,25 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
     # Under CUDA graphs one extra block, never handed out by the pool, absorbs the padding rows' writes.
     shape = model.kv_cache_shape(num_blocks + use_graphs, bs)
     kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_local_layers)]
+    if piecewise is not None:
+        piecewise.bind_kv_caches(kv_caches)
     if device.type == "cuda" and hasattr(backend, "warmup"):
         backend.warmup(kv_caches[0])  # compile kernels now, not during a live step
     if device.type == "cuda" and getattr(model, "moe_blocks", None):  # the MoE kernels likewise (all layers share them)
         model.moe_blocks[0].experts.warmup(args.max_num_batched_tokens or 8192)
-    graphs, capture_s = None, 0.0
+    graphs = None
     if use_graphs:
         from raylight.workers.cuda_graphs import CudaGraphRunner
 
         # Every TP rank captures the same sizes in the same order (their all-reduces are inside),
         # and replays the same one each step: the choice depends only on the broadcast inputs.
-        max_bs = args.max_cuda_graph_batch_size or min(args.max_num_seqs, 512)
         ep = getattr(model, "ep", None)
         if ep is not None and ep.ep_size > 1:  # every captured size must take the EP dispatch with no host sync
-            ep.ll_max_tokens = max(ep.ll_max_tokens, -(-max_bs // ep.ep_size))
+            ep.ll_max_tokens = max(ep.ll_max_tokens, -(-max_graph_bs // ep.ep_size))
         max_blocks = min(-(-max_model_len // bs), num_blocks)
-        graphs = CudaGraphRunner(model, backend, kv_caches, max_bs, max_blocks, scratch_block=num_blocks,
+        graphs = CudaGraphRunner(model, backend, kv_caches, max_graph_bs, max_blocks, scratch_block=num_blocks,
                                  block_size=bs, device=device)
-        capture_s = graphs.capture()
-    piecewise = None
-    if piecewise_tokens:
-        from raylight.workers.piecewise_graphs import PiecewiseGraphRunner
-
-        piecewise = PiecewiseGraphRunner(model, backend, kv_caches, piecewise_tokens, heads, arch.head_dim, dtype,
-                                         device)
-        capture_s += piecewise.capture()
+        capture_s += graphs.capture()
     stage = model if groups.pp_size == 1 else StageModel(model, groups)
     endpoint, sender = _kv_transfer(args, arch, groups, model, kv_caches, device, dtype)
     return RankModel(groups, model, stage, backend, kv_caches, num_blocks, bs, bytes_per_block, device, graphs,
@@ -213,9 +217,11 @@ def _min_over_ranks(value: int, groups: ParallelGroups) -> int:
 @torch.inference_mode()
 def profile_gpu_kv_budget(args: EngineArgs, model: torch.nn.Module, backend, groups: ParallelGroups,
                           device: torch.device, dtype: torch.dtype, max_model_len: int,
-                          piecewise_tokens: int = 0) -> int:
+                          decode_graph_tokens: int = 0) -> int:
     """Runs one forward of this rank's layers at the full token budget; what remains under the
-    utilization cap is KV, less room for the activations of piecewise graphs up to `piecewise_tokens`.
+    utilization cap is KV, less room for the activations of the decode CUDA graphs (batches up to
+    `decode_graph_tokens`, captured after the KV cache, so estimated here in proportion). Memory taken
+    before the call (weights, the piecewise graphs' pool) is measured, not estimated.
     A later PP stage runs on zero activations instead of receiving any, so stages profile at the same
     time without talking; TP ranks of a stage run their all-reduces."""
     n = min(args.max_num_batched_tokens, max_model_len)
@@ -241,8 +247,8 @@ def profile_gpu_kv_budget(args: EngineArgs, model: torch.nn.Module, backend, gro
     del scratch, out, intermediate
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    # The piecewise graphs keep their own activations (their memory pool) beside the eager steps'.
-    peak_extra += peak_extra * min(piecewise_tokens, n) // n
+    # The decode graphs keep their own activations (their memory pool) beside the eager steps'.
+    peak_extra += peak_extra * min(decode_graph_tokens, n) // n
     budget = int(total * args.gpu_memory_utilization) - (total - free) - peak_extra
     logger.info("rank %d GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB -> KV budget "
                 "%.1f GiB", groups.rank, total / 2**30, (total - free) / 2**30, peak_extra / 2**30, budget / 2**30)

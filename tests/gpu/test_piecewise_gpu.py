@@ -81,3 +81,40 @@ def test_engine_greedy_output_equals_the_engine_without_piecewise_graphs(gpu_lla
         torch.cuda.empty_cache()
     same = sum(a == b for a, b in zip(outs[None], outs[0]))
     assert same == len(prompts), f"{same}/{len(prompts)} requests equal"
+
+
+def _qkv_bytes_per_token(llm) -> int:
+    """Bytes of one token's q, k and v over all layers (what the capture would keep per token count if it
+    held every layer's attention inputs)."""
+    cfg = llm.engine.model.config
+    elem = torch.empty((), dtype=llm.engine.kv_caches[0].dtype).element_size()
+    return (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim * elem * cfg.num_hidden_layers
+
+
+@torch.inference_mode()
+def test_the_graphs_pool_holds_about_one_layer_and_the_engine_stays_under_its_memory_cap():
+    # Llama-3.2-1B's shape, random weights. A step of up to 2,048 tokens from the graphs: kept alive, every
+    # layer's q, k, v of every captured count would take sum(sizes) x 16 layers x 6 KiB (~1.1 GiB).
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    cap = (total - free + 8 * 2**30) / total  # weights (~2.5 GiB), activations, the rest KV
+    llm = LLM("llama-3.2-1b", load_format="dummy", device="cuda", max_num_batched_tokens=4096,
+              max_piecewise_graph_tokens=2048, max_model_len=4096, gpu_memory_utilization=cap)
+    pw = llm.engine.runner.piecewise
+    held_if_kept = sum(pw.sizes) * _qkv_bytes_per_token(llm)
+    one_layer_at_max = pw.max_tokens * _qkv_bytes_per_token(llm) // llm.engine.model.config.num_hidden_layers
+    print(f"pool {pw.memory_bytes / 2**20:.0f} MiB; every layer's q/k/v of every count {held_if_kept / 2**20:.0f} MiB;"
+          f" one layer's at {pw.max_tokens} tokens {one_layer_at_max / 2**20:.0f} MiB")
+    assert pw.memory_bytes < held_if_kept / 3
+    # Steps of every kind (4,096-token prefills run eagerly, shorter ones and mixed steps from the pieces,
+    # decodes from the decode graphs); the caching allocator keeps what the peak took, so the GPU's use
+    # afterwards bounds it from below.
+    prompts = random_prompts(48, 32000, 16, 3500, seed=5)
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 16 for o in outs) and pw.num_replays > 0
+    free, total = torch.cuda.mem_get_info()
+    slack = 512 * 2**20  # the CUDA context's own growth, allocator rounding
+    assert total - free <= cap * total + slack, (
+        f"{(total - free) / 2**30:.2f} GiB in use against a cap of {cap * total / 2**30:.2f} GiB")
+    del llm, outs
+    torch.cuda.empty_cache()

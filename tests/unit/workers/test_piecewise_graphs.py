@@ -51,7 +51,7 @@ class _Replayer(_Splitter):
     """A splitter whose buffer holds, at each split, what attention produced there: what replay does."""
 
     def __init__(self, out, outputs):
-        super().__init__(out, pool=None)
+        super().__init__(out, pool=None, stand_in_caches=[])
         self.outputs = list(outputs)
 
     def forward(self, q, k, v, kv_cache, meta, scale, out=None):
@@ -132,7 +132,14 @@ def test_which_engines_get_piecewise_graphs():
 
 
 def test_nothing_runs_before_capture_and_release_frees_every_graph():
-    runner = PiecewiseGraphRunner(model=None, backend=None, kv_caches=[], max_tokens=64, num_heads=2, head_dim=4,
+    runner = PiecewiseGraphRunner(model=None, backend=None, num_layers=3, max_tokens=64, num_heads=2, head_dim=4,
                                   dtype=torch.float32, device=torch.device("cpu"))
     assert runner.sizes == [16, 32, 48, 64] and not runner.can_run(1)
     assert runner.attn_out.shape == (64, 2, 4)
+    # One stand-in cache per layer for the capture (distinct objects: a call is matched to its layer by
+    # identity); the real caches come later, exactly one per layer.
+    assert len(runner.stand_in_caches) == 3 and len({id(c) for c in runner.stand_in_caches}) == 3
+    with pytest.raises(ValueError, match="2 KV caches for 3 layers"):
+        runner.bind_kv_caches([torch.zeros(1)] * 2)
+    runner.bind_kv_caches([torch.zeros(1)] * 3)
+    assert not runner.can_run(1)  # bound but not captured
