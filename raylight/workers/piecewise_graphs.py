@@ -99,15 +99,27 @@ class _Splitter:
         self.out = out
         self.pool = pool
         self.layer_of = {id(c): i for i, c in enumerate(stand_in_caches)}
+        self.unowned = True  # False once _unowned failed: the inputs are kept alive instead
         self.pieces: Optional[_Pieces] = None  # None: a warm-up pass, nothing captured
 
     def forward(self, q, k, v, kv_cache, meta, scale, out=None):
         if self.pieces is not None:
             self.pieces.graphs[-1].capture_end()
-            self.pieces.calls.append(_AttentionCall(_unowned(q), _unowned(k), _unowned(v),
-                                                    self.layer_of[id(kv_cache)], scale))
+            self.pieces.calls.append(_AttentionCall(*self._keep(q, k, v), self.layer_of[id(kv_cache)], scale))
             self.pieces.graphs.append(_begin(self.pool))
         return self.out[: q.shape[0]]
+
+    def _keep(self, *tensors):
+        """Unowned views of the attention inputs; the tensors themselves (more memory, same results)
+        where this torch cannot make such views."""
+        if self.unowned:
+            try:
+                return [_unowned(t) for t in tensors]
+            except Exception as e:  # noqa: BLE001 - any failure: keep the inputs alive instead
+                logger.warning("piecewise CUDA graphs keep every layer's attention inputs alive (%s: %s): "
+                               "their pool takes more memory", type(e).__name__, e)
+                self.unowned = False
+        return list(tensors)
 
 
 def _begin(pool) -> torch.cuda.CUDAGraph:
@@ -148,6 +160,7 @@ class PiecewiseGraphRunner:
         self.pieces: dict[int, _Pieces] = {}
         self.num_replays = 0
         self.memory_bytes = 0  # what the capture took from the GPU (the pool, as mem_get_info saw it)
+        self.inputs_unowned = False  # whether the calls hold unowned views of q, k, v (see _unowned)
 
     def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         if len(kv_caches) != len(self.stand_in_caches):
@@ -198,6 +211,7 @@ class PiecewiseGraphRunner:
         torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
         used = self.memory_bytes = before - torch.cuda.mem_get_info(self.device)[0]
+        self.inputs_unowned = splitter.unowned
         logger.info("captured %d piecewise CUDA graphs (%d token counts %d..%d, %d layers) in %.1fs, %.2f GiB",
                     num_graphs, len(self.sizes), self.sizes[0], self.sizes[-1], num_layers, elapsed, used / 2**30)
         return elapsed

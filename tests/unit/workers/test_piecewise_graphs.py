@@ -143,3 +143,16 @@ def test_nothing_runs_before_capture_and_release_frees_every_graph():
         runner.bind_kv_caches([torch.zeros(1)] * 2)
     runner.bind_kv_caches([torch.zeros(1)] * 3)
     assert not runner.can_run(1)  # bound but not captured
+
+
+def test_where_unowned_views_cannot_be_made_the_capture_keeps_the_inputs_alive(caplog):
+    # On this CPU build torch cannot wrap a raw CUDA pointer: the splitter keeps the tensors themselves
+    # (the old behaviour: same results, a larger pool), says so once, and stops trying.
+    splitter = _Splitter(torch.zeros(4, 2), pool=None, stand_in_caches=[])
+    q, k = torch.randn(4, 2), torch.randn(4, 1)
+    with caplog.at_level("WARNING"):
+        kept = splitter._keep(q, k)
+        again = splitter._keep(k, q)
+    assert kept[0] is q and kept[1] is k and again[0] is k and again[1] is q
+    assert splitter.unowned is False
+    assert sum("attention inputs alive" in r.message for r in caplog.records) == 1
