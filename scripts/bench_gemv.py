@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Batch-1 projections of the 8B model at TP=1 and TP=2 shapes: cuBLAS (F.linear, and torch.mv)
-against our Triton GEMV (kernels/gemv.py) over a sweep of its launch configurations.
+against our Triton GEMV (kernels/gemv.py) over a sweep of its launch configurations. With
+`--rows 8 32`, the few-row kernel (`gemv_rows`) against cuBLAS at those row counts instead (decode at
+batch 8 and 32; the weight is read once per call, so the floor is the same as at one row).
 
 Each method runs N back-to-back calls inside one CUDA graph (as decode graphs run them), each
 call on a different copy of the weight so that the set exceeds L2 and every call reads HBM; the
@@ -8,6 +10,7 @@ replay time / N is the time per call. The floor is the weight's bytes over the m
 bandwidth. Prints the best configuration per shape and writes one JSON under benchmarks/results.
 
     python scripts/bench_gemv.py
+    python scripts/bench_gemv.py --rows 2 8 32
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ SHAPES = {  # name: (N, K) of weight [N, K]
 }
 SWEEP = [(bn, bk, w, s) for (bn, bk), w, s in itertools.product(
     [(4, 1024), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 256), (2, 2048)], (4, 8), (3, 4))]
+ROWS_SWEEP = [(bn, bk, w, s) for (bn, bk), w, s in itertools.product(
+    [(16, 128), (16, 256), (16, 512), (32, 128), (32, 256), (64, 128), (64, 256)], (4, 8), (3, 4))]
 
 
 def per_call(fn, calls: int, reps: int) -> float:
@@ -57,54 +62,72 @@ def per_call(fn, calls: int, reps: int) -> float:
     return float(np.median(times))
 
 
+def sweep_configs(fn, configs, ref, calls, reps):
+    """Times fn(i, config) for every config that compiles and agrees with `ref`; returns
+    {str(config): microseconds or the reason it was left out}."""
+    out = {}
+    for cfg in configs:
+        try:
+            err = ((fn(0, cfg).float() - ref).norm() / ref.norm()).item()
+            if err > 1e-2:
+                out[str(cfg)] = f"error {err:.3g}"
+                continue
+            out[str(cfg)] = per_call(lambda i, c=cfg: fn(i, c), calls, reps) * 1e6
+        except Exception as e:  # noqa: BLE001 - a config that does not compile or fit
+            out[str(cfg)] = f"{type(e).__name__}: {str(e)[:100]}"
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--rows", type=int, nargs="*", default=[],
+                   help="measure the few-row kernel at these row counts (2..64) instead of the single-row GEMV")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
         return
-    from raylight.kernels.gemv import gemv
+    from raylight.kernels.gemv import ROWS_DEFAULT, gemv, gemv_rows
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
     copy_bw = measure_ceilings(dev)["copy_bandwidth_GBps"] * 1e9
     results = {}
     for name, (N, K) in SHAPES.items():
+        if args.rows and not name.startswith("tp1_"):
+            continue  # the few-row kernel is for the batch-8/32 decode of the 8B model at TP=1
         nbytes = N * K * 2
         copies = max(2, -(-(512 << 20) // nbytes))  # > L2 many times over
         ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
         calls = copies
-        ref = F.linear(x.float(), ws[0].float())
-        entry = {"N": N, "K": K, "bytes": nbytes, "floor_us": nbytes / copy_bw * 1e6}
-        entry["cublas_linear_us"] = per_call(lambda i: F.linear(x, ws[i]), calls, args.reps) * 1e6
-        entry["cublas_mv_us"] = per_call(lambda i: torch.mv(ws[i], x[0]), calls, args.reps) * 1e6
-        sweep = {}
-        for cfg in SWEEP:
-            try:
-                got = gemv(x, ws[0], cfg).float()
-                err = ((got - ref).norm() / ref.norm()).item()
-                if err > 1e-2:
-                    sweep[str(cfg)] = f"error {err:.3g}"
-                    continue
-                sweep[str(cfg)] = per_call(lambda i, c=cfg: gemv(x, ws[i], c), calls, args.reps) * 1e6
-            except Exception as e:  # noqa: BLE001 - a config that does not compile or fit
-                sweep[str(cfg)] = f"{type(e).__name__}: {str(e)[:100]}"
-        timed = {k: v for k, v in sweep.items() if isinstance(v, float)}
-        best = min(timed, key=timed.get)
-        entry.update(triton_sweep_us=sweep, triton_best_config=best, triton_best_us=timed[best],
-                     triton_default_us=sweep.get(str((8, 512, 4, 4))))
-        entry["best_vs_cublas_linear"] = entry["cublas_linear_us"] / timed[best]
-        results[name] = entry
-        print(f"{name:12s} N={N:6d} K={K:6d}: floor {entry['floor_us']:.1f} us; cuBLAS linear "
-              f"{entry['cublas_linear_us']:.1f}, mv {entry['cublas_mv_us']:.1f}; triton best {timed[best]:.1f} {best}"
-              f" (default {entry['triton_default_us']})", flush=True)
+        for rows in args.rows or [1]:
+            x = torch.randn(rows, K, device=dev, dtype=torch.bfloat16)
+            ref = F.linear(x.float(), ws[0].float())
+            key = name if not args.rows else f"{name}_rows{rows}"
+            entry = {"N": N, "K": K, "rows": rows, "bytes": nbytes, "floor_us": nbytes / copy_bw * 1e6}
+            entry["cublas_linear_us"] = per_call(lambda i: F.linear(x, ws[i]), calls, args.reps) * 1e6
+            if args.rows:
+                sweep = sweep_configs(lambda i, c: gemv_rows(x, ws[i], c), ROWS_SWEEP, ref, calls, args.reps)
+                default = sweep.get(str(ROWS_DEFAULT))
+            else:
+                entry["cublas_mv_us"] = per_call(lambda i: torch.mv(ws[i], x[0]), calls, args.reps) * 1e6
+                sweep = sweep_configs(lambda i, c: gemv(x, ws[i], c), SWEEP, ref, calls, args.reps)
+                default = sweep.get(str((8, 512, 4, 4)))
+            timed = {k: v for k, v in sweep.items() if isinstance(v, float)}
+            best = min(timed, key=timed.get)
+            entry.update(triton_sweep_us=sweep, triton_best_config=best, triton_best_us=timed[best],
+                         triton_default_us=default)
+            entry["best_vs_cublas_linear"] = entry["cublas_linear_us"] / timed[best]
+            results[key] = entry
+            print(f"{key:18s} N={N:6d} K={K:6d}: floor {entry['floor_us']:.1f} us; cuBLAS linear "
+                  f"{entry['cublas_linear_us']:.1f}; triton best {timed[best]:.1f} {best} (default {default})",
+                  flush=True)
         del ws
         torch.cuda.empty_cache()
-    write_record(args.out, "gemv", dict(benchmark="bench_gemv", commit=git_commit(), device=device_name("cuda"),
-                                         torch=torch.__version__, copy_GBps=copy_bw / 1e9, shapes=results))
+    write_record(args.out, "gemv" if not args.rows else "gemv-rows",
+                 dict(benchmark="bench_gemv", commit=git_commit(), device=device_name("cuda"), rows=args.rows or [1],
+                      torch=torch.__version__, copy_GBps=copy_bw / 1e9, shapes=results))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session: the stages named in $@ (tests, test-<file>, k:<expr>, w1-<backend>, w1mb-<backend>,
 # w1noHF-<backend>, b1-<backend>, prof-<backend> (profile_steps), profb1tp<N> (batch-1 8B at TP=N), par (bench_parallel, 2 GPUs), kbench
-# (bench_kernels), gemv (bench_gemv), ficache; U/<stage> runs a stage with the fused kernels off, RAYLIGHT_FUSED_KERNELS=0;
+# (bench_kernels), gemv (bench_gemv), gemvrows (its few-row kernel at 2/8/32 rows), ficache; U/<stage> runs a stage with the fused kernels off, RAYLIGHT_FUSED_KERNELS=0;
 # NP/<stage> without piecewise CUDA graphs).
 # BENCH_EXTRA adds flags to every benchmark, e.g. "--max-num-batched-tokens 8192". Each stage gets
 # STAGE_TIMEOUT seconds (default 300; stage@N gives one stage N), then SIGINT (pytest and Python print where they were stuck).
@@ -64,6 +64,7 @@ case $stage in
           --gpu-memory-utilization 0.6 --tensor-parallel-size "${stage#profb1tp}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
   kbench) python3 scripts/bench_kernels.py --out "$OUT" 2>&1 | quiet ;;
   gemv) python3 scripts/bench_gemv.py --out "$OUT" 2>&1 | quiet ;;
+  gemvrows) python3 scripts/bench_gemv.py --rows 2 8 32 --out "$OUT" 2>&1 | quiet ;;
   ficache) tar czf - .ficache | split -b 15m - "$OUT/ficache.tar.gz." && ls -la "$OUT" ;;
   *) echo "unknown stage $stage" ;;
 esac

@@ -21,6 +21,7 @@ ENV_VARS = {
     "custom_allreduce": "RAYLIGHT_CUSTOM_ALLREDUCE",
     "flashinfer_decode_tensor_cores": "RAYLIGHT_FI_DECODE_TENSOR_CORES",
 }
+ROWS_ENV_VAR = "RAYLIGHT_GEMV_MAX_ROWS"  # an integer, unlike the switches above
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,16 @@ class KernelConfig:
     custom_allreduce: bool = True
     # FlashInfer decode through its tensor-core kernels; None: when a KV head serves more than 4 query heads.
     flashinfer_decode_tensor_cores: Optional[bool] = None
+    # The most rows a projection may have to go through our Triton kernels instead of cuBLAS: 1 is
+    # the single-row GEMV only; 2..64 adds kernels/gemv.py's few-row kernel (decode at small batch),
+    # not yet measured on a GPU, hence off. Env RAYLIGHT_GEMV_MAX_ROWS=<n> overrides.
+    gemv_max_rows: int = 1
 
     @classmethod
     def from_args(cls, args=None, environ: Optional[Mapping[str, str]] = None) -> "KernelConfig":
         """From an `EngineArgs` (or anything with these field names; None: the defaults), each
-        field overridden by its environment variable when that is "0" or "1"."""
+        switch overridden by its environment variable when that is "0" or "1", and `gemv_max_rows`
+        by RAYLIGHT_GEMV_MAX_ROWS when that is a positive integer."""
         environ = os.environ if environ is None else environ
         values = {}
         for name, var in ENV_VARS.items():
@@ -48,6 +54,11 @@ class KernelConfig:
                 value = forced == "1"
             if value is not None:
                 values[name] = bool(value)
+        rows = environ.get(ROWS_ENV_VAR, "")
+        if rows.isdigit() and int(rows) >= 1:
+            values["gemv_max_rows"] = int(rows)
+        elif getattr(args, "gemv_max_rows", None) is not None:
+            values["gemv_max_rows"] = int(args.gemv_max_rows)
         return cls(**values)
 
 

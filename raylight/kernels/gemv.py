@@ -18,6 +18,13 @@ cycled through more than L2 holds), microseconds per call, cuBLAS -> this kernel
   8B TP=1: qkv 16.1 -> 14.6, o 13.5 -> 11.3, gate_up 63.4 -> 57.3, down 33.1 -> 31.3
   8B TP=2: qkv 11.9 -> 8.5, o 7.4 -> 6.4, gate_up 34.0 -> 30.4, down 20.2 -> 16.7, LM head 133.9 -> 125.1
 DEFAULT (16, 512, 8, 4) beat cuBLAS at every one of those shapes.
+
+`gemv_rows` is the same idea for a few rows (decode at batch 2..64): still one pass over the weight,
+each tile multiplied with every row at once on the tensor cores. Why: at batch 8 and 32 the 8B
+model's decode graph took 6.12 / 6.62 ms against 5.36 ms at batch 1 on an H100, although the weight
+bytes (the floor) are the same (benchmarks/results/throughput-gpu-b{1,8,32}-auto-20261205-17*-h100.json).
+Not yet measured on a GPU: `KernelConfig.gemv_max_rows` keeps it off (1) until `bench_gemv.py --rows`
+and the b8/b32 presets say where it beats cuBLAS; RAYLIGHT_GEMV_MAX_ROWS=<n> turns it on for a run.
 """
 
 from __future__ import annotations
@@ -41,6 +48,11 @@ CONFIGS: dict = {
     (14336, 4096): (16, 256, 4, 4), (4096, 7168): (8, 512, 8, 4), (64128, 4096): (32, 256, 4, 4),
 }
 DEFAULT = (16, 512, 8, 4)
+# The few-row kernel (`gemv_rows`): up to MAX_ROWS rows; its table is empty until bench_gemv --rows
+# measures it on a GPU (KernelConfig.gemv_max_rows keeps it off by default until then).
+MAX_ROWS = 64
+ROWS_CONFIGS: dict = {}
+ROWS_DEFAULT = (32, 256, 4, 4)
 
 
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
@@ -74,6 +86,44 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
     tl.store(y_ptr + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
+def _rows_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 SILU_AND_MUL: tl.constexpr):
+    # The few-row case (decode at batch 2..MAX_ROWS): like _gemv_kernel, each program owns BLOCK_N
+    # output features over the full K and streams their weight rows once, but multiplies each weight
+    # tile with all M input rows at once on the tensor cores (rows padded to BLOCK_M >= 16).
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    n_mask = rn < N
+    m_mask = rm < M
+    rk = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + tl.cast(rn, tl.int64)[:, None] * stride_w + rk[None, :]
+    x_ptrs = x_ptr + tl.cast(rm, tl.int64)[:, None] * stride_x + rk[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+            if SILU_AND_MUL:
+                u = tl.load(x_ptrs + K, mask=m_mask[:, None], other=0.0)
+        else:
+            k_mask = (k + rk) < K
+            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if SILU_AND_MUL:
+                u = tl.load(x_ptrs + K, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if SILU_AND_MUL:
+            g = x.to(tl.float32)
+            s = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
+            x = (s * u.to(tl.float32)).to(x.dtype)
+        acc += tl.dot(x, tl.trans(w))
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    y_ptrs = y_ptr + tl.cast(rm, tl.int64)[:, None] * stride_y + rn[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
 @functools.lru_cache(maxsize=None)
 def gemv_kernel():
     global triton, tl
@@ -84,23 +134,31 @@ def gemv_kernel():
 
 
 @functools.lru_cache(maxsize=None)
+def rows_kernel():
+    gemv_kernel()  # binds triton and tl
+    return triton.jit(_rows_kernel)
+
+
+@functools.lru_cache(maxsize=None)
 def _hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = False) -> bool:
-    return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.dim() == 2
-            and weight.is_contiguous() and weight.dtype == x.dtype
+def applies(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = False, max_rows: int = 1) -> bool:
+    return (x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= min(max_rows, MAX_ROWS) and x.is_contiguous()
+            and weight.dim() == 2 and weight.is_contiguous() and weight.dtype == x.dtype
             and weight.shape[1] * (2 if silu_and_mul else 1) == x.shape[1]
             and x.dtype in (torch.bfloat16, torch.float16) and _hopper(x.device.index or 0))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            silu_and_mul: bool = False, kernels: KernelConfig = DEFAULT_KERNELS) -> torch.Tensor:
-    """F.linear(x, weight, bias), through `gemv` for a single row where it applies and `kernels.gemv`
-    is on. With `silu_and_mul`, x is [gate | up] and the product is taken with silu(gate) * up."""
-    if kernels.gemv and x.is_cuda and x.shape[0] == 1 and applies(x, weight, silu_and_mul):
-        y = gemv(x, weight, silu_and_mul=silu_and_mul)
+    """F.linear(x, weight, bias), through `gemv` for a single row (and `gemv_rows` for up to
+    `kernels.gemv_max_rows` rows) where it applies and `kernels.gemv` is on. With `silu_and_mul`,
+    x is [gate | up] and the product is taken with silu(gate) * up."""
+    if (kernels.gemv and x.is_cuda and x.shape[0] <= kernels.gemv_max_rows
+            and applies(x, weight, silu_and_mul, kernels.gemv_max_rows)):
+        y = (gemv if x.shape[0] == 1 else gemv_rows)(x, weight, silu_and_mul=silu_and_mul)
         return y if bias is None else y + bias
     if silu_and_mul:
         x = activation.silu_and_mul(x, kernels.fused_kernels)
@@ -116,4 +174,21 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: bool 
     gemv_kernel()[(triton.cdiv(N, block_n),)](x, weight, y, N, K, weight.stride(0), BLOCK_N=block_n,
                                               BLOCK_K=block_k, EVEN_K=K % block_k == 0,
                                               SILU_AND_MUL=silu_and_mul, num_warps=warps, num_stages=stages)
+    return y
+
+
+def gemv_rows(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: bool = False) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T -> [M, N] for 1 <= M <= MAX_ROWS (x [M, 2K] = [gate | up] with
+    `silu_and_mul`); `config` (BLOCK_N, BLOCK_K, num_warps, num_stages) overrides ROWS_CONFIGS."""
+    M = x.shape[0]
+    N, K = weight.shape
+    if not 1 <= M <= MAX_ROWS:
+        raise ValueError(f"gemv_rows takes 1 to {MAX_ROWS} rows, not {M}")
+    block_n, block_k, warps, stages = config or ROWS_CONFIGS.get((N, K), ROWS_DEFAULT)
+    block_m = max(16, 1 << (M - 1).bit_length())  # tl.dot's smallest tile side
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    rows_kernel()[(triton.cdiv(N, block_n),)](x, weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
+                                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                              EVEN_K=K % block_k == 0, SILU_AND_MUL=silu_and_mul,
+                                              num_warps=warps, num_stages=stages)
     return y

@@ -69,3 +69,39 @@ def test_linear_routes_one_row_to_gemv(monkeypatch):
     assert calls == ([(1, 512)] if hopper else [])
     gemv.linear(x1, w, kernels=KernelConfig(gemv=False))
     assert len(calls) == (1 if hopper else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [2, 8, 16, 32, 33, 64])
+@pytest.mark.parametrize("shape", [(6144, 4096), (4096, 14336), (37, 4097), (1000, 300)])
+def test_rows_kernel_matches_fp32_linear(shape, rows, dtype):
+    N, K = shape
+    g = torch.Generator(device="cuda").manual_seed(N + K + rows)
+    w = torch.randn(N, K, generator=g, device="cuda", dtype=dtype) * 0.05
+    x = torch.randn(rows, K, generator=g, device="cuda", dtype=dtype)
+    assert rel_err(gemv.gemv_rows(x, w), F.linear(x.float(), w.float())) < 1e-2
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemv.gemv_rows(static_x, w)
+    static_x.copy_(torch.randn(rows, K, generator=g, device="cuda", dtype=dtype))
+    graph.replay()
+    assert rel_err(out, F.linear(static_x.float(), w.float())) < 1e-2
+
+
+def test_linear_routes_up_to_max_rows_to_the_rows_kernel(monkeypatch):
+    from raylight.kernels.fused import torch_silu_and_mul
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Triton projections are routed on Hopper only")
+    calls = []
+    real = gemv.gemv_rows
+    monkeypatch.setattr(gemv, "gemv_rows", lambda x, weight, config=None, silu_and_mul=False:
+                        calls.append(x.shape[0]) or real(x, weight, config, silu_and_mul))
+    w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16) * 0.05
+    kernels = KernelConfig(gemv_max_rows=16)
+    for rows in (1, 4, 16, 17):
+        x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+        want = F.linear(torch_silu_and_mul(x).float(), w.float())
+        assert rel_err(gemv.linear(x, w, silu_and_mul=True, kernels=kernels), want) < 1e-2
+    assert calls == [4, 16]  # one row: the single-row GEMV; 17 > 16: cuBLAS

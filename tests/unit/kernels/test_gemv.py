@@ -1,0 +1,82 @@
+"""kernels/gemv.py's Triton kernels against F.linear, run on CPU by Triton's interpreter (fp32): the
+single-row GEMV and the few-row kernel (`gemv_rows`), odd shapes (N not a multiple of the block, K not a
+multiple of BLOCK_K), every row count up to a block and past it, with and without the SiLU-and-mul input.
+The GPU twin (tests/gpu/test_gemv_gpu.py) runs them compiled in bf16/fp16 and inside CUDA graphs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first decorated
+
+from raylight.kernels import gemv  # noqa: E402
+from raylight.kernels.config import ROWS_ENV_VAR, KernelConfig  # noqa: E402
+from raylight.kernels.fused import torch_silu_and_mul  # noqa: E402
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+interpreted = pytest.mark.skipif(torch.cuda.is_available() or not HAVE_TRITON,
+                                 reason="needs triton, run by its CPU interpreter")
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@interpreted
+@pytest.mark.parametrize("rows", [1, 2, 7, 16, 17, 40])
+@pytest.mark.parametrize("shape,config", [((96, 64), (32, 32, 4, 1)), ((50, 70), (16, 32, 4, 1))])
+def test_rows_kernel_matches_linear(rows, shape, config):
+    N, K = shape
+    g = torch.Generator().manual_seed(rows * 1000 + N)
+    w = torch.randn(N, K, generator=g) * 0.1
+    x = torch.randn(rows, K, generator=g)
+    got = gemv.gemv_rows(x, w, config)
+    assert got.shape == (rows, N)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-4, atol=1e-4)
+    # Rows are independent: each equals its own product (no row reads another's padding).
+    torch.testing.assert_close(gemv.gemv_rows(x[-1:], w, config)[0], got[-1], rtol=1e-4, atol=1e-4)
+
+
+@interpreted
+@pytest.mark.parametrize("rows", [1, 5])
+def test_rows_kernel_with_the_silu_and_mul_input(rows):
+    N, K = 48, 80
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(N, K, generator=g) * 0.1
+    x = torch.randn(rows, 2 * K, generator=g)
+    want = F.linear(torch_silu_and_mul(x), w)
+    torch.testing.assert_close(gemv.gemv_rows(x, w, (16, 32, 4, 1), silu_and_mul=True), want, rtol=1e-4, atol=1e-4)
+    if rows == 1:
+        torch.testing.assert_close(gemv.gemv(x, w, (16, 32, 4, 1), silu_and_mul=True), want, rtol=1e-4, atol=1e-4)
+
+
+@interpreted
+def test_single_row_gemv_matches_linear():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 97, generator=g) * 0.1
+    x = torch.randn(1, 97, generator=g)
+    torch.testing.assert_close(gemv.gemv(x, w, (16, 32, 4, 1)), F.linear(x, w), rtol=1e-4, atol=1e-4)
+
+
+def test_rows_outside_the_kernel_are_refused_and_cpu_tensors_go_to_torch():
+    with pytest.raises(ValueError, match="1 to 64 rows"):
+        gemv.gemv_rows(torch.zeros(gemv.MAX_ROWS + 1, 8), torch.zeros(4, 8))
+    x, w = torch.randn(3, 8), torch.randn(4, 8)
+    assert not gemv.applies(x, w, max_rows=8)  # not CUDA
+    torch.testing.assert_close(gemv.linear(x, w, kernels=KernelConfig(gemv_max_rows=8)), F.linear(x, w))
+
+
+def test_max_rows_from_args_and_env():
+    assert KernelConfig().gemv_max_rows == 1  # off by default: not yet measured on a GPU
+    assert KernelConfig.from_args(None, environ={ROWS_ENV_VAR: "32"}).gemv_max_rows == 32
+    assert KernelConfig.from_args(KernelConfig(gemv_max_rows=8), environ={}).gemv_max_rows == 8
+    assert KernelConfig.from_args(KernelConfig(gemv_max_rows=8), environ={ROWS_ENV_VAR: "16"}).gemv_max_rows == 16
+    for junk in ("0", "-2", "many", ""):  # not a positive integer: the argument stays in charge
+        assert KernelConfig.from_args(KernelConfig(gemv_max_rows=8), environ={ROWS_ENV_VAR: junk}).gemv_max_rows == 8
