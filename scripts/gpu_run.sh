@@ -31,11 +31,14 @@ W1="--dummy --model-config llama-3.2-1b --fixed --num-requests 256 --input-len 5
 B1="--dummy --model-config llama-3.1-8b --fixed --num-requests 1 --input-len 128 --output-len 256 --max-model-len 4096 --quiet"
 quiet() { grep --line-buffered -v "Warning\|warnings.warn"; }
 case $stage in
-  tests) python3 -m pytest -v -rA -x -m gpu -p no:cacheprovider tests/gpu 2>&1 | quiet | tail -60 ;;
+  # The whole log lands in $OUT as it goes (a stage cut short by its limit still returns what ran).
+  tests) python3 -m pytest -v -rA -x -m gpu -p no:cacheprovider --durations=30 tests/gpu 2>&1 | quiet \
+          | tee "$OUT/pytest-all.log" | tail -60 ;;
   test-*) f=${stage#test-}; [ -f "tests/gpu/$f" ] || f=test_$f  # test-engine_gpu.py or test-test_engine_gpu.py
           python3 -m pytest -v -rA -m gpu -p no:cacheprovider "tests/gpu/$f" ${PYTEST_EXTRA:-} 2>&1 | quiet \
           | tee "$OUT/pytest-$f.log" ;;
-  k:*) python3 -m pytest -v -rA -m gpu -p no:cacheprovider tests/gpu -k "${stage#k:}" 2>&1 | quiet | tail -60 ;;
+  k:*) python3 -m pytest -v -rA -m gpu -p no:cacheprovider tests/gpu -k "${stage#k:}" 2>&1 | quiet \
+          | tee "$OUT/pytest-k.log" | tail -60 ;;
   w1-*) python3 scripts/bench_throughput.py $W1 --hf-batch-size 256 --gpu-memory-utilization 0.45 \
           --attention-backend "${stage#w1-}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
   w1noHF-*) python3 scripts/bench_throughput.py $W1 --skip-hf --attention-backend "${stage#w1noHF-}" \
