@@ -356,7 +356,26 @@ def run_ours(args, prompts, out_lens):
                      fused_kernels=fused_kernels_on(e),
                      fi_decode_tensor_cores=getattr(e.attn_backend, "_use_tensor_cores", None),
                      phases=phase_times(steps),
-                     host_ms_per_step={k: v * 1e3 / max(1, len(steps)) for k, v in host.items()})
+                     host_ms_per_step={k: v * 1e3 / max(1, len(steps)) for k, v in host.items()},
+                     gpu_memory=gpu_memory(e))
+
+
+def gpu_memory(engine) -> "dict | None":
+    """Where the GPU's memory went, after the run, against the engine's cap (gpu_memory_utilization x
+    the card): the KV cache, the piecewise graphs' pool, and the whole device's use (the caching
+    allocator keeps what the run's peak took, so this bounds the peak from below). None off CUDA."""
+    if engine.device.type != "cuda":
+        return None
+    import torch
+
+    free, total = torch.cuda.mem_get_info(engine.device)
+    cap = engine.args.gpu_memory_utilization * total
+    pieces = engine.runner.piecewise
+    gib = 2 ** 30
+    return dict(total_gib=total / gib, cap_gib=cap / gib, used_after_run_gib=(total - free) / gib,
+                within_cap=total - free <= cap, kv_cache_gib=sum(c.nbytes for c in engine.kv_caches) / gib,
+                piecewise_pool_gib=pieces.memory_bytes / gib if pieces is not None else 0.0,
+                piecewise_inputs_unowned=getattr(pieces, "inputs_unowned", None))
 
 
 def wrap_timed(obj, name: str, label: str, totals: dict[str, float]) -> None:
@@ -539,6 +558,11 @@ def main(argv=None):
     print(f"raylight: {ours['output_tok_s']:.1f} output tok/s ({ours['output_tokens']} tokens in "
           f"{ours['elapsed_s']:.1f}s, {ours['engine_steps']} steps, {ours['piecewise_replays']} from piecewise graphs "
           f"up to {ours['piecewise_graph_tokens']} tokens; graphs captured in {ours['cuda_graph_capture_s']:.1f}s)")
+    if ours["gpu_memory"]:
+        g = ours["gpu_memory"]
+        print(f"GPU memory after the run: {g['used_after_run_gib']:.1f} GiB used of a {g['cap_gib']:.1f} GiB cap "
+              f"({'within' if g['within_cap'] else 'PAST'} it); KV cache {g['kv_cache_gib']:.1f} GiB, piecewise "
+              f"graphs' pool {g['piecewise_pool_gib']:.2f} GiB (inputs unowned: {g['piecewise_inputs_unowned']})")
     ph = ours["phases"]
     print(f"steps with prompt tokens: {len(ph['prompt_steps'])} in {ph['prompt_steps_s']:.3f}s "
           f"(tokens, decode rows, ms): {ph['prompt_steps'][:24]}; decode-only steps {ph['decode_only_s']:.3f}s")
