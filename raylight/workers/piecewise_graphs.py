@@ -21,9 +21,9 @@ starts the next graph and hands back the output buffer. All graphs share one mem
 ever run in the order they were captured, one token count at a time.
 
 Memory: the recorded q, k, v do not keep their memory allocated (`_unowned`). Holding them would keep
-every layer's attention inputs of every token count alive in the pool (for an 8B model at 4,096
-tokens, 28 counts x 32 layers: 9.7 GiB, measured as an out-of-memory past the utilization cap on an
-80 GB H100). Unowned, a layer's q, k, v go back to the pool once the next layer's piece starts, and
+every layer's attention inputs of every token count alive in the pool (for an 8B model up to 4,096
+tokens, 28 counts x 32 layers: 9.7 GiB by count; an 80 GB H100 ran out of memory at
+gpu_memory_utilization 0.85 while capturing them). Unowned, a layer's q, k, v go back to the pool once the next layer's piece starts, and
 the next piece (or a smaller count's capture) reuses them. That is safe because a replay writes them
 in its piece and the eager attention reads them right after, before any later piece runs: the pool
 then holds about one layer's working set at the largest count, as an eager forward does.
