@@ -353,7 +353,7 @@ def run_ours(args, prompts, out_lens):
                      piecewise_replays=pieces.num_replays - replays_before if pieces is not None else 0,
                      engine_steps=m["num_steps"], preemptions=m["preemptions"], kv_blocks=e.num_blocks,
                      async_scheduling=e.async_scheduling, max_num_batched_tokens=e.args.max_num_batched_tokens,
-                     fused_kernels=fused_kernels_on(e),
+                     fused_kernels=fused_kernels_on(e), gemv_max_rows=KernelConfig.from_args(e.args).gemv_max_rows,
                      fi_decode_tensor_cores=getattr(e.attn_backend, "_use_tensor_cores", None),
                      phases=phase_times(steps),
                      host_ms_per_step={k: v * 1e3 / max(1, len(steps)) for k, v in host.items()},

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lent-GPU session: the stages named in $@ (tests, test-<file>, k:<expr>, w1-<backend>, w1mb-<backend>,
 # w1noHF-<backend>, b1-<backend>, prof-<backend> (profile_steps), profb1tp<N> (batch-1 8B at TP=N), par (bench_parallel, 2 GPUs), kbench
-# (bench_kernels), gemv (bench_gemv), gemvrows (its few-row kernel at 2/8/32 rows), ficache; U/<stage> runs a stage with the fused kernels off, RAYLIGHT_FUSED_KERNELS=0;
+# (bench_kernels), gemv (bench_gemv), gemvrows (its few-row kernel at 2/8/32 rows), ficache; U/<stage> runs a stage with the fused kernels off, RAYLIGHT_FUSED_KERNELS=0; R<n>/<stage> with
+# projections of up to n rows through gemv_rows;
 # NP/<stage> without piecewise CUDA graphs).
 # BENCH_EXTRA adds flags to every benchmark, e.g. "--max-num-batched-tokens 8192". Each stage gets
 # STAGE_TIMEOUT seconds (default 300; stage@N gives one stage N), then SIGINT (pytest and Python print where they were stuck).
@@ -25,6 +26,9 @@ stage=$2
 if [ "${stage#U/}" != "$stage" ]; then export RAYLIGHT_FUSED_KERNELS=0; stage=${stage#U/}; fi
 # NP/<stage>: the stage without piecewise CUDA graphs (prefill and mixed steps launched eagerly).
 if [ "${stage#NP/}" != "$stage" ]; then BENCH_EXTRA="${BENCH_EXTRA:-} --max-piecewise-graph-tokens 0"; stage=${stage#NP/}; fi
+# R<n>/<stage>: projections of up to n rows through our Triton kernels (RAYLIGHT_GEMV_MAX_ROWS=n: gemv_rows).
+case $stage in R[0-9]*/*) export RAYLIGHT_GEMV_MAX_ROWS=${stage%%/*}; RAYLIGHT_GEMV_MAX_ROWS=${RAYLIGHT_GEMV_MAX_ROWS#R}
+                          stage=${stage#*/} ;; esac
 # TC0/<stage>, TC1/<stage>: FlashInfer decode without / with its tensor-core kernels.
 case $stage in TC0/*|TC1/*) export RAYLIGHT_FI_DECODE_TENSOR_CORES=${stage:2:1}; stage=${stage#TC?/} ;; esac
 W1="--dummy --model-config llama-3.2-1b --fixed --num-requests 256 --input-len 512 --output-len 256 --max-model-len 4096 --quiet"
