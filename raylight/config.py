@@ -66,6 +66,10 @@ class EngineArgs(BaseModel):
     kv_lease_s: float = Field(30.0, gt=0, description=(
         "Decode side: a reservation whose KV has not landed this long after it was made falls back to local "
         "prefill; its blocks stay quarantined until then plus this again, so a late write never lands in a reused block."))
+    kv_transport: Literal["auto", "pairs"] = Field(
+        "auto", description="Prefill side: how pushed KV travels. 'auto': CUDA IPC (a device-to-device copy into "
+        "the decode rank's mapped cache) where the two ranks share a node and the device can reach the other's "
+        "memory, else pair process groups; 'pairs': always pair process groups (NCCL send/recv on CUDA, gloo on CPU).")
     kv_max_peers: int = Field(64, ge=1, description=(
         "Prefill side: most decode ranks a rank keeps a connection (a pair process group) to; the least "
         "recently used is closed beyond that. Bounds memory: an NCCL pair communicator costs 50-100 MB of GPU memory."))

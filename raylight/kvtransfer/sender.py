@@ -61,8 +61,11 @@ class SenderStats:
 
 class KVSender:
     def __init__(self, layout: KVLayout, rank: int, kv_caches: list[torch.Tensor], device: torch.device,
-                 max_peers: int = 64):
+                 max_peers: int = 64, transport: str = "auto"):
+        if transport not in ("auto", "pairs"):
+            raise ValueError(f"kv_transport must be 'auto' or 'pairs', not {transport!r}")
         self.layout, self.rank, self.kv_caches, self.device = layout, rank, kv_caches, device
+        self.transport = transport  # 'pairs': never CUDA IPC
         self.layer_lo = layout.layers_of(rank)[0]
         self.head_lo = layout.kv_heads_of(rank)[0]
         self.max_peers = max_peers
@@ -98,7 +101,7 @@ class KVSender:
             peer = self._routes[tid]
         else:
             key = (push.host, push.port)
-            peer, why = self.ipc.peer(key)
+            peer, why = self.ipc.peer(key) if self.transport == "auto" else (None, "kv_transport='pairs'")
             transport = cuda_ipc.TRANSPORT if peer is not None else "pairs"
             if self.transports.get(key) != transport:
                 self.transports[key] = transport

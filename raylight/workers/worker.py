@@ -201,7 +201,7 @@ def _kv_transfer(args: EngineArgs, arch, groups: ParallelGroups, model, kv_cache
     if args.kv_role in ("decode", "both"):
         endpoint = KVEndpoint.start(layout, groups.rank, kv_caches, device, groups.cpu_group, args.kv_host)
     if args.kv_role in ("prefill", "both"):
-        sender = KVSender(layout, groups.rank, kv_caches, device, args.kv_max_peers)
+        sender = KVSender(layout, groups.rank, kv_caches, device, args.kv_max_peers, args.kv_transport)
         sender.install(model)
     return endpoint, sender
 

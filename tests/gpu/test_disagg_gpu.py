@@ -190,7 +190,7 @@ class _Child:
             self.proc.kill()
 
 
-def _across_processes(model_dir, child_env: dict, expect_how: Optional[str]):
+def _across_processes(model_dir, child_env: dict, expect_how: Optional[str], kv_transport: str = "auto"):
     """`expect_how`: how the IPC peer was opened; None: the pair path (NCCL) is expected instead."""
     from raylight.config import EngineArgs
     from raylight.engine.llm_engine import LLMEngine
@@ -208,7 +208,7 @@ def _across_processes(model_dir, child_env: dict, expect_how: Optional[str]):
     child = _Child(_base(model_dir), child_env)
     try:
         with torch.inference_mode():
-            pre = LLMEngine(EngineArgs(**_base(model_dir), kv_role="prefill"))
+            pre = LLMEngine(EngineArgs(**_base(model_dir), kv_role="prefill", kv_transport=kv_transport))
             outs = {}
             for batch in (range(len(prompts) - 1), [len(prompts) - 1]):
                 res = {}
@@ -242,12 +242,15 @@ def test_decode_in_another_process_same_gpu(model_dir):
     _across_processes(model_dir, dict(os.environ), "mapped cuda:")
 
 
-def test_decode_on_another_gpu(model_dir):
+@pytest.mark.parametrize("kv_transport", ["auto", "pairs"])
+def test_decode_on_another_gpu(model_dir, kv_transport):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     env = dict(os.environ)
     visible = env.get("CUDA_VISIBLE_DEVICES")
     devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
     env["CUDA_VISIBLE_DEVICES"] = devices[1]  # the child's cuda:0 is our cuda:1
-    # Without peer access the IPC mapping cannot open: the NCCL pair path carries the KV instead.
-    _across_processes(model_dir, env, "mapped cuda:1" if torch.cuda.can_device_access_peer(0, 1) else None)
+    # Without peer access the IPC mapping cannot open: the NCCL pair path carries the KV instead; with
+    # kv_transport='pairs' it does in any case (issue 20: both transports across devices).
+    ipc = kv_transport == "auto" and torch.cuda.can_device_access_peer(0, 1)
+    _across_processes(model_dir, env, "mapped cuda:1" if ipc else None, kv_transport)

@@ -127,7 +127,10 @@ def _run(engine, ids, params, rid):
     return out.outputs[0].token_ids
 
 
-def test_engines_push_over_the_same_process_path(model_dir, monkeypatch):
+@pytest.mark.parametrize("kv_transport", ["auto", "pairs"])
+def test_engines_push_over_the_same_process_path(model_dir, monkeypatch, kv_transport):
+    """'auto' takes the IPC path (here the same-process one); kv_transport='pairs' sends over pair groups
+    (gloo here, NCCL on CUDA) although IPC would work: the same outputs either way."""
     from raylight.config import EngineArgs
     from raylight.engine.llm_engine import LLMEngine
     from raylight.sampling_params import SamplingParams
@@ -137,7 +140,7 @@ def test_engines_push_over_the_same_process_path(model_dir, monkeypatch):
     base = dict(model=model_dir, device="cpu", dtype="float32", num_kv_blocks=64, block_size=4,
                 max_num_batched_tokens=16)
     plain = LLMEngine(EngineArgs(**base))
-    pre = LLMEngine(EngineArgs(**base, kv_role="prefill"))
+    pre = LLMEngine(EngineArgs(**base, kv_role="prefill", kv_transport=kv_transport))
     dec = LLMEngine(EngineArgs(**base, kv_role="decode", kv_lease_s=20))
     sp = SamplingParams(max_tokens=6, temperature=0)
     prompts = random_prompts(3, 500, 20, 40, seed=3)
@@ -164,10 +167,10 @@ def test_engines_push_over_the_same_process_path(model_dir, monkeypatch):
         for i in batch:
             assert got[f"d{i}"] == refs[i], i
     key = (reservations[3].host, reservations[3].port)
-    assert pre.kv_sender.transports == {key: cuda_ipc.TRANSPORT}
+    assert pre.kv_sender.transports == {key: cuda_ipc.TRANSPORT if kv_transport == "auto" else "pairs"}
     m, d = pre.get_metrics(), dec.get_metrics()
     # A partly filled block goes again with the next chunk: the sender counts it each time.
     assert m["kv_pushes_failed"] == 0 and m["kv_bytes_sent"] >= d["kv_bytes_received"] > 0
     assert d["kv_remote_prefills"] == 4 and d["kv_handoff_failures"] == {}
     assert d["kv_blocks_free"] == d["kv_blocks_total"]
-    assert pre.kv_sender.ipc.bytes_copied == m["kv_bytes_sent"]
+    assert pre.kv_sender.ipc.bytes_copied == (m["kv_bytes_sent"] if kv_transport == "auto" else 0)
