@@ -21,8 +21,17 @@ in the same run (a 1 GiB `copy_`, and a gather/scatter of random blocks of the K
 Processes: the engines are `multiprocessing` spawn children talking to the router (this process)
 through queues of the dataclasses below; no Ray. This process never touches CUDA.
 
+Two GPUs (issue 20): `--devices A,B` puts the prefill engine on A (it also sees B, so CUDA IPC can
+write into the decode engine's cache there through peer access) and the decode engine on B, and the
+peer's two replicas one per GPU. `--push-probe 1024 8192 32768` first pushes one prompt of each size
+at a time and reports the push's GB/s against a plain copy of the same bytes from A to B and a plain
+NCCL send/recv between the two processes, measured in the same run (`--kv-transport both`: the probe
+over CUDA IPC and over the NCCL pair groups).
+
     python scripts/bench_disagg.py --out $OUT            # one H200, ~6 minutes
+    python scripts/bench_disagg.py --devices 0,1 --kv-transport both --push-probe 1024 8192 32768 --out $OUT
     python scripts/bench_disagg.py --smoke               # CPU: tiny random model, gloo pairs, a few requests
+    python scripts/bench_disagg.py --smoke --probe-only --push-probe 40 120 --kv-transport both --devices 0,1
 """
 
 from __future__ import annotations
@@ -119,6 +128,9 @@ def engine_main(name: str, role: str, cfg: dict, inbox, outbox) -> None:
     """One engine: role 'plain', 'prefill' or 'decode'. Runs until it receives None."""
     import logging
 
+    visible = cfg.get("visible", {}).get(name)
+    if visible is not None:  # before anything initialises CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(name)s: %(message)s")
     for noisy in ("raylight.engine",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -132,12 +144,13 @@ def engine_main(name: str, role: str, cfg: dict, inbox, outbox) -> None:
 
         kv_role = {"plain": "none", "prefill": "prefill", "decode": "decode"}[role]
         t0 = time.monotonic()
-        engine = LLMEngine(EngineArgs(**cfg["engine"], kv_role=kv_role))
+        transport = cfg.get("kv_transport", "auto") if role == "prefill" else "auto"
+        engine = LLMEngine(EngineArgs(**cfg["engine"], kv_role=kv_role, kv_transport=transport))
         dev = engine.device
         info = dict(role=role, pid=os.getpid(), ready_s=time.monotonic() - t0, kv_blocks=engine.num_blocks,
                     attention_backend=engine.attn_backend.name, cuda_graphs=engine.runner.graphs is not None,
                     device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                    torch=torch.__version__)
+                    visible_devices=visible, torch=torch.__version__)
     except Exception:
         outbox.put(Crashed(name, traceback.format_exc()))
         return
@@ -228,7 +241,94 @@ def control(engine, role: str, msg: Control, cfg: dict) -> dict:
         return calibrate(engine, cfg, *msg.arg)
     if msg.op == "bandwidth":
         return copy_bandwidth(engine, cfg)
+    if msg.op == "d2d":
+        return device_to_device(engine, msg.arg)
+    if msg.op == "p2p":
+        return pair_send_recv(engine, role, *msg.arg)
     raise ValueError(msg.op)
+
+
+def _timed_host(fn, reps: int, sync) -> float:
+    """Median seconds of fn() over `reps` runs after one warm-up, `sync()` closing each."""
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def device_to_device(engine, sizes: list[int]) -> dict:
+    """A plain copy of each size (bytes) from this process's first device to its second (the decode
+    engine's GPU): the baseline the layer-wise push is held against (issue 20 item 2)."""
+    import torch
+
+    dev = engine.device
+    if dev.type == "cuda" and torch.cuda.device_count() < 2:
+        return {"skipped": "this process sees one GPU"}
+    src_dev, dst_dev = (torch.device("cuda", 0), torch.device("cuda", 1)) if dev.type == "cuda" else (dev, dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(src_dev)
+            torch.cuda.synchronize(dst_dev)
+
+    out = []
+    for size in sizes:
+        src = torch.ones(size, dtype=torch.uint8, device=src_dev)
+        dst = torch.empty(size, dtype=torch.uint8, device=dst_dev)
+        secs = _timed_host(lambda: dst.copy_(src), 5, sync)
+        out.append(dict(bytes=size, seconds=secs, gb_s=size / secs / 1e9,
+                        peer_access=bool(dev.type == "cuda" and torch.cuda.can_device_access_peer(0, 1))))
+        del src, dst
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"copies": out, "from": str(src_dev), "to": str(dst_dev)}
+
+
+def pair_send_recv(engine, role: str, host: str, port: int, sizes: list[int]) -> dict:
+    """Plain send/recv of each size (bytes) over a two-rank group between the prefill process (rank 0,
+    sending) and the decode process (rank 1): NCCL between GPUs, gloo on CPU. The receiver's times
+    count (a small message first lines the two up, so each timed recv is the transfer alone)."""
+    import torch
+
+    from raylight.kvtransfer import pairs
+
+    dev = engine.device
+    rank = 0 if role == "prefill" else 1
+    store = pairs.connect_store(host, port, timeout_s=120.0)
+    group = pairs.new_pair_group(store, "p2p-probe", rank, dev)
+    token = torch.zeros(1, dtype=torch.int64, device=dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    out = []
+    for size in sizes:
+        t = (torch.ones if rank == 0 else torch.empty)(size, dtype=torch.uint8, device=dev)
+        times = []
+        for i in range(6):  # the first is a warm-up
+            if rank == 0:
+                group.send([token], 1, 0).wait()
+                group.send([t], 1, 0).wait()
+                sync()
+            else:
+                group.recv([token], 0, 0).wait()
+                sync()
+                t0 = time.perf_counter()
+                group.recv([t], 0, 0).wait()
+                sync()
+                times.append(time.perf_counter() - t0)
+        if rank == 1:
+            secs = float(np.median(times[1:]))
+            out.append(dict(bytes=size, seconds=secs, gb_s=size / secs / 1e9))
+        del t
+    sync()
+    return {"backend": "nccl" if dev.type == "cuda" else "gloo", "transfers": out}
 
 
 def calibrate(engine, cfg: dict, num: int, length: int) -> dict:
@@ -390,6 +490,27 @@ class Cluster:
                     raise RuntimeError(f"{name} {op} failed:\n{r.result['error']}")
                 return r.result
 
+    def ask_all(self, asks: dict[str, tuple[str, Any]], timeout_s: float = 300.0) -> dict[str, Any]:
+        """Sends each engine its op at once (ops that need both sides together), then collects the replies."""
+        for name, (op, arg) in asks.items():
+            self.inboxes[name].put(Control(op, arg))
+        got: dict[str, Any] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(got) < len(asks):
+            if self.crashed:
+                raise RuntimeError(self.crashed)
+            try:
+                r = self.replies.get(timeout=1.0)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no answer from {sorted(set(asks) - set(got))} in {timeout_s:.0f}s")
+                continue
+            if r.name in asks and r.op == asks[r.name][0]:
+                if isinstance(r.result, dict) and "Traceback" in str(r.result.get("error", "")):
+                    raise RuntimeError(f"{r.name} {r.op} failed:\n{r.result['error']}")
+                got[r.name] = r.result
+        return got
+
     def stop(self) -> None:
         for q in self.inboxes.values():
             q.put(None)
@@ -544,6 +665,73 @@ def push_figures(cl: Cluster, m: dict, smoke: bool) -> dict:
     return dict(kv_push=push, copy_bandwidth=bw)
 
 
+def push_probe(cl: Cluster, sizes: list[int], vocab: int, reps: int, tag: str) -> list[dict]:
+    """One prompt at a time through prefill -> decode, for each size (tokens): the bytes the push moved
+    and its copy time (CUDA events around the IPC copies; host time around the pair sends), from the
+    prefill engine's counters before and after; the median of `reps` after one warm-up per size."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for n in sizes:
+        runs = []
+        for r in range(reps + 1):
+            before = cl.ask("prefill", "metrics")
+            (rec,) = run_phase(cl, [rng.integers(0, vocab, n).tolist()], [1], [0.0], timeout_s=300,
+                               tag=f"{tag}{n}-{r}-")
+            after = cl.ask("prefill", "metrics")
+            if not rec.done or rec.error or rec.path != "remote":
+                raise RuntimeError(f"probe of {n} tokens did not go prefill -> decode: path {rec.path!r}, "
+                                   f"error {rec.error!r}")
+            ipc_b = after.get("kv_ipc_bytes", 0) - before.get("kv_ipc_bytes", 0)
+            if ipc_b > 0:
+                b, secs = ipc_b, after["kv_ipc_copy_s"] - before["kv_ipc_copy_s"]
+            else:
+                b = after["kv_bytes_sent"] - before["kv_bytes_sent"]
+                secs = after["kv_push_seconds_total"] - before["kv_push_seconds_total"]
+            runs.append(dict(bytes=b, seconds=secs, ttft_s=rec.token_times[0] - rec.arrival,
+                             transports=sorted(set(after.get("kv_transports", {}).values()))))
+        timed = runs[1:] or runs
+        secs = float(np.median([x["seconds"] for x in timed]))
+        b = int(np.median([x["bytes"] for x in timed]))
+        row = dict(tokens=n, bytes=b, seconds=secs, gb_s=b / secs / 1e9 if secs > 0 else None,
+                   ttft_s=float(np.median([x["ttft_s"] for x in timed])), transport=timed[-1]["transports"])
+        print(f"    push of {n} tokens over {row['transport']}: {b / 2**20:.0f} MiB in {secs * 1e3:.1f} ms = "
+              f"{row['gb_s'] or 0:.1f} GB/s (TTFT {row['ttft_s'] * 1e3:.0f} ms)", flush=True)
+        rows.append(row)
+    return rows
+
+
+def push_baselines(cl: Cluster, sizes: list[int]) -> dict:
+    """The same byte counts moved by a plain device-to-device copy (in the prefill process, which sees
+    both GPUs) and by a plain send/recv over a two-rank group between the two engine processes."""
+    from raylight.kvtransfer import pairs
+
+    print("=== baselines: device-to-device copy, pair send/recv", flush=True)
+    d2d = cl.ask("prefill", "d2d", sizes, timeout_s=300)
+    store = pairs.host_store("127.0.0.1")  # the two processes' rendezvous, hosted here (no CUDA here)
+    p2p = cl.ask_all({"prefill": ("p2p", ("127.0.0.1", store.port, sizes)),
+                      "decode": ("p2p", ("127.0.0.1", store.port, sizes))}, timeout_s=600)["decode"]
+    del store
+    for c in d2d.get("copies", []):
+        print(f"    copy {c['bytes'] / 2**20:.0f} MiB {d2d['from']} -> {d2d['to']}: {c['gb_s']:.1f} GB/s", flush=True)
+    for t in p2p["transfers"]:
+        print(f"    {p2p['backend']} send/recv {t['bytes'] / 2**20:.0f} MiB: {t['gb_s']:.1f} GB/s", flush=True)
+    return dict(device_to_device=d2d, send_recv=p2p)
+
+
+def compare_pushes(probe: dict[str, list[dict]], base: dict) -> list[dict]:
+    """Each push's GB/s over the faster baseline at (nearly) its byte count; issue 20's target is 0.5."""
+    d2d = {c["bytes"]: c["gb_s"] for c in base["device_to_device"].get("copies", [])}
+    p2p = {t["bytes"]: t["gb_s"] for t in base["send_recv"]["transfers"]}
+    out = []
+    for transport, rows in probe.items():
+        for r in rows:
+            best = max([v for v in (d2d.get(r["bytes"]), p2p.get(r["bytes"])) if v] or [0.0])
+            out.append(dict(transport=transport, tokens=r["tokens"], push_gb_s=r["gb_s"], baseline_gb_s=best,
+                            fraction=r["gb_s"] / best if best and r["gb_s"] else None,
+                            at_least_half=bool(best and r["gb_s"] and r["gb_s"] / best >= 0.5)))
+    return out
+
+
 def make_workload(rng, n: int, w: dict, vocab: int):
     prompts, out_lens = [], []
     for _ in range(n):
@@ -566,6 +754,15 @@ def main(argv=None) -> int:
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--skip-peer", action="store_true", help="only the disaggregated setup")
+    p.add_argument("--devices", default=None, help="two GPU indices 'A,B' (issue 20): prefill on A (seeing B "
+                   "too, for CUDA IPC into B), decode on B; the peer's two replicas one on each")
+    p.add_argument("--kv-transport", choices=["auto", "pairs", "both"], default="auto",
+                   help="the prefill engine's kv_transport; 'both': the push probe runs each (the load uses auto)")
+    p.add_argument("--push-probe", type=int, nargs="*", default=[],
+                   help="prompt sizes (tokens) pushed one at a time, with copy and send/recv baselines of "
+                   "the same bytes (e.g. 1024 8192 32768)")
+    p.add_argument("--probe-reps", type=int, default=3)
+    p.add_argument("--probe-only", action="store_true", help="only the push probe, no load phases")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = p.parse_args(argv)
@@ -595,6 +792,14 @@ def main(argv=None) -> int:
         workload = dict(long=(2048, 8192), short=(128, 512), long_frac=0.7, output_len=256)
         rate, n = args.rate, None
         cfg = dict(engine=engine, threshold=args.threshold, vocab=vocab, bw_blocks=1024)
+
+    transports = ["auto", "pairs"] if args.kv_transport == "both" else [args.kv_transport]
+    cfg["kv_transport"] = transports[0]
+    if args.devices:
+        a, b = args.devices.split(",")
+        cfg["visible"] = {"prefill": f"{a},{b}", "decode": b, "plain0": a, "plain1": b}
+    if args.push_probe and not args.smoke:
+        engine["max_model_len"] = max(engine["max_model_len"], max(args.push_probe) + 512)
 
     ctx = mp.get_context("spawn")
     rng = np.random.default_rng(args.seed)
@@ -658,11 +863,36 @@ def main(argv=None) -> int:
     results: dict[str, Any] = {}
     peer_recs: list = []
     dis_recs: list = []
+    record["devices"] = args.devices
+    if args.push_probe:
+        probe: dict[str, list[dict]] = {}
+        try:
+            for i, t in enumerate(transports):
+                print(f"=== push probe over kv_transport={t}: {args.push_probe} tokens", flush=True)
+                cl = Cluster(ctx, {**cfg, "kv_transport": t}, {"prefill": "prefill", "decode": "decode"})
+                try:
+                    cl.start(timeout_s=600)
+                    info = cl.info["prefill"]
+                    record.setdefault("device", info["device"])
+                    record.setdefault("torch", info["torch"])
+                    probe[t] = push_probe(cl, args.push_probe, vocab, args.probe_reps, tag=f"probe{i}-")
+                    if i == 0:
+                        record["push_baselines"] = push_baselines(cl, [r["bytes"] for r in probe[t]])
+                finally:
+                    cl.stop()
+            record["push_comparison"] = compare_pushes(probe, record["push_baselines"])
+        except Exception:
+            traceback.print_exc()
+            record["error"] = traceback.format_exc()
+        record["push_probe"] = probe
     try:
-        if not args.skip_peer:
+        if args.probe_only:
+            pass
+        elif not args.skip_peer:
             results["peer"], peer_recs = phase("peer (2 colocated)", {"plain0": "plain", "plain1": "plain"}, "p")
-        results["disagg"], dis_recs = phase("disagg (prefill + decode)", {"prefill": "prefill", "decode": "decode"},
-                                            "d")
+        if not args.probe_only:
+            results["disagg"], dis_recs = phase("disagg (prefill + decode)",
+                                                {"prefill": "prefill", "decode": "decode"}, "d")
     except Exception:
         traceback.print_exc()
         record["error"] = traceback.format_exc()
@@ -686,8 +916,8 @@ def main(argv=None) -> int:
             "weights the logits are nearly flat, so batch-dependent rounding flips near-ties and this says "
             "nothing about correctness (float32 on CPU: 1.0; the bf16 near-tie check is tests/gpu/test_disagg_gpu.py)")
     record["wall_s"] = time.monotonic() - t_begin
-    print(json.dumps({k: record[k] for k in ("rate_req_s", "comparison", "greedy_outputs_equal_fraction")
-                      if k in record}, indent=1), flush=True)
+    print(json.dumps({k: record[k] for k in ("rate_req_s", "comparison", "greedy_outputs_equal_fraction",
+                                             "push_comparison") if k in record}, indent=1), flush=True)
     prefix = "disagg-cpu-smoke" if args.smoke else "disagg-gpu"
     write_record(args.out, prefix, record)
     print(f"=== done in {record['wall_s']:.0f}s" + (" (with errors)" if "error" in record else ""), flush=True)

@@ -215,9 +215,12 @@ def load_script(name: str):
     import importlib.util
     import os
 
+    import sys
+
     path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", f"{name}.py")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)  # dataclasses look their module up there while it executes
     spec.loader.exec_module(module)
     return module
 
