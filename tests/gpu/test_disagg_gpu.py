@@ -190,8 +190,10 @@ class _Child:
             self.proc.kill()
 
 
-def _across_processes(model_dir, child_env: dict, expect_how: Optional[str], kv_transport: str = "auto"):
-    """`expect_how`: how the IPC peer was opened; None: the pair path (NCCL) is expected instead."""
+def _across_processes(model_dir, child_env: dict, expect_how: Optional[str], kv_transport: str = "auto",
+                      child_args: Optional[dict] = None):
+    """`expect_how`: how the IPC peer was opened; None: the pair path (NCCL) is expected instead.
+    `child_args`: the decode engine's arguments beyond the shared ones (e.g. its TP size)."""
     from raylight.config import EngineArgs
     from raylight.engine.llm_engine import LLMEngine
     from raylight.kvtransfer import cuda_ipc
@@ -205,7 +207,7 @@ def _across_processes(model_dir, child_env: dict, expect_how: Optional[str], kv_
         refs = _run_all(plain, prompts, sp)
         del plain
         torch.cuda.empty_cache()
-    child = _Child(_base(model_dir), child_env)
+    child = _Child({**_base(model_dir), **(child_args or {})}, child_env)
     try:
         with torch.inference_mode():
             pre = LLMEngine(EngineArgs(**_base(model_dir), kv_role="prefill", kv_transport=kv_transport))
@@ -254,3 +256,16 @@ def test_decode_on_another_gpu(model_dir, kv_transport):
     # kv_transport='pairs' it does in any case (issue 20: both transports across devices).
     ipc = kv_transport == "auto" and torch.cuda.can_device_access_peer(0, 1)
     _across_processes(model_dir, env, "mapped cuda:1" if ipc else None, kv_transport)
+
+
+def test_prefill_tp1_into_decode_tp2_on_two_other_gpus(model_dir):
+    # Issue 20 item 1 where more GPUs are lent: each decode rank holds half the KV heads; the prefill
+    # rank's push splits every layer between them (kvtransfer/layout.py).
+    if torch.cuda.device_count() < 3:
+        pytest.skip("needs three GPUs (prefill on one, decode at TP=2 on two others)")
+    env = dict(os.environ)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    env["CUDA_VISIBLE_DEVICES"] = f"{devices[1]},{devices[2]}"
+    ipc = all(torch.cuda.can_device_access_peer(0, j) for j in (1, 2))
+    _across_processes(model_dir, env, "mapped cuda:" if ipc else None, child_args={"tensor_parallel_size": 2})
