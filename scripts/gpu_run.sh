@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session: the stages named in $@ (tests, test-<file>, k:<expr>, w1-<backend>, w1mb-<backend>,
-# w1noHF-<backend>, b1-<backend>, prof-<backend> (profile_steps), profb1tp<N> (batch-1 8B at TP=N), par (bench_parallel, 2 GPUs), kbench
+# w1noHF-<backend>, b1-<backend>, prof-<backend> (profile_steps), profb1tp<N> (batch-1 8B at TP=N), par (bench_parallel, 2 GPUs),
+# disagg2 / epd / eplb (issues 20 and 21, 2+ GPUs), kbench
 # (bench_kernels), gemv (bench_gemv), gemvrows (its few-row kernel at 2/8/32 rows), ficache; U/<stage> runs a stage with the fused kernels off, RAYLIGHT_FUSED_KERNELS=0; R<n>/<stage> with
 # projections of up to n rows through gemv_rows;
 # NP/<stage> without piecewise CUDA graphs).
@@ -65,6 +66,14 @@ case $stage in
           PYTHONPATH=/root/peer/site python3 scripts/peer_vllm_offline.py "$wl" \
           --gpu-memory-utilization 0.85 2>&1 | grep '^{"m"\|Error' ;;
   par) python3 scripts/bench_parallel.py ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
+  # Multi-GPU issues, each one stage (NGPU: how many ranks; default every visible GPU):
+  # disagg2 (issue 20: prefill on GPU 0, decode on GPU 1, the push probe over both transports, then load),
+  # epd (issue 21: EP dispatch/combine), eplb (issue 21: EPLB under Zipf skew).
+  disagg2) python3 scripts/bench_disagg.py --devices 0,1 --kv-transport both --push-probe 1024 8192 32768 \
+             ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
+  epd) python3 -m torch.distributed.run --nproc-per-node "${NGPU:-$(nvidia-smi -L | wc -l)}" \
+         scripts/bench_ep_dispatch.py ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
+  eplb) python3 scripts/bench_eplb.py --tp "${NGPU:-2}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
   tpdiag) python3 scripts/diag_tp.py 2>&1 ;;
   prof-*) python3 scripts/profile_steps.py --attention-backend "${stage#prof-}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
   profb1tp*) python3 scripts/profile_steps.py --model-config llama-3.1-8b --num-requests 1 --input-len 128 \
