@@ -27,6 +27,9 @@ from raylight.kvtransfer.layout import KVLayout
 logger = logging.getLogger("raylight.kvtransfer")
 
 
+_STOP = "-stop-"  # a ticket that ends the acceptor (close); pair names never take this form
+
+
 class KVEndpoint:
     def __init__(self, layout: KVLayout, rank: int, kv_caches: list[torch.Tensor], store: dist.Store,
                  host: str, port: int, device: torch.device):
@@ -93,9 +96,18 @@ class KVEndpoint:
                 pass
 
     def close(self) -> None:
-        """Stops accepting pushes; on rank 0 the store (its listening socket) goes with the last reference."""
+        """Stops accepting pushes; on rank 0 the store (its listening socket) goes with the last reference.
+        The acceptor is woken by a ticket of its own and joined first: left blocked in the store's wait
+        until the interpreter exits, its wait fails in a dying thread and the process aborts ("terminate
+        called without an active exception")."""
         self._stopped = True
         cuda_ipc.unpublish(self._ipc_token)
+        try:
+            ticket = self.store.add(f"conn/{self.rank}/n", 1) - 1
+            self.store.set(f"conn/{self.rank}/{ticket}", _STOP)
+        except Exception:  # the store is gone already: the acceptor's wait has failed, it returns
+            pass
+        self._acceptor.join(timeout=5.0)
         self.store = None
 
     # ---- every rank ----
@@ -114,6 +126,8 @@ class KVEndpoint:
                 time.sleep(0.5)
                 continue
             name = store.get(key).decode()
+            if name == _STOP:
+                return
             ticket += 1
             threading.Thread(target=self._serve, args=(name,), name=f"raylight-kv-recv-{self.rank}",
                              daemon=True).start()
