@@ -514,10 +514,12 @@ class Cluster:
     def stop(self) -> None:
         for q in self.inboxes.values():
             q.put(None)
-        for p in self.procs.values():
+        for name, p in self.procs.items():
             p.join(timeout=60)
             if p.is_alive():
                 p.kill()
+            elif p.exitcode:
+                print(f"    {name} exited with {p.exitcode}", flush=True)
         self._stop = True
 
 
