@@ -473,22 +473,7 @@ class Cluster:
                 self.handler(msg)
 
     def ask(self, name: str, op: str, arg=None, timeout_s: float = 300.0) -> Any:
-        self.inboxes[name].put(Control(op, arg))
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.crashed:
-                raise RuntimeError(self.crashed)
-            try:
-                r = self.replies.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{name} did not answer {op} in {timeout_s:.0f}s")
-                continue
-            if r.name == name and r.op == op:
-                if isinstance(r.result, dict) and "error" in r.result and isinstance(r.result["error"], str) \
-                        and "Traceback" in r.result["error"]:
-                    raise RuntimeError(f"{name} {op} failed:\n{r.result['error']}")
-                return r.result
+        return self.ask_all({name: (op, arg)}, timeout_s)[name]
 
     def ask_all(self, asks: dict[str, tuple[str, Any]], timeout_s: float = 300.0) -> dict[str, Any]:
         """Sends each engine its op at once (ops that need both sides together), then collects the replies."""
@@ -500,10 +485,11 @@ class Cluster:
             if self.crashed:
                 raise RuntimeError(self.crashed)
             try:
-                r = self.replies.get(timeout=1.0)
+                r = self.replies.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
             except queue.Empty:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"no answer from {sorted(set(asks) - set(got))} in {timeout_s:.0f}s")
+                    missing = sorted(set(asks) - set(got))
+                    raise TimeoutError(f"{missing} did not answer {[asks[n][0] for n in missing]} in {timeout_s:.0f}s")
                 continue
             if r.name in asks and r.op == asks[r.name][0]:
                 if isinstance(r.result, dict) and "Traceback" in str(r.result.get("error", "")):
@@ -648,10 +634,17 @@ def fmt(s: dict) -> str:
 
 # ---------------------------------------------------------------- main
 
+def push_counters(m: dict) -> tuple[int, float]:
+    """The prefill engine's pushed bytes and their copy seconds so far: CUDA events around the IPC copies
+    where any went by IPC, else the host time around the pair sends."""
+    if m.get("kv_ipc_bytes"):
+        return m["kv_ipc_bytes"], m["kv_ipc_copy_s"]
+    return m.get("kv_bytes_sent") or 0, m.get("kv_push_seconds_total") or 0.0
+
+
 def push_figures(cl: Cluster, m: dict, smoke: bool) -> dict:
     """The prefill engine's push bandwidth and this device's copy rates, measured now in that process."""
-    push_s = m.get("kv_ipc_copy_s") or m.get("kv_push_seconds_total") or 0.0
-    push_b = m.get("kv_ipc_bytes") or m.get("kv_bytes_sent") or 0
+    push_b, push_s = push_counters(m)
     transports = sorted(set(m.get("kv_transports", {}).values()))
     print("=== device copy bandwidth (prefill process)", flush=True)
     bw = cl.ask("prefill", "bandwidth", timeout_s=300)
@@ -683,12 +676,8 @@ def push_probe(cl: Cluster, sizes: list[int], vocab: int, reps: int, tag: str) -
             if not rec.done or rec.error or rec.path != "remote":
                 raise RuntimeError(f"probe of {n} tokens did not go prefill -> decode: path {rec.path!r}, "
                                    f"error {rec.error!r}")
-            ipc_b = after.get("kv_ipc_bytes", 0) - before.get("kv_ipc_bytes", 0)
-            if ipc_b > 0:
-                b, secs = ipc_b, after["kv_ipc_copy_s"] - before["kv_ipc_copy_s"]
-            else:
-                b = after["kv_bytes_sent"] - before["kv_bytes_sent"]
-                secs = after["kv_push_seconds_total"] - before["kv_push_seconds_total"]
+            (b1, s1), (b0, s0) = push_counters(after), push_counters(before)
+            b, secs = b1 - b0, s1 - s0
             runs.append(dict(bytes=b, seconds=secs, ttft_s=rec.token_times[0] - rec.arrival,
                              transports=sorted(set(after.get("kv_transports", {}).values()))))
         timed = runs[1:] or runs

@@ -62,10 +62,8 @@ class SenderStats:
 class KVSender:
     def __init__(self, layout: KVLayout, rank: int, kv_caches: list[torch.Tensor], device: torch.device,
                  max_peers: int = 64, transport: str = "auto"):
-        if transport not in ("auto", "pairs"):
-            raise ValueError(f"kv_transport must be 'auto' or 'pairs', not {transport!r}")
         self.layout, self.rank, self.kv_caches, self.device = layout, rank, kv_caches, device
-        self.transport = transport  # 'pairs': never CUDA IPC
+        self.transport = transport  # EngineArgs.kv_transport: 'pairs' never takes CUDA IPC
         self.layer_lo = layout.layers_of(rank)[0]
         self.head_lo = layout.kv_heads_of(rank)[0]
         self.max_peers = max_peers

@@ -214,7 +214,6 @@ def load_script(name: str):
     """scripts/<name>.py of this checkout as a module (scripts are not a package), for its tests."""
     import importlib.util
     import os
-
     import sys
 
     path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", f"{name}.py")
