@@ -2,7 +2,7 @@
 # One lent-GPU session: the stages named in $@ (tests, test-<file>, k:<expr>, w1-<backend>, w1mb-<backend>,
 # w1noHF-<backend>, b1-<backend>, prof-<backend> (profile_steps), profb1tp<N> (batch-1 8B at TP=N), par (bench_parallel, 2 GPUs),
 # disagg2 / epd / eplb (issues 20 and 21, 2+ GPUs), kbench
-# (bench_kernels), gemv (bench_gemv), gemvrows (its few-row kernel at 2/8/32 rows), ficache; U/<stage> runs a stage with the fused kernels off, RAYLIGHT_FUSED_KERNELS=0; R<n>/<stage> with
+# (bench_kernels), gemv (bench_gemv), gemvrows (its few-row kernel at 8/32/64 rows; its winners, gemv-rows.env, pass to the later stages), ficache; U/<stage> runs a stage with the fused kernels off, RAYLIGHT_FUSED_KERNELS=0; R<n>/<stage> with
 # projections of up to n rows through gemv_rows;
 # NP/<stage> without piecewise CUDA graphs).
 # BENCH_EXTRA adds flags to every benchmark, e.g. "--max-num-batched-tokens 8192". Each stage gets
@@ -18,6 +18,10 @@ if [ "${1:-}" != "--one" ]; then
     echo "=== $stage (limit ${limit}s) $(date +%T)"
     timeout -s INT -k 20 "$limit" bash "$0" --one "$stage"
     echo "=== $stage exit $? $(date +%T)"
+    # gemvrows' winners reach the stages after it (they still need R<n>/ to turn the few-row kernel on)
+    if [ -s "$OUT/gemv-rows.env" ] && [ -z "${RAYLIGHT_GEMV_ROWS_CONFIG:-}" ]; then
+      export RAYLIGHT_GEMV_ROWS_CONFIG=$(cat "$OUT/gemv-rows.env"); echo "RAYLIGHT_GEMV_ROWS_CONFIG=$RAYLIGHT_GEMV_ROWS_CONFIG"
+    fi
   done
   echo "=== done $(date +%T)"
   exit 0
@@ -80,7 +84,7 @@ case $stage in
           --gpu-memory-utilization 0.6 --tensor-parallel-size "${stage#profb1tp}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
   kbench) python3 scripts/bench_kernels.py --out "$OUT" 2>&1 | quiet ;;
   gemv) python3 scripts/bench_gemv.py --out "$OUT" 2>&1 | quiet ;;
-  gemvrows) python3 scripts/bench_gemv.py --rows 2 8 32 --out "$OUT" 2>&1 | quiet ;;
+  gemvrows) python3 scripts/bench_gemv.py --rows 8 32 64 --out "$OUT" 2>&1 | quiet ;;
   ficache) tar czf - .ficache | split -b 15m - "$OUT/ficache.tar.gz." && ls -la "$OUT" ;;
   *) echo "unknown stage $stage" ;;
 esac

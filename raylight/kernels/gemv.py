@@ -30,6 +30,7 @@ and the b8/b32 presets say where it beats cuBLAS; RAYLIGHT_GEMV_MAX_ROWS=<n> tur
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -48,11 +49,45 @@ CONFIGS: dict = {
     (14336, 4096): (16, 256, 4, 4), (4096, 7168): (8, 512, 8, 4), (64128, 4096): (32, 256, 4, 4),
 }
 DEFAULT = (16, 512, 8, 4)
-# The few-row kernel (`gemv_rows`): up to MAX_ROWS rows; its table is empty until bench_gemv --rows
-# measures it on a GPU (KernelConfig.gemv_max_rows keeps it off by default until then).
+# The few-row kernel (`gemv_rows`): up to MAX_ROWS rows, padded to a row tile of 16, 32 or 64.
 MAX_ROWS = 64
-ROWS_CONFIGS: dict = {}
 ROWS_DEFAULT = (32, 256, 4, 4)
+
+
+def parse_rows_config(text: str) -> dict:
+    """RAYLIGHT_GEMV_ROWS_CONFIG's format (what `bench_gemv.py --rows` prints and writes as
+    gemv-rows.env): "N,K,BLOCK_M:BLOCK_N,BLOCK_K,WARPS,STAGES[;...]", or "N,K,BLOCK_M:cublas" where
+    cuBLAS was the faster one. Returns {(N, K, BLOCK_M): config tuple, or None for cuBLAS}."""
+    table: dict = {}
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        key, _, cfg = entry.partition(":")
+        n, k, bm = (int(v) for v in key.split(","))
+        table[(n, k, bm)] = None if cfg.strip() == "cublas" else tuple(int(v) for v in cfg.split(","))
+    return table
+
+
+def format_rows_config(table: dict) -> str:
+    return ";".join(f"{n},{k},{bm}:" + ("cublas" if cfg is None else ",".join(map(str, cfg)))
+                    for (n, k, bm), cfg in sorted(table.items()))
+
+
+# (N, K, BLOCK_M) -> launch config, or None where cuBLAS was faster; a shape not listed takes
+# ROWS_DEFAULT. Empty until bench_gemv --rows measures it on a GPU (KernelConfig.gemv_max_rows keeps
+# the kernel off by default until then). The environment variable, read once here, adds to it
+# (a tuning run passes its sweep's winners on to the benchmarks after it without a commit).
+ROWS_CONFIGS: dict = {
+    **parse_rows_config(os.environ.get("RAYLIGHT_GEMV_ROWS_CONFIG", "")),
+}
+
+
+def row_tile(rows: int) -> int:
+    """The padded row count (tl.dot's tile side is at least 16) a call of `rows` rows runs at."""
+    return max(16, 1 << (rows - 1).bit_length())
+
+
+def rows_config(n: int, k: int, rows: int):
+    """`gemv_rows`' launch config for a weight [n, k] at `rows` rows; None where cuBLAS is faster."""
+    return ROWS_CONFIGS.get((n, k, row_tile(rows)), ROWS_DEFAULT)
 
 
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
@@ -145,10 +180,13 @@ def _hopper(index: int) -> bool:
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = False, max_rows: int = 1) -> bool:
-    return (x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= min(max_rows, MAX_ROWS) and x.is_contiguous()
+    rows = x.shape[0] if x.dim() == 2 else 0
+    return (x.is_cuda and x.dim() == 2 and 1 <= rows <= min(max_rows, MAX_ROWS) and x.is_contiguous()
             and weight.dim() == 2 and weight.is_contiguous() and weight.dtype == x.dtype
             and weight.shape[1] * (2 if silu_and_mul else 1) == x.shape[1]
-            and x.dtype in (torch.bfloat16, torch.float16) and _hopper(x.device.index or 0))
+            and x.dtype in (torch.bfloat16, torch.float16) and _hopper(x.device.index or 0)
+            # where the sweep found cuBLAS faster at this row tile, cuBLAS it is
+            and (rows == 1 or rows_config(*weight.shape, rows) is not None))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -184,8 +222,8 @@ def gemv_rows(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: 
     N, K = weight.shape
     if not 1 <= M <= MAX_ROWS:
         raise ValueError(f"gemv_rows takes 1 to {MAX_ROWS} rows, not {M}")
-    block_n, block_k, warps, stages = config or ROWS_CONFIGS.get((N, K), ROWS_DEFAULT)
-    block_m = max(16, 1 << (M - 1).bit_length())  # tl.dot's smallest tile side
+    block_m = row_tile(M)
+    block_n, block_k, warps, stages = config or rows_config(N, K, M) or ROWS_DEFAULT
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     rows_kernel()[(triton.cdiv(N, block_n),)](x, weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
                                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

@@ -80,3 +80,16 @@ def test_max_rows_from_args_and_env():
     assert KernelConfig.from_args(KernelConfig(gemv_max_rows=8), environ={ROWS_ENV_VAR: "16"}).gemv_max_rows == 16
     for junk in ("0", "-2", "many", ""):  # not a positive integer: the argument stays in charge
         assert KernelConfig.from_args(KernelConfig(gemv_max_rows=8), environ={ROWS_ENV_VAR: junk}).gemv_max_rows == 8
+
+
+def test_the_rows_table_round_trips_its_env_format_and_marks_where_cublas_wins(monkeypatch):
+    text = "4096,14336,32:cublas;6144,4096,16:32,256,4,4"
+    table = gemv.parse_rows_config(text + ";")
+    assert table == {(6144, 4096, 16): (32, 256, 4, 4), (4096, 14336, 32): None}
+    assert gemv.parse_rows_config(gemv.format_rows_config(table)) == table
+    assert gemv.parse_rows_config("") == {}
+    assert [gemv.row_tile(r) for r in (2, 16, 17, 32, 33, 64)] == [16, 16, 32, 32, 64, 64]
+    monkeypatch.setattr(gemv, "ROWS_CONFIGS", table)
+    assert gemv.rows_config(6144, 4096, 8) == (32, 256, 4, 4)
+    assert gemv.rows_config(4096, 14336, 20) is None  # cuBLAS at this tile: linear will not route here
+    assert gemv.rows_config(4096, 14336, 8) == gemv.ROWS_DEFAULT  # not measured: the default
