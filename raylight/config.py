@@ -122,7 +122,7 @@ class EngineArgs(BaseModel):
         "without pipeline parallelism; off with enforce_eager.")
 
     # --- kernel switches (raylight.kernels.config.KernelConfig; env RAYLIGHT_FUSED_KERNELS, RAYLIGHT_GEMV,
-    # RAYLIGHT_CUSTOM_ALLREDUCE, RAYLIGHT_FI_DECODE_TENSOR_CORES set to 0/1 override them) ---
+    # RAYLIGHT_CUSTOM_ALLREDUCE, RAYLIGHT_FI_DECODE_TENSOR_CORES, RAYLIGHT_PDL set to 0/1 override them) ---
     fused_kernels: bool = Field(
         True, description="Fused Triton elementwise kernels (add+RMSNorm, SiLU-and-mul, rotary) where they apply "
         "(CUDA with triton installed); False runs the torch ops. Env RAYLIGHT_FUSED_KERNELS=0/1 overrides.")
@@ -136,6 +136,14 @@ class EngineArgs(BaseModel):
     flashinfer_decode_tensor_cores: Optional[bool] = Field(
         None, description="FlashInfer decode through its tensor-core kernels (default: when more than 4 query "
         "heads share a KV head). Env RAYLIGHT_FI_DECODE_TENSOR_CORES=0/1 overrides.")
+    gemv_max_rows: Optional[int] = Field(
+        None, ge=1, le=64, description="Most rows a projection may have to go through our Triton GEMV kernels "
+        "instead of cuBLAS (decode at small batch; shapes where cuBLAS measured faster keep cuBLAS). Default: "
+        "KernelConfig's. Env RAYLIGHT_GEMV_MAX_ROWS=<n> overrides.")
+    pdl: Optional[bool] = Field(
+        None, description="Programmatic dependent launch for our Triton kernels on Hopper and later: each kernel "
+        "launched while the previous one drains (same results). Default: KernelConfig's. Env RAYLIGHT_PDL=0/1 "
+        "overrides.")
 
     # --- parallelism (one replica over tensor_parallel_size x pipeline_parallel_size processes) ---
     tensor_parallel_size: int = Field(1, ge=1, description="Ranks each layer's weights are split over (one GPU each).")

@@ -4,7 +4,7 @@
 # disagg2 / epd / eplb (issues 20 and 21, 2+ GPUs), kbench
 # (bench_kernels), gemv (bench_gemv), gemvrows (its few-row kernel at 8/32/64 rows; its winners, gemv-rows.env, pass to the later stages), ficache; U/<stage> runs a stage with the fused kernels off, RAYLIGHT_FUSED_KERNELS=0; R<n>/<stage> with
 # projections of up to n rows through gemv_rows;
-# NP/<stage> without piecewise CUDA graphs).
+# NP/<stage> without piecewise CUDA graphs; PDL0/ PDL1/ without / with programmatic dependent launch).
 # BENCH_EXTRA adds flags to every benchmark, e.g. "--max-num-batched-tokens 8192". Each stage gets
 # STAGE_TIMEOUT seconds (default 300; stage@N gives one stage N), then SIGINT (pytest and Python print where they were stuck).
 set -uo pipefail
@@ -34,6 +34,8 @@ if [ "${stage#NP/}" != "$stage" ]; then BENCH_EXTRA="${BENCH_EXTRA:-} --max-piec
 # R<n>/<stage>: projections of up to n rows through our Triton kernels (RAYLIGHT_GEMV_MAX_ROWS=n: gemv_rows).
 case $stage in R[0-9]*/*) export RAYLIGHT_GEMV_MAX_ROWS=${stage%%/*}; RAYLIGHT_GEMV_MAX_ROWS=${RAYLIGHT_GEMV_MAX_ROWS#R}
                           stage=${stage#*/} ;; esac
+# PDL0/<stage>, PDL1/<stage>: our Triton kernels without / with programmatic dependent launch (RAYLIGHT_PDL).
+case $stage in PDL0/*|PDL1/*) export RAYLIGHT_PDL=${stage:3:1}; stage=${stage#PDL?/} ;; esac
 # TC0/<stage>, TC1/<stage>: FlashInfer decode without / with its tensor-core kernels.
 case $stage in TC0/*|TC1/*) export RAYLIGHT_FI_DECODE_TENSOR_CORES=${stage:2:1}; stage=${stage#TC?/} ;; esac
 W1="--dummy --model-config llama-3.2-1b --fixed --num-requests 256 --input-len 512 --output-len 256 --max-model-len 4096 --quiet"

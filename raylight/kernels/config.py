@@ -20,6 +20,7 @@ ENV_VARS = {
     "gemv": "RAYLIGHT_GEMV",
     "custom_allreduce": "RAYLIGHT_CUSTOM_ALLREDUCE",
     "flashinfer_decode_tensor_cores": "RAYLIGHT_FI_DECODE_TENSOR_CORES",
+    "pdl": "RAYLIGHT_PDL",
 }
 ROWS_ENV_VAR = "RAYLIGHT_GEMV_MAX_ROWS"  # an integer, unlike the switches above
 
@@ -39,6 +40,9 @@ class KernelConfig:
     # the single-row GEMV only; 2..64 adds kernels/gemv.py's few-row kernel (decode at small batch),
     # not yet measured on a GPU, hence off. Env RAYLIGHT_GEMV_MAX_ROWS=<n> overrides.
     gemv_max_rows: int = 1
+    # Programmatic dependent launch for our Triton kernels on Hopper+ (kernels/pdl.py): each kernel
+    # launched while the previous one drains. Not yet measured on a GPU, hence off.
+    pdl: bool = False
 
     @classmethod
     def from_args(cls, args=None, environ: Optional[Mapping[str, str]] = None) -> "KernelConfig":

@@ -30,11 +30,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from raylight.kernels.pdl import gdc_functions, launch_options
+
 # triton is imported, and the kernels decorated, on first use (`_kernels()`), not when the model
 # layers import this module: importing raylight stays as cheap as before, and Triton picks
 # interpreter or compiler from TRITON_INTERPRET as it stands at that first use.
 triton = None
 tl = None
+gdc_wait = gdc_launch_dependents = None
 
 @functools.lru_cache(maxsize=None)
 def _have_triton() -> bool:
@@ -100,9 +103,13 @@ def torch_rotary(x, cos, sin):
 
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr,
                          n_inner, sx_o, sx_i, sr_o, sr_i, eps,
-                         N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                         N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                         PDL: tl.constexpr = False):
     # One program per row. Rows are (outer, inner) pairs so 3-D views such as the per-head
     # slices of a qkv split need no copy; outputs are contiguous.
+    if PDL:  # launched early (kernels/pdl.py): wait for the previous kernel before any memory access
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     o = row // n_inner
     i = row % n_inner
@@ -120,7 +127,10 @@ def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr,
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * N + cols, (w * h).to(out_ptr.dtype.element_ty), mask=mask)
 
-def _silu_and_mul_kernel(x_ptr, out_ptr, sx_t, I, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, sx_t, I, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
@@ -146,7 +156,10 @@ def _rotate_tile(src_ptr, dst_ptr, s_t, s_h, t, heads, n_heads, d, d_mask, c1, c
 def _rotary_qk_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
                       sq_t, sq_h, sk_t, sk_h, sc_t, ss_t, n_q, n_k,
                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                      HAS_K: tl.constexpr):
+                      HAS_K: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
@@ -169,6 +182,7 @@ def _kernels() -> SimpleNamespace:
 
     # _rotary_qk_kernel calls _rotate_tile by its global name, so that name must be the jitted one.
     globals()["_rotate_tile"] = triton.jit(_rotate_tile)
+    globals()["gdc_wait"], globals()["gdc_launch_dependents"] = gdc_functions()  # used under `if PDL:` only
     return SimpleNamespace(add_rms_norm=triton.jit(_add_rms_norm_kernel),
                            silu_and_mul=triton.jit(_silu_and_mul_kernel),
                            rotary_qk=triton.jit(_rotary_qk_kernel))
@@ -200,9 +214,11 @@ def _rows(t: torch.Tensor):
     return None
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float):
+def fused_add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
+                       pdl: bool = False):
     """With residual: (norm(x + residual) * weight, x + residual). Without: norm(x) * weight.
-    Exactly kernels/norm.RMSNorm.forward's contract and rounding; x may be a strided 2-D/3-D view."""
+    Exactly kernels/norm.RMSNorm.forward's contract and rounding; x may be a strided 2-D/3-D view.
+    `pdl`: launched early where supported (kernels/pdl.py)."""
     N = x.shape[-1]
     rows = _rows(x)
     rrows = _rows(residual) if residual is not None else rows
@@ -219,11 +235,11 @@ def fused_add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight
     _kernels().add_rms_norm[(n_outer * n_inner,)](
         x, residual if residual is not None else x, weight, out, res_out,
         n_inner, sx_o, sx_i, sr_o, sr_i, float(eps),
-        N=N, BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_warps(block))
+        N=N, BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_warps(block), **launch_options(pdl, x))
     return out if residual is None else (out, res_out)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """x: [T, 2I] (rows may be strided) -> silu(x[:, :I]) * x[:, I:], [T, I]."""
     if not _use_triton(x) or x.dim() != 2 or x.stride(-1) != 1 or x.shape[-1] % 2 or x.numel() == 0:
         return torch_silu_and_mul(x)
@@ -232,7 +248,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((T, inter), dtype=x.dtype, device=x.device)
     block = min(1024, _next_pow2(inter))
     _kernels().silu_and_mul[(T, -(-inter // block))](x, out, x.stride(0), inter, BLOCK=block,
-                                                         num_warps=_warps(block))
+                                                         num_warps=_warps(block), **launch_options(pdl, x))
     return out
 
 
@@ -242,7 +258,8 @@ def _cos_ok(c: torch.Tensor, T: int, D: int) -> bool:
             and (c.dim() == 2 or c.shape[1] == 1))
 
 
-def rotary_qk(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor):
+def rotary_qk(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+              pdl: bool = False):
     """The rotation of kernels.rotary.apply_rotary on q [T, H, D] and k [T, KVH, D] (strided views
     allowed) in one launch; cos/sin [T, 1, D] or [T, D]. Returns new contiguous (q, k); k may be
     None (then only q is rotated and (q, None) is returned)."""
@@ -266,5 +283,5 @@ def rotary_qk(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin
         q, kk, cos, sin, q_out, k_out,
         q.stride(0), q.stride(1), kk.stride(0), kk.stride(1), cos.stride(0), sin.stride(0), H, KVH,
         HALF=half, BLOCK_H=block_h, BLOCK_D=block_d, HAS_K=k is not None,
-        num_warps=_warps(block_h * block_d))
+        num_warps=_warps(block_h * block_d), **launch_options(pdl, q))
     return q_out, (k_out if k is not None else None)

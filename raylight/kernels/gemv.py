@@ -38,9 +38,11 @@ import torch.nn.functional as F
 
 from raylight.kernels import activation
 from raylight.kernels.config import DEFAULT_KERNELS, KernelConfig
+from raylight.kernels.pdl import gdc_functions, launch_options
 
 triton = None
 tl = None
+gdc_wait = gdc_launch_dependents = None
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) by weight (N, K): the best of bench_gemv's sweep on an H200
 CONFIGS: dict = {
@@ -91,9 +93,13 @@ def rows_config(n: int, k: int, rows: int):
 
 
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SILU_AND_MUL: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SILU_AND_MUL: tl.constexpr,
+                 PDL: tl.constexpr = False):
     # SILU_AND_MUL: x is [gate | up] of width 2K and the input row is silu(gate) * up, computed
     # here per chunk (rounded as kernels/fused.silu_and_mul does): no separate kernel for it.
+    if PDL:  # launched early (kernels/pdl.py): wait for the previous kernel before any memory access
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -123,7 +129,10 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
 
 def _rows_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 SILU_AND_MUL: tl.constexpr):
+                 SILU_AND_MUL: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     # The few-row case (decode at batch 2..MAX_ROWS): like _gemv_kernel, each program owns BLOCK_N
     # output features over the full K and streams their weight rows once, but multiplies each weight
     # tile with all M input rows at once on the tensor cores (rows padded to BLOCK_M >= 16).
@@ -161,10 +170,11 @@ def _rows_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
 
 @functools.lru_cache(maxsize=None)
 def gemv_kernel():
-    global triton, tl
+    global triton, tl, gdc_wait, gdc_launch_dependents
     import triton
     import triton.language as tl
 
+    gdc_wait, gdc_launch_dependents = gdc_functions()  # used under `if PDL:` only
     return triton.jit(_gemv_kernel)
 
 
@@ -196,26 +206,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     x is [gate | up] and the product is taken with silu(gate) * up."""
     if (kernels.gemv and x.is_cuda and x.shape[0] <= kernels.gemv_max_rows
             and applies(x, weight, silu_and_mul, kernels.gemv_max_rows)):
-        y = (gemv if x.shape[0] == 1 else gemv_rows)(x, weight, silu_and_mul=silu_and_mul)
+        y = (gemv if x.shape[0] == 1 else gemv_rows)(x, weight, silu_and_mul=silu_and_mul, pdl=kernels.pdl)
         return y if bias is None else y + bias
     if silu_and_mul:
-        x = activation.silu_and_mul(x, kernels.fused_kernels)
+        x = activation.silu_and_mul(x, kernels.fused_kernels, kernels.pdl)
     return F.linear(x, weight, bias)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: bool = False) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: bool = False,
+         pdl: bool = False) -> torch.Tensor:
     """x [1, K] @ weight[N, K]^T -> [1, N] (x [1, 2K] = [gate | up] with `silu_and_mul`);
-    `config` overrides the table (benchmarks)."""
+    `config` overrides the table (benchmarks); `pdl`: launched early where supported (kernels/pdl.py)."""
     N, K = weight.shape
     block_n, block_k, warps, stages = config or CONFIGS.get((N, K), DEFAULT)
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     gemv_kernel()[(triton.cdiv(N, block_n),)](x, weight, y, N, K, weight.stride(0), BLOCK_N=block_n,
                                               BLOCK_K=block_k, EVEN_K=K % block_k == 0,
-                                              SILU_AND_MUL=silu_and_mul, num_warps=warps, num_stages=stages)
+                                              SILU_AND_MUL=silu_and_mul, num_warps=warps, num_stages=stages,
+                                              **launch_options(pdl, x))
     return y
 
 
-def gemv_rows(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: bool = False) -> torch.Tensor:
+def gemv_rows(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: bool = False,
+              pdl: bool = False) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T -> [M, N] for 1 <= M <= MAX_ROWS (x [M, 2K] = [gate | up] with
     `silu_and_mul`); `config` (BLOCK_N, BLOCK_K, num_warps, num_stages) overrides ROWS_CONFIGS."""
     M = x.shape[0]
@@ -228,5 +241,5 @@ def gemv_rows(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: 
     rows_kernel()[(triton.cdiv(N, block_n),)](x, weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
                                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                                               EVEN_K=K % block_k == 0, SILU_AND_MUL=silu_and_mul,
-                                              num_warps=warps, num_stages=stages)
+                                              num_warps=warps, num_stages=stages, **launch_options(pdl, x))
     return y

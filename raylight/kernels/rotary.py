@@ -52,8 +52,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused_ke
 
 
 def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    fused_kernels: bool = True):
-    """apply_rotary on q [T, H, D] and k [T, KVH, D]; one fused launch when the fused kernels are on."""
+                    fused_kernels: bool = True, pdl: bool = False):
+    """apply_rotary on q [T, H, D] and k [T, KVH, D]; one fused launch when the fused kernels are on
+    (`pdl`: launched early where supported, kernels/pdl.py)."""
     if fused_kernels and fused.fused_ops_enabled(q.device):
-        return fused.rotary_qk(q, k, cos, sin)
+        return fused.rotary_qk(q, k, cos, sin, pdl)
     return apply_rotary(q, cos, sin, fused_kernels), apply_rotary(k, cos, sin, fused_kernels)

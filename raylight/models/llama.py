@@ -57,10 +57,10 @@ class LlamaAttention(nn.Module):
                                         reduce_results=False,  # reduced in the decoder layer's norm
                                         kernels=kernels)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels.fused_kernels)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels.fused_kernels)
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels.fused_kernels, kernels.pdl)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels.fused_kernels, kernels.pdl)
         self.qk_norm = cfg.qk_norm
-        self.fused_kernels = kernels.fused_kernels
+        self.fused_kernels, self.pdl = kernels.fused_kernels, kernels.pdl
         self.attn = attn_backend
 
     def forward(self, x, cos, sin, kv_cache, attn_meta):
@@ -71,7 +71,7 @@ class LlamaAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary_qk(q, k, cos, sin, self.fused_kernels)
+        q, k = apply_rotary_qk(q, k, cos, sin, self.fused_kernels, self.pdl)
         o = self.attn.forward(q, k, v, kv_cache, attn_meta, self.scale)
         return self.o_proj(o.reshape(T, self.q_size))
 
@@ -96,8 +96,8 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(cfg, attn_backend, groups, kernels)
         # A MoE model passes its sparse block; it too returns this TP rank's partial sum.
         self.mlp = mlp if mlp is not None else LlamaMLP(cfg, groups, kernels)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels.fused_kernels)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels.fused_kernels)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels.fused_kernels, kernels.pdl)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels.fused_kernels, kernels.pdl)
         self.groups = groups
 
     def forward(self, x, residual, cos, sin, kv_cache, attn_meta):
@@ -127,7 +127,8 @@ class LlamaModel(nn.Module):
             else nn.Identity()
             for i in range(cfg.num_hidden_layers))
         self.local_layers = list(self.layers)[self.start_layer : self.end_layer]
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels.fused_kernels) if groups.is_last_stage else None
+        self.norm = (RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels.fused_kernels, kernels.pdl)
+                     if groups.is_last_stage else None)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.groups = groups
 

@@ -108,7 +108,7 @@ def get_attention_backend(name: str, spec: AttentionSpec, kernels: Optional[Kern
                              f"(got device {spec.device}; TRITON_INTERPRET=1 allows CPU, for tests only)")
         from raylight.kernels.attention.triton_backend import TritonAttentionBackend
 
-        backend = TritonAttentionBackend(spec)
+        backend = TritonAttentionBackend(spec, pdl=kernels.pdl)
     else:
         from raylight.kernels.attention.torch_ref import TorchAttentionBackend
 

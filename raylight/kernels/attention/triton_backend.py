@@ -40,8 +40,9 @@ class TritonAttentionBackend:
     MIN_SPLIT_TOKENS = 128  # a decode split below this is more launch than work
     MAX_SPLITS = 64
 
-    def __init__(self, spec: AttentionSpec):
+    def __init__(self, spec: AttentionSpec, pdl: bool = False):
         self.spec = spec
+        self.pdl = pdl  # KV write, decode and combine launched early where supported (kernels/pdl.py)
         tk.group_rows(spec.num_heads, spec.num_kv_heads)  # rejects a head count that is not a GQA multiple
         self.block_q = tk.prefill_block_q(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.dtype)
         # Split decode until about this many programs are in flight (a few per SM).
@@ -61,7 +62,7 @@ class TritonAttentionBackend:
         splits = 1
         while splits <= self.MAX_SPLITS:
             tk.decode_attention(out, q, kv_cache, tables, seq_lens, 1, 1.0, s.sliding_window, splits,
-                                self._partials(1, splits))
+                                self._partials(1, splits), pdl=self.pdl)
             splits *= 2
         qsl = torch.tensor([0, 1], dtype=torch.int32, device=dev)
         zero = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -143,12 +144,12 @@ class TritonAttentionBackend:
         """q: [T, H, D]; k, v: [T, KVH, D]; kv_cache: [num_blocks, 2, block_size, KVH, D] -> [T, H, D]
         (into `out`, contiguous, when given)."""
         # Write first: a chunk reads its own K/V (and a block filled in this same step) from the cache.
-        tk.write_kv(k, v, kv_cache, meta.slot_mapping)
+        tk.write_kv(k, v, kv_cache, meta.slot_mapping, self.pdl)
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         window = self.spec.sliding_window
         tk.decode_attention(out, q, kv_cache, meta.block_tables, meta.seq_lens, meta.num_decodes, scale, window,
-                            meta.num_splits, meta.partials)
+                            meta.num_splits, meta.partials, pdl=self.pdl)
         if meta.work_seq is not None:
             tk.prefill_attention(out, q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                  meta.work_seq, meta.work_qblock, self.block_q, scale, window)

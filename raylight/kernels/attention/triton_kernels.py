@@ -23,6 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
+from raylight.kernels.pdl import gdc_functions, launch_options
+
+# Grid dependency control, used under `if PDL:` only (kernels/pdl.py): a kernel launched early waits
+# for the previous one before its first memory access.
+gdc_wait, gdc_launch_dependents = gdc_functions()
+
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -38,7 +44,10 @@ def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, num_kv_heads,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cb, stride_ckv, stride_cp, stride_ch,
                      BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
@@ -55,8 +64,10 @@ def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, num_kv_heads,
     tl.store(dst + stride_ckv, value, mask=mask)
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, KVH, D]; kv_cache: [num_blocks, 2, block_size, KVH, D]; slot_mapping: [T] (< 0: skip)."""
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             pdl: bool = False) -> None:
+    """k, v: [T, KVH, D]; kv_cache: [num_blocks, 2, block_size, KVH, D]; slot_mapping: [T] (< 0: skip).
+    `pdl`: launched early where supported (kernels/pdl.py)."""
     num_tokens, kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
@@ -70,6 +81,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         BLOCK_SIZE=kv_cache.shape[2], HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
+        **launch_options(pdl, kv_cache),
     )
 
 
@@ -137,7 +149,11 @@ def _decode_kernel(out_ptr, part_o_ptr, part_m_ptr, part_l_ptr, q_ptr, cache_ptr
                    qk_scale, stride_cb, stride_ckv, stride_cp, stride_ch,
                    GROUP: tl.constexpr, GROUP_P: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   TILE: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   TILE: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -182,7 +198,11 @@ def _decode_kernel(out_ptr, part_o_ptr, part_m_ptr, part_l_ptr, q_ptr, cache_ptr
 
 @triton.jit
 def _combine_splits_kernel(out_ptr, part_o_ptr, part_m_ptr, part_l_ptr, num_heads, stride_ot, stride_oh,
-                           NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                           NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           PDL: tl.constexpr = False):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
@@ -333,12 +353,14 @@ def _decode_launch(head_dim: int, fp32: bool) -> dict:
 
 def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, num_seqs: int, scale: float, window: Optional[int] = None,
-                     num_splits: int = 1, partials: Optional[tuple] = None, launch: Optional[dict] = None) -> None:
+                     num_splits: int = 1, partials: Optional[tuple] = None, launch: Optional[dict] = None,
+                     pdl: bool = False) -> None:
     """Rows 0..num_seqs-1 of q/out are one decode token each, of sequence i.
 
     num_splits > 1 (a power of two) needs `partials` = (o [>=num_seqs, H, S, D] fp32,
     m [>=num_seqs, H, S] fp32, l [same]) from `alloc_partials`. `launch`: tile and launch options
-    instead of the tuned table's (scripts/tune_decode_attention.py sweeps them).
+    instead of the tuned table's (scripts/tune_decode_attention.py sweeps them). `pdl`: both kernels
+    launched early where supported (kernels/pdl.py).
     """
     if num_seqs == 0:
         return
@@ -352,12 +374,14 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor,
     _decode_kernel[(num_seqs, kv_heads, num_splits)](
         out, part_o, part_m, part_l, q, kv_cache, block_tables, seq_lens,
         num_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), *shared,
-        GROUP=group, GROUP_P=group_p, NUM_SPLITS=num_splits, WINDOW=window or 0, **consts)
+        GROUP=group, GROUP_P=group_p, NUM_SPLITS=num_splits, WINDOW=window or 0, **consts,
+        **launch_options(pdl, q))
     if num_splits > 1:
         head_dim = q.shape[2]
         _combine_splits_kernel[(num_seqs, num_heads)](
             out, part_o, part_m, part_l, num_heads, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim), num_warps=4)
+            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim), num_warps=4,
+            **launch_options(pdl, q))
 
 
 def alloc_partials(num_seqs: int, num_heads: int, head_dim: int, num_splits: int, device) -> tuple:

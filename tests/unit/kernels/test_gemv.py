@@ -93,3 +93,12 @@ def test_the_rows_table_round_trips_its_env_format_and_marks_where_cublas_wins(m
     assert gemv.rows_config(6144, 4096, 8) == (32, 256, 4, 4)
     assert gemv.rows_config(4096, 14336, 20) is None  # cuBLAS at this tile: linear will not route here
     assert gemv.rows_config(4096, 14336, 8) == gemv.ROWS_DEFAULT  # not measured: the default
+
+
+def test_pdl_is_off_by_default_and_never_on_cpu():
+    from raylight.kernels.pdl import launch_options
+
+    assert KernelConfig().pdl is False  # not yet measured on a GPU
+    assert KernelConfig.from_args(None, environ={"RAYLIGHT_PDL": "1"}).pdl is True
+    assert launch_options(True, torch.zeros(1)) == {"PDL": False}
+    assert launch_options(False, torch.zeros(1)) == {"PDL": False}

@@ -1,0 +1,83 @@
+"""Programmatic dependent launch (kernels/pdl.py) on a Hopper GPU: launching our Triton kernels early
+changes when they start, never what they compute. The engine's greedy tokens with PDL equal those
+without it, token for token, at batch 1 (the single-row GEMV path) and at a few rows (the few-row
+kernel), eagerly and from CUDA graphs; a graph of dependent kernels launched this way gives the
+same bits as without."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raylight import LLM, SamplingParams
+from raylight.kernels import fused, gemv
+from raylight.kernels.pdl import launch_options
+from raylight.testing.helpers import random_prompts
+
+pytestmark = pytest.mark.gpu
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+def test_launch_options_turn_pdl_on_only_where_asked_and_supported():
+    x = torch.zeros(1, device="cuda")
+    assert launch_options(False, x) == {"PDL": False}
+    assert launch_options(True, torch.zeros(1)) == {"PDL": False}  # CPU
+    assert launch_options(True, x) == ({"PDL": True, "launch_pdl": True} if _hopper() else {"PDL": False})
+
+
+@pytest.mark.skipif(not _hopper(), reason="PDL needs compute capability 9+")
+@torch.inference_mode()
+def test_a_graph_of_dependent_kernels_gives_the_same_bits_with_pdl():
+    # norm -> projection -> norm -> ... 40 deep, each kernel reading the previous one's output: a kernel
+    # that ran ahead of its input would change the result.
+    g = torch.Generator(device="cuda").manual_seed(0)
+    H = 4096
+    ws = [torch.randn(H, H, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(8)]
+    norm_w = torch.rand(H, generator=g, device="cuda", dtype=torch.bfloat16) + 0.5
+    x0 = torch.randn(1, H, generator=g, device="cuda", dtype=torch.bfloat16)
+
+    def chain(x, pdl):
+        residual = torch.zeros_like(x)
+        for i in range(40):
+            h, residual = fused.fused_add_rms_norm(x, residual, norm_w, 1e-5, pdl)
+            x = gemv.gemv(h, ws[i % len(ws)], pdl=pdl)
+        return x
+
+    outs = {}
+    for pdl in (False, True):
+        static_x = x0.clone()
+        chain(static_x, pdl)  # compiled before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(static_x, pdl)
+        results = []
+        for step in range(3):
+            static_x.copy_(x0 * (step + 1))
+            graph.replay()
+            results.append(out.clone())
+        outs[pdl] = torch.stack(results)
+        eager = chain(x0 * 3, pdl)
+        assert torch.equal(eager, results[-1])
+    assert torch.equal(outs[False], outs[True])
+
+
+@pytest.mark.skipif(not _hopper(), reason="PDL needs compute capability 9+")
+@torch.inference_mode()
+def test_engine_greedy_tokens_with_pdl_equal_those_without(gpu_llama_dir):
+    prompts = random_prompts(6, 512, 5, 120, seed=5)
+    outs = {}
+    for pdl in (False, True):
+        llm = LLM(gpu_llama_dir, dtype="bfloat16", device="cuda", max_num_batched_tokens=256, num_kv_blocks=512,
+                  max_cuda_graph_batch_size=8, pdl=pdl, gemv_max_rows=8)
+        assert llm.engine.model.kernels.pdl is pdl and llm.engine.model.kernels.gemv_max_rows == 8
+        one = llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True),
+                           use_tqdm=False)
+        many = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True),
+                            use_tqdm=False)
+        outs[pdl] = [o.outputs[0].token_ids for o in one + many]
+        del llm
+        torch.cuda.empty_cache()
+    assert outs[True] == outs[False]
