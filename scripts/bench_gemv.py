@@ -88,13 +88,13 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
         return
-    from raylight.kernels.gemv import ROWS_DEFAULT, format_rows_config, gemv, gemv_rows, row_tile
+    from raylight.kernels.gemv import ROWS_DEFAULT, format_config, gemv, gemv_rows, row_tile
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
     copy_bw = measure_ceilings(dev)["copy_bandwidth_GBps"] * 1e9
     results = {}
-    rows_table = {}  # (N, K, row tile) -> the best config, or None where cuBLAS was faster
+    table = {}  # (N, K[, row tile]) -> the best config, or None where cuBLAS was faster
     for name, (N, K) in SHAPES.items():
         if args.rows and not name.startswith("tp1_"):
             continue  # the few-row kernel is for the batch-8/32 decode of the 8B model at TP=1
@@ -120,9 +120,12 @@ def main(argv=None):
             entry.update(triton_sweep_us=sweep, triton_best_config=best, triton_best_us=timed[best],
                          triton_default_us=default)
             entry["best_vs_cublas_linear"] = entry["cublas_linear_us"] / timed[best]
+            win = timed[best] < entry["cublas_linear_us"]
+            best_cfg = tuple(int(v) for v in best.strip("()").split(","))
             if args.rows:
-                win = timed[best] < entry["cublas_linear_us"]
-                rows_table[(N, K, row_tile(rows))] = tuple(int(v) for v in best.strip("()").split(",")) if win else None
+                table[(N, K, row_tile(rows))] = best_cfg if win else None
+            else:  # the single-row kernel's table has no cuBLAS entries: its best config either way
+                table[(N, K)] = best_cfg
             results[key] = entry
             print(f"{key:18s} N={N:6d} K={K:6d}: floor {entry['floor_us']:.1f} us; cuBLAS linear "
                   f"{entry['cublas_linear_us']:.1f}; triton best {timed[best]:.1f} {best} (default {default})",
@@ -131,13 +134,13 @@ def main(argv=None):
         torch.cuda.empty_cache()
     record = dict(benchmark="bench_gemv", commit=git_commit(), device=device_name("cuda"), rows=args.rows or [1],
                   torch=torch.__version__, copy_GBps=copy_bw / 1e9, shapes=results)
-    if args.rows:
-        # The winners as kernels/gemv.py's table (RAYLIGHT_GEMV_ROWS_CONFIG): gpu_run.sh passes gemv-rows.env on
-        # to the stages after this one, and its line is what goes into ROWS_CONFIGS once committed.
-        record["rows_config"] = format_rows_config(rows_table)
-        print(f"RAYLIGHT_GEMV_ROWS_CONFIG={record['rows_config']}")
-        with open(os.path.join(args.out, "gemv-rows.env"), "w") as f:
-            f.write(record["rows_config"] + "\n")
+    # The winners as kernels/gemv.py's table (RAYLIGHT_GEMV_CONFIG / RAYLIGHT_GEMV_ROWS_CONFIG): gpu_run.sh passes
+    # gemv.env / gemv-rows.env on to the stages after this one; the line is what goes into the tables once committed.
+    var, env_file = ("RAYLIGHT_GEMV_ROWS_CONFIG", "gemv-rows.env") if args.rows else ("RAYLIGHT_GEMV_CONFIG", "gemv.env")
+    record["config_line"] = format_config(table)
+    print(f"{var}={record['config_line']}")
+    with open(os.path.join(args.out, env_file), "w") as f:
+        f.write(record["config_line"] + "\n")
     write_record(args.out, "gemv" if not args.rows else "gemv-rows", record)
 
 

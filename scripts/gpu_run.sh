@@ -18,7 +18,10 @@ if [ "${1:-}" != "--one" ]; then
     echo "=== $stage (limit ${limit}s) $(date +%T)"
     timeout -s INT -k 20 "$limit" bash "$0" --one "$stage"
     echo "=== $stage exit $? $(date +%T)"
-    # gemvrows' winners reach the stages after it (they still need R<n>/ to turn the few-row kernel on)
+    # gemv's and gemvrows' winners reach the stages after them (the few-row kernel still needs R<n>/)
+    if [ -s "$OUT/gemv.env" ] && [ -z "${RAYLIGHT_GEMV_CONFIG:-}" ]; then
+      export RAYLIGHT_GEMV_CONFIG=$(cat "$OUT/gemv.env"); echo "RAYLIGHT_GEMV_CONFIG=$RAYLIGHT_GEMV_CONFIG"
+    fi
     if [ -s "$OUT/gemv-rows.env" ] && [ -z "${RAYLIGHT_GEMV_ROWS_CONFIG:-}" ]; then
       export RAYLIGHT_GEMV_ROWS_CONFIG=$(cat "$OUT/gemv-rows.env"); echo "RAYLIGHT_GEMV_ROWS_CONFIG=$RAYLIGHT_GEMV_ROWS_CONFIG"
     fi

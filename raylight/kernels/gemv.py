@@ -11,7 +11,7 @@ streams the weight once with fp32 accumulation in registers, and needs no second
 (where it was measured) goes through `gemv`, unless the caller's `KernelConfig.gemv` is off (engine
 argument `gemv`, env RAYLIGHT_GEMV=0/1 overrides; the fallback's SiLU-and-mul follows its
 `fused_kernels`). The launch
-configuration per (N, K) comes from `CONFIGS`, else `DEFAULT`.
+configuration per (N, K) comes from this GPU model's table in `CONFIGS_BY_GPU`, else `DEFAULT`.
 
 Measured on an H200 (benchmarks/results/gemv-20261122-130623.json, inside CUDA graphs, weights
 cycled through more than L2 holds), microseconds per call, cuBLAS -> this kernel (its best config):
@@ -44,33 +44,50 @@ triton = None
 tl = None
 gdc_wait = gdc_launch_dependents = None
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) by weight (N, K): the best of bench_gemv's sweep on an H200
-CONFIGS: dict = {
-    (6144, 4096): (8, 512, 4, 3), (4096, 4096): (4, 1024, 8, 4), (28672, 4096): (16, 256, 4, 4),
-    (4096, 14336): (8, 512, 8, 3), (3072, 4096): (8, 1024, 8, 4), (4096, 2048): (8, 512, 8, 3),
-    (14336, 4096): (16, 256, 4, 4), (4096, 7168): (8, 512, 8, 4), (64128, 4096): (32, 256, 4, 4),
-}
-DEFAULT = (16, 512, 8, 4)
-# The few-row kernel (`gemv_rows`): up to MAX_ROWS rows, padded to a row tile of 16, 32 or 64.
-MAX_ROWS = 64
-ROWS_DEFAULT = (32, 256, 4, 4)
-
-
-def parse_rows_config(text: str) -> dict:
-    """RAYLIGHT_GEMV_ROWS_CONFIG's format (what `bench_gemv.py --rows` prints and writes as
-    gemv-rows.env): "N,K,BLOCK_M:BLOCK_N,BLOCK_K,WARPS,STAGES[;...]", or "N,K,BLOCK_M:cublas" where
-    cuBLAS was the faster one. Returns {(N, K, BLOCK_M): config tuple, or None for cuBLAS}."""
+def parse_config(text: str) -> dict:
+    """RAYLIGHT_GEMV_CONFIG's and RAYLIGHT_GEMV_ROWS_CONFIG's format (what bench_gemv prints and writes as
+    gemv.env / gemv-rows.env): "N,K[,BLOCK_M]:BLOCK_N,BLOCK_K,WARPS,STAGES[;...]", or "...:cublas" where
+    cuBLAS was the faster one. Returns {(N, K[, BLOCK_M]): config tuple, or None for cuBLAS}."""
     table: dict = {}
     for entry in filter(None, (e.strip() for e in text.split(";"))):
         key, _, cfg = entry.partition(":")
-        n, k, bm = (int(v) for v in key.split(","))
-        table[(n, k, bm)] = None if cfg.strip() == "cublas" else tuple(int(v) for v in cfg.split(","))
+        table[tuple(int(v) for v in key.split(","))] = (None if cfg.strip() == "cublas"
+                                                        else tuple(int(v) for v in cfg.split(",")))
     return table
 
 
-def format_rows_config(table: dict) -> str:
-    return ";".join(f"{n},{k},{bm}:" + ("cublas" if cfg is None else ",".join(map(str, cfg)))
-                    for (n, k, bm), cfg in sorted(table.items()))
+def format_config(table: dict) -> str:
+    return ";".join(",".join(map(str, key)) + ":" + ("cublas" if cfg is None else ",".join(map(str, cfg)))
+                    for key, cfg in sorted(table.items()))
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) by weight (N, K), per GPU model: the best of bench_gemv's sweep
+# there. A GPU not listed takes the H200's table; a shape not listed, DEFAULT.
+CONFIGS_BY_GPU: dict = {
+    "H200": {
+        (6144, 4096): (8, 512, 4, 3), (4096, 4096): (4, 1024, 8, 4), (28672, 4096): (16, 256, 4, 4),
+        (4096, 14336): (8, 512, 8, 3), (3072, 4096): (8, 1024, 8, 4), (4096, 2048): (8, 512, 8, 3),
+        (14336, 4096): (16, 256, 4, 4), (4096, 7168): (8, 512, 8, 4), (64128, 4096): (32, 256, 4, 4),
+    },
+}
+DEFAULT = (16, 512, 8, 4)
+# The environment variable, read once here, goes before the tables (a tuning run passes its sweep's
+# winners on to the benchmarks after it without a commit).
+CONFIGS: dict = {k: v for k, v in parse_config(os.environ.get("RAYLIGHT_GEMV_CONFIG", "")).items() if v is not None}
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_table(index: int) -> dict:
+    name = torch.cuda.get_device_name(index)
+    return next((t for model, t in CONFIGS_BY_GPU.items() if model in name), CONFIGS_BY_GPU["H200"])
+
+
+def single_row_config(n: int, k: int, index: int) -> tuple:
+    """`gemv`'s launch config for a weight [n, k] on CUDA device `index`."""
+    return CONFIGS.get((n, k)) or _gpu_table(index).get((n, k), DEFAULT)
+# The few-row kernel (`gemv_rows`): up to MAX_ROWS rows, padded to a row tile of 16, 32 or 64.
+MAX_ROWS = 64
+ROWS_DEFAULT = (32, 256, 4, 4)
 
 
 # (N, K, BLOCK_M) -> launch config, or None where cuBLAS was faster; a shape not listed takes
@@ -78,7 +95,7 @@ def format_rows_config(table: dict) -> str:
 # the kernel off by default until then). The environment variable, read once here, adds to it
 # (a tuning run passes its sweep's winners on to the benchmarks after it without a commit).
 ROWS_CONFIGS: dict = {
-    **parse_rows_config(os.environ.get("RAYLIGHT_GEMV_ROWS_CONFIG", "")),
+    **parse_config(os.environ.get("RAYLIGHT_GEMV_ROWS_CONFIG", "")),
 }
 
 
@@ -218,7 +235,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: bool 
     """x [1, K] @ weight[N, K]^T -> [1, N] (x [1, 2K] = [gate | up] with `silu_and_mul`);
     `config` overrides the table (benchmarks); `pdl`: launched early where supported (kernels/pdl.py)."""
     N, K = weight.shape
-    block_n, block_k, warps, stages = config or CONFIGS.get((N, K), DEFAULT)
+    block_n, block_k, warps, stages = config or single_row_config(N, K, x.device.index or 0)
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     gemv_kernel()[(triton.cdiv(N, block_n),)](x, weight, y, N, K, weight.stride(0), BLOCK_N=block_n,
                                               BLOCK_K=block_k, EVEN_K=K % block_k == 0,

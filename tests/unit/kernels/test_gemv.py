@@ -84,10 +84,11 @@ def test_max_rows_from_args_and_env():
 
 def test_the_rows_table_round_trips_its_env_format_and_marks_where_cublas_wins(monkeypatch):
     text = "4096,14336,32:cublas;6144,4096,16:32,256,4,4"
-    table = gemv.parse_rows_config(text + ";")
+    table = gemv.parse_config(text + ";")
     assert table == {(6144, 4096, 16): (32, 256, 4, 4), (4096, 14336, 32): None}
-    assert gemv.parse_rows_config(gemv.format_rows_config(table)) == table
-    assert gemv.parse_rows_config("") == {}
+    assert gemv.parse_config(gemv.format_config(table)) == table
+    assert gemv.parse_config("") == {}
+    assert gemv.parse_config("3072,4096:8,1024,8,4") == {(3072, 4096): (8, 1024, 8, 4)}  # the single-row table
     assert [gemv.row_tile(r) for r in (2, 16, 17, 32, 33, 64)] == [16, 16, 32, 32, 64, 64]
     monkeypatch.setattr(gemv, "ROWS_CONFIGS", table)
     assert gemv.rows_config(6144, 4096, 8) == (32, 256, 4, 4)
