@@ -224,6 +224,12 @@ def engine_main(name: str, role: str, cfg: dict, inbox, outbox) -> None:
         engine.shutdown()
     except Exception:
         pass
+    # Out without C++ teardown, as raylight's engine process does: a decode engine's pair receiver threads
+    # may still sit in a gloo/NCCL recv that nothing unblocks, and tearing the process down around them
+    # aborts it (exit -6). What was put on the outbox is flushed first.
+    outbox.close()
+    outbox.join_thread()
+    os._exit(0)
 
 
 def control(engine, role: str, msg: Control, cfg: dict) -> dict:

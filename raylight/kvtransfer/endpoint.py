@@ -139,12 +139,16 @@ class KVEndpoint:
         except Exception as e:
             logger.warning("KV pair %s could not be joined: %s", name, e)
             return
-        head = torch.zeros(pairs.HEADER_LEN, dtype=torch.int64)
+        with pairs.pair_stream(self.device):  # on CUDA a stream of this thread's own: see kvtransfer/pairs.py
+            self._receive(name, group, store)
+
+    def _receive(self, name: str, group: dist.ProcessGroup, store: dist.Store) -> None:
+        head = torch.zeros(pairs.HEADER_LEN, dtype=torch.int64, device=self.device)
         cuda = self.device.type == "cuda"
         try:
             while not self._stopped:
                 pairs.recv(group, head)
-                op, tid, layer, h_lo, h_hi, n, total = (int(v) for v in head[:7])
+                op, tid, layer, h_lo, h_hi, n, total = head[:7].tolist()  # on CUDA: waits for it to arrive
                 if op == pairs.OP_CLOSE:
                     return
                 if op == pairs.OP_END:

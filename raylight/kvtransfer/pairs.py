@@ -10,16 +10,23 @@ and fixed int64 headers travel on a pair group; nothing is ever pickled.
 Wire format, per message: an int64 header [op, transfer_id, layer, head_lo, head_hi, num_blocks,
 num_pairs, 0]; for DATA then the destination block ids (int64 [num_blocks]) and the KV itself
 ([num_blocks, 2, block_size, head_hi - head_lo, head_dim] in the cache's dtype). END closes one
-sender's share of a transfer; CLOSE ends the pair.
+sender's share of a transfer; CLOSE ends the pair. Every tensor lives on the pair's device (NCCL
+takes CUDA tensors only; the header too).
+
+On CUDA each side's thread runs its pair traffic on a stream of its own (`pair_stream`): NCCL's
+`wait()` makes the *current* stream wait for the transfer, and a receiver that posts the next
+header's recv on the engine's stream would stall every forward until the next push arrives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
+import time
 import uuid
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,10 +39,39 @@ IDLE_RECV = datetime.timedelta(days=365)
 
 
 def header(op: int, transfer_id: int = 0, layer: int = 0, head_lo: int = 0, head_hi: int = 0,
-           num_blocks: int = 0, num_pairs: int = 0) -> torch.Tensor:
+           num_blocks: int = 0, num_pairs: int = 0, device: Optional[torch.device] = None) -> torch.Tensor:
     """`num_pairs` (END only): how many (sender rank, receiver rank) pairs the transfer's plan has,
-    so the decode side knows how many ENDs make it complete."""
-    return torch.tensor([op, transfer_id, layer, head_lo, head_hi, num_blocks, num_pairs, 0], dtype=torch.int64)
+    so the decode side knows how many ENDs make it complete. `device`: the pair's (default CPU)."""
+    return torch.tensor([op, transfer_id, layer, head_lo, head_hi, num_blocks, num_pairs, 0], dtype=torch.int64,
+                        device=device)
+
+
+@contextlib.contextmanager
+def pair_stream(device: torch.device) -> Iterator[None]:
+    """The calling thread's pair traffic on `device`: on CUDA, that device current and a stream of the
+    thread's own; elsewhere nothing to set."""
+    if device.type != "cuda":
+        yield
+        return
+    with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+        yield
+
+
+def wait_sent(device: torch.device, timeout_s: float) -> None:
+    """Host-waits until the sends queued on this thread's pair stream are done (NCCL sends return
+    at once; gloo's are done when they return), for at most `timeout_s`: a receiver that stopped
+    taking data must fail this transfer, not hold the sender thread forever."""
+    if device.type != "cuda":
+        return
+    done = torch.cuda.Event()
+    done.record()
+    deadline = time.monotonic() + timeout_s
+    pause = 1e-5
+    while not done.query():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"KV sends not taken by the receiver within {timeout_s:.0f}s")
+        time.sleep(pause)
+        pause = min(pause * 2, 1e-3)
 
 
 def advertised_host(configured: Optional[str]) -> str:
@@ -70,14 +106,17 @@ def new_pair_group(store: dist.Store, name: str, rank: int, device: torch.device
     """Rank 0 is the sender, rank 1 the receiver; both block here until the other joins (for as long
     as the store's timeout). The sender's sends give up after PAIR_TIMEOUT (a stuck receiver must not
     stall the prefill replica's other transfers); the receiver waits for the next message as long as
-    the pair lives (an idle pair is no failure; a dead sender ends the wait at once)."""
+    the pair lives (an idle pair is no failure; a dead gloo sender ends the wait at once).
+
+    With NCCL the sender's deadline is its own (`wait_sent`), not the communicator's: NCCL's watchdog
+    takes the whole process down when an operation outlives the group's timeout (its default error
+    handling), and one stuck decode replica must not kill the prefill replica."""
     prefixed = dist.PrefixStore(f"pair/{name}/", store)
-    timeout = PAIR_TIMEOUT if rank == 0 else IDLE_RECV
     if device.type == "cuda":
         opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
+        opts._timeout = IDLE_RECV
         return dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
-    return dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
+    return dist.ProcessGroupGloo(prefixed, rank, 2, PAIR_TIMEOUT if rank == 0 else IDLE_RECV)
 
 
 def open_pair(store: dist.Store, dst_rank: int, device: torch.device) -> dist.ProcessGroup:

@@ -139,6 +139,10 @@ class KVSender:
 
     # ---- the sender thread ----
     def _run(self) -> None:
+        with pairs.pair_stream(self.device):  # on CUDA: this device, a stream of this thread's own
+            self._send_loop()
+
+    def _send_loop(self) -> None:
         while (item := self._queue.get()) is not None:
             kind, push, layer, data, ready = item
             if push.transfer_id in self._failed:
@@ -152,11 +156,15 @@ class KVSender:
                 if kind == "data":
                     if ready is not None:
                         ready.synchronize()
+                        # made on the compute stream, read on ours: not reused before our reads are done
+                        data.record_stream(torch.cuda.current_stream())
                     self._send_layer(key, remote, push, layer, data)
                 else:
+                    # every DATA of the transfer taken by its receivers (NCCL returns at once), within a deadline
+                    pairs.wait_sent(self.device, pairs.PAIR_TIMEOUT.total_seconds())
                     for dst in sorted({p.dst_rank for p in remote.pieces}):
                         pairs.send(self._group(key, remote, dst), pairs.header(
-                            pairs.OP_END, push.transfer_id, num_pairs=remote.num_pairs))
+                            pairs.OP_END, push.transfer_id, num_pairs=remote.num_pairs, device=self.device))
                     self.stats.transfers_done += 1
                 self.stats.send_seconds += time.perf_counter() - t0
             except Exception as e:
@@ -171,7 +179,8 @@ class KVSender:
                 continue
             part = data[:, :, :, p.head_lo - self.head_lo : p.head_hi - self.head_lo].contiguous()
             group = self._group(key, remote, p.dst_rank)
-            pairs.send(group, pairs.header(pairs.OP_DATA, push.transfer_id, layer, p.head_lo, p.head_hi, len(ids)))
+            pairs.send(group, pairs.header(pairs.OP_DATA, push.transfer_id, layer, p.head_lo, p.head_hi, len(ids),
+                                           device=self.device))
             pairs.send(group, ids)
             pairs.send(group, part)
             self.stats.bytes_sent += part.numel() * part.element_size()
@@ -211,7 +220,7 @@ class KVSender:
         group = remote.groups.pop(dst, None) if remote is not None else None
         if group is not None:
             try:
-                pairs.send(group, pairs.header(pairs.OP_CLOSE))
+                pairs.send(group, pairs.header(pairs.OP_CLOSE, device=self.device))
             except Exception:
                 pass
 
@@ -221,6 +230,13 @@ class KVSender:
         self._failed.add(push.transfer_id)
         remote = self._remotes.pop(key, None)
         self._down[key] = time.monotonic()
+        for group in (remote.groups.values() if remote is not None else ()):
+            abort = getattr(group, "abort", None)  # NCCL: end the sends still queued to the stuck receiver
+            if abort is not None:
+                try:
+                    abort()
+                except Exception:
+                    pass
         for lru_key in [k for k in self._lru if k[0] == key]:
             del self._lru[lru_key]
         try:  # tell the decode side now rather than at its lease's end
