@@ -4,7 +4,8 @@
 # disagg2 / epd / eplb (issues 20 and 21, 2+ GPUs), kbench
 # (bench_kernels), gemv (bench_gemv), gemvrows (its few-row kernel at 8/32/64 rows; its winners, gemv-rows.env, pass to the later stages), ficache; U/<stage> runs a stage with the fused kernels off, RAYLIGHT_FUSED_KERNELS=0; R<n>/<stage> with
 # projections of up to n rows through gemv_rows;
-# NP/<stage> without piecewise CUDA graphs; PDL0/ PDL1/ without / with programmatic dependent launch).
+# NP/<stage> without piecewise CUDA graphs; PDL0/ PDL1/ without / with programmatic dependent launch;
+# MNS<n>/ MBT<n>/ at another max_num_seqs / max_num_batched_tokens).
 # BENCH_EXTRA adds flags to every benchmark, e.g. "--max-num-batched-tokens 8192". Each stage gets
 # STAGE_TIMEOUT seconds (default 300; stage@N gives one stage N), then SIGINT (pytest and Python print where they were stuck).
 set -uo pipefail
@@ -30,17 +31,23 @@ if [ "${1:-}" != "--one" ]; then
   exit 0
 fi
 stage=$2
-# U/<stage>: the stage with the fused Triton elementwise kernels off (the torch ops).
-if [ "${stage#U/}" != "$stage" ]; then export RAYLIGHT_FUSED_KERNELS=0; stage=${stage#U/}; fi
-# NP/<stage>: the stage without piecewise CUDA graphs (prefill and mixed steps launched eagerly).
-if [ "${stage#NP/}" != "$stage" ]; then BENCH_EXTRA="${BENCH_EXTRA:-} --max-piecewise-graph-tokens 0"; stage=${stage#NP/}; fi
-# R<n>/<stage>: projections of up to n rows through our Triton kernels (RAYLIGHT_GEMV_MAX_ROWS=n: gemv_rows).
-case $stage in R[0-9]*/*) export RAYLIGHT_GEMV_MAX_ROWS=${stage%%/*}; RAYLIGHT_GEMV_MAX_ROWS=${RAYLIGHT_GEMV_MAX_ROWS#R}
-                          stage=${stage#*/} ;; esac
-# PDL0/<stage>, PDL1/<stage>: our Triton kernels without / with programmatic dependent launch (RAYLIGHT_PDL).
-case $stage in PDL0/*|PDL1/*) export RAYLIGHT_PDL=${stage:3:1}; stage=${stage#PDL?/} ;; esac
-# TC0/<stage>, TC1/<stage>: FlashInfer decode without / with its tensor-core kernels.
-case $stage in TC0/*|TC1/*) export RAYLIGHT_FI_DECODE_TENSOR_CORES=${stage:2:1}; stage=${stage#TC?/} ;; esac
+# Prefixes, any of them in any order, each setting one thing for this stage:
+#   U/       the fused Triton elementwise kernels off (the torch ops)
+#   NP/      no piecewise CUDA graphs (prefill and mixed steps launched eagerly)
+#   R<n>/    projections of up to n rows through our Triton kernels (RAYLIGHT_GEMV_MAX_ROWS=n: gemv_rows)
+#   PDL0/ PDL1/  our Triton kernels without / with programmatic dependent launch (RAYLIGHT_PDL)
+#   TC0/ TC1/    FlashInfer decode without / with its tensor-core kernels
+#   MNS<n>/ MBT<n>/  max_num_seqs / max_num_batched_tokens n (vLLM's defaults on these GPUs: 1024 / 16384; ours 256 / 8192)
+while :; do case $stage in
+  U/*) export RAYLIGHT_FUSED_KERNELS=0 ;;
+  NP/*) BENCH_EXTRA="${BENCH_EXTRA:-} --max-piecewise-graph-tokens 0" ;;
+  R[0-9]*/*) n=${stage%%/*}; export RAYLIGHT_GEMV_MAX_ROWS=${n#R} ;;
+  PDL0/*|PDL1/*) export RAYLIGHT_PDL=${stage:3:1} ;;
+  TC0/*|TC1/*) export RAYLIGHT_FI_DECODE_TENSOR_CORES=${stage:2:1} ;;
+  MNS[0-9]*/*) n=${stage%%/*}; BENCH_EXTRA="${BENCH_EXTRA:-} --max-num-seqs ${n#MNS}" ;;
+  MBT[0-9]*/*) n=${stage%%/*}; BENCH_EXTRA="${BENCH_EXTRA:-} --max-num-batched-tokens ${n#MBT}" ;;
+  *) break ;;
+esac; stage=${stage#*/}; done
 W1="--dummy --model-config llama-3.2-1b --fixed --num-requests 256 --input-len 512 --output-len 256 --max-model-len 4096 --quiet"
 B1="--dummy --model-config llama-3.1-8b --fixed --num-requests 1 --input-len 128 --output-len 256 --max-model-len 4096 --quiet"
 quiet() { grep --line-buffered -v "Warning\|warnings.warn"; }
