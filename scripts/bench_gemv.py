@@ -29,7 +29,7 @@ from bench_throughput import REPO, device_name, git_commit, measure_ceilings, wr
 
 H, I, V = 4096, 14336, 128256
 SHAPES = {  # name: (N, K) of weight [N, K]
-    "tp1_qkv": (6144, H), "tp1_o": (H, H), "tp1_gate_up": (2 * I, H), "tp1_down": (H, I),
+    "tp1_qkv": (6144, H), "tp1_o": (H, H), "tp1_gate_up": (2 * I, H), "tp1_down": (H, I), "tp1_lm_head": (V, H),
     "tp2_qkv": (3072, H), "tp2_o": (H, H // 2), "tp2_gate_up": (I, H), "tp2_down": (H, I // 2),
     "tp2_lm_head": (V // 2, H),
 }
