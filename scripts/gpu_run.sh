@@ -36,6 +36,7 @@ stage=$2
 #   NP/      no piecewise CUDA graphs (prefill and mixed steps launched eagerly)
 #   R<n>/    projections of up to n rows through our Triton kernels (RAYLIGHT_GEMV_MAX_ROWS=n: gemv_rows)
 #   PDL0/ PDL1/  our Triton kernels without / with programmatic dependent launch (RAYLIGHT_PDL)
+#   PF<n>/   with PDL, n weight columns per row prefetched by our GEMV kernels before their wait (RAYLIGHT_GEMV_PREFETCH)
 #   TC0/ TC1/    FlashInfer decode without / with its tensor-core kernels
 #   MNS<n>/ MBT<n>/  max_num_seqs / max_num_batched_tokens n (vLLM's defaults on these GPUs: 1024 / 16384; ours 256 / 8192)
 while :; do case $stage in
@@ -43,6 +44,7 @@ while :; do case $stage in
   NP/*) BENCH_EXTRA="${BENCH_EXTRA:-} --max-piecewise-graph-tokens 0" ;;
   R[0-9]*/*) n=${stage%%/*}; export RAYLIGHT_GEMV_MAX_ROWS=${n#R} ;;
   PDL0/*|PDL1/*) export RAYLIGHT_PDL=${stage:3:1} ;;
+  PF[0-9]*/*) n=${stage%%/*}; export RAYLIGHT_GEMV_PREFETCH=${n#PF} ;;
   TC0/*|TC1/*) export RAYLIGHT_FI_DECODE_TENSOR_CORES=${stage:2:1} ;;
   MNS[0-9]*/*) n=${stage%%/*}; BENCH_EXTRA="${BENCH_EXTRA:-} --max-num-seqs ${n#MNS}" ;;
   MBT[0-9]*/*) n=${stage%%/*}; BENCH_EXTRA="${BENCH_EXTRA:-} --max-num-batched-tokens ${n#MBT}" ;;

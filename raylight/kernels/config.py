@@ -23,6 +23,7 @@ ENV_VARS = {
     "pdl": "RAYLIGHT_PDL",
 }
 ROWS_ENV_VAR = "RAYLIGHT_GEMV_MAX_ROWS"  # an integer, unlike the switches above
+PREFETCH_ENV_VAR = "RAYLIGHT_GEMV_PREFETCH"  # an integer too
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,17 @@ class KernelConfig:
     # Programmatic dependent launch for our Triton kernels on Hopper+ (kernels/pdl.py): each kernel
     # launched while the previous one drains. Not yet measured on a GPU, hence off.
     pdl: bool = False
+    # With PDL, weight columns per row our GEMV kernels pull toward L2 before waiting for their input
+    # (kernels/gemv.py `_prefetch_weight`): the weight stream starts while the previous kernel ends.
+    # 0: none. Not yet measured on a GPU. Env RAYLIGHT_GEMV_PREFETCH=<n> overrides.
+    gemv_prefetch: int = 0
 
     @classmethod
     def from_args(cls, args=None, environ: Optional[Mapping[str, str]] = None) -> "KernelConfig":
         """From an `EngineArgs` (or anything with these field names; None: the defaults), each
-        switch overridden by its environment variable when that is "0" or "1", and `gemv_max_rows`
-        by RAYLIGHT_GEMV_MAX_ROWS when that is a positive integer."""
+        switch overridden by its environment variable when that is "0" or "1", `gemv_max_rows`
+        by RAYLIGHT_GEMV_MAX_ROWS when that is a positive integer and `gemv_prefetch` by
+        RAYLIGHT_GEMV_PREFETCH when that is an integer."""
         environ = os.environ if environ is None else environ
         values = {}
         for name, var in ENV_VARS.items():
@@ -63,6 +69,11 @@ class KernelConfig:
             values["gemv_max_rows"] = int(rows)
         elif getattr(args, "gemv_max_rows", None) is not None:
             values["gemv_max_rows"] = int(args.gemv_max_rows)
+        prefetch = environ.get(PREFETCH_ENV_VAR, "")
+        if prefetch.isdigit():
+            values["gemv_prefetch"] = int(prefetch)
+        elif getattr(args, "gemv_prefetch", None) is not None:
+            values["gemv_prefetch"] = int(args.gemv_prefetch)
         return cls(**values)
 
 

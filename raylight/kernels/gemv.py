@@ -109,15 +109,27 @@ def rows_config(n: int, k: int, rows: int):
     return ROWS_CONFIGS.get((n, k, row_tile(rows)), ROWS_DEFAULT)
 
 
+def _prefetch_weight(w_ptr, rn, N, K, stride_w, PREFETCH: tl.constexpr):
+    # Pulls the first PREFETCH columns of this program's weight rows toward L2 (one PTX prefetch per
+    # 128-byte line, addresses clamped in bounds): weights are never written by a previous kernel, so
+    # this may run before the PDL wait, streaming HBM while the previous kernel finishes.
+    cols = tl.minimum(tl.arange(0, PREFETCH // 64) * 64, K - 1)
+    rows = tl.cast(tl.minimum(rn, N - 1), tl.int64)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [w_ptr + rows[:, None] * stride_w + cols[None, :]],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SILU_AND_MUL: tl.constexpr,
-                 PDL: tl.constexpr = False):
+                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     # SILU_AND_MUL: x is [gate | up] of width 2K and the input row is silu(gate) * up, computed
     # here per chunk (rounded as kernels/fused.silu_and_mul does): no separate kernel for it.
+    pid = tl.program_id(0)
+    if PREFETCH > 0:  # only with PDL (the wrapper's rule): before the wait is the point of it
+        _prefetch_weight(w_ptr, pid * BLOCK_N + tl.arange(0, BLOCK_N), N, K, stride_w, PREFETCH)
     if PDL:  # launched early (kernels/pdl.py): wait for the previous kernel before any memory access
         gdc_wait()
         gdc_launch_dependents()
-    pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     rk = tl.arange(0, BLOCK_K)
@@ -146,14 +158,16 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
 
 def _rows_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 SILU_AND_MUL: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+                 SILU_AND_MUL: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     # The few-row case (decode at batch 2..MAX_ROWS): like _gemv_kernel, each program owns BLOCK_N
     # output features over the full K and streams their weight rows once, but multiplies each weight
     # tile with all M input rows at once on the tensor cores (rows padded to BLOCK_M >= 16).
     pid = tl.program_id(0)
+    if PREFETCH > 0:
+        _prefetch_weight(w_ptr, pid * BLOCK_N + tl.arange(0, BLOCK_N), N, K, stride_w, PREFETCH)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     n_mask = rn < N
@@ -192,6 +206,8 @@ def gemv_kernel():
     import triton.language as tl
 
     gdc_wait, gdc_launch_dependents = gdc_functions()  # used under `if PDL:` only
+    # the kernels call it by its global name, so that name must be the jitted one
+    globals()["_prefetch_weight"] = triton.jit(_prefetch_weight)
     return triton.jit(_gemv_kernel)
 
 
@@ -223,29 +239,44 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     x is [gate | up] and the product is taken with silu(gate) * up."""
     if (kernels.gemv and x.is_cuda and x.shape[0] <= kernels.gemv_max_rows
             and applies(x, weight, silu_and_mul, kernels.gemv_max_rows)):
-        y = (gemv if x.shape[0] == 1 else gemv_rows)(x, weight, silu_and_mul=silu_and_mul, pdl=kernels.pdl)
+        y = (gemv if x.shape[0] == 1 else gemv_rows)(x, weight, silu_and_mul=silu_and_mul, pdl=kernels.pdl,
+                                                     prefetch=kernels.gemv_prefetch)
         return y if bias is None else y + bias
     if silu_and_mul:
         x = activation.silu_and_mul(x, kernels.fused_kernels, kernels.pdl)
     return F.linear(x, weight, bias)
 
 
+def _launch(pdl: bool, prefetch: int, x: torch.Tensor) -> dict:
+    """PDL's launch options (kernels/pdl.py) and the weight prefetch ahead of its wait: `prefetch`
+    columns (a multiple of 64, at least 64) when PDL is on; before a wait that is not there it is no use."""
+    opts = launch_options(pdl, x)
+    if opts["PDL"] and prefetch > 0:
+        opts["PREFETCH"] = max(64, _next_pow2(prefetch))
+    return opts
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: bool = False,
-         pdl: bool = False) -> torch.Tensor:
+         pdl: bool = False, prefetch: int = 0) -> torch.Tensor:
     """x [1, K] @ weight[N, K]^T -> [1, N] (x [1, 2K] = [gate | up] with `silu_and_mul`);
-    `config` overrides the table (benchmarks); `pdl`: launched early where supported (kernels/pdl.py)."""
+    `config` overrides the table (benchmarks); `pdl`: launched early where supported (kernels/pdl.py),
+    with `prefetch` weight columns pulled toward L2 before its wait (KernelConfig.gemv_prefetch)."""
     N, K = weight.shape
     block_n, block_k, warps, stages = config or single_row_config(N, K, x.device.index or 0)
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     gemv_kernel()[(triton.cdiv(N, block_n),)](x, weight, y, N, K, weight.stride(0), BLOCK_N=block_n,
                                               BLOCK_K=block_k, EVEN_K=K % block_k == 0,
                                               SILU_AND_MUL=silu_and_mul, num_warps=warps, num_stages=stages,
-                                              **launch_options(pdl, x))
+                                              **_launch(pdl, prefetch, x))
     return y
 
 
 def gemv_rows(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: bool = False,
-              pdl: bool = False) -> torch.Tensor:
+              pdl: bool = False, prefetch: int = 0) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T -> [M, N] for 1 <= M <= MAX_ROWS (x [M, 2K] = [gate | up] with
     `silu_and_mul`); `config` (BLOCK_N, BLOCK_K, num_warps, num_stages) overrides ROWS_CONFIGS."""
     M = x.shape[0]
@@ -258,5 +289,5 @@ def gemv_rows(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: 
     rows_kernel()[(triton.cdiv(N, block_n),)](x, weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
                                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                                               EVEN_K=K % block_k == 0, SILU_AND_MUL=silu_and_mul,
-                                              num_warps=warps, num_stages=stages, **launch_options(pdl, x))
+                                              num_warps=warps, num_stages=stages, **_launch(pdl, prefetch, x))
     return y

@@ -32,52 +32,57 @@ def test_launch_options_turn_pdl_on_only_where_asked_and_supported():
 @torch.inference_mode()
 def test_a_graph_of_dependent_kernels_gives_the_same_bits_with_pdl():
     # norm -> projection -> norm -> ... 40 deep, each kernel reading the previous one's output: a kernel
-    # that ran ahead of its input would change the result.
+    # that ran ahead of its input would change the result. With PDL alone and with the weight prefetch
+    # ahead of the wait.
     g = torch.Generator(device="cuda").manual_seed(0)
     H = 4096
     ws = [torch.randn(H, H, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(8)]
     norm_w = torch.rand(H, generator=g, device="cuda", dtype=torch.bfloat16) + 0.5
     x0 = torch.randn(1, H, generator=g, device="cuda", dtype=torch.bfloat16)
 
-    def chain(x, pdl):
+    def chain(x, pdl, prefetch=0):
         residual = torch.zeros_like(x)
         for i in range(40):
             h, residual = fused.fused_add_rms_norm(x, residual, norm_w, 1e-5, pdl)
-            x = gemv.gemv(h, ws[i % len(ws)], pdl=pdl)
+            x = gemv.gemv(h, ws[i % len(ws)], pdl=pdl, prefetch=prefetch)
+            if i % 8 == 7:  # and the few-row kernel, on the same row twice
+                x = gemv.gemv_rows(h.expand(2, -1).contiguous(), ws[i % len(ws)], pdl=pdl, prefetch=prefetch)[1:]
         return x
 
     outs = {}
-    for pdl in (False, True):
+    for pdl, prefetch in ((False, 0), (True, 0), (True, 1024)):
         static_x = x0.clone()
-        chain(static_x, pdl)  # compiled before capture
+        chain(static_x, pdl, prefetch)  # compiled before capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = chain(static_x, pdl)
+            out = chain(static_x, pdl, prefetch)
         results = []
         for step in range(3):
             static_x.copy_(x0 * (step + 1))
             graph.replay()
             results.append(out.clone())
-        outs[pdl] = torch.stack(results)
-        eager = chain(x0 * 3, pdl)
+        outs[pdl, prefetch] = torch.stack(results)
+        eager = chain(x0 * 3, pdl, prefetch)
         assert torch.equal(eager, results[-1])
-    assert torch.equal(outs[False], outs[True])
+    assert torch.equal(outs[False, 0], outs[True, 0]) and torch.equal(outs[False, 0], outs[True, 1024])
 
 
 @pytest.mark.skipif(not _hopper(), reason="PDL needs compute capability 9+")
 @torch.inference_mode()
-def test_engine_greedy_tokens_with_pdl_equal_those_without(gpu_llama_dir):
+def test_engine_greedy_tokens_with_pdl_equal_those_without(gpu_llama_dir, monkeypatch):
     prompts = random_prompts(6, 512, 5, 120, seed=5)
     outs = {}
-    for pdl in (False, True):
+    for pdl, prefetch in ((False, 0), (True, 0), (True, 512)):
+        monkeypatch.setenv("RAYLIGHT_GEMV_PREFETCH", str(prefetch))
         llm = LLM(gpu_llama_dir, dtype="bfloat16", device="cuda", max_num_batched_tokens=256, num_kv_blocks=512,
                   max_cuda_graph_batch_size=8, pdl=pdl, gemv_max_rows=8)
-        assert llm.engine.model.kernels.pdl is pdl and llm.engine.model.kernels.gemv_max_rows == 8
+        kernels = llm.engine.model.kernels
+        assert (kernels.pdl, kernels.gemv_prefetch, kernels.gemv_max_rows) == (pdl, prefetch, 8)
         one = llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True),
                            use_tqdm=False)
         many = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True),
                             use_tqdm=False)
-        outs[pdl] = [o.outputs[0].token_ids for o in one + many]
+        outs[pdl, prefetch] = [o.outputs[0].token_ids for o in one + many]
         del llm
         torch.cuda.empty_cache()
-    assert outs[True] == outs[False]
+    assert outs[True, 0] == outs[False, 0] and outs[True, 512] == outs[False, 0]
