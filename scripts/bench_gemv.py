@@ -122,14 +122,25 @@ def main(argv=None):
             entry["best_vs_cublas_linear"] = entry["cublas_linear_us"] / timed[best]
             win = timed[best] < entry["cublas_linear_us"]
             best_cfg = tuple(int(v) for v in best.strip("()").split(","))
+            # The best config again with programmatic dependent launch (kernels/pdl.py), alone and with the
+            # weight prefetch ahead of its wait: back-to-back calls as in a decode graph (0 where no PDL here).
+            call = gemv if not args.rows else gemv_rows
+            for pf in (None, 256, 1024):
+                label = "pdl_us" if pf is None else f"pdl_prefetch{pf}_us"
+                try:
+                    entry[label] = per_call(lambda i: call(x, ws[i], best_cfg, pdl=True, prefetch=pf or 0),
+                                            calls, args.reps) * 1e6
+                except Exception as e:  # noqa: BLE001 - reported, not fatal to the sweep
+                    entry[label] = f"{type(e).__name__}: {str(e)[:100]}"
             if args.rows:
                 table[(N, K, row_tile(rows))] = best_cfg if win else None
             else:  # the single-row kernel's table has no cuBLAS entries: its best config either way
                 table[(N, K)] = best_cfg
             results[key] = entry
+            pdl = {k[:-3]: v for k, v in entry.items() if k.startswith("pdl") and isinstance(v, float)}
             print(f"{key:18s} N={N:6d} K={K:6d}: floor {entry['floor_us']:.1f} us; cuBLAS linear "
-                  f"{entry['cublas_linear_us']:.1f}; triton best {timed[best]:.1f} {best} (default {default})",
-                  flush=True)
+                  f"{entry['cublas_linear_us']:.1f}; triton best {timed[best]:.1f} {best} (default {default}); "
+                  + " ".join(f"{k} {v:.1f}" for k, v in pdl.items()), flush=True)
         del ws
         torch.cuda.empty_cache()
     record = dict(benchmark="bench_gemv", commit=git_commit(), device=device_name("cuda"), rows=args.rows or [1],

@@ -85,6 +85,8 @@ def _gpu_table(index: int) -> dict:
 def single_row_config(n: int, k: int, index: int) -> tuple:
     """`gemv`'s launch config for a weight [n, k] on CUDA device `index`."""
     return CONFIGS.get((n, k)) or _gpu_table(index).get((n, k), DEFAULT)
+
+
 # The few-row kernel (`gemv_rows`): up to MAX_ROWS rows, padded to a row tile of 16, 32 or 64.
 MAX_ROWS = 64
 ROWS_DEFAULT = (32, 256, 4, 4)
@@ -115,8 +117,8 @@ def _prefetch_weight(w_ptr, rn, N, K, stride_w, PREFETCH: tl.constexpr):
     # this may run before the PDL wait, streaming HBM while the previous kernel finishes.
     cols = tl.minimum(tl.arange(0, PREFETCH // 64) * 64, K - 1)
     rows = tl.cast(tl.minimum(rn, N - 1), tl.int64)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [w_ptr + rows[:, None] * stride_w + cols[None, :]],
-                              dtype=tl.int32, is_pure=False, pack=1)
+    lines = w_ptr + rows[:, None] * stride_w + cols[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [lines], dtype=tl.int32, is_pure=False, pack=1)
 
 
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
