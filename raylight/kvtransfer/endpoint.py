@@ -145,10 +145,10 @@ class KVEndpoint:
     def _receive(self, name: str, group: dist.ProcessGroup, store: dist.Store) -> None:
         head = torch.zeros(pairs.HEADER_LEN, dtype=torch.int64, device=self.device)
         cuda = self.device.type == "cuda"
+        staging = torch.empty(pairs.HEADER_LEN, dtype=torch.int64, pin_memory=True) if cuda else None
         try:
             while not self._stopped:
-                pairs.recv(group, head)
-                op, tid, layer, h_lo, h_hi, n, total = head[:7].tolist()  # on CUDA: waits for it to arrive
+                op, tid, layer, h_lo, h_hi, n, total = pairs.recv_header(group, head, staging)[:7]
                 if op == pairs.OP_CLOSE:
                     return
                 if op == pairs.OP_END:

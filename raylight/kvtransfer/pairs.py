@@ -150,3 +150,15 @@ def send(group: dist.ProcessGroup, t: torch.Tensor) -> None:
 
 def recv(group: dist.ProcessGroup, t: torch.Tensor) -> None:
     group.recv([t], 0, 0).wait()
+
+
+def recv_header(group: dist.ProcessGroup, head: torch.Tensor, staging: Optional[torch.Tensor] = None) -> list[int]:
+    """The next header's values, received into `head` (on the pair's device). On CUDA the host waits
+    through `staging` (pinned, HEADER_LEN int64) and a stream synchronize, which lets go of the GIL: an
+    idle pair waits here until the next push comes, and the engine's own thread must keep running."""
+    recv(group, head)
+    if not head.is_cuda:
+        return head.tolist()
+    staging.copy_(head, non_blocking=True)
+    torch.cuda.current_stream(head.device).synchronize()
+    return staging.tolist()

@@ -28,13 +28,12 @@ def test_a_gloo_pair_carries_header_ids_and_kv_in_order():
 
     def receiver():  # a store client of its own, as the endpoint's receiver threads have
         group = pairs.new_pair_group(pairs.connect_store("127.0.0.1", server.port), "t", 1, torch.device("cpu"))
-        head = torch.zeros(pairs.HEADER_LEN, dtype=torch.int64)
-        pairs.recv(group, head)
-        ids = torch.empty(int(head[5]), dtype=torch.int64)
+        head = pairs.recv_header(group, torch.zeros(pairs.HEADER_LEN, dtype=torch.int64))
+        ids = torch.empty(head[5], dtype=torch.int64)
         pairs.recv(group, ids)
-        data = torch.empty(int(head[5]), 2, 4, dtype=torch.bfloat16)
+        data = torch.empty(head[5], 2, 4, dtype=torch.bfloat16)
         pairs.recv(group, data)
-        got.update(head=head.tolist(), ids=ids.tolist(), data=data)
+        got.update(head=head, ids=ids.tolist(), data=data)
 
     t = threading.Thread(target=receiver)
     t.start()
