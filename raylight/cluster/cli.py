@@ -117,7 +117,7 @@ def _serve(ns: argparse.Namespace) -> int:
     # Serve reads its data-plane settings from the environment of each process a Ray cluster starts: set
     # before ray.init, so the local Ray started here (and everything in it) gets them. A cluster joined
     # instead keeps the environment it was started with.
-    serve_mode.apply(ns.serve_mode)
+    serve_mode.apply(ns.serve_mode, local_ray=ns.address is None)
 
     import ray
     from ray import serve

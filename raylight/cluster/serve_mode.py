@@ -73,9 +73,20 @@ def serve_env(mode: str) -> dict[str, str]:
     return {THROUGHPUT: "0" if mode == "classic" else "1", HAPROXY: "1" if mode == "haproxy" else "0"}
 
 
-def apply(mode: str, environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+# A direct-ingress replica (fast and haproxy modes) that stops keeps serving for at least this long, so that
+# an external load balancer can take it out first (Serve's default: 30 s). `raylight serve` with a Ray of its
+# own goes down whole on Ctrl-C, with nothing in front that must deregister it, and waited those 30 s at every
+# stop (32 s measured on Ray 2.60, against 5 s in classic mode). A value already in the environment is kept.
+DRAINING = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+LOCAL_DRAINING_S = "2"
+
+
+def apply(mode: str, environ: MutableMapping[str, str] = os.environ, local_ray: bool = False) -> dict[str, str]:
     """Puts `mode`'s variables into `environ` (by default this process's, which a Ray started from
-    here passes to all its processes); returns them."""
+    here passes to all its processes); returns them. `local_ray`: the Ray is started here for this server
+    alone, so its direct-ingress replicas get a short draining window (`DRAINING`) unless one is set."""
     env = serve_env(mode)
+    if local_ray and mode != "classic" and DRAINING not in environ:
+        env[DRAINING] = LOCAL_DRAINING_S
     environ.update(env)
     return env

