@@ -8,6 +8,9 @@ Runs the W1 shape by default (dummy llama-3.2-1b, N requests x L prompt tokens, 
   decode   `--decode-steps` steps once every request decodes.
 For each window it reports the wall time per step, the GPU kernel time per step, and the top kernels
 by GPU time (and the top host ops by self CPU time, where a host-bound step spends its time).
+`--workload-file` takes the requests from a saved workload instead (bench_throughput's --save-workload,
+e.g. the sharegpt mix: prompts and output lengths of their own), with the mixed window capped at
+`--mixed-steps` steps, since such a mix keeps prefilling beside decodes for most of its run.
 The profiler slows the host, so wall times here are upper bounds; kernel times are not affected.
 Writes one JSON under --out.
 """
@@ -24,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_throughput import (REPO, add_kernel_flags, device_name, fused_kernels_on, git_commit,  # noqa: E402
-                              kernel_args, write_record)
+                              kernel_args, load_workload_file, write_record)
 
 
 def summarize(prof, steps: int, wall_s: float, top: int) -> dict:
@@ -99,6 +102,11 @@ def main(argv=None):
                    "includes waiting for the other ranks)")
     add_kernel_flags(p)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--workload-file", default=None, help="requests from a saved workload ({name, prompts, "
+                   "output_lens}, bench_throughput --save-workload) instead of N x input-len")
+    p.add_argument("--mixed-steps", type=int, default=10_000, help="most steps the mixed window profiles")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = p.parse_args(argv)
 
@@ -107,15 +115,22 @@ def main(argv=None):
     llm = LLM(args.model_config, load_format="dummy", attention_backend=args.attention_backend,
               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager, device=args.device,
               tensor_parallel_size=args.tensor_parallel_size,
-              gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=4096, **kernel_args(args))
+              gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, **kernel_args(args))
     engine = llm.engine
     vocab = engine.arch.vocab_size
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(100, vocab - 1, args.input_len).tolist() for _ in range(args.num_requests)]
+    if args.workload_file:
+        workload, prompts, out_lens = load_workload_file(args.workload_file)
+        params_of = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
+    else:
+        workload = None
+        prompts = [rng.integers(100, vocab - 1, args.input_len).tolist() for _ in range(args.num_requests)]
+        params_of = [SamplingParams(temperature=0.0, max_tokens=2 * args.decode_steps + 64, ignore_eos=True)
+                     ] * len(prompts)
     llm.generate([p[::-1] for p in prompts[:2]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
                  use_tqdm=False)
-    params = SamplingParams(temperature=0.0, max_tokens=2 * args.decode_steps + 64, ignore_eos=True)
-    for prompt in prompts:  # as LLM.generate queues them: no per-step outputs, only the final one
+    for prompt, params in zip(prompts, params_of):  # as LLM.generate queues them: only the final output
         engine.enqueue(engine.make_request(prompt, params), final_only=True)
     sched = engine.scheduler
 
@@ -124,7 +139,7 @@ def main(argv=None):
 
     phases = {}
     phases["prefill"] = summarize(*profiled(engine, 1), top=args.top)
-    phases["mixed"] = summarize(*profiled(engine, 10_000, until=all_decoding), top=args.top)
+    phases["mixed"] = summarize(*profiled(engine, args.mixed_steps, until=all_decoding), top=args.top)
     for _ in range(3):  # settle: async steps still in flight from the mixed phase
         engine.step()
     phases["decode"] = summarize(*profiled(engine, args.decode_steps), top=args.top)
@@ -132,7 +147,7 @@ def main(argv=None):
     while engine.has_unfinished_requests():
         engine.step()
     # Again on fresh prompts, under cProfile instead: where the host spends a prefill/mixed step.
-    for prompt in prompts:
+    for prompt, params in zip(prompts, params_of):
         engine.enqueue(engine.make_request(prompt[1:] + prompt[:1], params), final_only=True)
     phases["mixed"]["host_python"] = python_profile(engine, phases["mixed"]["steps"] + 1, args.top)
     while engine.has_unfinished_requests():
@@ -153,7 +168,8 @@ def main(argv=None):
     record = dict(benchmark="profile_steps", date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), commit=git_commit(),
                   device=device_name(engine.device.type), torch=torch.__version__, model=args.model_config,
                   attention_backend=engine.attn_backend.name,
-                  workload=dict(num_requests=args.num_requests, input_len=args.input_len,
+                  workload=dict(num_requests=len(prompts), input_len=None if workload else args.input_len,
+                                workload_file=workload, max_num_seqs=engine.args.max_num_seqs,
                                 tensor_parallel_size=args.tensor_parallel_size,
                                 max_num_batched_tokens=engine.args.max_num_batched_tokens,
                                 async_scheduling=engine.async_scheduling,
