@@ -122,7 +122,8 @@ class EngineArgs(BaseModel):
         "without pipeline parallelism; off with enforce_eager.")
 
     # --- kernel switches (raylight.kernels.config.KernelConfig; env RAYLIGHT_FUSED_KERNELS, RAYLIGHT_GEMV,
-    # RAYLIGHT_CUSTOM_ALLREDUCE, RAYLIGHT_FI_DECODE_TENSOR_CORES, RAYLIGHT_PDL set to 0/1 override them) ---
+    # RAYLIGHT_CUSTOM_ALLREDUCE, RAYLIGHT_FI_DECODE_TENSOR_CORES, RAYLIGHT_PDL, RAYLIGHT_ROPE_KV set to 0/1
+    # override them) ---
     fused_kernels: bool = Field(
         True, description="Fused Triton elementwise kernels (add+RMSNorm, SiLU-and-mul, rotary) where they apply "
         "(CUDA with triton installed); False runs the torch ops. Env RAYLIGHT_FUSED_KERNELS=0/1 overrides.")
@@ -144,6 +145,10 @@ class EngineArgs(BaseModel):
         None, description="Programmatic dependent launch for our Triton kernels on Hopper and later: each kernel "
         "launched while the previous one drains (same results). Default: KernelConfig's. Env RAYLIGHT_PDL=0/1 "
         "overrides.")
+    rope_kv: Optional[bool] = Field(
+        None, description="The rotary embedding and the KV-cache write in one kernel where the attention backend "
+        "offers it (our Triton backend; same results, one launch fewer per layer). Default: KernelConfig's. Env "
+        "RAYLIGHT_ROPE_KV=0/1 overrides.")
 
     # --- parallelism (one replica over tensor_parallel_size x pipeline_parallel_size processes) ---
     tensor_parallel_size: int = Field(1, ge=1, description="Ranks each layer's weights are split over (one GPU each).")

@@ -344,6 +344,7 @@ def run_ours(args, prompts, out_lens):
     assert produced == sum(out_lens), (produced, sum(out_lens))
     m = llm.get_metrics()
     e = llm.engine
+    kernels = KernelConfig.from_args(e.args)  # what the engine's model was built with (args and env)
     steps = list(e.step_log)[len(e.step_log) - (m["num_steps"] - warm_steps):]
     return llm, dict(elapsed_s=elapsed, output_tokens=produced, output_tok_s=produced / elapsed,
                      total_tok_s=(produced + sum(map(len, prompts))) / elapsed, ready_s=ready_s,
@@ -353,7 +354,8 @@ def run_ours(args, prompts, out_lens):
                      piecewise_replays=pieces.num_replays - replays_before if pieces is not None else 0,
                      engine_steps=m["num_steps"], preemptions=m["preemptions"], kv_blocks=e.num_blocks,
                      async_scheduling=e.async_scheduling, max_num_batched_tokens=e.args.max_num_batched_tokens,
-                     fused_kernels=fused_kernels_on(e), gemv_max_rows=KernelConfig.from_args(e.args).gemv_max_rows,
+                     fused_kernels=fused_kernels_on(e), max_num_seqs=e.args.max_num_seqs,
+                     **{k: getattr(kernels, k) for k in ("gemv_max_rows", "pdl", "gemv_prefetch", "rope_kv")},
                      fi_decode_tensor_cores=getattr(e.attn_backend, "_use_tensor_cores", None),
                      phases=phase_times(steps),
                      host_ms_per_step={k: v * 1e3 / max(1, len(steps)) for k, v in host.items()},

@@ -37,6 +37,7 @@ stage=$2
 #   R<n>/    projections of up to n rows through our Triton kernels (RAYLIGHT_GEMV_MAX_ROWS=n: gemv_rows)
 #   PDL0/ PDL1/  our Triton kernels without / with programmatic dependent launch (RAYLIGHT_PDL)
 #   PF<n>/   with PDL, n weight columns per row prefetched by our GEMV kernels before their wait (RAYLIGHT_GEMV_PREFETCH)
+#   RK0/ RK1/    the rotary + KV write kernel off / on (RAYLIGHT_ROPE_KV)
 #   TC0/ TC1/    FlashInfer decode without / with its tensor-core kernels
 #   MNS<n>/ MBT<n>/  max_num_seqs / max_num_batched_tokens n (vLLM's defaults on these GPUs: 1024 / 16384; ours 256 / 8192)
 while :; do case $stage in
@@ -45,6 +46,7 @@ while :; do case $stage in
   R[0-9]*/*) n=${stage%%/*}; export RAYLIGHT_GEMV_MAX_ROWS=${n#R} ;;
   PDL0/*|PDL1/*) export RAYLIGHT_PDL=${stage:3:1} ;;
   PF[0-9]*/*) n=${stage%%/*}; export RAYLIGHT_GEMV_PREFETCH=${n#PF} ;;
+  RK0/*|RK1/*) export RAYLIGHT_ROPE_KV=${stage:2:1} ;;
   TC0/*|TC1/*) export RAYLIGHT_FI_DECODE_TENSOR_CORES=${stage:2:1} ;;
   MNS[0-9]*/*) n=${stage%%/*}; BENCH_EXTRA="${BENCH_EXTRA:-} --max-num-seqs ${n#MNS}" ;;
   MBT[0-9]*/*) n=${stage%%/*}; BENCH_EXTRA="${BENCH_EXTRA:-} --max-num-batched-tokens ${n#MBT}" ;;

@@ -21,6 +21,7 @@ ENV_VARS = {
     "custom_allreduce": "RAYLIGHT_CUSTOM_ALLREDUCE",
     "flashinfer_decode_tensor_cores": "RAYLIGHT_FI_DECODE_TENSOR_CORES",
     "pdl": "RAYLIGHT_PDL",
+    "rope_kv": "RAYLIGHT_ROPE_KV",
 }
 ROWS_ENV_VAR = "RAYLIGHT_GEMV_MAX_ROWS"  # an integer, unlike the switches above
 PREFETCH_ENV_VAR = "RAYLIGHT_GEMV_PREFETCH"  # an integer too
@@ -48,6 +49,9 @@ class KernelConfig:
     # (kernels/gemv.py `_prefetch_weight`): the weight stream starts while the previous kernel ends.
     # 0: none. Not yet measured on a GPU. Env RAYLIGHT_GEMV_PREFETCH=<n> overrides.
     gemv_prefetch: int = 0
+    # Rotary and the KV write in one kernel where the attention backend offers it (the Triton backend's
+    # forward_rope): one launch fewer per layer. Not yet measured on a GPU, hence off.
+    rope_kv: bool = False
 
     @classmethod
     def from_args(cls, args=None, environ: Optional[Mapping[str, str]] = None) -> "KernelConfig":

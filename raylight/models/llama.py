@@ -61,6 +61,7 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels.fused_kernels, kernels.pdl)
         self.qk_norm = cfg.qk_norm
         self.fused_kernels, self.pdl = kernels.fused_kernels, kernels.pdl
+        self.rope_kv = kernels.fused_kernels and kernels.rope_kv  # rotary + KV write in one kernel where offered
         self.attn = attn_backend
 
     def forward(self, x, cos, sin, kv_cache, attn_meta):
@@ -71,8 +72,14 @@ class LlamaAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary_qk(q, k, cos, sin, self.fused_kernels, self.pdl)
-        o = self.attn.forward(q, k, v, kv_cache, attn_meta, self.scale)
+        # A backend that offers it rotates q and k and writes K/V in one kernel (the piecewise graphs' capture
+        # stand-in does not: their pieces keep the rotary, their eager attention the write).
+        forward_rope = getattr(self.attn, "forward_rope", None) if self.rope_kv else None
+        if forward_rope is not None:
+            o = forward_rope(q, k, v, cos, sin, kv_cache, attn_meta, self.scale)
+        else:
+            q, k = apply_rotary_qk(q, k, cos, sin, self.fused_kernels, self.pdl)
+            o = self.attn.forward(q, k, v, kv_cache, attn_meta, self.scale)
         return self.o_proj(o.reshape(T, self.q_size))
 
 

@@ -1,5 +1,5 @@
 """Programmatic dependent launch (kernels/pdl.py) on a Hopper GPU: launching our Triton kernels early
-changes when they start, never what they compute. The engine's greedy tokens with PDL equal those
+changes when they start, never what they compute (and neither does the rotary + KV write kernel). The engine's greedy tokens with PDL equal those
 without it, token for token, at batch 1 (the single-row GEMV path) and at a few rows (the few-row
 kernel), eagerly and from CUDA graphs; a graph of dependent kernels launched this way gives the
 same bits as without."""
@@ -70,19 +70,24 @@ def test_a_graph_of_dependent_kernels_gives_the_same_bits_with_pdl():
 @pytest.mark.skipif(not _hopper(), reason="PDL needs compute capability 9+")
 @torch.inference_mode()
 def test_engine_greedy_tokens_with_pdl_equal_those_without(gpu_llama_dir, monkeypatch):
+    # ... and with the rotary + KV write kernel (rope_kv), which must give the same bits as well
     prompts = random_prompts(6, 512, 5, 120, seed=5)
     outs = {}
-    for pdl, prefetch in ((False, 0), (True, 0), (True, 512)):
+    for pdl, prefetch, rope_kv in ((False, 0, False), (True, 0, False), (True, 512, False), (False, 0, True),
+                                   (True, 512, True)):
         monkeypatch.setenv("RAYLIGHT_GEMV_PREFETCH", str(prefetch))
         llm = LLM(gpu_llama_dir, dtype="bfloat16", device="cuda", max_num_batched_tokens=256, num_kv_blocks=512,
-                  max_cuda_graph_batch_size=8, pdl=pdl, gemv_max_rows=8)
+                  max_cuda_graph_batch_size=8, pdl=pdl, gemv_max_rows=8, rope_kv=rope_kv)
         kernels = llm.engine.model.kernels
-        assert (kernels.pdl, kernels.gemv_prefetch, kernels.gemv_max_rows) == (pdl, prefetch, 8)
+        assert (kernels.pdl, kernels.gemv_prefetch, kernels.gemv_max_rows, kernels.rope_kv) == (pdl, prefetch, 8,
+                                                                                                rope_kv)
         one = llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True),
                            use_tqdm=False)
         many = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True),
                             use_tqdm=False)
-        outs[pdl, prefetch] = [o.outputs[0].token_ids for o in one + many]
+        outs[pdl, prefetch, rope_kv] = [o.outputs[0].token_ids for o in one + many]
         del llm
         torch.cuda.empty_cache()
-    assert outs[True, 0] == outs[False, 0] and outs[True, 512] == outs[False, 0]
+    base = outs.pop((False, 0, False))
+    for config, tokens in outs.items():
+        assert tokens == base, config

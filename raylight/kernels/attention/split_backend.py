@@ -78,9 +78,24 @@ class SplitAttentionBackend:
     def fill_graph_metadata(self, meta: _GraphMeta, common: CommonAttentionMetadata) -> None:
         self.graph.fill_graph_metadata(meta.inner, common)
 
-    def forward(self, q, k, v, kv_cache: torch.Tensor, meta, scale: float, out=None):
+    def _target(self, meta):
         if type(meta) is _GraphMeta:
-            return self.graph.forward(q, k, v, kv_cache, meta.inner, scale, out=out)
+            return self.graph, meta.inner
         if type(meta) is _LongMeta:
-            return self.long.forward(q, k, v, kv_cache, meta.inner, scale, out=out)
-        return self.eager.forward(q, k, v, kv_cache, meta, scale, out=out)
+            return self.long, meta.inner
+        return self.eager, meta
+
+    def forward(self, q, k, v, kv_cache: torch.Tensor, meta, scale: float, out=None):
+        backend, inner = self._target(meta)
+        return backend.forward(q, k, v, kv_cache, inner, scale, out=out)
+
+    def forward_rope(self, q, k, v, cos, sin, kv_cache: torch.Tensor, meta, scale: float, out=None):
+        """`forward` before the rotary embedding: the backend this step goes to fuses it where it can
+        (TritonAttentionBackend.forward_rope); one that cannot gets q and k rotated first."""
+        backend, inner = self._target(meta)
+        if hasattr(backend, "forward_rope"):
+            return backend.forward_rope(q, k, v, cos, sin, kv_cache, inner, scale, out=out)
+        from raylight.kernels.rotary import apply_rotary_qk
+
+        q, k = apply_rotary_qk(q, k, cos, sin)
+        return backend.forward(q, k, v, kv_cache, inner, scale, out=out)

@@ -145,6 +145,20 @@ class TritonAttentionBackend:
         (into `out`, contiguous, when given)."""
         # Write first: a chunk reads its own K/V (and a block filled in this same step) from the cache.
         tk.write_kv(k, v, kv_cache, meta.slot_mapping, self.pdl)
+        return self._attend(q, kv_cache, meta, scale, out)
+
+    def forward_rope(self, q, k, v, cos, sin, kv_cache: torch.Tensor, meta: TritonMetadata, scale: float, out=None):
+        """`forward` on q and k before their rotary embedding (cos / sin [T, 1, D]): the rotation and the KV
+        write in one kernel (`rope_write_kv`), then attention. Same values as rotating, then `forward`."""
+        if not tk.rope_write_kv_applies(q, k, v, cos, sin, kv_cache):
+            from raylight.kernels.rotary import apply_rotary_qk
+
+            q, k = apply_rotary_qk(q, k, cos, sin, pdl=self.pdl)
+            return self.forward(q, k, v, kv_cache, meta, scale, out)
+        q = tk.rope_write_kv(q, k, v, cos, sin, kv_cache, meta.slot_mapping, self.pdl)
+        return self._attend(q, kv_cache, meta, scale, out)
+
+    def _attend(self, q, kv_cache: torch.Tensor, meta: TritonMetadata, scale: float, out=None):
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         window = self.spec.sliding_window

@@ -85,6 +85,92 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     )
 
 
+@triton.jit
+def _rope_write_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, cache_ptr, slot_ptr,
+                          sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sc_t, ss_t, n_q, n_kv,
+                          stride_cb, stride_ckv, stride_cp, stride_ch,
+                          BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                          BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    # kernels/fused.py's rotary on q (into q_out) and k, with k and v stored straight into the cache at the
+    # token's slot: what rotary_qk followed by write_kv computes, rounded the same way, in one launch.
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    d_live = d < HALF
+    c1 = tl.load(cos_ptr + t * sc_t + d, mask=d_live, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + t * sc_t + HALF + d, mask=d_live, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + t * ss_t + d, mask=d_live, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + t * ss_t + HALF + d, mask=d_live, other=0.0).to(tl.float32)
+    ty = q_out_ptr.dtype.element_ty
+    # q: x * cos + cat(-x2, x1) * sin, each product rounded to the dtype as torch does
+    q_mask = (heads[:, None] < n_q) & d_live[None, :]
+    src = q_ptr + t * sq_t + heads[:, None] * sq_h + d[None, :]
+    x1 = tl.load(src, mask=q_mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=q_mask, other=0.0).to(tl.float32)
+    dst = q_out_ptr + (t * n_q + heads[:, None]) * (2 * HALF) + d[None, :]
+    tl.store(dst, ((x1 * c1[None, :]).to(ty).to(tl.float32) + (-x2 * s1[None, :]).to(ty).to(tl.float32)).to(ty),
+             mask=q_mask)
+    tl.store(dst + HALF, ((x2 * c2[None, :]).to(ty).to(tl.float32) + (x1 * s2[None, :]).to(ty).to(tl.float32)
+                          ).to(ty), mask=q_mask)
+    # k (rotated) and v at the slot; negative slots are padding tokens (see _write_kv_kernel)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    kv_mask = (heads[:, None] < n_kv) & d_live[None, :] & (d[None, :] * 0 + slot >= 0)
+    slot = tl.maximum(slot, 0)
+    at = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cp \
+        + heads[:, None] * stride_ch + d[None, :]
+    src = k_ptr + t * sk_t + heads[:, None] * sk_h + d[None, :]
+    x1 = tl.load(src, mask=kv_mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=kv_mask, other=0.0).to(tl.float32)
+    tl.store(at, ((x1 * c1[None, :]).to(ty).to(tl.float32) + (-x2 * s1[None, :]).to(ty).to(tl.float32)).to(ty),
+             mask=kv_mask)
+    tl.store(at + HALF, ((x2 * c2[None, :]).to(ty).to(tl.float32) + (x1 * s2[None, :]).to(ty).to(tl.float32)
+                         ).to(ty), mask=kv_mask)
+    src = v_ptr + t * sv_t + heads[:, None] * sv_h + d[None, :]
+    tl.store(at + stride_ckv, tl.load(src, mask=kv_mask), mask=kv_mask)
+    tl.store(at + stride_ckv + HALF, tl.load(src + HALF, mask=kv_mask), mask=kv_mask)
+
+
+def _rows_ok(c: torch.Tensor, T: int, D: int) -> bool:
+    # cos / sin: [T, D] or [T, 1, D] (the model's broadcast shape), last dim contiguous
+    return (c.shape[-1] == D and c.stride(-1) == 1 and c.dim() in (2, 3) and c.shape[0] == T
+            and (c.dim() == 2 or c.shape[1] == 1))
+
+
+def rope_write_kv_applies(q, k, v, cos, sin, kv_cache) -> bool:
+    """Whether `rope_write_kv` takes these (else: rotary, then write_kv)."""
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[0] != k.shape[0]:
+        return False
+    T, _, D = q.shape
+    return (D % 2 == 0 and k.shape[2] == D and kv_cache.shape[-1] == D and kv_cache.shape[3] == k.shape[1]
+            and all(t.stride(-1) == 1 for t in (q, k, v, kv_cache))
+            and q.dtype == k.dtype == v.dtype == kv_cache.dtype == cos.dtype == sin.dtype
+            and _rows_ok(cos, T, D) and _rows_ok(sin, T, D))
+
+
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  kv_cache: torch.Tensor, slot_mapping: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """The neox rotary (kernels/rotary.py) of q [T, H, D] and k [T, KVH, D], k and v [T, KVH, D] written into
+    kv_cache at slot_mapping (< 0: skipped), in one launch; returns the rotated q (contiguous). Same values
+    as fused.rotary_qk then write_kv. `pdl`: launched early where supported (kernels/pdl.py)."""
+    T, H, D = q.shape
+    kv_heads = k.shape[1]
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if T == 0:
+        return q_out
+    half = D // 2
+    block_d = next_pow2(half)
+    block_h = min(next_pow2(max(H, kv_heads)), max(1, 2048 // block_d))
+    _rope_write_kv_kernel[(T, triton.cdiv(max(H, kv_heads), block_h))](
+        q, k, v, cos, sin, q_out, kv_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
+        H, kv_heads, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        BLOCK_SIZE=kv_cache.shape[2], HALF=half, BLOCK_H=block_h, BLOCK_D=block_d, **launch_options(pdl, q))
+    return q_out
+
+
 def _check_last_dim_contiguous(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.stride(-1) != 1:

@@ -117,6 +117,32 @@ def test_write_kv_matches_indexing_and_skips_padding():
 
 
 @interpreted
+@pytest.mark.parametrize("bs, heads, kv_heads, dim", [(16, 8, 2, 64), (16, 6, 2, 80), (32, 4, 4, 128)])
+def test_forward_rope_equals_rotary_then_forward(bs, heads, kv_heads, dim):
+    # rope_write_kv (rotary on q and k, K/V into the cache, one kernel) against rotary_qk then the KV write:
+    # the same bits in q's attention output and in the cache, a padding slot (-1) included.
+    from raylight.kernels import fused
+    from raylight.kernels.rotary import RotaryEmbedding
+
+    common, cache, q, k, v = make_step(DECODE_CTX, PREFILLS, bs=bs, heads=heads, kv_heads=kv_heads, dim=dim,
+                                       dtype=torch.float32, device="cpu")
+    common.slot_mapping[2] = -1
+    T = q.shape[0]
+    rope = RotaryEmbedding(dim, 256, 10000.0, None)
+    positions = torch.randint(0, 256, (T,), generator=torch.Generator().manual_seed(1))
+    cos, sin = rope.cos[positions][:, None, :], rope.sin[positions][:, None, :]
+    backend = triton_backend(bs, heads, kv_heads, dim, None)
+    scale = dim**-0.5
+    fused_cache = cache.clone()
+    got = backend.forward_rope(q, k, v, cos, sin, fused_cache, backend.build(common), scale)
+    q_rot, k_rot = fused.rotary_qk(q, k, cos, sin)
+    want = backend.forward(q_rot, k_rot, v, cache, backend.build(common), scale)
+    assert torch.equal(fused_cache, cache) and torch.equal(got, want)
+    # and the kernel alone: the rotated q it returns is rotary_qk's
+    assert torch.equal(tk.rope_write_kv(q, k, v, cos, sin, cache.clone(), common.slot_mapping), q_rot)
+
+
+@interpreted
 @pytest.mark.parametrize("bs, heads, kv_heads, dim, window", [
     (16, 8, 2, 64, None),  # GQA group of 4
     (16, 4, 4, 128, None),  # MHA
