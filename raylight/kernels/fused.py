@@ -5,6 +5,8 @@
 - `silu_and_mul(x)`: `silu(x[:, :I]) * x[:, I:]` in one pass.
 - `rotary_qk(q, k, cos, sin)`: the neox (rotate-half) rotation of `kernels.rotary.apply_rotary`
   on q and k in one launch.
+- `rope_write_kv(q, k, v, cos, sin, kv_cache, slot_mapping)`: that rotation with k and v written into
+  the paged KV cache instead of returned (the Triton attention backend's `forward_rope`).
 
 Each op rounds its intermediates to the input dtype exactly where the torch path does
 (`kernels/norm.py`, `kernels/activation.py`, `kernels/rotary.py`), so the only differences are
@@ -139,24 +141,40 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, sx_t, I, BLOCK: tl.constexpr, PDL: tl.c
     s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)  # F.silu(gate)
     tl.store(out_ptr + t * I + cols, (s * u).to(out_ptr.dtype.element_ty), mask=mask)
 
+def _rotated(src, mask, c1, c2, s1, s2, HALF: tl.constexpr):
+    # The two halves at `src` rotated: x * cos + cat(-x2, x1) * sin, each product rounded to the dtype as
+    # torch does; returned in the dtype.
+    ty = src.dtype.element_ty
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    o1 = (x1 * c1[None, :]).to(ty).to(tl.float32) + (-x2 * s1[None, :]).to(ty).to(tl.float32)
+    o2 = (x2 * c2[None, :]).to(ty).to(tl.float32) + (x1 * s2[None, :]).to(ty).to(tl.float32)
+    return o1.to(ty), o2.to(ty)
+
+
+def _cos_sin(cos_ptr, sin_ptr, t, sc_t, ss_t, d, d_mask, HALF: tl.constexpr):
+    c1 = tl.load(cos_ptr + t * sc_t + d, mask=d_mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + t * sc_t + HALF + d, mask=d_mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + t * ss_t + d, mask=d_mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + t * ss_t + HALF + d, mask=d_mask, other=0.0).to(tl.float32)
+    return c1, c2, s1, s2
+
+
 def _rotate_tile(src_ptr, dst_ptr, s_t, s_h, t, heads, n_heads, d, d_mask, c1, c2, s1, s2,
                  HALF: tl.constexpr):
     mask = (heads[:, None] < n_heads) & d_mask[None, :]
-    src = src_ptr + t * s_t + heads[:, None] * s_h + d[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    ty = dst_ptr.dtype.element_ty
-    # x * cos + cat(-x2, x1) * sin, each product rounded to the dtype as torch does
-    o1 = (x1 * c1[None, :]).to(ty).to(tl.float32) + (-x2 * s1[None, :]).to(ty).to(tl.float32)
-    o2 = (x2 * c2[None, :]).to(ty).to(tl.float32) + (x1 * s2[None, :]).to(ty).to(tl.float32)
+    o1, o2 = _rotated(src_ptr + t * s_t + heads[:, None] * s_h + d[None, :], mask, c1, c2, s1, s2, HALF)
     dst = dst_ptr + (t * n_heads + heads[:, None]) * (2 * HALF) + d[None, :]
-    tl.store(dst, o1.to(ty), mask=mask)
-    tl.store(dst + HALF, o2.to(ty), mask=mask)
+    tl.store(dst, o1, mask=mask)
+    tl.store(dst + HALF, o2, mask=mask)
 
-def _rotary_qk_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
-                      sq_t, sq_h, sk_t, sk_h, sc_t, ss_t, n_q, n_k,
-                      HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                      HAS_K: tl.constexpr, PDL: tl.constexpr = False):
+def _rotary_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, cache_ptr, slot_ptr,
+                   sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sc_t, ss_t, n_q, n_k,
+                   stride_cb, stride_ckv, stride_cp, stride_ch,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, HAS_K: tl.constexpr,
+                   TO_CACHE: tl.constexpr, BLOCK_SIZE: tl.constexpr = 1, PDL: tl.constexpr = False):
+    # q (and k) rotated into q_out (and k_out); with TO_CACHE, k rotated and v stored straight into the paged
+    # cache at the token's slot instead (kernels/attention/triton_kernels.py's write_kv), one launch for both.
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -164,12 +182,22 @@ def _rotary_qk_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HALF
-    c1 = tl.load(cos_ptr + t * sc_t + d, mask=d_mask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + t * sc_t + HALF + d, mask=d_mask, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + t * ss_t + d, mask=d_mask, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + t * ss_t + HALF + d, mask=d_mask, other=0.0).to(tl.float32)
+    c1, c2, s1, s2 = _cos_sin(cos_ptr, sin_ptr, t, sc_t, ss_t, d, d_mask, HALF)
     _rotate_tile(q_ptr, q_out_ptr, sq_t, sq_h, t, heads, n_q, d, d_mask, c1, c2, s1, s2, HALF)
-    if HAS_K:
+    if TO_CACHE:
+        # Negative slots are padding tokens: masked out (the slot test broadcast to a block first, as there).
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        mask = (heads[:, None] < n_k) & d_mask[None, :] & (d[None, :] * 0 + slot >= 0)
+        slot = tl.maximum(slot, 0)
+        at = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cp \
+            + heads[:, None] * stride_ch + d[None, :]
+        o1, o2 = _rotated(k_ptr + t * sk_t + heads[:, None] * sk_h + d[None, :], mask, c1, c2, s1, s2, HALF)
+        tl.store(at, o1, mask=mask)
+        tl.store(at + HALF, o2, mask=mask)
+        v = v_ptr + t * sv_t + heads[:, None] * sv_h + d[None, :]
+        tl.store(at + stride_ckv, tl.load(v, mask=mask), mask=mask)
+        tl.store(at + stride_ckv + HALF, tl.load(v + HALF, mask=mask), mask=mask)
+    elif HAS_K:
         _rotate_tile(k_ptr, k_out_ptr, sk_t, sk_h, t, heads, n_k, d, d_mask, c1, c2, s1, s2, HALF)
 
 
@@ -180,12 +208,13 @@ def _kernels() -> SimpleNamespace:
     import triton
     import triton.language as tl
 
-    # _rotary_qk_kernel calls _rotate_tile by its global name, so that name must be the jitted one.
-    globals()["_rotate_tile"] = triton.jit(_rotate_tile)
+    # The kernels call these helpers by their global names, so those names must be the jitted ones.
+    for helper in (_rotated, _cos_sin, _rotate_tile):
+        globals()[helper.__name__] = triton.jit(helper)
     globals()["gdc_wait"], globals()["gdc_launch_dependents"] = gdc_functions()  # used under `if PDL:` only
     return SimpleNamespace(add_rms_norm=triton.jit(_add_rms_norm_kernel),
                            silu_and_mul=triton.jit(_silu_and_mul_kernel),
-                           rotary_qk=triton.jit(_rotary_qk_kernel))
+                           rotary=triton.jit(_rotary_kernel))
 
 
 def kernels_interpreted() -> bool:
@@ -279,9 +308,43 @@ def rotary_qk(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin
     block_h = min(_next_pow2(max(H, KVH)), max(1, 2048 // block_d))
     grid = (T, -(-max(H, KVH) // block_h))
     kk = k if k is not None else q
-    _kernels().rotary_qk[grid](
-        q, kk, cos, sin, q_out, k_out,
-        q.stride(0), q.stride(1), kk.stride(0), kk.stride(1), cos.stride(0), sin.stride(0), H, KVH,
-        HALF=half, BLOCK_H=block_h, BLOCK_D=block_d, HAS_K=k is not None,
+    _kernels().rotary[grid](
+        q, kk, q, cos, sin, q_out, k_out, q, q,  # (no v, cache or slots: TO_CACHE is off)
+        q.stride(0), q.stride(1), kk.stride(0), kk.stride(1), 0, 0, cos.stride(0), sin.stride(0), H, KVH, 0, 0, 0, 0,
+        HALF=half, BLOCK_H=block_h, BLOCK_D=block_d, HAS_K=k is not None, TO_CACHE=False,
         num_warps=_warps(block_h * block_d), **launch_options(pdl, q))
     return q_out, (k_out if k is not None else None)
+
+
+def rope_write_kv_applies(q, k, v, cos, sin, kv_cache) -> bool:
+    """Whether `rope_write_kv` takes these on this device (else: rotary_qk, then the KV write)."""
+    if not _use_triton(q) or q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[0] != k.shape[0]:
+        return False
+    T, _, D = q.shape
+    return (D % 2 == 0 and k.shape[2] == D and kv_cache.dim() == 5 and kv_cache.shape[-1] == D
+            and kv_cache.shape[3] == k.shape[1] and all(t.stride(-1) == 1 for t in (q, k, v, kv_cache))
+            and q.dtype == k.dtype == v.dtype == kv_cache.dtype == cos.dtype == sin.dtype
+            and _cos_ok(cos, T, D) and _cos_ok(sin, T, D))
+
+
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  kv_cache: torch.Tensor, slot_mapping: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """`rotary_qk` on q [T, H, D] and k [T, KVH, D], with the rotated k and v [T, KVH, D] written into the
+    paged kv_cache [blocks, 2, block_size, KVH, D] at slot_mapping (< 0: skipped) instead of returned, in
+    one launch (where `rope_write_kv_applies`); returns the rotated q (contiguous). The same values as
+    rotary_qk followed by the attention backend's write_kv."""
+    T, H, D = q.shape
+    kv_heads = k.shape[1]
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if T == 0:
+        return q_out
+    half = D // 2
+    block_d = _next_pow2(half)
+    block_h = min(_next_pow2(max(H, kv_heads)), max(1, 2048 // block_d))
+    _kernels().rotary[(T, -(-max(H, kv_heads) // block_h))](
+        q, k, v, cos, sin, q_out, q_out, kv_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
+        H, kv_heads, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        HALF=half, BLOCK_H=block_h, BLOCK_D=block_d, HAS_K=True, TO_CACHE=True, BLOCK_SIZE=kv_cache.shape[2],
+        num_warps=_warps(block_h * block_d), **launch_options(pdl, q))
+    return q_out

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from raylight.kernels.attention.base import AttentionSpec, CommonAttentionMetadata, int32_device_views
+from raylight.kernels import fused
 from raylight.kernels.attention import triton_kernels as tk
+from raylight.kernels.rotary import apply_rotary_qk
 from raylight.utils.host_copy import copy_to
 
 
@@ -149,13 +151,12 @@ class TritonAttentionBackend:
 
     def forward_rope(self, q, k, v, cos, sin, kv_cache: torch.Tensor, meta: TritonMetadata, scale: float, out=None):
         """`forward` on q and k before their rotary embedding (cos / sin [T, 1, D]): the rotation and the KV
-        write in one kernel (`rope_write_kv`), then attention. Same values as rotating, then `forward`."""
-        if not tk.rope_write_kv_applies(q, k, v, cos, sin, kv_cache):
-            from raylight.kernels.rotary import apply_rotary_qk
-
+        write in one kernel (kernels/fused.py `rope_write_kv`), then attention. Same values as rotating,
+        then `forward`."""
+        if not fused.rope_write_kv_applies(q, k, v, cos, sin, kv_cache):
             q, k = apply_rotary_qk(q, k, cos, sin, pdl=self.pdl)
             return self.forward(q, k, v, kv_cache, meta, scale, out)
-        q = tk.rope_write_kv(q, k, v, cos, sin, kv_cache, meta.slot_mapping, self.pdl)
+        q = fused.rope_write_kv(q, k, v, cos, sin, kv_cache, meta.slot_mapping, self.pdl)
         return self._attend(q, kv_cache, meta, scale, out)
 
     def _attend(self, q, kv_cache: torch.Tensor, meta: TritonMetadata, scale: float, out=None):

@@ -139,7 +139,7 @@ def test_forward_rope_equals_rotary_then_forward(bs, heads, kv_heads, dim):
     want = backend.forward(q_rot, k_rot, v, cache, backend.build(common), scale)
     assert torch.equal(fused_cache, cache) and torch.equal(got, want)
     # and the kernel alone: the rotated q it returns is rotary_qk's
-    assert torch.equal(tk.rope_write_kv(q, k, v, cos, sin, cache.clone(), common.slot_mapping), q_rot)
+    assert torch.equal(fused.rope_write_kv(q, k, v, cos, sin, cache.clone(), common.slot_mapping), q_rot)
 
 
 @interpreted
