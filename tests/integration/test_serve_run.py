@@ -79,7 +79,10 @@ def test_serve_run_bad_model_fails_bounded_and_clear(tmp_path):
         # the tokenizer from the same path). The replicas' log lines reach this log out of order with the
         # controller's, so the last attempt's line may arrive after DEPLOY_FAILED: wait, then count.
         bound = 2 * config["applications"][0]["args"]["max_constructor_retry_count"]
-        time.sleep(15)
+        settle = time.monotonic() + 15
+        while time.monotonic() < settle and log_path.read_text().count(error) < bound:
+            time.sleep(0.5)
+        time.sleep(6)  # all allowed attempts seen (or 15 s gone): one beyond them would show up by now
         attempts = log_path.read_text().count(error)
         assert 1 <= attempts <= bound, attempts  # bounded: no attempt beyond the allowed ones
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code != 200
