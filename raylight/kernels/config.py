@@ -25,6 +25,8 @@ ENV_VARS = {
 }
 ROWS_ENV_VAR = "RAYLIGHT_GEMV_MAX_ROWS"  # an integer, unlike the switches above
 PREFETCH_ENV_VAR = "RAYLIGHT_GEMV_PREFETCH"  # an integer too
+# integer field -> (its environment variable, the least value that variable may set)
+INT_ENV_VARS = {"gemv_max_rows": (ROWS_ENV_VAR, 1), "gemv_prefetch": (PREFETCH_ENV_VAR, 0)}
 
 
 @dataclass(frozen=True)
@@ -68,16 +70,12 @@ class KernelConfig:
                 value = forced == "1"
             if value is not None:
                 values[name] = bool(value)
-        rows = environ.get(ROWS_ENV_VAR, "")
-        if rows.isdigit() and int(rows) >= 1:
-            values["gemv_max_rows"] = int(rows)
-        elif getattr(args, "gemv_max_rows", None) is not None:
-            values["gemv_max_rows"] = int(args.gemv_max_rows)
-        prefetch = environ.get(PREFETCH_ENV_VAR, "")
-        if prefetch.isdigit():
-            values["gemv_prefetch"] = int(prefetch)
-        elif getattr(args, "gemv_prefetch", None) is not None:
-            values["gemv_prefetch"] = int(args.gemv_prefetch)
+        for name, (var, least) in INT_ENV_VARS.items():
+            forced = environ.get(var, "")
+            if forced.isdigit() and int(forced) >= least:
+                values[name] = int(forced)
+            elif getattr(args, name, None) is not None:
+                values[name] = int(getattr(args, name))
         return cls(**values)
 
 

@@ -303,17 +303,23 @@ def rotary_qk(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin
     KVH = k.shape[1] if k is not None else 0
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k is not None else q_out
-    half = D // 2
-    block_d = _next_pow2(half)
-    block_h = min(_next_pow2(max(H, KVH)), max(1, 2048 // block_d))
-    grid = (T, -(-max(H, KVH) // block_h))
+    grid, sizes = _rotary_launch(T, H, KVH, D)
     kk = k if k is not None else q
     _kernels().rotary[grid](
         q, kk, q, cos, sin, q_out, k_out, q, q,  # (no v, cache or slots: TO_CACHE is off)
         q.stride(0), q.stride(1), kk.stride(0), kk.stride(1), 0, 0, cos.stride(0), sin.stride(0), H, KVH, 0, 0, 0, 0,
-        HALF=half, BLOCK_H=block_h, BLOCK_D=block_d, HAS_K=k is not None, TO_CACHE=False,
-        num_warps=_warps(block_h * block_d), **launch_options(pdl, q))
+        HAS_K=k is not None, TO_CACHE=False, **sizes, **launch_options(pdl, q))
     return q_out, (k_out if k is not None else None)
+
+
+def _rotary_launch(T: int, H: int, KVH: int, D: int) -> tuple[tuple[int, int], dict]:
+    """_rotary_kernel's grid and its tile sizes and warps for T tokens of H query and KVH KV heads of dim D:
+    at most ~2K elements per program, so wide (MHA) layers stay in registers."""
+    half = D // 2
+    block_d = _next_pow2(half)
+    block_h = min(_next_pow2(max(H, KVH)), max(1, 2048 // block_d))
+    return (T, -(-max(H, KVH) // block_h)), dict(HALF=half, BLOCK_H=block_h, BLOCK_D=block_d,
+                                                 num_warps=_warps(block_h * block_d))
 
 
 def rope_write_kv_applies(q, k, v, cos, sin, kv_cache) -> bool:
@@ -338,13 +344,10 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if T == 0:
         return q_out
-    half = D // 2
-    block_d = _next_pow2(half)
-    block_h = min(_next_pow2(max(H, kv_heads)), max(1, 2048 // block_d))
-    _kernels().rotary[(T, -(-max(H, kv_heads) // block_h))](
+    grid, sizes = _rotary_launch(T, H, kv_heads, D)
+    _kernels().rotary[grid](
         q, k, v, cos, sin, q_out, q_out, kv_cache, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
         H, kv_heads, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        HALF=half, BLOCK_H=block_h, BLOCK_D=block_d, HAS_K=True, TO_CACHE=True, BLOCK_SIZE=kv_cache.shape[2],
-        num_warps=_warps(block_h * block_d), **launch_options(pdl, q))
+        HAS_K=True, TO_CACHE=True, BLOCK_SIZE=kv_cache.shape[2], **sizes, **launch_options(pdl, q))
     return q_out

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from raylight.kernels import activation
+from raylight.kernels.fused import _next_pow2
 from raylight.kernels.config import DEFAULT_KERNELS, KernelConfig
 from raylight.kernels.pdl import gdc_functions, launch_options
 
@@ -256,10 +257,6 @@ def _launch(pdl: bool, prefetch: int, x: torch.Tensor) -> dict:
     if opts["PDL"] and prefetch > 0:
         opts["PREFETCH"] = max(64, _next_pow2(prefetch))
     return opts
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: bool = False,
