@@ -5,8 +5,7 @@ and raw HTTP where the client hides a field."""
 
 from __future__ import annotations
 
-import contextlib
-import threading
+import asyncio
 import time
 
 import httpx
@@ -62,6 +61,29 @@ def _idle(replica) -> bool:
             and m["kv_blocks_free"] == m["kv_blocks_total"])
 
 
+def _queue_then_leave(base, replica, requests):
+    """Sends every (path, body) at once, waits until all of them are queued behind the busy slots (none
+    answered: a 429 or a reply fails here), then drops their connections together, as clients that give up
+    do. Leaving on a signal, not on a client timeout, keeps a slow machine from letting the first leave
+    before the last arrives."""
+    async def run():
+        async with httpx.AsyncClient(timeout=60) as ac:
+            tasks = [asyncio.ensure_future(ac.post(f"{base}{path}", json=body)) for path, body in requests]
+            deadline = time.monotonic() + 10
+            while replica.async_engine.num_waiting() != len(requests):
+                done = [t for t in tasks if t.done()]
+                if done:
+                    r = done[0].result()
+                    pytest.fail(f"a waiting request was answered: {r.status_code} {r.text[:200]}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{replica.async_engine.num_waiting()} of {len(requests)} queued within 10 s")
+                await asyncio.sleep(0.02)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    asyncio.run(run())
+
+
 LONG = {"model": MODEL, "max_tokens": 600, "temperature": 0, "ignore_eos": True}
 
 
@@ -69,8 +91,8 @@ LONG = {"model": MODEL, "max_tokens": 600, "temperature": 0, "ignore_eos": True}
 
 def test_departed_clients_are_aborted_where_they_wait_and_stop_counting(served):
     """Long streams fill every engine slot; more clients wait behind them (streaming and not, chat and
-    completions) and give up after 0.5 s: each is aborted while still queued, the queue is empty again
-    at once (the next ones are queued, not refused with 429), and closing the streams frees everything."""
+    completions) and give up once all are queued: each is aborted while still queued, the queue is empty
+    again at once (the next ones are queued, not refused with 429), and closing the streams frees everything."""
     base, replica = served
     aborted = _aborted(base)
     with httpx.Client(timeout=60) as h:
@@ -84,32 +106,18 @@ def test_departed_clients_are_aborted_where_they_wait_and_stop_counting(served):
             running.append((ctx, lines))  # dropping the line iterator would close the stream
         assert replica.engine.get_metrics()["num_running"] == SLOTS
 
-        def give_up(path, body):
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.post(f"{base}{path}", json=body, timeout=0.5)
-
         kinds = [("/v1/completions", {**LONG, "prompt": "Wait A"}),
                  ("/v1/completions", {**LONG, "prompt": "Wait B", "stream": True}),
                  ("/v1/chat/completions", {**LONG, "messages": [{"role": "user", "content": "Wait C"}]}),
                  ("/v1/chat/completions", {**LONG, "messages": [{"role": "user", "content": "Wait D"}],
                                            "stream": True})]
         waiting = [kinds[i % 4] for i in range(2 * MAX_QUEUED)]
-        threads = [threading.Thread(target=give_up, args=w) for w in waiting[:MAX_QUEUED]]
-        for t in threads:
-            t.start()
-        _wait(lambda: replica.async_engine.num_waiting() == MAX_QUEUED, 5, "queued")
-        for t in threads:
-            t.join()
+        _queue_then_leave(base, replica, waiting[:MAX_QUEUED])
         t0 = time.monotonic()
         _wait(lambda: replica.async_engine.num_waiting() == 0, 2, "dequeued after the clients left")
         assert time.monotonic() - t0 < 1.0
-        # the queue has room again: the next two wait (then give up) instead of getting 429
-        threads = [threading.Thread(target=give_up, args=w) for w in waiting[MAX_QUEUED:]]
-        for t in threads:
-            t.start()
-        _wait(lambda: replica.async_engine.num_waiting() == MAX_QUEUED, 5, "queued again")
-        for t in threads:
-            t.join()
+        # the queue has room again: the next ones wait (then leave) instead of getting 429
+        _queue_then_leave(base, replica, waiting[MAX_QUEUED:])
         _wait(lambda: replica.async_engine.num_waiting() == 0, 2, "dequeued again")
         assert replica.engine.get_metrics()["num_running"] == SLOTS
         for ctx, _ in running:
