@@ -93,11 +93,19 @@ MAX_ROWS = 64
 ROWS_DEFAULT = (32, 256, 4, 4)
 
 
-# (N, K, BLOCK_M) -> launch config, or None where cuBLAS was faster; a shape not listed takes
-# ROWS_DEFAULT. Empty until bench_gemv --rows measures it on a GPU (KernelConfig.gemv_max_rows keeps
-# the kernel off by default until then). The environment variable, read once here, adds to it
-# (a tuning run passes its sweep's winners on to the benchmarks after it without a commit).
+# (N, K, BLOCK_M) -> launch config, or None where cuBLAS was faster: `bench_gemv.py --rows 8 32 64` on an
+# H100 (2026-12-06, benchmarks/results/gemv-rows-20261206-000707-h100.json), the Llama-3.1-8B TP=1 shapes
+# and its LM head. o_proj at row tile 16 is cuBLAS: the sweep had the kernel 1.9 us ahead, a probe in the
+# same lease 7.8 us behind (24.4 against 16.6 us), so the nearer call goes to the library. A shape not
+# listed stays on cuBLAS (a config not measured there may even need more shared memory than the GPU has).
+# The environment variable, read once here, goes before the table (a tuning run passes its sweep's winners
+# on to the benchmarks after it without a commit).
 ROWS_CONFIGS: dict = {
+    (6144, 4096, 16): (32, 128, 4, 4), (6144, 4096, 32): (16, 128, 4, 4), (6144, 4096, 64): None,
+    (4096, 4096, 16): None, (4096, 4096, 32): None, (4096, 4096, 64): None,
+    (28672, 4096, 16): (32, 128, 4, 3), (28672, 4096, 32): (64, 128, 4, 3), (28672, 4096, 64): (64, 128, 4, 3),
+    (4096, 14336, 16): (16, 256, 4, 4), (4096, 14336, 32): (16, 256, 4, 4), (4096, 14336, 64): (32, 256, 4, 4),
+    (128256, 4096, 16): (64, 256, 4, 4), (128256, 4096, 32): (64, 256, 8, 4), (128256, 4096, 64): (64, 128, 4, 3),
     **parse_config(os.environ.get("RAYLIGHT_GEMV_ROWS_CONFIG", "")),
 }
 
@@ -108,8 +116,9 @@ def row_tile(rows: int) -> int:
 
 
 def rows_config(n: int, k: int, rows: int):
-    """`gemv_rows`' launch config for a weight [n, k] at `rows` rows; None where cuBLAS is faster."""
-    return ROWS_CONFIGS.get((n, k, row_tile(rows)), ROWS_DEFAULT)
+    """`gemv_rows`' launch config for a weight [n, k] at `rows` rows; None where cuBLAS is faster or the
+    shape was never measured."""
+    return ROWS_CONFIGS.get((n, k, row_tile(rows)))
 
 
 def _prefetch_weight(w_ptr, rn, N, K, stride_w, PREFETCH: tl.constexpr):
@@ -231,8 +240,10 @@ def applies(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = False, m
             and weight.dim() == 2 and weight.is_contiguous() and weight.dtype == x.dtype
             and weight.shape[1] * (2 if silu_and_mul else 1) == x.shape[1]
             and x.dtype in (torch.bfloat16, torch.float16) and _hopper(x.device.index or 0)
-            # where the sweep found cuBLAS faster at this row tile, cuBLAS it is
-            and (rows == 1 or rows_config(*weight.shape, rows) is not None))
+            # where the sweep found cuBLAS faster at this row tile, cuBLAS it is; the few-row kernel's
+            # fused SiLU-and-mul ran 4.5-8x slower than the activation then cuBLAS (H100, 8B down_proj,
+            # 8 rows: 225 us against 50), so with several rows the activation runs first
+            and (rows == 1 or (not silu_and_mul and rows_config(*weight.shape, rows) is not None)))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

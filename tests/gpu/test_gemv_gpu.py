@@ -60,8 +60,8 @@ def test_linear_routes_one_row_to_gemv(monkeypatch):
     b = torch.randn(256, device="cuda", dtype=torch.bfloat16)
     calls = []
     real = gemv.gemv
-    monkeypatch.setattr(gemv, "gemv", lambda x, weight, config=None, silu_and_mul=False:
-                        calls.append(x.shape) or real(x, weight, config, silu_and_mul))
+    monkeypatch.setattr(gemv, "gemv", lambda x, weight, config=None, silu_and_mul=False, **launch:
+                        calls.append(x.shape) or real(x, weight, config, silu_and_mul, **launch))
     hopper = torch.cuda.get_device_capability()[0] == 9
     x1, x4 = (torch.randn(n, 512, device="cuda", dtype=torch.bfloat16) for n in (1, 4))
     assert rel_err(gemv.linear(x1, w, b), F.linear(x1.float(), w.float(), b.float())) < 1e-2
@@ -96,12 +96,20 @@ def test_linear_routes_up_to_max_rows_to_the_rows_kernel(monkeypatch):
         pytest.skip("the Triton projections are routed on Hopper only")
     calls = []
     real = gemv.gemv_rows
-    monkeypatch.setattr(gemv, "gemv_rows", lambda x, weight, config=None, silu_and_mul=False:
-                        calls.append(x.shape[0]) or real(x, weight, config, silu_and_mul))
+    monkeypatch.setattr(gemv, "gemv_rows", lambda x, weight, config=None, silu_and_mul=False, **launch:
+                        calls.append((x.shape[0], silu_and_mul)) or real(x, weight, config, silu_and_mul, **launch))
     w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16) * 0.05
-    kernels = KernelConfig(gemv_max_rows=16)
+    # routed only where the table has a config for the shape at that row tile (never measured: cuBLAS)
+    monkeypatch.setattr(gemv, "ROWS_CONFIGS", {(256, 512, 16): (32, 256, 4, 4), (256, 512, 32): None})
+    kernels = KernelConfig(gemv_max_rows=32)
     for rows in (1, 4, 16, 17):
-        x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
-        want = F.linear(torch_silu_and_mul(x).float(), w.float())
-        assert rel_err(gemv.linear(x, w, silu_and_mul=True, kernels=kernels), want) < 1e-2
-    assert calls == [4, 16]  # one row: the single-row GEMV; 17 > 16: cuBLAS
+        x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(gemv.linear(x, w, kernels=kernels), F.linear(x.float(), w.float())) < 1e-2
+        # with SiLU-and-mul the activation runs first, then cuBLAS (the fused few-row variant was slower)
+        x2 = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+        want = F.linear(torch_silu_and_mul(x2).float(), w.float())
+        assert rel_err(gemv.linear(x2, w, silu_and_mul=True, kernels=kernels), want) < 1e-2
+    # one row: the single-row GEMV; 17 rows: tile 32, where the table says cuBLAS
+    assert calls == [(4, False), (16, False)]
+    gemv.linear(torch.randn(8, 512, device="cuda", dtype=torch.bfloat16), w, kernels=KernelConfig(gemv_max_rows=4))
+    assert len(calls) == 2  # more rows than gemv_max_rows: cuBLAS

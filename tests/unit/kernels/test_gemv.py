@@ -74,7 +74,7 @@ def test_rows_outside_the_kernel_are_refused_and_cpu_tensors_go_to_torch():
 
 
 def test_max_rows_from_args_and_env():
-    assert KernelConfig().gemv_max_rows == 1  # off by default: not yet measured on a GPU
+    assert KernelConfig().gemv_max_rows == 64  # on by default where its table has the shape (H100 sweep)
     assert KernelConfig.from_args(None, environ={ROWS_ENV_VAR: "32"}).gemv_max_rows == 32
     assert KernelConfig.from_args(KernelConfig(gemv_max_rows=8), environ={}).gemv_max_rows == 8
     assert KernelConfig.from_args(KernelConfig(gemv_max_rows=8), environ={ROWS_ENV_VAR: "16"}).gemv_max_rows == 16
@@ -93,14 +93,15 @@ def test_the_rows_table_round_trips_its_env_format_and_marks_where_cublas_wins(m
     monkeypatch.setattr(gemv, "ROWS_CONFIGS", table)
     assert gemv.rows_config(6144, 4096, 8) == (32, 256, 4, 4)
     assert gemv.rows_config(4096, 14336, 20) is None  # cuBLAS at this tile: linear will not route here
-    assert gemv.rows_config(4096, 14336, 8) == gemv.ROWS_DEFAULT  # not measured: the default
+    assert gemv.rows_config(4096, 14336, 8) is None  # not measured at this tile: cuBLAS as well
 
 
-def test_pdl_is_off_by_default_and_never_on_cpu():
+def test_pdl_is_on_by_default_and_never_on_cpu():
     from raylight.kernels.pdl import launch_options
 
-    assert KernelConfig().pdl is False  # not yet measured on a GPU
-    assert KernelConfig.from_args(None, environ={"RAYLIGHT_PDL": "1"}).pdl is True
+    assert KernelConfig().pdl is True  # measured faster at batch 1 (H100)
+    assert KernelConfig.from_args(None, environ={"RAYLIGHT_PDL": "0"}).pdl is False
+    assert KernelConfig.from_args(KernelConfig(pdl=False), environ={"RAYLIGHT_PDL": "1"}).pdl is True
     assert launch_options(True, torch.zeros(1)) == {"PDL": False}
     assert launch_options(False, torch.zeros(1)) == {"PDL": False}
     # the weight prefetch goes with PDL only (ahead of its wait), so never on CPU
