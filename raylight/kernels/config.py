@@ -47,7 +47,8 @@ class KernelConfig:
     # Env RAYLIGHT_GEMV_MAX_ROWS=<n> overrides.
     gemv_max_rows: int = 64
     # Programmatic dependent launch for our Triton kernels on Hopper+ (kernels/pdl.py): each kernel
-    # launched while the previous one drains. H100, 8B batch 1: a 5.64 ms step against 5.77 ms without.
+    # launched while the previous one drains, in steps of at most 64 tokens (pdl.PDL_MAX_TOKENS: larger
+    # steps launch as before). H100, 8B batch 1: a 5.64 ms step against 5.77 ms without.
     pdl: bool = True
     # With PDL, weight columns per row our GEMV kernels pull toward L2 before waiting for their input
     # (kernels/gemv.py `_prefetch_weight`): the weight stream starts while the previous kernel ends.

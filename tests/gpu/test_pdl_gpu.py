@@ -11,7 +11,7 @@ import torch
 
 from raylight import LLM, SamplingParams
 from raylight.kernels import fused, gemv
-from raylight.kernels.pdl import launch_options
+from raylight.kernels.pdl import PDL_MAX_TOKENS, launch_options
 from raylight.testing.helpers import random_prompts
 
 pytestmark = pytest.mark.gpu
@@ -26,6 +26,10 @@ def test_launch_options_turn_pdl_on_only_where_asked_and_supported():
     assert launch_options(False, x) == {"PDL": False}
     assert launch_options(True, torch.zeros(1)) == {"PDL": False}  # CPU
     assert launch_options(True, x) == ({"PDL": True, "launch_pdl": True} if _hopper() else {"PDL": False})
+    # steps of more tokens than PDL_MAX_TOKENS launch as before (cuBLAS GEMMs carry them)
+    many = torch.zeros(PDL_MAX_TOKENS + 1, 8, device="cuda")
+    assert launch_options(True, many) == {"PDL": False}
+    assert launch_options(True, many[:PDL_MAX_TOKENS]) == launch_options(True, x)
 
 
 @pytest.mark.skipif(not _hopper(), reason="PDL needs compute capability 9+")

@@ -81,7 +81,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         BLOCK_SIZE=kv_cache.shape[2], HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
-        **launch_options(pdl, kv_cache),
+        **launch_options(pdl, k),
     )
 
 

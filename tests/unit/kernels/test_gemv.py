@@ -104,6 +104,7 @@ def test_pdl_is_on_by_default_and_never_on_cpu():
     assert KernelConfig.from_args(KernelConfig(pdl=False), environ={"RAYLIGHT_PDL": "1"}).pdl is True
     assert launch_options(True, torch.zeros(1)) == {"PDL": False}
     assert launch_options(False, torch.zeros(1)) == {"PDL": False}
+    assert launch_options(True, torch.zeros(65, 8)) == {"PDL": False}
     # the weight prefetch goes with PDL only (ahead of its wait), so never on CPU
     assert KernelConfig().gemv_prefetch == 0
     assert KernelConfig.from_args(None, environ={"RAYLIGHT_GEMV_PREFETCH": "512"}).gemv_prefetch == 512
