@@ -15,7 +15,8 @@ launch. Both come from one constexpr `PDL` and the launch option `launch_pdl`, s
 stale data). A kernel that follows one not launched this way (cuBLAS, torch) simply starts after it.
 
 Where: steps of at most PDL_MAX_TOKENS tokens (`KernelConfig.pdl`, on by default; env RAYLIGHT_PDL=0/1),
-the decode steps whose projections are our GEMV kernels, so the chain is ours end to end. Measured on an
+decode at small batch, where our GEMV kernels carry the projections (one row: always on Hopper; 2-64
+rows: at the shapes kernels/gemv.py's few-row table lists), so the chain is ours end to end. Measured on an
 H100 (8B shape): batch 1 5.64 ms a step against 5.77 without. Larger steps are cuBLAS GEMMs with small
 kernels between; there a kernel launched early only holds SM resources while the GEMM runs (batch 8
 with cuBLAS projections: 1,209 tok/s with PDL against 1,223 without), so they launch as before.
