@@ -188,23 +188,35 @@ def test_incremental_detokenization_equals_full_decode(smollm2_hf, text, skip_sp
     assert all("\ufffd" not in d for d in deltas)  # never a half character
 
 
+OVERLAP_PROMPTS = [PROMPT, "Write a list of three fruits:", "Once upon a time", "def f(x):", "Hello there"]
+
+
+def _overlap_params():
+    return [SamplingParams(temperature=0.0, max_tokens=30, stop=["\n\n", "capital", " the"]),
+            SamplingParams(temperature=0.0, max_tokens=25, stop=[","]),
+            SamplingParams(temperature=0.8, seed=5, max_tokens=20, n=2, logprobs=2),
+            SamplingParams(temperature=0.0, max_tokens=12, presence_penalty=0.5),
+            SamplingParams(temperature=0.0, max_tokens=3, min_tokens=2, prompt_logprobs=2)]
+
+
+@pytest.fixture(scope="module")
+def in_step_outputs(llm):
+    """The plain engine's outputs for the overlap tests, computed once for all three modes."""
+    assert llm.engine.policy.name == "plain"
+    return llm.generate(OVERLAP_PROMPTS, _overlap_params(), use_tqdm=False)
+
+
 @pytest.mark.parametrize("mode", [dict(overlap_host_work=True), dict(num_microbatches=2, max_num_batched_tokens=24),
                                   dict(async_scheduling=True, max_num_batched_tokens=24)])
-def test_overlapped_output_processing_gives_identical_results(llm, smollm2_dir, mode):
+def test_overlapped_output_processing_gives_identical_results(in_step_outputs, smollm2_dir, mode):
     """Outputs built while the next step runs (the CUDA default), and two micro-batches in flight,
     equal the in-step ones: a request ended by a stop string mid-flight drops its extra token,
     seeded sampling, n=2, logprobs and prompt logprobs stay identical, and nothing leaks."""
-    prompts = [PROMPT, "Write a list of three fruits:", "Once upon a time", "def f(x):", "Hello there"]
-    params = [SamplingParams(temperature=0.0, max_tokens=30, stop=["\n\n", "capital", " the"]),
-              SamplingParams(temperature=0.0, max_tokens=25, stop=[","]),
-              SamplingParams(temperature=0.8, seed=5, max_tokens=20, n=2, logprobs=2),
-              SamplingParams(temperature=0.0, max_tokens=12, presence_penalty=0.5),
-              SamplingParams(temperature=0.0, max_tokens=3, min_tokens=2, prompt_logprobs=2)]
     overlapped = LLM(smollm2_dir, **mode)
     e = overlapped.engine
-    assert e.policy.name != "plain" and llm.engine.policy.name == "plain"
-    got = overlapped.generate(prompts, params, use_tqdm=False)
-    want = llm.generate(prompts, params, use_tqdm=False)
+    assert e.policy.name != "plain"
+    got = overlapped.generate(OVERLAP_PROMPTS, _overlap_params(), use_tqdm=False)
+    want = in_step_outputs
     assert any(c.finish_reason == "stop" for o in want for c in o.outputs)
     for g, w in zip(got, want):
         assert [(c.text, c.token_ids, c.finish_reason, c.stop_reason) for c in g.outputs] == \

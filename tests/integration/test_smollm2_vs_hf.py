@@ -63,8 +63,10 @@ def test_text_prompts_and_chat_match_hf(smollm2_dir, smollm2_hf, prompt_ids, ref
 
 
 def test_chunked_prefill_budget_of_7(smollm2_dir, prompt_ids, reference):
+    # every other prompt (the chat one included): five prompts cut into 7-token chunks are as good a
+    # check as nine, at about half the CPU time
     llm = LLM(smollm2_dir, max_num_batched_tokens=7)
-    _check(llm, prompt_ids, reference)
+    _check(llm, prompt_ids[::2], reference[::2])
     assert llm.get_metrics()["num_steps"] > MAX_NEW  # prompts really were split over steps
 
 
