@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session: the stages named in $@ (tests, test-<file>, k:<expr>, w1-<backend>, w1mb-<backend>,
-# w1noHF-<backend>, b1-<backend>, prof-<backend> (profile_steps), profsharegpt (its mixed steps, after p-sharegpt-*), profb1tp<N> (batch-1 8B at TP=N), par (bench_parallel, 2 GPUs),
+# w1noHF-<backend>, b1-<backend>, prof-<backend> (profile_steps), profsharegpt (its mixed steps, after p-sharegpt-*), profb1tp<N> (batch-1 8B at TP=N), profbs<N> (8B decode at batch N), par (bench_parallel, 2 GPUs),
 # disagg2 / epd / eplb (issues 20 and 21, 2+ GPUs), kbench
 # (bench_kernels), gemv (bench_gemv), gemvrows (its few-row kernel at 8/32/64 rows; its winners, gemv-rows.env, pass to the later stages), ficache; U/<stage> runs a stage with the fused kernels off, RAYLIGHT_FUSED_KERNELS=0; R<n>/<stage> with
 # projections of up to n rows through gemv_rows;
@@ -99,6 +99,9 @@ case $stage in
   # the sharegpt mix's mixed prefill+decode steps (item 5): its requests as p-sharegpt-* saved them
   profsharegpt) python3 scripts/profile_steps.py --workload-file /tmp/wl-sharegpt.json --max-model-len 8192 \
           --gpu-memory-utilization 0.85 --mixed-steps 60 ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
+  # profbs<N>: the 8B shape's decode at batch N (N requests of 128 prompt tokens), its kernels by time
+  profbs*) python3 scripts/profile_steps.py --model-config llama-3.1-8b --num-requests "${stage#profbs}" --input-len 128 \
+          --gpu-memory-utilization 0.85 ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
   profb1tp*) python3 scripts/profile_steps.py --model-config llama-3.1-8b --num-requests 1 --input-len 128 \
           --gpu-memory-utilization 0.6 --tensor-parallel-size "${stage#profb1tp}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
   kbench) python3 scripts/bench_kernels.py --out "$OUT" 2>&1 | quiet ;;
