@@ -92,7 +92,7 @@ def _qkv_bytes_per_token(llm) -> int:
 
 
 @torch.inference_mode()
-def test_the_graphs_pool_holds_about_one_layer_and_the_engine_stays_under_its_memory_cap():
+def test_the_graphs_pool_keeps_no_layers_attention_inputs_and_the_engine_stays_under_its_memory_cap():
     # Llama-3.2-1B's shape, random weights. A step of up to 2,048 tokens from the graphs: kept alive, every
     # layer's q, k, v of every captured count would take sum(sizes) x 16 layers x 6 KiB (~1.1 GiB).
     torch.cuda.empty_cache()
@@ -105,7 +105,9 @@ def test_the_graphs_pool_holds_about_one_layer_and_the_engine_stays_under_its_me
     one_layer_at_max = pw.max_tokens * _qkv_bytes_per_token(llm) // llm.engine.model.config.num_hidden_layers
     print(f"pool {pw.memory_bytes / 2**20:.0f} MiB; every layer's q/k/v of every count {held_if_kept / 2**20:.0f} MiB;"
           f" one layer's at {pw.max_tokens} tokens {one_layer_at_max / 2**20:.0f} MiB")
-    assert pw.inputs_unowned and pw.memory_bytes < held_if_kept / 3
+    # Besides one layer's q/k/v at a time the pool holds what passes between the pieces (each layer's
+    # attention output and residual at every count): 464 MiB on an H100 against 1,224 if q/k/v were kept.
+    assert pw.inputs_unowned and pw.memory_bytes < held_if_kept / 2
     # Steps of every kind (4,096-token prefills run eagerly, shorter ones and mixed steps from the pieces,
     # decodes from the decode graphs); the caching allocator keeps what the peak took, so the GPU's use
     # afterwards bounds it from below.

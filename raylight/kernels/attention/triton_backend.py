@@ -18,6 +18,7 @@ import torch
 from raylight.kernels.attention.base import AttentionSpec, CommonAttentionMetadata, int32_device_views
 from raylight.kernels import fused
 from raylight.kernels.attention import triton_kernels as tk
+from raylight.kernels.pdl import PDL_MAX_TOKENS
 from raylight.kernels.rotary import apply_rotary_qk
 from raylight.utils.host_copy import copy_to
 
@@ -53,19 +54,25 @@ class TritonAttentionBackend:
         self.min_split_tokens = self.MIN_SPLIT_TOKENS
 
     def warmup(self, kv_cache: torch.Tensor) -> None:
-        """Compiles every kernel variant a step can ask for (one per split count, and prefill) now,
-        rather than stalling a live step on Triton's compiler. Reads block 0; writes nothing to it."""
+        """Compiles every kernel variant a step can ask for (one per split count, with and without PDL,
+        and prefill) now, rather than stalling a live step on Triton's compiler. Reads block 0; writes
+        nothing to it."""
         s = self.spec
         dev = kv_cache.device
-        q = torch.zeros(1, s.num_heads, s.head_dim, dtype=s.dtype, device=dev)
-        out = torch.empty_like(q)
+        # PDL is decided per launch from the query's rows (kernels/pdl.py): a step of many decodes runs
+        # the variant without it, one of a few the variant with it. Both are built here: on an H100 the
+        # split variants without PDL were missing and W1's first mixed steps compiled them (1.2 s).
+        rows = (1, PDL_MAX_TOKENS + 1) if self.pdl else (1,)
         tables = torch.zeros(1, 1, dtype=torch.int32, device=dev)
         seq_lens = torch.ones(1, dtype=torch.int32, device=dev)
-        splits = 1
-        while splits <= self.MAX_SPLITS:
-            tk.decode_attention(out, q, kv_cache, tables, seq_lens, 1, 1.0, s.sliding_window, splits,
-                                self._partials(1, splits), pdl=self.pdl)
-            splits *= 2
+        for n in rows:
+            q = torch.zeros(n, s.num_heads, s.head_dim, dtype=s.dtype, device=dev)
+            out = torch.empty_like(q)
+            splits = 1
+            while splits <= self.MAX_SPLITS:  # one sequence decodes; the other rows are never read
+                tk.decode_attention(out, q, kv_cache, tables, seq_lens, 1, 1.0, s.sliding_window, splits,
+                                    self._partials(1, splits), pdl=self.pdl)
+                splits *= 2
         qsl = torch.tensor([0, 1], dtype=torch.int32, device=dev)
         zero = torch.zeros(1, dtype=torch.int32, device=dev)
         tk.prefill_attention(out, q, kv_cache, tables, seq_lens, qsl, zero, zero, self.block_q, 1.0, s.sliding_window)

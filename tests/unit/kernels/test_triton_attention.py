@@ -28,8 +28,9 @@ try:
     from raylight.kernels.attention.triton_backend import TritonAttentionBackend
 
     INTERPRETED = isinstance(tk._write_kv_kernel, InterpretedFunction)
+    HAVE_TRITON = True
 except ImportError:  # CI: no triton
-    INTERPRETED = False
+    INTERPRETED = HAVE_TRITON = False
 
 # Not pytest.importorskip at module level: the GPU tests import make_step from here.
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="needs triton, run by its CPU interpreter")
@@ -233,3 +234,21 @@ def test_decode_launch_options_come_from_the_tuned_table_or_the_environment(monk
     assert tk._decode_launch(64, fp32=False) == dict(TILE=32, num_warps=2, num_stages=4)
     assert tk._decode_launch(128, fp32=False) == dict(TILE=64, num_warps=4, num_stages=3)
     assert tk._decode_launch(64, fp32=True) == {}  # float32 (our accuracy mode) keeps its own tiles
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_warmup_builds_each_split_variant_on_both_sides_of_the_pdl_rule(monkeypatch):
+    # PDL is decided per launch from the query's rows (kernels/pdl.py): with it asked for, the warm-up
+    # must run every split count with a query of at most PDL_MAX_TOKENS rows and one of more, or a
+    # step of many tokens compiles its variant live (W1 on an H100: 1.2 s inside its first mixed steps).
+    from raylight.kernels.pdl import PDL_MAX_TOKENS
+
+    spec = AttentionSpec(16, 4, 2, 64, torch.float32, torch.device("cpu"))
+    seen = []
+    monkeypatch.setattr(tk, "decode_attention", lambda out, q, *a, **kw: seen.append((q.shape[0], a[6], kw["pdl"])))
+    monkeypatch.setattr(tk, "prefill_attention", lambda *a, **kw: None)
+    for pdl, rows in ((False, [1]), (True, [1, PDL_MAX_TOKENS + 1])):
+        seen.clear()
+        TritonAttentionBackend(spec, pdl=pdl).warmup(torch.zeros(2, 2, 16, 2, 64))
+        splits = [1 << i for i in range(TritonAttentionBackend.MAX_SPLITS.bit_length())]
+        assert sorted(seen) == sorted((n, s, pdl) for n in rows for s in splits)
