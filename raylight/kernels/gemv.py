@@ -115,6 +115,21 @@ def row_tile(rows: int) -> int:
     return max(16, 1 << (rows - 1).bit_length())
 
 
+def warmup_row_counts(max_rows: int) -> list[int]:
+    """Row counts that together build every variant of the few-row kernel a launch of 1..max_rows rows
+    can ask for: per row tile, one count Triton specializes as a multiple of 16 and one it does not
+    (the row count is a plain argument), and the single-row GEMV. The decode graphs build them for
+    the body at capture; the LM head runs eagerly after the graph, so start-up runs it at these."""
+    counts = [1]
+    for tile in (16, 32, 64):
+        lo, hi = (2 if tile == 16 else tile // 2 + 1), min(tile, max_rows, MAX_ROWS)
+        if lo <= hi:
+            counts.append(lo)
+            if hi // 16 * 16 >= lo:
+                counts.append(hi // 16 * 16)
+    return counts
+
+
 def rows_config(n: int, k: int, rows: int):
     """`gemv_rows`' launch config for a weight [n, k] at `rows` rows; None where cuBLAS is faster or the
     shape was never measured."""

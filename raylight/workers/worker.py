@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from raylight.config import EngineArgs
 from raylight.defaults import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_PIECEWISE_GRAPH_TOKENS
+from raylight.kernels import gemv
 from raylight.kernels.config import KernelConfig
 from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata, get_attention_backend
 from raylight.models import registry
@@ -131,6 +132,13 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
         piecewise.bind_kv_caches(kv_caches)
     if device.type == "cuda" and hasattr(backend, "warmup"):
         backend.warmup(kv_caches[0])  # compile kernels now, not during a live step
+    if device.type == "cuda" and groups.is_last_stage:
+        # The LM head runs eagerly, at each step's sampled rows: its GEMV variants likewise (on an
+        # H100 batch 32's first decode step compiled one). Every TP rank of the stage calls it (a gather).
+        counts = gemv.warmup_row_counts(kernels.gemv_max_rows if kernels.gemv else 1)
+        hidden = torch.zeros(max(counts), arch.hidden_size, dtype=dtype, device=device)
+        for n in counts:
+            model.compute_logits(hidden[:n])
     if device.type == "cuda" and getattr(model, "moe_blocks", None):  # the MoE kernels likewise (all layers share them)
         model.moe_blocks[0].experts.warmup(args.max_num_batched_tokens or 8192)
     graphs = None

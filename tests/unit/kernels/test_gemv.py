@@ -109,3 +109,17 @@ def test_pdl_is_on_by_default_and_never_on_cpu():
     assert KernelConfig().gemv_prefetch == 0
     assert KernelConfig.from_args(None, environ={"RAYLIGHT_GEMV_PREFETCH": "512"}).gemv_prefetch == 512
     assert gemv._launch(True, 512, torch.zeros(1)) == {"PDL": False}
+
+
+@pytest.mark.parametrize("max_rows", [1, 2, 8, 16, 20, 33, 48, 64, 256])
+def test_warmup_row_counts_reach_every_variant_a_launch_can_ask_for(max_rows):
+    # A variant: the single-row GEMV, or the few-row kernel at a row tile with the row count a multiple
+    # of 16 or not (Triton specializes the plain argument so). Every count 1..max_rows must share its
+    # variant with one the start-up runs, and the start-up runs no count a step cannot have.
+    def variant(m: int):
+        return "gemv" if m == 1 else (gemv.row_tile(m), m % 16 == 0)
+
+    counts = gemv.warmup_row_counts(max_rows)
+    limit = min(max_rows, gemv.MAX_ROWS)
+    assert all(1 <= m <= limit for m in counts) and len(set(map(variant, counts))) == len(counts)
+    assert {variant(m) for m in range(1, limit + 1)} == set(map(variant, counts))
