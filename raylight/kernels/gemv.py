@@ -266,13 +266,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """F.linear(x, weight, bias), through `gemv` for a single row (and `gemv_rows` for up to
     `kernels.gemv_max_rows` rows) where it applies and `kernels.gemv` is on. With `silu_and_mul`,
     x is [gate | up] and the product is taken with silu(gate) * up."""
-    if (kernels.gemv and x.is_cuda and x.shape[0] <= kernels.gemv_max_rows
-            and applies(x, weight, silu_and_mul, kernels.gemv_max_rows)):
+    def ours(x: torch.Tensor, silu_and_mul: bool) -> bool:
+        return (kernels.gemv and x.is_cuda and x.shape[0] <= kernels.gemv_max_rows
+                and applies(x, weight, silu_and_mul, kernels.gemv_max_rows))
+
+    if silu_and_mul and not ours(x, True):  # several rows: the activation, then the projection alone
+        x, silu_and_mul = activation.silu_and_mul(x, kernels.fused_kernels, kernels.pdl), False
+    if ours(x, silu_and_mul):
         y = (gemv if x.shape[0] == 1 else gemv_rows)(x, weight, silu_and_mul=silu_and_mul, pdl=kernels.pdl,
                                                      prefetch=kernels.gemv_prefetch)
         return y if bias is None else y + bias
-    if silu_and_mul:
-        x = activation.silu_and_mul(x, kernels.fused_kernels, kernels.pdl)
     return F.linear(x, weight, bias)
 
 
