@@ -93,21 +93,31 @@ MAX_ROWS = 64
 ROWS_DEFAULT = (32, 256, 4, 4)
 
 
-# (N, K, BLOCK_M) -> launch config, or None where cuBLAS was faster: `bench_gemv.py --rows 8 32 64` on an
-# H100 (2026-12-06, benchmarks/results/gemv-rows-20261206-000707-h100.json), the Llama-3.1-8B TP=1 shapes
-# and its LM head. o_proj at row tile 16 is cuBLAS: the sweep had the kernel 1.9 us ahead, a probe in the
-# same lease 7.8 us behind (24.4 against 16.6 us), so the nearer call goes to the library. A shape not
-# listed stays on cuBLAS (a config not measured there may even need more shared memory than the GPU has).
-# The environment variable, read once here, goes before the table (a tuning run passes its sweep's winners
-# on to the benchmarks after it without a commit).
-ROWS_CONFIGS: dict = {
-    (6144, 4096, 16): (32, 128, 4, 4), (6144, 4096, 32): (16, 128, 4, 4), (6144, 4096, 64): None,
-    (4096, 4096, 16): None, (4096, 4096, 32): None, (4096, 4096, 64): None,
-    (28672, 4096, 16): (32, 128, 4, 3), (28672, 4096, 32): (64, 128, 4, 3), (28672, 4096, 64): (64, 128, 4, 3),
-    (4096, 14336, 16): (16, 256, 4, 4), (4096, 14336, 32): (16, 256, 4, 4), (4096, 14336, 64): (32, 256, 4, 4),
-    (128256, 4096, 16): (64, 256, 4, 4), (128256, 4096, 32): (64, 256, 8, 4), (128256, 4096, 64): (64, 128, 4, 3),
-    **parse_config(os.environ.get("RAYLIGHT_GEMV_ROWS_CONFIG", "")),
+# (N, K, BLOCK_M) -> launch config, or None where cuBLAS was faster, per GPU model: `bench_gemv.py --rows 8
+# 32 64` on an H100 (2026-12-06, benchmarks/results/gemv-rows-20261206-000707-h100.json), the Llama-3.1-8B
+# TP=1 shapes and its LM head. o_proj at row tile 16 is cuBLAS: the sweep had the kernel 1.9 us ahead, a
+# probe in the same lease 7.8 us behind (24.4 against 16.6 us), so the nearer call goes to the library.
+# A GPU or shape not listed stays on cuBLAS: on an H200 the H100's table made batch 8 and 32 slower
+# (1,486 / 5,114 out tok/s against 1,623 / 5,844 on cuBLAS, 8B shape, same machine), and a config not
+# measured on a GPU may even need more shared memory than it has.
+ROWS_CONFIGS_BY_GPU: dict = {
+    "H100": {
+        (6144, 4096, 16): (32, 128, 4, 4), (6144, 4096, 32): (16, 128, 4, 4), (6144, 4096, 64): None,
+        (4096, 4096, 16): None, (4096, 4096, 32): None, (4096, 4096, 64): None,
+        (28672, 4096, 16): (32, 128, 4, 3), (28672, 4096, 32): (64, 128, 4, 3), (28672, 4096, 64): (64, 128, 4, 3),
+        (4096, 14336, 16): (16, 256, 4, 4), (4096, 14336, 32): (16, 256, 4, 4), (4096, 14336, 64): (32, 256, 4, 4),
+        (128256, 4096, 16): (64, 256, 4, 4), (128256, 4096, 32): (64, 256, 8, 4), (128256, 4096, 64): (64, 128, 4, 3),
+    },
 }
+# The environment variable, read once here, goes before the tables on any GPU (a tuning run passes its
+# sweep's winners on to the benchmarks after it without a commit).
+ROWS_CONFIGS: dict = parse_config(os.environ.get("RAYLIGHT_GEMV_ROWS_CONFIG", ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_table(index: int) -> dict:
+    name = torch.cuda.get_device_name(index)
+    return next((t for model, t in ROWS_CONFIGS_BY_GPU.items() if model in name), {})
 
 
 def row_tile(rows: int) -> int:
@@ -130,10 +140,15 @@ def warmup_row_counts(max_rows: int) -> list[int]:
     return counts
 
 
-def rows_config(n: int, k: int, rows: int):
-    """`gemv_rows`' launch config for a weight [n, k] at `rows` rows; None where cuBLAS is faster or the
-    shape was never measured."""
-    return ROWS_CONFIGS.get((n, k, row_tile(rows)))
+def rows_config(n: int, k: int, rows: int, index: Optional[int] = None):
+    """`gemv_rows`' launch config for a weight [n, k] at `rows` rows on CUDA device `index` (None: the
+    current one); None where cuBLAS is faster or the shape was never measured on that GPU."""
+    key = (n, k, row_tile(rows))
+    if key in ROWS_CONFIGS:
+        return ROWS_CONFIGS[key]
+    if not torch.cuda.is_available():
+        return None
+    return _rows_table(torch.cuda.current_device() if index is None else index).get(key)
 
 
 def _prefetch_weight(w_ptr, rn, N, K, stride_w, PREFETCH: tl.constexpr):
@@ -258,7 +273,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = False, m
             # where the sweep found cuBLAS faster at this row tile, cuBLAS it is; the few-row kernel's
             # fused SiLU-and-mul ran 4.5-8x slower than the activation then cuBLAS (H100, 8B down_proj,
             # 8 rows: 225 us against 50), so with several rows the activation runs first
-            and (rows == 1 or (not silu_and_mul and rows_config(*weight.shape, rows) is not None)))
+            and (rows == 1 or (not silu_and_mul and rows_config(*weight.shape, rows, x.device.index) is not None)))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -312,7 +327,7 @@ def gemv_rows(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: 
     if not 1 <= M <= MAX_ROWS:
         raise ValueError(f"gemv_rows takes 1 to {MAX_ROWS} rows, not {M}")
     block_m = row_tile(M)
-    block_n, block_k, warps, stages = config or rows_config(N, K, M) or ROWS_DEFAULT
+    block_n, block_k, warps, stages = config or rows_config(N, K, M, x.device.index) or ROWS_DEFAULT
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     rows_kernel()[(triton.cdiv(N, block_n),)](x, weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
                                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
