@@ -24,6 +24,10 @@ ENV_VARS = {
     "rope_kv": "RAYLIGHT_ROPE_KV",
 }
 ROWS_ENV_VAR = "RAYLIGHT_GEMV_MAX_ROWS"  # an integer, unlike the switches above
+# The few-row kernel's most rows (kernels/gemv.py MAX_ROWS), and so the largest step PDL launches early
+# (kernels/pdl.py PDL_MAX_TOKENS: there our kernels carry the step). One constant for both, here, since
+# gemv imports pdl.
+FEW_ROWS_MAX = 64
 PREFETCH_ENV_VAR = "RAYLIGHT_GEMV_PREFETCH"  # an integer too
 # integer field -> (its environment variable, the least value that variable may set)
 INT_ENV_VARS = {"gemv_max_rows": (ROWS_ENV_VAR, 1), "gemv_prefetch": (PREFETCH_ENV_VAR, 0)}
@@ -45,7 +49,7 @@ class KernelConfig:
     # the shapes its table measured faster than cuBLAS (others stay on cuBLAS). H100, 8B shape, with
     # PDL: batch 8 1,259.7 against 1,208.1 out tok/s at 1, batch 32 4,537.6 against 4,456.3.
     # Env RAYLIGHT_GEMV_MAX_ROWS=<n> overrides.
-    gemv_max_rows: int = 64
+    gemv_max_rows: int = FEW_ROWS_MAX
     # Programmatic dependent launch for our Triton kernels on Hopper+ (kernels/pdl.py): each kernel
     # launched while the previous one drains, in steps of at most 64 tokens (pdl.PDL_MAX_TOKENS: larger
     # steps launch as before). H100, 8B batch 1: a 5.64 ms step against 5.77 ms without.

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from raylight.kernels import activation
 from raylight.kernels.fused import _next_pow2
-from raylight.kernels.config import DEFAULT_KERNELS, KernelConfig
+from raylight.kernels.config import DEFAULT_KERNELS, FEW_ROWS_MAX, KernelConfig
 from raylight.kernels.pdl import gdc_functions, launch_options
 
 triton = None
@@ -89,7 +89,7 @@ def single_row_config(n: int, k: int, index: int) -> tuple:
 
 
 # The few-row kernel (`gemv_rows`): up to MAX_ROWS rows, padded to a row tile of 16, 32 or 64.
-MAX_ROWS = 64
+MAX_ROWS = FEW_ROWS_MAX
 ROWS_DEFAULT = (32, 256, 4, 4)
 
 
@@ -200,10 +200,12 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
 
 def _rows_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 SILU_AND_MUL: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
+                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     # The few-row case (decode at batch 2..MAX_ROWS): like _gemv_kernel, each program owns BLOCK_N
     # output features over the full K and streams their weight rows once, but multiplies each weight
-    # tile with all M input rows at once on the tensor cores (rows padded to BLOCK_M >= 16).
+    # tile with all M input rows at once on the tensor cores (rows padded to BLOCK_M >= 16). No fused
+    # SiLU-and-mul input here: computed between the loads and tl.dot it ran 4.5-8x slower than the
+    # activation kernel then cuBLAS (H100, 8B down_proj), so `linear` runs the activation first.
     pid = tl.program_id(0)
     if PREFETCH > 0:
         _prefetch_weight(w_ptr, pid * BLOCK_N + tl.arange(0, BLOCK_N), N, K, stride_w, PREFETCH)
@@ -222,18 +224,10 @@ def _rows_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-            if SILU_AND_MUL:
-                u = tl.load(x_ptrs + K, mask=m_mask[:, None], other=0.0)
         else:
             k_mask = (k + rk) < K
             w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            if SILU_AND_MUL:
-                u = tl.load(x_ptrs + K, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if SILU_AND_MUL:
-            g = x.to(tl.float32)
-            s = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
-            x = (s * u.to(tl.float32)).to(x.dtype)
         acc += tl.dot(x, tl.trans(w))
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -288,8 +282,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if silu_and_mul and not ours(x, True):  # several rows: the activation, then the projection alone
         x, silu_and_mul = activation.silu_and_mul(x, kernels.fused_kernels, kernels.pdl), False
     if ours(x, silu_and_mul):
-        y = (gemv if x.shape[0] == 1 else gemv_rows)(x, weight, silu_and_mul=silu_and_mul, pdl=kernels.pdl,
-                                                     prefetch=kernels.gemv_prefetch)
+        if x.shape[0] == 1:
+            y = gemv(x, weight, silu_and_mul=silu_and_mul, pdl=kernels.pdl, prefetch=kernels.gemv_prefetch)
+        else:  # never with silu_and_mul (applies refuses it)
+            y = gemv_rows(x, weight, pdl=kernels.pdl, prefetch=kernels.gemv_prefetch)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
 
@@ -318,10 +314,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: bool 
     return y
 
 
-def gemv_rows(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: bool = False,
-              pdl: bool = False, prefetch: int = 0) -> torch.Tensor:
-    """x [M, K] @ weight[N, K]^T -> [M, N] for 1 <= M <= MAX_ROWS (x [M, 2K] = [gate | up] with
-    `silu_and_mul`); `config` (BLOCK_N, BLOCK_K, num_warps, num_stages) overrides ROWS_CONFIGS."""
+def gemv_rows(x: torch.Tensor, weight: torch.Tensor, config=None, pdl: bool = False,
+              prefetch: int = 0) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T -> [M, N] for 1 <= M <= MAX_ROWS; `config` (BLOCK_N, BLOCK_K,
+    num_warps, num_stages) overrides the tables."""
     M = x.shape[0]
     N, K = weight.shape
     if not 1 <= M <= MAX_ROWS:
@@ -331,6 +327,6 @@ def gemv_rows(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: 
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     rows_kernel()[(triton.cdiv(N, block_n),)](x, weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
                                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                              EVEN_K=K % block_k == 0, SILU_AND_MUL=silu_and_mul,
-                                              num_warps=warps, num_stages=stages, **_launch(pdl, prefetch, x))
+                                              EVEN_K=K % block_k == 0, num_warps=warps, num_stages=stages,
+                                              **_launch(pdl, prefetch, x))
     return y

@@ -28,6 +28,8 @@ import functools
 
 import torch
 
+from raylight.kernels.config import FEW_ROWS_MAX
+
 
 @functools.lru_cache(maxsize=None)
 def gdc_functions():
@@ -48,7 +50,7 @@ def _supported(index: int) -> bool:
 
 # The most tokens (rows of the launch's leading tensor) a step may have for its kernels to launch early:
 # the few-row GEMV's limit (kernels/gemv.py MAX_ROWS), where our kernels carry the step.
-PDL_MAX_TOKENS = 64
+PDL_MAX_TOKENS = FEW_ROWS_MAX
 
 
 def launch_options(pdl: bool, t: torch.Tensor) -> dict:

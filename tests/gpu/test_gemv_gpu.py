@@ -96,8 +96,8 @@ def test_linear_routes_up_to_max_rows_to_the_rows_kernel(monkeypatch):
         pytest.skip("the Triton projections are routed on Hopper only")
     calls = []
     real = gemv.gemv_rows
-    monkeypatch.setattr(gemv, "gemv_rows", lambda x, weight, config=None, silu_and_mul=False, **launch:
-                        calls.append((x.shape[0], silu_and_mul)) or real(x, weight, config, silu_and_mul, **launch))
+    monkeypatch.setattr(gemv, "gemv_rows", lambda x, weight, config=None, **launch:
+                        calls.append((x.shape[0], x.shape[1])) or real(x, weight, config, **launch))
     w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16) * 0.05
     # routed only where the table has a config for the shape at that row tile (never measured: cuBLAS)
     monkeypatch.setattr(gemv, "ROWS_CONFIGS", {(256, 512, 16): (32, 256, 4, 4), (256, 512, 32): None})
@@ -110,7 +110,8 @@ def test_linear_routes_up_to_max_rows_to_the_rows_kernel(monkeypatch):
         x2 = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
         want = F.linear(torch_silu_and_mul(x2).float(), w.float())
         assert rel_err(gemv.linear(x2, w, silu_and_mul=True, kernels=kernels), want) < 1e-2
-    # one row: the single-row GEMV; 17 rows: tile 32, where the table says cuBLAS
-    assert calls == [(4, False), (4, False), (16, False), (16, False)]
+    # one row: the single-row GEMV; 17 rows: tile 32, where the table says cuBLAS; the projection after the
+    # activation gets the activation's output (512 wide), never [gate | up]
+    assert calls == [(4, 512), (4, 512), (16, 512), (16, 512)]
     gemv.linear(torch.randn(8, 512, device="cuda", dtype=torch.bfloat16), w, kernels=KernelConfig(gemv_max_rows=4))
     assert len(calls) == 4  # more rows than gemv_max_rows: cuBLAS

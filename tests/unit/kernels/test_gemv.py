@@ -45,16 +45,13 @@ def test_rows_kernel_matches_linear(rows, shape, config):
 
 
 @interpreted
-@pytest.mark.parametrize("rows", [1, 5])
-def test_rows_kernel_with_the_silu_and_mul_input(rows):
+def test_single_row_gemv_with_the_silu_and_mul_input():
     N, K = 48, 80
-    g = torch.Generator().manual_seed(rows)
+    g = torch.Generator().manual_seed(1)
     w = torch.randn(N, K, generator=g) * 0.1
-    x = torch.randn(rows, 2 * K, generator=g)
+    x = torch.randn(1, 2 * K, generator=g)
     want = F.linear(torch_silu_and_mul(x), w)
-    torch.testing.assert_close(gemv.gemv_rows(x, w, (16, 32, 4, 1), silu_and_mul=True), want, rtol=1e-4, atol=1e-4)
-    if rows == 1:
-        torch.testing.assert_close(gemv.gemv(x, w, (16, 32, 4, 1), silu_and_mul=True), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gemv.gemv(x, w, (16, 32, 4, 1), silu_and_mul=True), want, rtol=1e-4, atol=1e-4)
 
 
 @interpreted
