@@ -71,21 +71,11 @@ def test_a_graph_of_dependent_kernels_gives_the_same_bits_with_pdl():
     assert torch.equal(outs[False, 0], outs[True, 0]) and torch.equal(outs[False, 0], outs[True, 1024])
 
 
-class _EveryShape(dict):  # the few-row kernel's default config for every shape, on any GPU
-    def __contains__(self, key):
-        return True
-
-    def __getitem__(self, key):
-        return gemv.ROWS_DEFAULT
-
-
 @pytest.mark.skipif(not _hopper(), reason="PDL needs compute capability 9+")
 @torch.inference_mode()
-def test_engine_greedy_tokens_with_pdl_equal_those_without(gpu_llama_dir, monkeypatch):
+def test_engine_greedy_tokens_with_pdl_equal_those_without(gpu_llama_dir, monkeypatch, few_rows_everywhere):
     # ... and with the rotary + KV write kernel (rope_kv), which must give the same bits as well
     prompts = random_prompts(6, 512, 5, 120, seed=5)
-    # the few-row kernel for every shape of this small model (its table lists the 8B shapes only)
-    monkeypatch.setattr(gemv, "ROWS_CONFIGS", _EveryShape())
     outs = {}
     for pdl, prefetch, rope_kv in ((False, 0, False), (True, 0, False), (True, 512, False), (False, 0, True),
                                    (True, 512, True)):

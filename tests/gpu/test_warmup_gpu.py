@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from raylight import LLM, SamplingParams
-from raylight.kernels import gemv
 from raylight.kernels.pdl import PDL_MAX_TOKENS
 from raylight.testing.helpers import random_prompts
 from raylight.utils.kernel_builds import KernelBuilds
@@ -21,18 +20,9 @@ from raylight.utils.kernel_builds import KernelBuilds
 pytestmark = pytest.mark.gpu
 
 
-class _EveryShape(dict):  # the few-row kernel's default config for every shape, on any GPU
-    def __contains__(self, key):
-        return True
-
-    def __getitem__(self, key):
-        return gemv.ROWS_DEFAULT
-
-
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 @torch.inference_mode()
-def test_no_kernel_is_built_after_the_engine_is_ready(gpu_llama_dir, backend, monkeypatch):
-    monkeypatch.setattr(gemv, "ROWS_CONFIGS", _EveryShape())
+def test_no_kernel_is_built_after_the_engine_is_ready(gpu_llama_dir, backend, few_rows_everywhere):
     llm = LLM(gpu_llama_dir, dtype="bfloat16", device="cuda", attention_backend=backend, max_model_len=512,
               max_num_batched_tokens=1024, num_kv_blocks=8192)
     assert llm.engine.model.kernels.pdl  # the default
