@@ -20,6 +20,7 @@ import torch.distributed as dist
 from raylight.config import EngineArgs
 from raylight.defaults import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_PIECEWISE_GRAPH_TOKENS
 from raylight.kernels import gemv
+from raylight.utils import lazy_zeros
 from raylight.kernels.config import KernelConfig
 from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata, get_attention_backend
 from raylight.models import registry
@@ -127,7 +128,7 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
 
     # Under CUDA graphs one extra block, never handed out by the pool, absorbs the padding rows' writes.
     shape = model.kv_cache_shape(num_blocks + use_graphs, bs)
-    kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_local_layers)]
+    kv_caches = [lazy_zeros.zeros(shape, dtype, device) for _ in range(model.num_local_layers)]
     if piecewise is not None:
         piecewise.bind_kv_caches(kv_caches)
     if device.type == "cuda" and hasattr(backend, "warmup"):
