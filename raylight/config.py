@@ -198,5 +198,3 @@ class EngineArgs(BaseModel):
 
 
 EngineArgs.model_rebuild()
-
-DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3
