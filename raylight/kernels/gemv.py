@@ -77,10 +77,15 @@ DEFAULT = (16, 512, 8, 4)
 CONFIGS: dict = {k: v for k, v in parse_config(os.environ.get("RAYLIGHT_GEMV_CONFIG", "")).items() if v is not None}
 
 
+def _table_of_gpu(tables: dict, index: int, default: dict) -> dict:
+    """The table of `tables` whose GPU model is in device `index`'s name, else `default`."""
+    name = torch.cuda.get_device_name(index)
+    return next((t for model, t in tables.items() if model in name), default)
+
+
 @functools.lru_cache(maxsize=None)
 def _gpu_table(index: int) -> dict:
-    name = torch.cuda.get_device_name(index)
-    return next((t for model, t in CONFIGS_BY_GPU.items() if model in name), CONFIGS_BY_GPU["H200"])
+    return _table_of_gpu(CONFIGS_BY_GPU, index, CONFIGS_BY_GPU["H200"])
 
 
 def single_row_config(n: int, k: int, index: int) -> tuple:
@@ -116,8 +121,7 @@ ROWS_CONFIGS: dict = parse_config(os.environ.get("RAYLIGHT_GEMV_ROWS_CONFIG", ""
 
 @functools.lru_cache(maxsize=None)
 def _rows_table(index: int) -> dict:
-    name = torch.cuda.get_device_name(index)
-    return next((t for model, t in ROWS_CONFIGS_BY_GPU.items() if model in name), {})
+    return _table_of_gpu(ROWS_CONFIGS_BY_GPU, index, {})
 
 
 def row_tile(rows: int) -> int:
@@ -203,9 +207,8 @@ def _rows_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
                  PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     # The few-row case (decode at batch 2..MAX_ROWS): like _gemv_kernel, each program owns BLOCK_N
     # output features over the full K and streams their weight rows once, but multiplies each weight
-    # tile with all M input rows at once on the tensor cores (rows padded to BLOCK_M >= 16). No fused
-    # SiLU-and-mul input here: computed between the loads and tl.dot it ran 4.5-8x slower than the
-    # activation kernel then cuBLAS (H100, 8B down_proj), so `linear` runs the activation first.
+    # tile with all M input rows at once on the tensor cores (rows padded to BLOCK_M >= 16). It takes
+    # no SiLU-and-mul input (see `applies`).
     pid = tl.program_id(0)
     if PREFETCH > 0:
         _prefetch_weight(w_ptr, pid * BLOCK_N + tl.arange(0, BLOCK_N), N, K, stride_w, PREFETCH)
@@ -264,9 +267,9 @@ def applies(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool = False, m
             and weight.dim() == 2 and weight.is_contiguous() and weight.dtype == x.dtype
             and weight.shape[1] * (2 if silu_and_mul else 1) == x.shape[1]
             and x.dtype in (torch.bfloat16, torch.float16) and _hopper(x.device.index or 0)
-            # where the sweep found cuBLAS faster at this row tile, cuBLAS it is; the few-row kernel's
-            # fused SiLU-and-mul ran 4.5-8x slower than the activation then cuBLAS (H100, 8B down_proj,
-            # 8 rows: 225 us against 50), so with several rows the activation runs first
+            # where the sweep found cuBLAS faster at this row tile, cuBLAS it is; the few-row kernel takes
+            # no SiLU-and-mul input (fused there it ran 4.5-8x slower than the activation then cuBLAS,
+            # H100, 8B down_proj, 8 rows: 225 us against 50), so with several rows the activation runs first
             and (rows == 1 or (not silu_and_mul and rows_config(*weight.shape, rows, x.device.index) is not None)))
 
 
@@ -276,8 +279,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     `kernels.gemv_max_rows` rows) where it applies and `kernels.gemv` is on. With `silu_and_mul`,
     x is [gate | up] and the product is taken with silu(gate) * up."""
     def ours(x: torch.Tensor, silu_and_mul: bool) -> bool:
-        return (kernels.gemv and x.is_cuda and x.shape[0] <= kernels.gemv_max_rows
-                and applies(x, weight, silu_and_mul, kernels.gemv_max_rows))
+        return kernels.gemv and applies(x, weight, silu_and_mul, kernels.gemv_max_rows)
 
     if silu_and_mul and not ours(x, True):  # several rows: the activation, then the projection alone
         x, silu_and_mul = activation.silu_and_mul(x, kernels.fused_kernels, kernels.pdl), False

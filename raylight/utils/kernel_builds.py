@@ -1,6 +1,5 @@
-"""Counts the kernels built while it runs (Triton variants, FlashInfer JIT modules): after an engine says
-it is ready, every build is a request waiting for a compiler (issue 18: nothing compiles in the request
-path). Used by scripts/bench_throughput.py and the GPU warm-up test."""
+"""`KernelBuilds`, for scripts/bench_throughput.py and tests/gpu/test_warmup_gpu.py (issue 18: nothing
+compiles in the request path)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import torch
 def zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """torch.zeros(shape, dtype=dtype, device=device), lazily backed on the host (see above)."""
     device = torch.device(device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if device.type != "cpu" or nbytes == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)

@@ -20,7 +20,6 @@ import torch.distributed as dist
 from raylight.config import EngineArgs
 from raylight.defaults import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_PIECEWISE_GRAPH_TOKENS
 from raylight.kernels import gemv
-from raylight.utils import lazy_zeros
 from raylight.kernels.config import KernelConfig
 from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata, get_attention_backend
 from raylight.models import registry
@@ -28,6 +27,7 @@ from raylight.models.loader import ResolvedModel, build_model, resolve_model
 from raylight.parallel.pipeline import StageModel
 from raylight.parallel.state import ParallelConfig, ParallelGroups, leave_distributed
 from raylight.messages import RankReport, StepInputs
+from raylight.utils import lazy_zeros
 from raylight.workers.logits_plan import run_logits_plan
 from raylight.workers.model_runner import ModelRunner
 from raylight.workers.rendezvous import join_world
