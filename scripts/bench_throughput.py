@@ -331,7 +331,14 @@ def gpu_memory(engine) -> "dict | None":
     return dict(total_gib=total / gib, cap_gib=cap / gib, used_after_run_gib=(total - free) / gib,
                 within_cap=total - free <= cap, kv_cache_gib=sum(c.nbytes for c in engine.kv_caches) / gib,
                 piecewise_pool_gib=pieces.memory_bytes / gib if pieces is not None else 0.0,
-                piecewise_inputs_unowned=getattr(pieces, "inputs_unowned", None))
+                piecewise_inputs_unowned=getattr(pieces, "inputs_unowned", None),
+                # the caching allocator's side of it: reserved beyond allocated is its cache (fragments of
+                # earlier steps' sizes); the device's use beyond reserved is outside PyTorch (CUDA context,
+                # cuBLAS/FlashInfer workspaces, NCCL)
+                allocated_gib=torch.cuda.memory_allocated(engine.device) / gib,
+                reserved_gib=torch.cuda.memory_reserved(engine.device) / gib,
+                peak_allocated_gib=torch.cuda.max_memory_allocated(engine.device) / gib,
+                peak_reserved_gib=torch.cuda.max_memory_reserved(engine.device) / gib)
 
 
 def wrap_timed(obj, name: str, label: str, totals: dict[str, float]) -> None:
@@ -463,8 +470,8 @@ def main(argv=None):
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--hf-batch-size", type=int, default=32)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's (8192 on CUDA)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's (1024 on CUDA)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's (16384 on CUDA)")
     p.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
@@ -518,7 +525,9 @@ def main(argv=None):
         g = ours["gpu_memory"]
         print(f"GPU memory after the run: {g['used_after_run_gib']:.1f} GiB used of a {g['cap_gib']:.1f} GiB cap "
               f"({'within' if g['within_cap'] else 'PAST'} it); KV cache {g['kv_cache_gib']:.1f} GiB, piecewise "
-              f"graphs' pool {g['piecewise_pool_gib']:.2f} GiB (inputs unowned: {g['piecewise_inputs_unowned']})")
+              f"graphs' pool {g['piecewise_pool_gib']:.2f} GiB (inputs unowned: {g['piecewise_inputs_unowned']}); "
+              f"allocator: {g['allocated_gib']:.1f} allocated, {g['reserved_gib']:.1f} reserved, peaks "
+              f"{g['peak_allocated_gib']:.1f} / {g['peak_reserved_gib']:.1f} GiB")
     ph = ours["phases"]
     print(f"steps with prompt tokens: {len(ph['prompt_steps'])} in {ph['prompt_steps_s']:.3f}s "
           f"(tokens, decode rows, ms): {ph['prompt_steps'][:24]}; decode-only steps {ph['decode_only_s']:.3f}s")

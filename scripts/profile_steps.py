@@ -105,7 +105,7 @@ def main(argv=None):
     p.add_argument("--workload-file", default=None, help="requests from a saved workload ({name, prompts, "
                    "output_lens}, bench_throughput --save-workload) instead of N x input-len")
     p.add_argument("--mixed-steps", type=int, default=10_000, help="most steps the mixed window profiles")
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = p.parse_args(argv)

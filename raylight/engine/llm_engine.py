@@ -54,15 +54,23 @@ class StepTotals:
                 "step_tokens_total": self.tokens, "step_decode_rows_total": self.decode_rows}
 
 
+def scheduler_defaults(args: EngineArgs, device) -> dict:
+    """The scheduler limits `args` leaves unset, for `device` (vLLM's offline defaults on these GPUs are
+    the same: 1024 sequences, 16,384 tokens a step). On CUDA a step's weights are read once whatever
+    its rows, so more rows per step is more tokens per read; on CPU the step's compute grows with its
+    rows and a smaller step keeps latency down."""
+    cuda = device.type == "cuda"
+    defaults = dict(max_num_batched_tokens=16384 if cuda else 2048, max_num_seqs=1024 if cuda else 256)
+    return {k: v for k, v in defaults.items() if getattr(args, k) is None}
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs, placement=None):
         """`placement`: under Serve with tensor/pipeline parallelism, the replica's PlacementPlan (its
         other ranks become Ray actors in its placement group); otherwise they are child processes."""
         t0 = time.monotonic()
         self.device = resolve_device(args.device)
-        if args.max_num_batched_tokens is None:
-            budget = 8192 if self.device.type == "cuda" else 2048
-            args = args.model_copy(update=dict(max_num_batched_tokens=budget))
+        args = args.model_copy(update=scheduler_defaults(args, self.device))
         self.args = args
         resolved = resolve_model(args.model, args.load_format, args.revision)
         self.model_name = resolved.name

@@ -202,6 +202,9 @@ class PiecewiseGraphRunner:
                     pieces = splitter.pieces = _Pieces(graphs=[_begin(pool)])
                     try:
                         pieces.hidden = self.model(ids, pos, self.stand_in_caches, None)
+                    except BaseException:  # which size failed: capture_end's own error below would hide it
+                        logger.error("capturing the piecewise CUDA graphs of a %d-token step failed", n)
+                        raise
                     finally:
                         pieces.graphs[-1].capture_end()
                         splitter.pieces = None
