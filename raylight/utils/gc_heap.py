@@ -9,6 +9,7 @@ collections walk only what was made since (vLLM's engine core does the same)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -22,3 +23,20 @@ def freeze_heap(where: str) -> None:
     gc.freeze()
     logger.info("%s: froze %d start-up objects out of the garbage collector's walks (%.0f ms)", where,
                 gc.get_freeze_count(), (time.perf_counter() - t0) * 1e3)
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """No cyclic collection inside the block, one just before it. For CUDA graph capture: a collection
+    mid-capture may free an earlier engine's objects (a cycle left behind by `del llm`), and a CUDA call
+    their teardown makes may be one a capturing stream forbids, and the capture then fails at the next
+    launch. The likely cause of "operation failed due to a previous error during capture" seen once (H100,
+    tests/gpu/test_pdl_gpu.py building five engines in one process; not reproduced in the next run)."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from raylight.kernels.attention import CommonAttentionMetadata
+from raylight.utils.gc_heap import collector_paused
 from raylight.utils.host_copy import copy_to
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,16 @@ class CudaGraphRunner:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         before = torch.cuda.mem_get_info(self.device)[0]
+        with collector_paused():
+            self._capture_all(pool, stream)
+        torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - t0
+        used = before - torch.cuda.mem_get_info(self.device)[0]
+        logger.info("captured %d CUDA graphs (batch sizes %d..%d) in %.1fs, %.2f GiB",
+                    len(self.sizes), self.sizes[0], self.sizes[-1], elapsed, used / 2**30)
+        return elapsed
+
+    def _capture_all(self, pool, stream) -> None:
         for bs in reversed(self.sizes):
             meta = self.backend.make_graph_metadata(bs, self.max_blocks)
             self.backend.fill_graph_metadata(meta, self._padded(np.zeros(0, np.int64), np.zeros((0, 1), np.int64), bs))
@@ -94,12 +105,6 @@ class CudaGraphRunner:
             with torch.cuda.graph(graph, pool=pool, stream=stream):
                 hidden = self.model(ids, pos, self.kv_caches, meta)
             self.graphs[bs] = _Graph(graph, meta, hidden)
-        torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - t0
-        used = before - torch.cuda.mem_get_info(self.device)[0]
-        logger.info("captured %d CUDA graphs (batch sizes %d..%d) in %.1fs, %.2f GiB",
-                    len(self.sizes), self.sizes[0], self.sizes[-1], elapsed, used / 2**30)
-        return elapsed
 
     def _padded(self, seq_lens: np.ndarray, block_tables: np.ndarray, bs: int,
                 slot_mapping: np.ndarray | None = None) -> CommonAttentionMetadata:

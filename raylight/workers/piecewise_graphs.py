@@ -43,6 +43,8 @@ from typing import Optional
 
 import torch
 
+from raylight.utils.gc_heap import collector_paused
+
 logger = logging.getLogger(__name__)
 
 
@@ -190,7 +192,7 @@ class PiecewiseGraphRunner:
         before = torch.cuda.mem_get_info(self.device)[0]
         splitter = _Splitter(self.attn_out, pool, self.stand_in_caches)
         num_graphs = 0
-        with _attention_swapped(self.model, self.backend, splitter) as num_layers:
+        with collector_paused(), _attention_swapped(self.model, self.backend, splitter) as num_layers:
             if num_layers == 0:
                 raise ValueError("the model calls no attention through its backend: nothing to split at")
             stream.wait_stream(torch.cuda.current_stream(self.device))
