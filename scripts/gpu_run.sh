@@ -39,7 +39,8 @@ stage=$2
 #   PF<n>/   with PDL, n weight columns per row prefetched by our GEMV kernels before their wait (RAYLIGHT_GEMV_PREFETCH)
 #   RK0/ RK1/    the rotary + KV write kernel off / on (RAYLIGHT_ROPE_KV)
 #   TC0/ TC1/    FlashInfer decode without / with its tensor-core kernels
-#   MNS<n>/ MBT<n>/  max_num_seqs / max_num_batched_tokens n (vLLM's defaults on these GPUs: 1024 / 16384; ours 256 / 8192)
+#   MNS<n>/ MBT<n>/  max_num_seqs / max_num_batched_tokens n (vLLM's offline defaults on these GPUs and ours: 1024 / 16384)
+#   DPS<n>/  Triton decode attention split until n programs per SM (RAYLIGHT_DECODE_PROGRAMS_PER_SM; default 4)
 while :; do case $stage in
   U/*) export RAYLIGHT_FUSED_KERNELS=0 ;;
   NP/*) BENCH_EXTRA="${BENCH_EXTRA:-} --max-piecewise-graph-tokens 0" ;;
@@ -50,6 +51,7 @@ while :; do case $stage in
   TC0/*|TC1/*) export RAYLIGHT_FI_DECODE_TENSOR_CORES=${stage:2:1} ;;
   MNS[0-9]*/*) n=${stage%%/*}; BENCH_EXTRA="${BENCH_EXTRA:-} --max-num-seqs ${n#MNS}" ;;
   MBT[0-9]*/*) n=${stage%%/*}; BENCH_EXTRA="${BENCH_EXTRA:-} --max-num-batched-tokens ${n#MBT}" ;;
+  DPS[0-9]*/*) n=${stage%%/*}; export RAYLIGHT_DECODE_PROGRAMS_PER_SM=${n#DPS} ;;
   *) break ;;
 esac; stage=${stage#*/}; done
 W1="--dummy --model-config llama-3.2-1b --fixed --num-requests 256 --input-len 512 --output-len 256 --max-model-len 4096 --quiet"

@@ -9,6 +9,7 @@ persistent buffers for a decode-only batch and `fill_graph_metadata` refreshes t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,15 +43,18 @@ class TritonAttentionBackend:
     supports_cuda_graphs = True
     MIN_SPLIT_TOKENS = 128  # a decode split below this is more launch than work
     MAX_SPLITS = 64
+    PROGRAMS_PER_SM = 4
 
     def __init__(self, spec: AttentionSpec, pdl: bool = False):
         self.spec = spec
         self.pdl = pdl  # KV write, decode and combine launched early where supported (kernels/pdl.py)
         tk.group_rows(spec.num_heads, spec.num_kv_heads)  # rejects a head count that is not a GQA multiple
         self.block_q = tk.prefill_block_q(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.dtype)
-        # Split decode until about this many programs are in flight (a few per SM).
+        # Split decode until about this many programs are in flight (a few per SM). A tuning knob for now
+        # (env RAYLIGHT_DECODE_PROGRAMS_PER_SM): a CUDA graph fixes the split count per batch size, so with
+        # mixed lengths a few long sequences' programs can trail the rest.
         sms = torch.cuda.get_device_properties(spec.device).multi_processor_count if spec.device.type == "cuda" else 16
-        self.target_programs = 4 * sms
+        self.target_programs = int(os.environ.get("RAYLIGHT_DECODE_PROGRAMS_PER_SM", self.PROGRAMS_PER_SM)) * sms
         self.min_split_tokens = self.MIN_SPLIT_TOKENS
 
     def warmup(self, kv_cache: torch.Tensor) -> None:
