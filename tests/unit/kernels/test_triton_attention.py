@@ -167,7 +167,7 @@ def test_split_decode_matches_unsplit_and_reference(window):
     backend.min_split_tokens = 16  # force splitting on these short contexts
     assert backend.build(step[0]).num_splits > 1
     got = check_against_reference(backend, *step, tol=1e-4)
-    backend.target_programs = 1  # no splitting
+    backend.target_programs = backend.full_batch_target_programs = 1  # no splitting
     assert backend.build(step[0]).num_splits == 1
     common, cache, q, k, v = step
     unsplit = backend.forward(q, k, v, cache, backend.build(common), dim**-0.5)
@@ -252,3 +252,19 @@ def test_warmup_builds_each_split_variant_on_both_sides_of_the_pdl_rule(monkeypa
         TritonAttentionBackend(spec, pdl=pdl).warmup(torch.zeros(2, 2, 16, 2, 64))
         splits = [1 << i for i in range(TritonAttentionBackend.MAX_SPLITS.bit_length())]
         assert sorted(seen) == sorted((n, s, pdl) for n in rows for s in splits)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_split_count_a_small_batch_at_four_programs_per_sm_a_full_one_at_sixteen(monkeypatch):
+    # An H100's 132 SMs and the 8B / 1B shapes' 8 KV heads; graphs ask with the model's length (4096)
+    backend = triton_backend(16, 32, 8, 128, None)
+    backend.target_programs, backend.full_batch_target_programs = 4 * 132, 16 * 132
+    splits = {bs: backend.num_splits(bs, 4096) for bs in (1, 8, 32, 48, 64, 72, 128, 256, 512)}
+    # up to 33 sequences the 4-per-SM target still splits: as before (8B batch 8 and 32 measured so)
+    assert [splits[b] for b in (1, 8, 32)] == [32, 8, 2]
+    # a batch that fills the GPU alone splits long sequences against 16 per SM, never beyond it
+    assert [splits[b] for b in (48, 64, 72, 128, 256, 512)] == [4, 4, 2, 2, 1, 1]
+    assert backend.num_splits(48, 256) == 2  # a short context is not split below MIN_SPLIT_TOKENS
+    monkeypatch.setenv("RAYLIGHT_DECODE_PROGRAMS_PER_SM", "4")  # the one-target rule of before
+    old_rule = TritonAttentionBackend(backend.spec)
+    assert old_rule.full_batch_target_programs == old_rule.target_programs
