@@ -37,6 +37,9 @@ SWEEP = [(bn, bk, w, s) for (bn, bk), w, s in itertools.product(
     [(4, 1024), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 256), (2, 2048)], (4, 8), (3, 4))]
 ROWS_SWEEP = [(bn, bk, w, s) for (bn, bk), w, s in itertools.product(
     [(16, 128), (16, 256), (16, 512), (32, 128), (32, 256), (64, 128), (64, 256)], (4, 8), (3, 4))]
+# ... and split over K (a fifth entry): more programs where N alone gives too few (o_proj, qkv)
+ROWS_SWEEP += [(bn, bk, 4, s, sk) for (bn, bk), s, sk in itertools.product(
+    [(16, 128), (32, 128), (32, 256), (64, 128)], (3, 4), (2, 4))]
 
 
 def per_call(fn, calls: int, reps: int) -> float:

@@ -23,8 +23,12 @@ DEFAULT (16, 512, 8, 4) beat cuBLAS at every one of those shapes.
 each tile multiplied with every row at once on the tensor cores. Why: at batch 8 and 32 the 8B
 model's decode graph took 6.12 / 6.62 ms against 5.36 ms at batch 1 on an H100, although the weight
 bytes (the floor) are the same (benchmarks/results/throughput-gpu-b{1,8,32}-auto-20261205-17*-h100.json).
-Not yet measured on a GPU: `KernelConfig.gemv_max_rows` keeps it off (1) until `bench_gemv.py --rows`
-and the b8/b32 presets say where it beats cuBLAS; RAYLIGHT_GEMV_MAX_ROWS=<n> turns it on for a run.
+It runs where this GPU model's table (`ROWS_CONFIGS_BY_GPU`, from `bench_gemv.py --rows`) measured it
+faster than cuBLAS, up to `KernelConfig.gemv_max_rows` rows (RAYLIGHT_GEMV_MAX_ROWS=<n>).
+A config's optional fifth entry splits K over that many programs per output tile, the last of them
+summing the fp32 partials (one kernel, no memset: the arrival counts go back to zero), for shapes whose
+N alone gives too few programs (8B o_proj: 128 tiles of 32 for 132 SMs, on cuBLAS at 68% of bandwidth at
+batch 8). Interpreter-tested and in the sweep; no table entry uses it until a GPU sweep says so.
 """
 
 from __future__ import annotations
@@ -202,16 +206,23 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
     tl.store(y_ptr + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-def _rows_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
+def _rows_kernel(x_ptr, w_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT, stride_x, stride_w, stride_y,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
+                 SPLIT_K: tl.constexpr = 1, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     # The few-row case (decode at batch 2..MAX_ROWS): like _gemv_kernel, each program owns BLOCK_N
-    # output features over the full K and streams their weight rows once, but multiplies each weight
-    # tile with all M input rows at once on the tensor cores (rows padded to BLOCK_M >= 16). It takes
-    # no SiLU-and-mul input (see `applies`).
+    # output features and streams their weight rows once, but multiplies each weight tile with all M
+    # input rows at once on the tensor cores (rows padded to BLOCK_M >= 16). It takes no SiLU-and-mul
+    # input (see `applies`).
+    # SPLIT_K > 1: program (n, s) covers K_PER_SPLIT columns of K (a multiple of BLOCK_K), so a small N
+    # still gives every SM work (o_proj's 4,096 features at BLOCK_N 32 are 128 programs for 132 SMs).
+    # Each writes its fp32 partial to part_ptr [SPLIT_K, M, N], then counts itself in count_ptr[n]; the
+    # last of a tile's SPLIT_K programs sums the partials, writes y and sets the count back to 0 for the
+    # next call: no second kernel, no memset.
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     if PREFETCH > 0:
-        _prefetch_weight(w_ptr, pid * BLOCK_N + tl.arange(0, BLOCK_N), N, K, stride_w, PREFETCH)
+        _prefetch_weight(w_ptr + split * K_PER_SPLIT, pid * BLOCK_N + tl.arange(0, BLOCK_N), N,
+                         K - split * K_PER_SPLIT, stride_w, PREFETCH)
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -219,23 +230,39 @@ def _rows_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
     rm = tl.arange(0, BLOCK_M)
     n_mask = rn < N
     m_mask = rm < M
-    rk = tl.arange(0, BLOCK_K)
+    k_start = split * K_PER_SPLIT
+    rk = k_start + tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + tl.cast(rn, tl.int64)[:, None] * stride_w + rk[None, :]
     x_ptrs = x_ptr + tl.cast(rm, tl.int64)[:, None] * stride_x + rk[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
+    for k in range(k_start, tl.minimum(K, k_start + K_PER_SPLIT), BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
         else:
-            k_mask = (k + rk) < K
+            k_mask = (k - k_start + rk) < K
             w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w))
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     y_ptrs = y_ptr + tl.cast(rm, tl.int64)[:, None] * stride_y + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tile = tl.cast(rm, tl.int64)[:, None] * N + rn[None, :]
+        tl.store(part_ptr + split * M * N + tile, acc, mask=out_mask)
+        # Every thread's share of the partial is stored before the count (the barrier), and acq_rel makes
+        # it visible before the count at GPU scope; the last program's loads then see every partial.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(part_ptr + s * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(count_ptr + pid, 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -316,19 +343,48 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config=None, silu_and_mul: bool 
     return y
 
 
+# Arrival counts of the split-K variant's tiles, per (device, stream): zero between calls (the last program
+# of each tile sets its count back), so one buffer serves every call on a stream, CUDA graphs included.
+# Kept for the process's life: a graph captured with a buffer keeps its address.
+_SPLIT_COUNTS: dict = {}
+SPLIT_COUNTS_LEN = 1 << 16  # tiles of one call at most (N / BLOCK_N)
+
+
+def _split_counts(device: torch.device) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    if key not in _SPLIT_COUNTS:
+        _SPLIT_COUNTS[key] = torch.zeros(SPLIT_COUNTS_LEN, dtype=torch.int32, device=device)
+    return _SPLIT_COUNTS[key]
+
+
 def gemv_rows(x: torch.Tensor, weight: torch.Tensor, config=None, pdl: bool = False,
               prefetch: int = 0) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T -> [M, N] for 1 <= M <= MAX_ROWS; `config` (BLOCK_N, BLOCK_K,
-    num_warps, num_stages) overrides the tables."""
+    num_warps, num_stages[, SPLIT_K]) overrides the tables. With SPLIT_K > 1 the K dimension is split
+    over that many programs per tile (see _rows_kernel); calls on one stream must not overlap (kernels
+    on one stream never do)."""
     M = x.shape[0]
     N, K = weight.shape
     if not 1 <= M <= MAX_ROWS:
         raise ValueError(f"gemv_rows takes 1 to {MAX_ROWS} rows, not {M}")
+    kernel = rows_kernel()  # binds triton
     block_m = row_tile(M)
-    block_n, block_k, warps, stages = config or rows_config(N, K, M, x.device.index) or ROWS_DEFAULT
+    block_n, block_k, warps, stages, *rest = config or rows_config(N, K, M, x.device.index) or ROWS_DEFAULT
+    tiles = triton.cdiv(N, block_n)
+    # no more splits than K has BLOCK_K chunks, each split a whole number of chunks
+    split_k = max(1, min(rest[0] if rest else 1, triton.cdiv(K, block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    split_k = triton.cdiv(K, k_per_split)
+    if split_k > 1 and tiles > SPLIT_COUNTS_LEN:
+        raise ValueError(f"{tiles} tiles of {block_n} features: more than the split-K counts hold")
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    rows_kernel()[(triton.cdiv(N, block_n),)](x, weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
-                                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                              EVEN_K=K % block_k == 0, num_warps=warps, num_stages=stages,
-                                              **_launch(pdl, prefetch, x))
+    if split_k > 1:
+        partials, counts = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device), _split_counts(x.device)
+    else:
+        partials = counts = y  # not read
+    kernel[(tiles, split_k)](x, weight, y, partials, counts, M, N, K, k_per_split, x.stride(0),
+                             weight.stride(0), y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                             EVEN_K=K % block_k == 0, SPLIT_K=split_k, num_warps=warps, num_stages=stages,
+                             **_launch(pdl, prefetch, x))
     return y

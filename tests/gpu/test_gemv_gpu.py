@@ -89,6 +89,31 @@ def test_rows_kernel_matches_fp32_linear(shape, rows, dtype):
     assert rel_err(out, F.linear(static_x.float(), w.float())) < 1e-2
 
 
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("rows", [8, 33])
+@pytest.mark.parametrize("shape,config", [((4096, 4096), (32, 128, 4, 4, 4)), ((6144, 4096), (32, 256, 4, 3, 2)),
+                                          ((1000, 300), (16, 128, 4, 3, 4))])
+def test_split_k_rows_kernel_in_a_graph_of_back_to_back_calls(shape, config, rows, pdl):
+    # Many split-K calls in one graph, each tile's last program summing the partials and setting its arrival
+    # count back to zero for the next call, with and without PDL: every call still equals fp32's product.
+    N, K = shape
+    g = torch.Generator(device="cuda").manual_seed(N + K + rows)
+    ws = [torch.randn(N, K, generator=g, device="cuda", dtype=torch.bfloat16) * 0.05 for _ in range(3)]
+    static_x = torch.randn(rows, K, generator=g, device="cuda", dtype=torch.bfloat16)
+    first = gemv.gemv_rows(static_x, ws[0], config, pdl=pdl)  # eager, and allocates this stream's counts
+    assert rel_err(first, F.linear(static_x.float(), ws[0].float())) < 1e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [gemv.gemv_rows(static_x, w, config, pdl=pdl) for w in ws * 4]
+    for _ in range(3):
+        static_x.copy_(torch.randn(rows, K, generator=g, device="cuda", dtype=torch.bfloat16))
+        graph.replay()
+        for w, out in zip(ws * 4, outs):
+            assert rel_err(out, F.linear(static_x.float(), w.float())) < 1e-2
+    torch.cuda.synchronize()
+    assert not any(c.any() for c in gemv._SPLIT_COUNTS.values())
+
+
 def test_linear_routes_up_to_max_rows_to_the_rows_kernel(monkeypatch):
     from raylight.kernels.fused import torch_silu_and_mul
 

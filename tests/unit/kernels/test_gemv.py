@@ -45,6 +45,31 @@ def test_rows_kernel_matches_linear(rows, shape, config):
 
 
 @interpreted
+@pytest.mark.parametrize("rows", [2, 17])
+@pytest.mark.parametrize("shape,config", [
+    ((96, 256), (32, 32, 4, 1, 4)),   # K splits evenly: 4 x 64 columns
+    ((50, 200), (16, 32, 4, 1, 3)),   # odd N and K: splits of 96, 96 and 8 columns, the last partly masked
+    ((40, 64), (16, 32, 4, 1, 8)),    # more splits asked than K has chunks: 2 splits of one chunk each
+])
+def test_split_k_rows_kernel_matches_linear_and_leaves_its_counts_at_zero(rows, shape, config):
+    N, K = shape
+    g = torch.Generator().manual_seed(rows + N + K)
+    w = torch.randn(N, K, generator=g) * 0.1
+    x = torch.randn(rows, K, generator=g)
+    want = F.linear(x, w)
+    for _ in range(2):  # the second call finds the arrival counts back at zero
+        torch.testing.assert_close(gemv.gemv_rows(x, w, config), want, rtol=1e-4, atol=1e-4)
+    assert not gemv._split_counts(x.device).any()
+    # the same bits as the unsplit kernel's up to summation order
+    torch.testing.assert_close(gemv.gemv_rows(x, w, config[:4]), want, rtol=1e-4, atol=1e-4)
+
+
+def test_split_k_configs_round_trip_the_table_format():
+    table = {(4096, 4096, 16): (32, 128, 4, 4, 4), (6144, 4096, 16): (32, 128, 4, 4), (4096, 4096, 32): None}
+    assert gemv.parse_config(gemv.format_config(table)) == table
+
+
+@interpreted
 def test_single_row_gemv_with_the_silu_and_mul_input():
     N, K = 48, 80
     g = torch.Generator().manual_seed(1)
