@@ -10,6 +10,7 @@ Logprobs are those of the raw model distribution (before any of the processing a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Optional
@@ -88,12 +89,10 @@ class Sampler:
         logits = apply_logit_processors(logits, meta)
         token_ids = argmax_rows(logits)
         if not meta.all_greedy:
-            probs = processed_probs(logits, meta)
-            noise = torch.empty_like(probs).exponential_(generator=self.generator)
-            for i, g in enumerate(meta.generators):
-                if g is not None:
-                    noise[i].exponential_(generator=g)
-            sampled = (probs / noise).argmax(dim=-1)
+            # In chunks of rows: each holds about ten [rows, vocab] temporaries (probabilities, their sort
+            # and its int64 order, the noise): ~5 GB at 1,024 rows of a 128k vocabulary, ~1.3 GB a chunk.
+            sampled = torch.cat([self._race(logits[a:a + SAMPLE_CHUNK_ROWS], _rows(meta, a, a + SAMPLE_CHUNK_ROWS))
+                                 for a in range(0, logits.shape[0], SAMPLE_CHUNK_ROWS)])
             token_ids = torch.where(meta.greedy, token_ids, sampled)
         out = SamplerOutput(token_ids)
         if raw_logprobs is not None:
@@ -103,6 +102,42 @@ class Sampler:
             if meta.max_num_logprobs > 0:
                 out.top_logprobs, out.top_ids = raw_logprobs.topk(meta.max_num_logprobs, dim=-1)
         return out
+
+
+    def _race(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """The exponential race over these rows' processed probabilities."""
+        probs = processed_probs(logits, meta)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, g in enumerate(meta.generators):
+            if g is not None:
+                noise[i].exponential_(generator=g)
+        return (probs / noise).argmax(dim=-1)
+
+
+SAMPLE_CHUNK_ROWS = 256  # rows sampled at once (bounds the sampler's temporaries; see Sampler.__call__)
+
+
+def _rows(meta: SamplingMetadata, a: int, b: int) -> SamplingMetadata:
+    """The per-row fields processed_probs and the race read, for rows [a, b)."""
+    def cut(t):
+        return None if t is None else t[a:b]
+
+    return dataclasses.replace(meta, temperature=cut(meta.temperature), top_k=cut(meta.top_k), top_p=cut(meta.top_p),
+                               min_p=cut(meta.min_p), generators=meta.generators[a:b])
+
+
+def worst_case_metadata(rows: int, vocab: int, device: torch.device) -> SamplingMetadata:
+    """Metadata that takes every memory-hungry path of the sampler at once (penalties, min_p, top_k,
+    top_p, the most logprobs): what the KV-cache budget's profile run samples with."""
+    from raylight.sampling_params import MAX_LOGPROBS
+
+    ones = torch.ones(rows, device=device)
+    return SamplingMetadata(
+        temperature=ones, greedy=torch.zeros(rows, dtype=torch.bool, device=device), all_greedy=False,
+        generators=[None] * rows, top_k=torch.full((rows,), vocab - 1, dtype=torch.long, device=device),
+        top_p=ones * 0.9, min_p=ones * 0.01, presence_penalty=ones * 0.1, frequency_penalty=ones * 0.1,
+        repetition_penalty=ones * 1.1, output_counts=torch.zeros(rows, vocab, device=device),
+        prompt_mask=torch.zeros(rows, vocab, dtype=torch.bool, device=device), max_num_logprobs=MAX_LOGPROBS)
 
 
 def apply_logit_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

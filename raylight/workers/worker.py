@@ -31,6 +31,7 @@ from raylight.utils import lazy_zeros
 from raylight.workers.logits_plan import run_logits_plan
 from raylight.workers.model_runner import ModelRunner
 from raylight.workers.rendezvous import join_world
+from raylight.workers.sampler import Sampler, worst_case_metadata
 from raylight.workers.step_channel import DEFAULT_CAPACITY, StepChannel
 
 logger = logging.getLogger("raylight.worker")
@@ -250,7 +251,11 @@ def profile_gpu_kv_budget(args: EngineArgs, model: torch.nn.Module, backend, gro
         intermediate = (h, torch.zeros_like(h))
     out = model(ids, torch.arange(n, device=device), scratch, backend.build(common), intermediate)
     if groups.is_last_stage:
-        model.compute_logits(out[-min(n, args.max_num_seqs):])
+        # the logits of a full decode step and their sampling's worst case (penalties, top-k/p, logprobs)
+        logits = model.compute_logits(out[-min(n, args.max_num_seqs):])
+        if logits is not None:  # TP rank 0 samples
+            Sampler(device)(logits.float(), worst_case_metadata(logits.shape[0], logits.shape[1], device))
+        del logits
     torch.cuda.synchronize(device)
     peak_extra = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
     del scratch, out, intermediate

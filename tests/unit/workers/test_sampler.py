@@ -174,3 +174,37 @@ def test_argmax_in_chunks_is_argmax_with_first_index_on_ties():
         x[5, c * 3 + 1] = x[5, c * 3 + 2] = 50.0  # tie inside one chunk
         assert torch.equal(argmax_in_chunks(x, c), x.argmax(dim=-1))
     assert _chunks(50257) == 0  # no divisor in range: plain argmax
+
+
+def test_rows_sampled_in_chunks_draw_what_they_draw_in_one_piece(monkeypatch):
+    # Seeded rows draw from their own generators: the chunking (bounded temporaries) cannot change them,
+    # whatever else is in each chunk (greedy rows, other settings).
+    from raylight.workers import sampler
+
+    params = [SamplingParams(temperature=1.0, seed=s, top_k=k, top_p=p, min_p=m)
+              for s, k, p, m in [(1, 0, 1.0, 0.0), (2, 3, 0.9, 0.0), (3, 0, 0.8, 0.1), (4, 5, 1.0, 0.05)]]
+    params.insert(2, SamplingParams(temperature=0.0))
+    logits = LOGITS.repeat(len(params), 1) + torch.arange(len(params))[:, None] * 0.1
+
+    def tokens() -> list[int]:
+        state = SamplingState(V, torch.device("cpu"))
+        return [Sampler(torch.device("cpu"), 0)(logits, state.metadata(rows_for(params))).token_ids.tolist()
+                for _ in range(20)]
+
+    whole = tokens()
+    monkeypatch.setattr(sampler, "SAMPLE_CHUNK_ROWS", 2)
+    assert tokens() == whole
+    assert len({tuple(t) for t in whole}) > 1  # really sampling
+
+
+def test_the_worst_case_metadata_takes_every_path_and_samples_valid_tokens():
+    from raylight.workers.sampler import worst_case_metadata
+
+    rows, vocab = 5, 300
+    meta = worst_case_metadata(rows, vocab, torch.device("cpu"))
+    assert not meta.all_greedy and meta.max_num_logprobs == 20
+    assert all(t is not None for t in (meta.top_k, meta.top_p, meta.min_p, meta.repetition_penalty,
+                                       meta.output_counts, meta.prompt_mask))
+    out = Sampler(torch.device("cpu"))(torch.randn(rows, vocab), meta)
+    assert out.token_ids.shape == (rows,) and bool(((out.token_ids >= 0) & (out.token_ids < vocab)).all())
+    assert out.top_ids.shape == (rows, 20)
