@@ -137,6 +137,8 @@ class LLMEngine:
 
             self.warmup_s = warm_up(self)
         self.ready_s = time.monotonic() - t0
+        if self.device.type == "cuda" and args.num_kv_blocks is None:
+            self._check_memory_cap()
         logger.info(
             "engine ready in %.1fs: model=%s dtype=%s device=%s tp=%d pp=%d%s attention=%s cuda_graphs=%s KV cache: "
             "%d blocks x %d tokens = %d tokens, %.2f GiB; max_model_len=%d; steps: %s; warm-up %.1fs",
@@ -146,6 +148,19 @@ class LLMEngine:
             self.attn_backend.name, ("decode+piecewise" if rank.piecewise else "decode") if graphs else "none",
             self.num_blocks, args.block_size, self.num_blocks * args.block_size, self.kv_cache_bytes / 2**30,
             self.max_model_len, self.policy.name, self.warmup_s)
+
+    def _check_memory_cap(self) -> None:
+        """Warns when the device's use at ready is already past gpu_memory_utilization's cap (the budget
+        could not foresee something start-up made outside PyTorch's allocator): steps allocate more."""
+        import torch
+
+        free, total = torch.cuda.mem_get_info(self.device)
+        cap = self.args.gpu_memory_utilization * total
+        if total - free > cap:
+            logger.warning("GPU memory at ready: %.2f GiB used, past the %.2f GiB cap (gpu_memory_utilization "
+                           "%.2f) by %.2f GiB, of which PyTorch's allocator holds %.2f GiB", (total - free) / 2**30,
+                           cap / 2**30, self.args.gpu_memory_utilization, (total - free - cap) / 2**30,
+                           torch.cuda.memory_reserved(self.device) / 2**30)
 
     # ---- sizing ----
     @property
