@@ -79,13 +79,15 @@ class EngineArgs(BaseModel):
 
     # --- scheduler ---
     max_num_batched_tokens: Optional[int] = Field(
-        None, ge=1, description="Token budget of one engine step (default: 16384 on CUDA, where larger prefill "
-        "chunks keep the matrix units busy; 2048 on CPU). A latency-bound server may want less: a decode that "
-        "shares a step with a long prefill chunk waits for all of it (configs/gpu.yaml sets 8192).")
+        None, ge=1, description="Token budget of one engine step (default: 16384 on a GPU of 70 GiB or more, "
+        "8192 on a smaller one, where larger prefill chunks keep the matrix units busy; 2048 on CPU). A "
+        "latency-bound server may want less: a decode that shares a step with a long prefill chunk waits for "
+        "all of it (configs/gpu.yaml sets 8192).")
     max_num_seqs: Optional[int] = Field(
-        None, ge=1, description="Most sequences in one engine step (default: 1024 on CUDA, 256 on CPU). On a GPU "
-        "more sequences at once share each read of the weights; with long, mixed lengths that is most of the "
-        "step (ShareGPT-like mix on an H100: 29.3k out tok/s at 1024 against 23.9k at 256).")
+        None, ge=1, description="Most sequences in one engine step (default: 1024 on a GPU of 70 GiB or more, "
+        "256 on a smaller one and on CPU). On a GPU more sequences at once share each read of the weights; with "
+        "long, mixed lengths that is most of the step (ShareGPT-like mix on an H100: 29.3k out tok/s at 1024 "
+        "against 23.9k at 256).")
     max_n: int = Field(64, ge=1, description="Largest n (parallel samples) one request may ask for.")
 
     # --- structured outputs (xgrammar) ---

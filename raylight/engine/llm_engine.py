@@ -54,13 +54,22 @@ class StepTotals:
                 "step_tokens_total": self.tokens, "step_decode_rows_total": self.decode_rows}
 
 
-def scheduler_defaults(args: EngineArgs, device) -> dict:
-    """The scheduler limits `args` leaves unset, for `device` (vLLM's offline defaults on these GPUs are
-    the same: 1024 sequences, 16,384 tokens a step). On CUDA a step's weights are read once whatever
-    its rows, so more rows per step is more tokens per read; on CPU the step's compute grows with its
-    rows and a smaller step keeps latency down."""
-    cuda = device.type == "cuda"
-    defaults = dict(max_num_batched_tokens=16384 if cuda else 2048, max_num_seqs=1024 if cuda else 256)
+LARGE_GPU_BYTES = 70 * 2**30  # from here up, the large-GPU scheduler defaults (as vLLM draws its line)
+
+
+def scheduler_defaults(args: EngineArgs, device, gpu_bytes: int = 0) -> dict:
+    """The scheduler limits `args` leaves unset, for `device` (of `gpu_bytes` memory on CUDA). On a
+    GPU of 70 GiB or more, vLLM's offline defaults there: 1024 sequences, 16,384 tokens a step (a
+    step's weights are read once whatever its rows, so more rows per step is more tokens per read);
+    a smaller GPU keeps 256 / 8,192, since the KV budget pays for the larger step's activations and
+    its sampling (about 4 GB at 1,024 rows of a 128k vocabulary). On CPU 256 / 2,048: a step's compute
+    grows with its rows, and a smaller step keeps latency down."""
+    if device.type != "cuda":
+        defaults = dict(max_num_batched_tokens=2048, max_num_seqs=256)
+    elif gpu_bytes >= LARGE_GPU_BYTES:
+        defaults = dict(max_num_batched_tokens=16384, max_num_seqs=1024)
+    else:
+        defaults = dict(max_num_batched_tokens=8192, max_num_seqs=256)
     return {k: v for k, v in defaults.items() if getattr(args, k) is None}
 
 
@@ -70,7 +79,8 @@ class LLMEngine:
         other ranks become Ray actors in its placement group); otherwise they are child processes."""
         t0 = time.monotonic()
         self.device = resolve_device(args.device)
-        args = args.model_copy(update=scheduler_defaults(args, self.device))
+        gpu_bytes = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
+        args = args.model_copy(update=scheduler_defaults(args, self.device, gpu_bytes))
         self.args = args
         resolved = resolve_model(args.model, args.load_format, args.revision)
         self.model_name = resolved.name

@@ -9,17 +9,21 @@ from raylight.config import EngineArgs
 from raylight.engine.llm_engine import scheduler_defaults
 
 
-def test_a_gpu_takes_many_sequences_and_a_large_step_a_cpu_small_ones():
-    args = EngineArgs(model="m")
-    assert scheduler_defaults(args, torch.device("cuda", 0)) == dict(max_num_batched_tokens=16384,
-                                                                      max_num_seqs=1024)
+GIB = 2**30
+
+
+def test_a_large_gpu_takes_many_sequences_and_a_large_step_a_small_gpu_and_a_cpu_fewer():
+    args, cuda = EngineArgs(model="m"), torch.device("cuda", 0)
+    assert scheduler_defaults(args, cuda, 80 * GIB) == dict(max_num_batched_tokens=16384, max_num_seqs=1024)
+    assert scheduler_defaults(args, cuda, 141 * GIB) == dict(max_num_batched_tokens=16384, max_num_seqs=1024)
+    assert scheduler_defaults(args, cuda, 24 * GIB) == dict(max_num_batched_tokens=8192, max_num_seqs=256)
     assert scheduler_defaults(args, torch.device("cpu")) == dict(max_num_batched_tokens=2048, max_num_seqs=256)
 
 
 def test_what_the_user_set_stays():
-    args = EngineArgs(model="m", max_num_seqs=8, max_num_batched_tokens=512)
-    assert scheduler_defaults(args, torch.device("cuda", 0)) == {}
-    assert scheduler_defaults(EngineArgs(model="m", max_num_seqs=8), torch.device("cuda", 0)) == dict(
+    args, cuda = EngineArgs(model="m", max_num_seqs=8, max_num_batched_tokens=512), torch.device("cuda", 0)
+    assert scheduler_defaults(args, cuda, 80 * GIB) == {}
+    assert scheduler_defaults(EngineArgs(model="m", max_num_seqs=8), cuda, 80 * GIB) == dict(
         max_num_batched_tokens=16384)
 
 
