@@ -51,3 +51,36 @@ def test_bf16_greedy_agrees_with_hf(gpu_llama_dir, backend, eager, async_schedul
     assert m["kv_blocks_free"] == m["kv_blocks_total"]
     del llm
     torch.cuda.empty_cache()
+
+
+def test_a_full_batch_sampled_every_hungry_way_stays_under_the_memory_cap():
+    # The 1B shape's 128k vocabulary at the large-GPU defaults (1,024 sequences, 16,384 tokens a step):
+    # 1,024 rows sampled with penalties, min_p, top-k/p and 20 logprobs in one step, after the KV cache
+    # took what the budget left. The budget's profile samples that worst case, and leaves 1 GiB for what
+    # start-up makes outside PyTorch's allocator; the whole device's use must end within the cap.
+    import numpy as np
+
+    torch.cuda.empty_cache()
+    free0, total = torch.cuda.mem_get_info()
+    util = 0.5
+    if (total - free0) > 0.1 * total:
+        pytest.skip(f"{(total - free0) / 2**30:.1f} GiB of this GPU is already in use")
+    llm = LLM("llama-3.2-1b", load_format="dummy", device="cuda", max_model_len=512, gpu_memory_utilization=util)
+    try:
+        assert llm.engine.args.max_num_seqs == (1024 if total >= 70 * 2**30 else 256)
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(100, 120000, 24).tolist() for _ in range(llm.engine.args.max_num_seqs)]
+        params = SamplingParams(temperature=0.9, top_k=50, top_p=0.9, min_p=0.01, repetition_penalty=1.1,
+                                presence_penalty=0.2, frequency_penalty=0.2, logprobs=20, max_tokens=6,
+                                ignore_eos=True, seed=None)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
+        assert max(r for r, _, _, _ in llm.engine.step_log) == len(prompts)  # all of them in one step
+        free, _ = torch.cuda.mem_get_info()
+        used, cap = total - free, util * total
+        print(f"used {used / 2**30:.2f} GiB of a {cap / 2**30:.2f} GiB cap; allocator reserved "
+              f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB, KV {llm.engine.kv_cache_bytes / 2**30:.2f} GiB")
+        assert used <= cap, (used / 2**30, cap / 2**30)
+    finally:
+        del llm
+        torch.cuda.empty_cache()
