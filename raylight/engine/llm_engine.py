@@ -162,8 +162,6 @@ class LLMEngine:
     def _check_memory_cap(self) -> None:
         """Warns when the device's use at ready is already past gpu_memory_utilization's cap (the budget
         could not foresee something start-up made outside PyTorch's allocator): steps allocate more."""
-        import torch
-
         free, total = torch.cuda.mem_get_info(self.device)
         cap = self.args.gpu_memory_utilization * total
         if total - free > cap:
