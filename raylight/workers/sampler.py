@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from raylight.sampling_params import MAX_LOGPROBS
 from raylight.workers.token_mask import apply_token_bitmask
 
 
@@ -103,7 +104,6 @@ class Sampler:
                 out.top_logprobs, out.top_ids = raw_logprobs.topk(meta.max_num_logprobs, dim=-1)
         return out
 
-
     def _race(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """The exponential race over these rows' processed probabilities."""
         probs = processed_probs(logits, meta)
@@ -129,8 +129,6 @@ def _rows(meta: SamplingMetadata, a: int, b: int) -> SamplingMetadata:
 def worst_case_metadata(rows: int, vocab: int, device: torch.device) -> SamplingMetadata:
     """Metadata that takes every memory-hungry path of the sampler at once (penalties, min_p, top_k,
     top_p, the most logprobs): what the KV-cache budget's profile run samples with."""
-    from raylight.sampling_params import MAX_LOGPROBS
-
     ones = torch.ones(rows, device=device)
     return SamplingMetadata(
         temperature=ones, greedy=torch.zeros(rows, dtype=torch.bool, device=device), all_greedy=False,
