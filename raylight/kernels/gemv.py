@@ -219,10 +219,16 @@ def _rows_kernel(x_ptr, w_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
     # last of a tile's SPLIT_K programs sums the partials, writes y and sets the count back to 0 for the
     # next call: no second kernel, no memset.
     pid = tl.program_id(0)
-    split = tl.program_id(1)
+    if SPLIT_K == 1:  # resolved at compile time: the unsplit kernel is the same code as before the split
+        split = 0
+        k_start = 0
+        k_end = K
+    else:
+        split = tl.program_id(1)
+        k_start = split * K_PER_SPLIT
+        k_end = tl.minimum(K, k_start + K_PER_SPLIT)
     if PREFETCH > 0:
-        _prefetch_weight(w_ptr + split * K_PER_SPLIT, pid * BLOCK_N + tl.arange(0, BLOCK_N), N,
-                         K - split * K_PER_SPLIT, stride_w, PREFETCH)
+        _prefetch_weight(w_ptr + k_start, pid * BLOCK_N + tl.arange(0, BLOCK_N), N, K - k_start, stride_w, PREFETCH)
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -230,12 +236,11 @@ def _rows_kernel(x_ptr, w_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
     rm = tl.arange(0, BLOCK_M)
     n_mask = rn < N
     m_mask = rm < M
-    k_start = split * K_PER_SPLIT
     rk = k_start + tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + tl.cast(rn, tl.int64)[:, None] * stride_w + rk[None, :]
     x_ptrs = x_ptr + tl.cast(rm, tl.int64)[:, None] * stride_x + rk[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(k_start, tl.minimum(K, k_start + K_PER_SPLIT), BLOCK_K):
+    for k in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
