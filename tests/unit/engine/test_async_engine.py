@@ -17,16 +17,8 @@ from raylight.config import EngineArgs
 from raylight.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
 from raylight.engine.llm_engine import LLMEngine
 from raylight.sampling_params import SamplingParams
-from raylight.testing.helpers import make_random_hf_model
 
 STEP_S = 0.02  # each step sleeps this long, so a 400-token request takes seconds
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("llama-async-engine"))
-    make_random_hf_model("llama", path)
-    return path
 
 
 ENGINE = dict(device="cpu", dtype="float32", block_size=4, num_kv_blocks=256, max_num_seqs=2, max_num_batched_tokens=16)

@@ -17,17 +17,10 @@ from raylight.engine.async_engine import EngineDeadError, QueueFullError
 from raylight.engine.engine_process import EngineProcessClient
 from raylight.llm import LLM
 from raylight.sampling_params import SamplingParams, StructuredOutputsParams
-from raylight.testing.helpers import make_random_hf_model, random_prompts
+from raylight.testing.helpers import random_prompts
 
 ENGINE = dict(device="cpu", dtype="float32", block_size=4, num_kv_blocks=256, max_num_seqs=4,
               max_num_batched_tokens=32)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("llama-engine-process"))
-    make_random_hf_model("llama", path)
-    return path
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from raylight.config import EngineArgs
@@ -27,19 +26,10 @@ def test_what_the_user_set_stays():
         max_num_batched_tokens=16384)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    from raylight.testing.helpers import make_random_hf_model
-
-    path = str(tmp_path_factory.mktemp("llama"))
-    make_random_hf_model("llama", path)
-    return path
-
-
-def test_a_cpu_engine_runs_with_them(tiny_llama_dir):
+def test_a_cpu_engine_runs_with_them(model_dir):
     from raylight import LLM, SamplingParams
 
-    llm = LLM(tiny_llama_dir, device="cpu", dtype="float32")
+    llm = LLM(model_dir, device="cpu", dtype="float32")
     assert (llm.engine.args.max_num_seqs, llm.engine.args.max_num_batched_tokens) == (256, 2048)
     assert (llm.engine.scheduler.max_num_seqs, llm.engine.scheduler.max_num_batched_tokens) == (256, 2048)
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
