@@ -39,8 +39,8 @@ stage=$2
 #   PF<n>/   with PDL, n weight columns per row prefetched by our GEMV kernels before their wait (RAYLIGHT_GEMV_PREFETCH)
 #   RK0/ RK1/    the rotary + KV write kernel off / on (RAYLIGHT_ROPE_KV)
 #   TC0/ TC1/    FlashInfer decode without / with its tensor-core kernels
-#   MNS<n>/ MBT<n>/  max_num_seqs / max_num_batched_tokens n (vLLM's offline defaults on these GPUs and ours: 1024 / 16384)
-#   DPS<n>/  Triton decode attention split until n programs per SM (RAYLIGHT_DECODE_PROGRAMS_PER_SM; default 4)
+#   MNS<n>/ MBT<n>/  max_num_seqs / max_num_batched_tokens n (vLLM's offline defaults and ours on GPUs of 70 GiB or more: 1024 / 16384)
+#   DPS<n>/  Triton decode: a batch too large to split at 4 programs per SM splits against n (RAYLIGHT_DECODE_PROGRAMS_PER_SM; default 16; DPS4/ the rule before)
 while :; do case $stage in
   U/*) export RAYLIGHT_FUSED_KERNELS=0 ;;
   NP/*) BENCH_EXTRA="${BENCH_EXTRA:-} --max-piecewise-graph-tokens 0" ;;
