@@ -470,8 +470,10 @@ def main(argv=None):
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--hf-batch-size", type=int, default=32)
-    p.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's (1024 on a GPU of 70 GiB or more)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's (16384 on a GPU of 70 GiB or more)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="default: the engine's (1024 on a GPU of 70 GiB or more)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="default: the engine's (16384 on a GPU of 70 GiB or more)")
     p.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
