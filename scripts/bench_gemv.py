@@ -86,6 +86,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--rows", type=int, nargs="*", default=[],
                    help="measure the few-row kernel at these row counts (2..64) instead of the single-row GEMV")
+    p.add_argument("--shapes", nargs="*", default=[], choices=sorted(SHAPES),
+                   help="only these weight shapes (default: all of them; with --rows, those of TP=1)")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -99,6 +101,8 @@ def main(argv=None):
     results = {}
     table = {}  # (N, K[, row tile]) -> the best config, or None where cuBLAS was faster
     for name, (N, K) in SHAPES.items():
+        if args.shapes and name not in args.shapes:
+            continue
         if args.rows and not name.startswith("tp1_"):
             continue  # the few-row kernel is for the batch-8/32 decode of the 8B model at TP=1
         nbytes = N * K * 2

@@ -19,7 +19,7 @@ if [ "${1:-}" != "--one" ]; then
     echo "=== $stage (limit ${limit}s) $(date +%T)"
     timeout -s INT -k 20 "$limit" bash "$0" --one "$stage"
     echo "=== $stage exit $? $(date +%T)"
-    # gemv's and gemvrows' winners reach the stages after them (the few-row kernel still needs R<n>/)
+    # gemv's and gemvrows' winners reach the stages after them
     if [ -s "$OUT/gemv.env" ] && [ -z "${RAYLIGHT_GEMV_CONFIG:-}" ]; then
       export RAYLIGHT_GEMV_CONFIG=$(cat "$OUT/gemv.env"); echo "RAYLIGHT_GEMV_CONFIG=$RAYLIGHT_GEMV_CONFIG"
     fi
@@ -108,7 +108,9 @@ case $stage in
           --gpu-memory-utilization 0.6 --tensor-parallel-size "${stage#profb1tp}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
   kbench) python3 scripts/bench_kernels.py --out "$OUT" 2>&1 | quiet ;;
   gemv) python3 scripts/bench_gemv.py --out "$OUT" 2>&1 | quiet ;;
-  gemvrows) python3 scripts/bench_gemv.py --rows 8 32 64 --out "$OUT" 2>&1 | quiet ;;
+  # GEMV_ROWS / GEMV_SHAPES narrow the few-row sweep (e.g. GEMV_SHAPES="tp1_o tp1_qkv" GEMV_ROWS="8 32")
+  gemvrows) python3 scripts/bench_gemv.py --rows ${GEMV_ROWS:-8 32 64} ${GEMV_SHAPES:+--shapes $GEMV_SHAPES} \
+              --out "$OUT" 2>&1 | quiet ;;
   ficache) tar czf - .ficache | split -b 15m - "$OUT/ficache.tar.gz." && ls -la "$OUT" ;;
   *) echo "unknown stage $stage" ;;
 esac
