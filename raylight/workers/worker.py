@@ -224,24 +224,39 @@ def _min_over_ranks(value: int, groups: ParallelGroups) -> int:
     return int(t.item())
 
 
+def profile_batch(num_tokens: int, max_model_len: int, block_size: int, device: torch.device):
+    """The profile's step: `num_tokens` prompt tokens (the scheduler's token budget) as prompts of at
+    most `max_model_len` tokens each, as a full step may hold when max_model_len is below the budget.
+    Returns (metadata, positions, blocks the sequences use)."""
+    lens = np.full(num_tokens // max_model_len, max_model_len, dtype=np.int64)
+    if num_tokens % max_model_len:
+        lens = np.append(lens, num_tokens % max_model_len)
+    per_seq = -(-max_model_len // block_size) if len(lens) > 1 else -(-num_tokens // block_size)
+    tables = np.arange(len(lens) * per_seq, dtype=np.int64).reshape(len(lens), per_seq)
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    positions = np.concatenate([np.arange(n) for n in lens])
+    seq_of_token = np.repeat(np.arange(len(lens)), lens)
+    slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+    common = CommonAttentionMetadata(num_decodes=0, query_start_loc=starts, seq_lens=lens, block_tables=tables,
+                                     slot_mapping=torch.from_numpy(slots).to(device))
+    return common, torch.from_numpy(positions).to(device), int(tables.size)
+
+
 @torch.inference_mode()
 def profile_gpu_kv_budget(args: EngineArgs, model: torch.nn.Module, backend, groups: ParallelGroups,
                           device: torch.device, dtype: torch.dtype, max_model_len: int,
                           decode_graph_tokens: int = 0) -> int:
-    """Runs one forward of this rank's layers at the full token budget; what remains under the
-    utilization cap is KV, less room for the activations of the decode CUDA graphs (batches up to
-    `decode_graph_tokens`, captured after the KV cache, so estimated here in proportion). Memory taken
-    before the call (weights, the piecewise graphs' pool) is measured, not estimated.
+    """Runs one forward of this rank's layers at the full token budget (as prompts of at most
+    max_model_len tokens) and samples the largest decode batch every memory-hungry way; what remains
+    under the utilization cap is KV, less room for the activations of the decode CUDA graphs (batches
+    up to `decode_graph_tokens`, captured after the KV cache, so estimated here in proportion). Memory
+    taken before the call (weights, the piecewise graphs' pool) is measured, not estimated.
     A later PP stage runs on zero activations instead of receiving any, so stages profile at the same
     time without talking; TP ranks of a stage run their all-reduces."""
-    n = min(args.max_num_batched_tokens, max_model_len)
-    bs = args.block_size
-    nb = -(-n // bs)
-    scratch = [torch.zeros(model.kv_cache_shape(nb, bs), dtype=dtype, device=device)
+    n = args.max_num_batched_tokens
+    common, positions, nb = profile_batch(n, max_model_len, args.block_size, device)
+    scratch = [torch.zeros(model.kv_cache_shape(nb, args.block_size), dtype=dtype, device=device)
                for _ in range(model.num_local_layers)]
-    common = CommonAttentionMetadata(
-        num_decodes=0, query_start_loc=np.array([0, n]), seq_lens=np.array([n]),
-        block_tables=np.arange(nb, dtype=np.int64)[None], slot_mapping=torch.arange(n, device=device))
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     ids = torch.zeros(n, dtype=torch.long, device=device)
@@ -249,7 +264,7 @@ def profile_gpu_kv_budget(args: EngineArgs, model: torch.nn.Module, backend, gro
     if not groups.is_first_stage:
         h = torch.zeros(n, model.config.hidden_size, dtype=dtype, device=device)
         intermediate = (h, torch.zeros_like(h))
-    out = model(ids, torch.arange(n, device=device), scratch, backend.build(common), intermediate)
+    out = model(ids, positions, scratch, backend.build(common), intermediate)
     if groups.is_last_stage:
         # the logits of a full decode step and their sampling's worst case (penalties, top-k/p, logprobs)
         logits = model.compute_logits(out[-min(n, args.max_num_seqs):])

@@ -68,6 +68,7 @@ def test_a_full_batch_sampled_every_hungry_way_stays_under_the_memory_cap():
     llm = LLM("llama-3.2-1b", load_format="dummy", device="cuda", max_model_len=512, gpu_memory_utilization=util)
     try:
         assert llm.engine.args.max_num_seqs == (1024 if total >= 70 * 2**30 else 256)
+        torch.cuda.reset_peak_memory_stats()
         rng = np.random.default_rng(0)
         prompts = [rng.integers(100, 120000, 24).tolist() for _ in range(llm.engine.args.max_num_seqs)]
         params = SamplingParams(temperature=0.9, top_k=50, top_p=0.9, min_p=0.01, repetition_penalty=1.1,
@@ -79,7 +80,9 @@ def test_a_full_batch_sampled_every_hungry_way_stays_under_the_memory_cap():
         free, _ = torch.cuda.mem_get_info()
         used, cap = total - free, util * total
         print(f"used {used / 2**30:.2f} GiB of a {cap / 2**30:.2f} GiB cap; allocator reserved "
-              f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB, KV {llm.engine.kv_cache_bytes / 2**30:.2f} GiB")
+              f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB (peak {torch.cuda.max_memory_reserved() / 2**30:.2f}), "
+              f"allocated peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, "
+              f"KV {llm.engine.kv_cache_bytes / 2**30:.2f} GiB")
         assert used <= cap, (used / 2**30, cap / 2**30)
     finally:
         del llm

@@ -208,3 +208,30 @@ def test_the_worst_case_metadata_takes_every_path_and_samples_valid_tokens():
     out = Sampler(torch.device("cpu"))(torch.randn(rows, vocab), meta)
     assert out.token_ids.shape == (rows,) and bool(((out.token_ids >= 0) & (out.token_ids < vocab)).all())
     assert out.top_ids.shape == (rows, 20)
+
+
+def test_penalties_in_place_equal_the_out_of_place_arithmetic_bit_for_bit():
+    # The processors apply the penalties in place (one [rows, vocab] temporary at a time); the numbers
+    # must be exactly those of the plain HF/vLLM expressions, zeros and signs included.
+    from raylight.workers.sampler import apply_logit_processors, worst_case_metadata
+
+    g = torch.Generator().manual_seed(3)
+    rows, vocab = 7, 513
+    meta = worst_case_metadata(rows, vocab, torch.device("cpu"))
+    meta.output_counts.copy_(torch.randint(0, 3, (rows, vocab), generator=g).float())
+    meta.prompt_mask.copy_(torch.rand(rows, vocab, generator=g) < 0.2)
+    meta.repetition_penalty.copy_(torch.rand(rows, generator=g) + 0.7)
+    meta.frequency_penalty.copy_(torch.rand(rows, generator=g) - 0.5)
+    meta.presence_penalty.copy_(torch.rand(rows, generator=g))
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    logits[:, :5] = 0.0
+    before = logits.clone()
+    got = apply_logit_processors(logits, meta)
+    assert torch.equal(logits, before)  # the caller's logits are left alone
+
+    counts, rep = meta.output_counts, meta.repetition_penalty[:, None]
+    seen = meta.prompt_mask | (counts > 0)
+    want = torch.where(seen, torch.where(before > 0, before / rep, before * rep), before)
+    want = want - meta.frequency_penalty[:, None] * counts
+    want = want - meta.presence_penalty[:, None] * (counts > 0).float()
+    assert torch.equal(got, want)
