@@ -85,23 +85,44 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        """logits: [S, V] float32 raw model logits."""
-        raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs >= 0 else None
-        logits = apply_logit_processors(logits, meta)
-        token_ids = argmax_rows(logits)
+        """logits: [S, V] float32 raw model logits (left as they are)."""
+        work, fixup = apply_row_masks(logits, meta)
+        S = logits.shape[0]
+        light = meta.all_greedy and meta.repetition_penalty is None and meta.max_num_logprobs < 0
+        # Rows in chunks: penalties, the race (probabilities, their sort and int64 order, the noise) and
+        # the logprobs each take [rows, vocab] temporaries, ~12 of them at once: ~6 GB at 1,024 rows of a
+        # 128k vocabulary in one piece, ~1.5 GB a chunk. Greedy rows alone need none: one piece.
+        step = S if light else SAMPLE_CHUNK_ROWS
+        parts = [self._sample_rows(logits, work, fixup, meta, a, min(a + step, S)) for a in range(0, S, step)]
+        if len(parts) == 1:
+            return parts[0]
+        names = [f.name for f in dataclasses.fields(SamplerOutput)]
+        return SamplerOutput(**{n: None if getattr(parts[0], n) is None else torch.cat([getattr(p, n) for p in parts])
+                                for n in names})
+
+    def _sample_rows(self, logits: torch.Tensor, work: torch.Tensor, fixup, meta: SamplingMetadata,
+                     a: int, b: int) -> SamplerOutput:
+        """Rows [a, b): their penalties, greedy and random tokens, and the raw logprobs."""
+        rows = _rows(meta, a, b)
+        part = work[a:b]
+        if meta.repetition_penalty is not None:
+            part = apply_penalties(part.clone() if work is logits else part, rows)
+        if fixup is not None:
+            # min_tokens banned the only tokens the grammar allows (its end): the grammar wins.
+            masked, constrained = fixup
+            dead = constrained[a:b] & torch.isneginf(part.amax(dim=-1))
+            part = torch.where(dead[:, None], masked[a:b], part)
+        token_ids = argmax_rows(part)
         if not meta.all_greedy:
-            # In chunks of rows: each holds about ten [rows, vocab] temporaries (probabilities, their sort
-            # and its int64 order, the noise): ~5 GB at 1,024 rows of a 128k vocabulary, ~1.3 GB a chunk.
-            sampled = torch.cat([self._race(logits[a:a + SAMPLE_CHUNK_ROWS], _rows(meta, a, a + SAMPLE_CHUNK_ROWS))
-                                 for a in range(0, logits.shape[0], SAMPLE_CHUNK_ROWS)])
-            token_ids = torch.where(meta.greedy, token_ids, sampled)
+            token_ids = torch.where(rows.greedy, token_ids, self._race(part, rows))
         out = SamplerOutput(token_ids)
-        if raw_logprobs is not None:
-            chosen = raw_logprobs.gather(1, token_ids[:, None])
+        if meta.max_num_logprobs >= 0:
+            raw = logits[a:b].log_softmax(dim=-1)
+            chosen = raw.gather(1, token_ids[:, None])
             out.logprobs = chosen[:, 0]
-            out.ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
+            out.ranks = (raw > chosen).sum(dim=-1) + 1
             if meta.max_num_logprobs > 0:
-                out.top_logprobs, out.top_ids = raw_logprobs.topk(meta.max_num_logprobs, dim=-1)
+                out.top_logprobs, out.top_ids = raw.topk(meta.max_num_logprobs, dim=-1)
         return out
 
     def _race(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -118,19 +139,28 @@ SAMPLE_CHUNK_ROWS = 256  # rows sampled at once (bounds the sampler's temporarie
 
 
 def _rows(meta: SamplingMetadata, a: int, b: int) -> SamplingMetadata:
-    """The per-row fields processed_probs and the race read, for rows [a, b)."""
+    """The dense per-row fields (what penalties, the race and the greedy choice read) for rows [a, b)."""
     def cut(t):
         return None if t is None else t[a:b]
 
-    return dataclasses.replace(meta, temperature=cut(meta.temperature), top_k=cut(meta.top_k), top_p=cut(meta.top_p),
-                               min_p=cut(meta.min_p), generators=meta.generators[a:b])
+    return dataclasses.replace(
+        meta, temperature=cut(meta.temperature), greedy=cut(meta.greedy), top_k=cut(meta.top_k),
+        top_p=cut(meta.top_p), min_p=cut(meta.min_p), presence_penalty=cut(meta.presence_penalty),
+        frequency_penalty=cut(meta.frequency_penalty), repetition_penalty=cut(meta.repetition_penalty),
+        output_counts=cut(meta.output_counts), prompt_mask=cut(meta.prompt_mask), generators=meta.generators[a:b],
+        bias=None, banned=None, allowed=None, token_mask=None)
 
 
 def worst_case_metadata(rows: int, vocab: int, device: torch.device) -> SamplingMetadata:
-    """Metadata that takes every memory-hungry path of the sampler at once (penalties, min_p, top_k,
-    top_p, the most logprobs): what the KV-cache budget's profile run samples with."""
+    """Metadata that takes every memory-hungry path of the sampler at once (a grammar mask, bias and
+    bans on every row: two whole-batch copies; penalties, min_p, top_k, top_p, the most logprobs): what
+    the KV-cache budget's profile run samples with."""
     ones = torch.ones(rows, device=device)
+    every = torch.arange(rows, device=device)
+    first = torch.zeros(rows, dtype=torch.long, device=device)
+    allow_all = torch.full((rows, -(-vocab // 32)), -1, dtype=torch.int32, device=device)
     return SamplingMetadata(
+        bias=(every, first, ones), banned=(every, first), token_mask=(every, allow_all),
         temperature=ones, greedy=torch.zeros(rows, dtype=torch.bool, device=device), all_greedy=False,
         generators=[None] * rows, top_k=torch.full((rows,), vocab - 1, dtype=torch.long, device=device),
         top_p=ones * 0.9, min_p=ones * 0.01, presence_penalty=ones * 0.1, frequency_penalty=ones * 0.1,
@@ -139,40 +169,56 @@ def worst_case_metadata(rows: int, vocab: int, device: torch.device) -> Sampling
 
 
 def apply_logit_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Allowed-token masks, bias, min_tokens bans and penalties; returns a new tensor when anything applies."""
-    if (meta.bias is None and meta.banned is None and meta.repetition_penalty is None and meta.allowed is None
-            and meta.token_mask is None):
-        return logits
+    """Every processor on the whole batch at once (what the sampler does chunk by chunk): allowed-token
+    masks, bias, min_tokens bans, penalties; a new tensor when anything applies."""
+    work, fixup = apply_row_masks(logits, meta)
+    if meta.repetition_penalty is not None:
+        work = apply_penalties(work.clone() if work is logits else work, meta)
+    if fixup is not None:
+        masked, constrained = fixup
+        dead = constrained & torch.isneginf(work.amax(dim=-1))
+        work = torch.where(dead[:, None], masked, work)
+    return work
+
+
+def apply_row_masks(logits: torch.Tensor, meta: SamplingMetadata):
+    """The processors that name their rows (allowed tokens, grammar masks, bias, min_tokens bans), on
+    a copy of the whole batch when any applies. Returns (logits or that copy, fixup): fixup is None, or
+    (the grammar-masked logits before bias and bans, [S] bool rows under a grammar) for rows whose bans
+    left nothing the grammar allows, which fall back to the grammar's choice after the penalties."""
+    if meta.bias is None and meta.banned is None and meta.allowed is None and meta.token_mask is None:
+        return logits, None
     logits = logits.clone()
+    fixup = None
     if meta.allowed is not None:  # before the bias: a bias cannot bring back a token outside the list
         apply_allowed_tokens(logits, *meta.allowed)
     if meta.token_mask is not None:  # first: nothing below can allow a token the grammar refuses
         apply_token_bitmask(logits, *meta.token_mask, logits.shape[1])
-        masked = logits.clone() if meta.banned is not None else None
+        if meta.banned is not None:
+            constrained = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+            fixup = (logits.clone(), constrained.index_fill_(0, meta.token_mask[0], True))
     if meta.bias is not None:
         rows, toks, vals = meta.bias
         logits.index_put_((rows, toks), vals, accumulate=True)
     if meta.banned is not None:
         rows, toks = meta.banned
         logits[rows, toks] = float("-inf")
-    if meta.repetition_penalty is not None:
-        # In place, one [rows, vocab] float temporary at a time: at 1,024 rows of a 128k vocabulary each
-        # is 0.5 GB, and the KV budget's profile pays for the peak. Same arithmetic as HF/vLLM (shrink
-        # positive logits by dividing, push negative ones down by multiplying; x / 1 and x * 1 are exact).
-        counts = meta.output_counts
-        occurred = counts > 0
-        seen = meta.prompt_mask | occurred
-        rep = meta.repetition_penalty[:, None]
-        logits.div_(torch.where(seen & (logits > 0), rep, 1.0))
-        logits.mul_(torch.where(seen & (logits < 0), rep, 1.0))
-        del seen
-        logits.sub_(meta.frequency_penalty[:, None] * counts)
-        logits.sub_(torch.where(occurred, meta.presence_penalty[:, None], 0.0))
-    if meta.token_mask is not None and masked is not None:
-        # min_tokens banned the only tokens the grammar allows (its end): the grammar wins.
-        rows = meta.token_mask[0]
-        sub = logits[rows]
-        logits[rows] = torch.where(torch.isneginf(sub.amax(dim=-1, keepdim=True)), masked[rows], sub)
+    return logits, fixup
+
+
+def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Repetition, frequency and presence penalties, in place on `logits` (returned), one [rows, vocab]
+    float temporary at a time. Same arithmetic as HF/vLLM: positive logits shrink by dividing, negative
+    ones move down by multiplying (x / 1 and x * 1 are exact)."""
+    counts = meta.output_counts
+    occurred = counts > 0
+    seen = meta.prompt_mask | occurred
+    rep = meta.repetition_penalty[:, None]
+    logits.div_(torch.where(seen & (logits > 0), rep, 1.0))
+    logits.mul_(torch.where(seen & (logits < 0), rep, 1.0))
+    del seen
+    logits.sub_(meta.frequency_penalty[:, None] * counts)
+    logits.sub_(torch.where(occurred, meta.presence_penalty[:, None], 0.0))
     return logits
 
 

@@ -204,7 +204,8 @@ def test_the_worst_case_metadata_takes_every_path_and_samples_valid_tokens():
     meta = worst_case_metadata(rows, vocab, torch.device("cpu"))
     assert not meta.all_greedy and meta.max_num_logprobs == 20
     assert all(t is not None for t in (meta.top_k, meta.top_p, meta.min_p, meta.repetition_penalty,
-                                       meta.output_counts, meta.prompt_mask))
+                                       meta.output_counts, meta.prompt_mask, meta.bias, meta.banned,
+                                       meta.token_mask))
     out = Sampler(torch.device("cpu"))(torch.randn(rows, vocab), meta)
     assert out.token_ids.shape == (rows,) and bool(((out.token_ids >= 0) & (out.token_ids < vocab)).all())
     assert out.top_ids.shape == (rows, 20)
@@ -216,8 +217,11 @@ def test_penalties_in_place_equal_the_out_of_place_arithmetic_bit_for_bit():
     from raylight.workers.sampler import apply_logit_processors, worst_case_metadata
 
     g = torch.Generator().manual_seed(3)
+    import dataclasses
+
     rows, vocab = 7, 513
-    meta = worst_case_metadata(rows, vocab, torch.device("cpu"))
+    meta = dataclasses.replace(worst_case_metadata(rows, vocab, torch.device("cpu")), bias=None, banned=None,
+                               token_mask=None)
     meta.output_counts.copy_(torch.randint(0, 3, (rows, vocab), generator=g).float())
     meta.prompt_mask.copy_(torch.rand(rows, vocab, generator=g) < 0.2)
     meta.repetition_penalty.copy_(torch.rand(rows, generator=g) + 0.7)
@@ -235,3 +239,50 @@ def test_penalties_in_place_equal_the_out_of_place_arithmetic_bit_for_bit():
     want = want - meta.frequency_penalty[:, None] * counts
     want = want - meta.presence_penalty[:, None] * (counts > 0).float()
     assert torch.equal(got, want)
+
+
+def test_chunked_sampling_equals_one_piece_with_every_processor_and_logprobs(monkeypatch):
+    # Penalties, bias, bans, allowed tokens and logprobs, chunk by chunk (rows split across chunks of
+    # 3): tokens (seeded rows and greedy ones), logprobs, ranks and top logprobs are those of one piece.
+    from raylight.workers import sampler
+
+    rng = np.random.default_rng(5)
+    params = []
+    for i in range(8):
+        params.append(SamplingParams(
+            temperature=0.0 if i % 3 == 0 else 0.8, seed=100 + i, top_k=[0, 5][i % 2], top_p=[1.0, 0.9][i % 2],
+            repetition_penalty=1.3, frequency_penalty=0.2 * (i % 2), presence_penalty=0.1,
+            logit_bias={int(rng.integers(V)): 2.0} if i % 4 == 1 else None,
+            allowed_token_ids=sorted(rng.choice(V, 6, replace=False).tolist()) if i == 5 else None,
+            min_tokens=3 if i == 6 else 0, logprobs=3))
+    logits = torch.randn(len(params), V, generator=torch.Generator().manual_seed(1)) * 2
+
+    def run():
+        state = SamplingState(V, torch.device("cpu"))
+        out = Sampler(torch.device("cpu"), 0)(logits, state.metadata(rows_for(params)))
+        return [out.token_ids, out.logprobs, out.ranks, out.top_ids, out.top_logprobs]
+
+    before = logits.clone()
+    whole = run()
+    monkeypatch.setattr(sampler, "SAMPLE_CHUNK_ROWS", 3)
+    chunked = run()
+    for w, c in zip(whole, chunked):
+        assert w is not None and torch.equal(w, c)
+    assert torch.equal(logits, before)  # the raw logits are left alone
+
+
+@pytest.mark.parametrize("chunk", [256, 1])
+def test_a_grammar_row_whose_bans_leave_nothing_falls_back_to_the_grammar(monkeypatch, chunk):
+    # Row 0's grammar allows only token 6, which min_tokens bans (the grammar's end): the grammar wins and
+    # the row takes 6. Row 1's grammar allows 2 and 6, 6 is banned: it takes 2. Row 2 is unconstrained
+    # and keeps its argmax (0), banned or not. The same chunk by chunk.
+    from raylight.workers import sampler
+    from raylight.workers.sampler import SamplingMetadata
+
+    monkeypatch.setattr(sampler, "SAMPLE_CHUNK_ROWS", chunk)
+    bits = torch.tensor([[1 << 6], [(1 << 2) | (1 << 6)]], dtype=torch.int32)
+    meta = SamplingMetadata(temperature=None, greedy=None, all_greedy=True, generators=[None] * 3,
+                            banned=(torch.tensor([0, 1]), torch.tensor([6, 6])),
+                            token_mask=(torch.tensor([0, 1]), bits))
+    logits = LOGITS.repeat(3, 1)
+    assert Sampler(torch.device("cpu"))(logits, meta).token_ids.tolist() == [6, 2, 0]
