@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from raylight.config import EngineArgs
-from raylight.defaults import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_PIECEWISE_GRAPH_TOKENS, GPU_UNTRACKED_RESERVE_BYTES
+from raylight.defaults import (ALLOCATOR_SLACK_FRACTION, DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_PIECEWISE_GRAPH_TOKENS,
+                               GPU_UNTRACKED_RESERVE_BYTES)
 from raylight.kernels import gemv
 from raylight.kernels.config import KernelConfig
 from raylight.kernels.attention import AttentionSpec, CommonAttentionMetadata, get_attention_backend
@@ -278,10 +279,14 @@ def profile_gpu_kv_budget(args: EngineArgs, model: torch.nn.Module, backend, gro
     free, total = torch.cuda.mem_get_info(device)
     # The decode graphs keep their own activations (their memory pool) beside the eager steps'.
     peak_extra += peak_extra * min(decode_graph_tokens, n) // n
-    # what start-up creates after this outside the allocator is not in (total - free) yet
-    budget = int(total * args.gpu_memory_utilization) - (total - free) - peak_extra - GPU_UNTRACKED_RESERVE_BYTES
-    logger.info("rank %d GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB -> KV budget "
-                "%.1f GiB", groups.rank, total / 2**30, (total - free) / 2**30, peak_extra / 2**30, budget / 2**30)
+    # what start-up creates after this outside the allocator is not in (total - free) yet; the allocator's
+    # cache reserves more than the allocated peak once steps of other sizes ran (defaults.py)
+    slack = int(peak_extra * ALLOCATOR_SLACK_FRACTION)
+    budget = (int(total * args.gpu_memory_utilization) - (total - free) - peak_extra - slack
+              - GPU_UNTRACKED_RESERVE_BYTES)
+    logger.info("rank %d GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB (+%.2f GiB for the "
+                "allocator's cache) -> KV budget %.1f GiB", groups.rank, total / 2**30, (total - free) / 2**30,
+                peak_extra / 2**30, slack / 2**30, budget / 2**30)
     return max(budget, 0)
 
 
