@@ -28,7 +28,8 @@ faster than cuBLAS, up to `KernelConfig.gemv_max_rows` rows (RAYLIGHT_GEMV_MAX_R
 A config's optional fifth entry splits K over that many programs per output tile, the last of them
 summing the fp32 partials (one kernel, no memset: the arrival counts go back to zero), for shapes whose
 N alone gives too few programs (8B o_proj: 128 tiles of 32 for 132 SMs, on cuBLAS at 68% of bandwidth at
-batch 8). Interpreter-tested and in the sweep; no table entry uses it until a GPU sweep says so.
+batch 8). Tested on an H100 (graphs of back-to-back calls, with and without PDL) and in the sweep,
+where it won no shape at 8 or 32 rows on an H100 (2026-12-06: qkv, o_proj, down): no table entry uses it.
 """
 
 from __future__ import annotations
