@@ -211,10 +211,12 @@ class LlamaForCausalLM(nn.Module):
         `kv_caches` holds one tensor per local layer."""
         return self.model(input_ids, positions, kv_caches, attn_meta, intermediate)
 
-    def compute_logits(self, hidden: torch.Tensor, gather_all: bool = False) -> Optional[torch.Tensor]:
-        """Full-vocabulary float logits. Last stage only; under TP every rank of the stage must call it
-        (it gathers the vocabulary slices): TP rank 0 gets the logits, the others None unless gather_all."""
-        return self.lm_head(hidden, gather_all)
+    def compute_logits(self, hidden: torch.Tensor, gather_all: bool = False,
+                       float32: bool = True) -> Optional[torch.Tensor]:
+        """Full-vocabulary logits, float32 (or the model's dtype with float32=False). Last stage only; under
+        TP every rank of the stage must call it (it gathers the vocabulary slices): TP rank 0 gets the
+        logits, the others None unless gather_all."""
+        return self.lm_head(hidden, gather_all, float32)
 
     # ---- weights ----
     _LAYER = re.compile(r"^model\.layers\.(\d+)\.")

@@ -82,8 +82,9 @@ class StageModel:
         self._pending = send_intermediate(g, *out, async_op=True)
         return None
 
-    def compute_logits(self, hidden: torch.Tensor, gather_all: bool = False) -> Optional[torch.Tensor]:
-        return self.model.compute_logits(hidden, gather_all)
+    def compute_logits(self, hidden: torch.Tensor, gather_all: bool = False,
+                       float32: bool = True) -> Optional[torch.Tensor]:
+        return self.model.compute_logits(hidden, gather_all, float32)
 
     def wait(self) -> None:
         """Until this stage's last send has completed."""

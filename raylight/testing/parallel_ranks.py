@@ -177,6 +177,16 @@ def layer_checks(rank: int, world_size: int) -> str:
         else:
             assert got is None
         _close(head(hidden, gather_all=True), want, f"lm head gather_all tied={tied}")
+    # In the model's dtype (float32=False, what the sampler takes): half precision gathered, the same
+    # numbers as the float32 logits before their conversion.
+    head16 = ParallelLMHead(vocab, dim, g).to(torch.bfloat16)
+    head16.weight.weight_loader(head16.weight, table.to(torch.bfloat16))
+    raw, full = head16(hidden.bfloat16(), float32=False), head16(hidden.bfloat16())
+    if r == 0:
+        assert raw.dtype == torch.bfloat16 and full.dtype == torch.float32, "lm head dtypes"
+        assert torch.equal(raw.float(), full), "lm head float32=False"
+    else:
+        assert raw is None and full is None
     return "ok"
 
 

@@ -28,4 +28,7 @@ def run_logits_plan(model, hidden: torch.Tensor, inputs: StepInputs,
             on_prompt_chunk(i, logits)
     if not len(inputs.logits_rows):
         return None
-    return model.compute_logits(gather_rows(hidden, inputs.logits_rows))
+    # In the model's dtype: the sampler converts to float32 where it needs to, and a greedy-only step's
+    # argmax needs no conversion (bf16 -> float32 is exact, so the argmax and its ties are the same).
+    # At W1's batch 256 on an H100 the conversion and the float32 argmax took 0.16 ms of a 3.3 ms step.
+    return model.compute_logits(gather_rows(hidden, inputs.logits_rows), float32=False)

@@ -85,14 +85,20 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        """logits: [S, V] float32 raw model logits (left as they are)."""
+        """logits: [S, V] raw model logits (left as they are), float32 or the model's dtype: greedy rows
+        with nothing to process take the argmax as they are (converting to float32 is exact: the same
+        argmax, the same ties); everything else runs in float32."""
+        light = (meta.all_greedy and meta.repetition_penalty is None and meta.max_num_logprobs < 0
+                 and meta.bias is None and meta.banned is None and meta.allowed is None and meta.token_mask is None)
+        if light:
+            return SamplerOutput(argmax_rows(logits))
+        logits = logits.float()  # no copy when it already is
         work, fixup = apply_row_masks(logits, meta)
         S = logits.shape[0]
-        light = meta.all_greedy and meta.repetition_penalty is None and meta.max_num_logprobs < 0
         # Rows in chunks: penalties, the race (probabilities, their sort and int64 order, the noise) and
         # the logprobs each take [rows, vocab] temporaries, ~12 of them at once: ~6 GB at 1,024 rows of a
-        # 128k vocabulary in one piece, ~1.5 GB a chunk. Greedy rows alone need none: one piece.
-        step = S if light else SAMPLE_CHUNK_ROWS
+        # 128k vocabulary in one piece, ~1.5 GB a chunk.
+        step = SAMPLE_CHUNK_ROWS
         parts = [self._sample_rows(logits, work, fixup, meta, a, min(a + step, S)) for a in range(0, S, step)]
         if len(parts) == 1:
             return parts[0]

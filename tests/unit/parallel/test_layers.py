@@ -32,6 +32,9 @@ def test_single_process_layers_equal_torch_layers():
     head = ParallelLMHead(50, 32, g, tie_to=emb)
     assert head.weight is emb.weight
     assert torch.equal(head(x), (emb_ref.weight @ x.t()).t().float())
+    half = ParallelLMHead(50, 32, g).to(torch.bfloat16)
+    raw = half(x.bfloat16(), float32=False)
+    assert raw.dtype == torch.bfloat16 and torch.equal(raw.float(), half(x.bfloat16()))
 
 
 def test_single_process_merged_layouts_match_concatenation():

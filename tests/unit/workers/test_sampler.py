@@ -286,3 +286,23 @@ def test_a_grammar_row_whose_bans_leave_nothing_falls_back_to_the_grammar(monkey
                             token_mask=(torch.tensor([0, 1]), bits))
     logits = LOGITS.repeat(3, 1)
     assert Sampler(torch.device("cpu"))(logits, meta).token_ids.tolist() == [6, 2, 0]
+
+
+def test_greedy_rows_take_the_argmax_of_half_precision_logits_as_of_their_float32_copy():
+    # The logits arrive in the model's dtype; a greedy-only step takes their argmax as they are. The
+    # float32 conversion is exact, so ties (frequent in bf16) resolve to the same first index.
+    from raylight.workers.sampler import SamplingMetadata, argmax_in_chunks
+
+    g = torch.Generator().manual_seed(0)
+    meta = SamplingMetadata(temperature=None, greedy=None, all_greedy=True, generators=[None] * 40)
+    for dtype in (torch.bfloat16, torch.float16):
+        logits = (torch.randn(40, 1024, generator=g) * 4).round().to(dtype)  # many ties per row
+        want = logits.float().argmax(dim=-1)
+        assert torch.equal(Sampler(torch.device("cpu"))(logits, meta).token_ids, want)
+        assert torch.equal(argmax_in_chunks(logits, 32), want)  # the CUDA few-row path's arithmetic
+    # anything else converts first: the same tokens and float32 logprobs
+    logits = torch.randn(3, 1024, generator=g).to(torch.bfloat16)
+    lp = SamplingMetadata(temperature=None, greedy=None, all_greedy=True, generators=[None] * 3, max_num_logprobs=2)
+    got, ref = Sampler(torch.device("cpu"))(logits, lp), Sampler(torch.device("cpu"))(logits.float(), lp)
+    assert got.logprobs.dtype == torch.float32 and torch.equal(got.token_ids, ref.token_ids)
+    assert torch.equal(got.logprobs, ref.logprobs) and torch.equal(got.top_ids, ref.top_ids)
