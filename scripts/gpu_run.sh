@@ -40,6 +40,7 @@ stage=$2
 #   RK0/ RK1/    the rotary + KV write kernel off / on (RAYLIGHT_ROPE_KV)
 #   TC0/ TC1/    FlashInfer decode without / with its tensor-core kernels
 #   MNS<n>/ MBT<n>/  max_num_seqs / max_num_batched_tokens n (vLLM's offline defaults and ours on GPUs of 70 GiB or more: 1024 / 16384)
+#   SMD0/ SMD1/  the sampled rows' logits in float32 / in the model's dtype (greedy argmax on bf16; default 1)
 #   DPS<n>/  Triton decode: a batch too large to split at 4 programs per SM splits against n (RAYLIGHT_DECODE_PROGRAMS_PER_SM; default 16; DPS4/ the rule before)
 while :; do case $stage in
   U/*) export RAYLIGHT_FUSED_KERNELS=0 ;;
@@ -52,6 +53,7 @@ while :; do case $stage in
   MNS[0-9]*/*) n=${stage%%/*}; BENCH_EXTRA="${BENCH_EXTRA:-} --max-num-seqs ${n#MNS}" ;;
   MBT[0-9]*/*) n=${stage%%/*}; BENCH_EXTRA="${BENCH_EXTRA:-} --max-num-batched-tokens ${n#MBT}" ;;
   DPS[0-9]*/*) n=${stage%%/*}; export RAYLIGHT_DECODE_PROGRAMS_PER_SM=${n#DPS} ;;
+  SMD0/*|SMD1/*) export RAYLIGHT_SAMPLE_IN_MODEL_DTYPE=${stage:3:1} ;;
   *) break ;;
 esac; stage=${stage#*/}; done
 W1="--dummy --model-config llama-3.2-1b --fixed --num-requests 256 --input-len 512 --output-len 256 --max-model-len 4096 --quiet"

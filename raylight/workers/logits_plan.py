@@ -9,12 +9,16 @@ the other ranks both run this function; only rank 0 keeps what the calls return.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
 import torch
 
 from raylight.messages import StepInputs
 from raylight.utils.host_copy import gather_rows
+
+# RAYLIGHT_SAMPLE_IN_MODEL_DTYPE=0: the sampled rows' logits in float32 as before (A/B runs: gpu_run's SMD0/)
+SAMPLE_IN_MODEL_DTYPE = os.environ.get("RAYLIGHT_SAMPLE_IN_MODEL_DTYPE", "1") != "0"
 
 
 def run_logits_plan(model, hidden: torch.Tensor, inputs: StepInputs,
@@ -31,4 +35,4 @@ def run_logits_plan(model, hidden: torch.Tensor, inputs: StepInputs,
     # In the model's dtype: the sampler converts to float32 where it needs to, and a greedy-only step's
     # argmax needs no conversion (bf16 -> float32 is exact, so the argmax and its ties are the same).
     # At W1's batch 256 on an H100 the conversion and the float32 argmax took 0.16 ms of a 3.3 ms step.
-    return model.compute_logits(gather_rows(hidden, inputs.logits_rows), float32=False)
+    return model.compute_logits(gather_rows(hidden, inputs.logits_rows), float32=not SAMPLE_IN_MODEL_DTYPE)
