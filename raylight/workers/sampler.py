@@ -6,6 +6,9 @@ top_k and top_p, and are sampled by the exponential race: for probabilities p an
 E_i ~ Exp(1), argmax(p_i / E_i) is distributed as p. Seeded rows draw their noise from their
 own generator, so their tokens do not depend on what else is in the batch.
 Logprobs are those of the raw model distribution (before any of the processing above).
+Memory: everything that takes [rows, vocab] temporaries runs 256 rows at a time (the KV budget's
+profile samples the largest batch this way); a greedy-only step with nothing to process takes the
+argmax of the logits in the model's dtype, with no float32 copy.
 """
 
 from __future__ import annotations
