@@ -267,7 +267,7 @@ def profile_gpu_kv_budget(args: EngineArgs, model: torch.nn.Module, backend, gro
         intermediate = (h, torch.zeros_like(h))
     out = model(ids, positions, scratch, backend.build(common), intermediate)
     if groups.is_last_stage:
-        # the logits of a full decode step and their sampling's worst case (penalties, top-k/p, logprobs)
+        # the logits of a full decode step and their sampling's worst case (sampler.worst_case_metadata)
         logits = model.compute_logits(out[-min(n, args.max_num_seqs):])
         if logits is not None:  # TP rank 0 samples
             Sampler(device)(logits.float(), worst_case_metadata(logits.shape[0], logits.shape[1], device))
