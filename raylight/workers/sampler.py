@@ -113,14 +113,7 @@ class Sampler:
                      a: int, b: int) -> SamplerOutput:
         """Rows [a, b): their penalties, greedy and random tokens, and the raw logprobs."""
         rows = _rows(meta, a, b)
-        part = work[a:b]
-        if meta.repetition_penalty is not None:
-            part = apply_penalties(part.clone() if work is logits else part, rows)
-        if fixup is not None:
-            # min_tokens banned the only tokens the grammar allows (its end): the grammar wins.
-            masked, constrained = fixup
-            dead = constrained[a:b] & torch.isneginf(part.amax(dim=-1))
-            part = torch.where(dead[:, None], masked[a:b], part)
+        part = apply_dense_processors(work[a:b], work is logits, fixup and (fixup[0][a:b], fixup[1][a:b]), rows)
         token_ids = argmax_rows(part)
         if not meta.all_greedy:
             token_ids = torch.where(rows.greedy, token_ids, self._race(part, rows))
@@ -181,13 +174,20 @@ def apply_logit_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torc
     """Every processor on the whole batch at once (what the sampler does chunk by chunk): allowed-token
     masks, bias, min_tokens bans, penalties; a new tensor when anything applies."""
     work, fixup = apply_row_masks(logits, meta)
+    return apply_dense_processors(work, work is logits, fixup, meta)
+
+
+def apply_dense_processors(logits: torch.Tensor, shared: bool, fixup, meta: SamplingMetadata) -> torch.Tensor:
+    """After `apply_row_masks`, on these rows: the penalties (on a copy when `logits` is the caller's,
+    `shared`), then the grammar's fallback (`fixup` of these rows): where min_tokens banned the only
+    tokens the grammar allows (its end), the grammar wins."""
     if meta.repetition_penalty is not None:
-        work = apply_penalties(work.clone() if work is logits else work, meta)
+        logits = apply_penalties(logits.clone() if shared else logits, meta)
     if fixup is not None:
         masked, constrained = fixup
-        dead = constrained & torch.isneginf(work.amax(dim=-1))
-        work = torch.where(dead[:, None], masked, work)
-    return work
+        dead = constrained & torch.isneginf(logits.amax(dim=-1))
+        logits = torch.where(dead[:, None], masked, logits)
+    return logits
 
 
 def apply_row_masks(logits: torch.Tensor, meta: SamplingMetadata):
