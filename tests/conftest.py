@@ -27,6 +27,30 @@ def _return_freed_memory():
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
 
+# The helpers that run apps on the local Ray + Serve that raylight.testing.helpers.local_serve keeps
+# between modules; a module that imports none of them gets the CPU that an idle Ray and Serve take.
+_LOCAL_SERVE_USERS = ("serve_app", "serve_app_under_load", "local_serve")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _local_serve_only_where_used(request):
+    """Shuts down the shared local Ray + Serve before a module that does not use it (idle, they take ~7%
+    of a core), and at the end of the session."""
+    from raylight.testing.helpers import shutdown_local_serve
+
+    if not any(hasattr(request.module, name) for name in _LOCAL_SERVE_USERS):
+        shutdown_local_serve()
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _local_serve_shut_down_at_exit():
+    yield
+    from raylight.testing.helpers import shutdown_local_serve
+
+    shutdown_local_serve()
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     from raylight.models.fetch import default_model_dir

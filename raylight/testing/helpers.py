@@ -226,26 +226,79 @@ def load_script(name: str):
 
 @contextlib.contextmanager
 def serve_app(cfg, name: str, timeout_s: float = 180):
-    """A raylight app (an AppConfig) on a fresh local Ray + Serve on a free port; yields its base URL
-    and shuts both down afterwards."""
-    import ray
+    """A raylight app (an AppConfig) on this process's local Ray + Serve (`local_serve`); yields its base
+    URL and deletes the app afterwards."""
     from ray import serve
 
     from raylight.cluster.app import build_app
 
-    if ray.is_initialized():  # a session an earlier test left behind: ours must own its resources
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False)
+    port = local_serve()
     try:
-        port = _start_serve(serve)
         serve.run(build_app(cfg), name=name, route_prefix="/")
         base = f"http://127.0.0.1:{port}"
         if not wait_healthy(base, timeout_s):
             raise TimeoutError(f"the {name} server did not become healthy in {timeout_s:.0f}s")
         yield base
     finally:
-        serve.shutdown()
+        delete_apps(name)
+
+
+# The local Ray this process started for `local_serve`: its GCS address and Serve's HTTP port.
+_LOCAL_SERVE: dict[str, object] = {}
+
+
+def local_serve() -> int:
+    """The HTTP port of Serve on a local Ray of 2 CPUs that this process started, starting both when
+    there is none. The tests' apps run on it one after another and each deletes its own: a fresh Ray and
+    Serve, with their shutdown, cost ~9 s a module on CI's 2 cores. A test that needs a Ray of its own (a
+    `Cluster`) calls `ray.shutdown()` first, and the next call here starts another; tests/conftest.py shuts
+    it down at the end of the session. Subprocesses never join it: a bare `ray.init()` finds only clusters
+    that `ray start` or `Cluster` recorded in /tmp/ray."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized() and _LOCAL_SERVE.get("gcs") == ray.get_runtime_context().gcs_address:
+        try:
+            serve.status()  # raises when Serve's controller is gone
+            return int(_LOCAL_SERVE["port"])
+        except Exception:
+            pass
+    shutdown_local_serve()
+    if ray.is_initialized():  # a session an earlier test left behind: ours must own its resources
         ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False)
+    port = _start_serve(serve)
+    _LOCAL_SERVE.update(gcs=ray.get_runtime_context().gcs_address, port=port)
+    return port
+
+
+def delete_apps(*names: str) -> None:
+    """Deletes Serve apps from the local Serve, waiting until their replicas are gone (so the next app
+    gets their CPUs); when that fails, shuts Ray and Serve down so the next `local_serve` starts clean."""
+    from ray import serve
+
+    try:
+        for name in names:
+            serve.delete(name)
+        if not any(n in serve.status().applications for n in names):
+            return
+    except Exception:
+        pass
+    shutdown_local_serve()
+
+
+def shutdown_local_serve() -> None:
+    """Shuts down the Serve and Ray that `local_serve` started, if they are up."""
+    if not _LOCAL_SERVE:
+        return
+    import ray
+    from ray import serve
+
+    if ray.is_initialized() and _LOCAL_SERVE.get("gcs") == ray.get_runtime_context().gcs_address:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+    _LOCAL_SERVE.clear()
 
 
 def _start_serve(serve, attempts: int = 3) -> int:

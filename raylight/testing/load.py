@@ -92,32 +92,25 @@ class Load:
 
 @contextlib.contextmanager
 def serve_app_under_load(cfg, name: str, timeout_s: float = 240, **load_kwargs):
-    """Like helpers.serve_app (a fresh local Ray + Serve on a free port), with a `Load(**load_kwargs)`
-    streaming from before `serve.run`: an autoscaling pool comes up already loaded, so it cannot scale
-    down idle before a test's stream starts. Yields (base URL, the load), the load running; stops it and
-    shuts down after."""
-    import ray
+    """Like helpers.serve_app (the app on this process's local Ray + Serve, deleted after), with a
+    `Load(**load_kwargs)` streaming from before `serve.run`: an autoscaling pool comes up already loaded,
+    so it cannot scale down idle before a test's stream starts. Yields (base URL, the load), the load
+    running; stops it and deletes the app after."""
     from ray import serve
 
     from raylight.cluster.app import build_app
-    from raylight.testing.helpers import free_port
+    from raylight.testing.helpers import delete_apps, local_serve
 
-    if ray.is_initialized():
-        ray.shutdown()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=2, include_dashboard=False)
+    base = f"http://127.0.0.1:{local_serve()}"
     load = Load(base, **load_kwargs)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         with load:
             serve.run(build_app(cfg), name=name, route_prefix="/")
             if not load.ready.wait(timeout_s):
                 raise TimeoutError(f"the {name} server answered no request in {timeout_s:.0f}s")
             yield base, load
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        delete_apps(name)
 
 
 def replica_states(app: str, *deployments: str) -> dict[str, dict[str, int]]:

@@ -29,7 +29,8 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raylight.testing.helpers import free_port, make_random_hf_model, read_metrics, serve_replica_pids, wait_healthy
+from raylight.testing.helpers import (delete_apps, local_serve, make_random_hf_model, read_metrics, serve_replica_pids,
+                                     wait_healthy)
 
 REPLICAS = 4
 BLOCK = 16
@@ -39,7 +40,6 @@ VOCAB = 512
 
 @pytest.fixture(scope="module")
 def apps(tmp_path_factory):
-    import ray
     from ray import serve
     from ray.serve import RunTarget
 
@@ -57,12 +57,8 @@ def apps(tmp_path_factory):
                                       "num_kv_blocks": 80, "max_num_seqs": 8},
                          routing={"policy": policy}, default_max_tokens=4)
 
-    if ray.is_initialized():
-        ray.shutdown()
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False)
+    port = local_serve()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run_many([RunTarget(build_app(cfg("kv_aware")), name="kv", route_prefix="/kv"),
                         RunTarget(build_app(cfg("default")), name="rr", route_prefix="/rr")])
         bases = {name: f"http://127.0.0.1:{port}/{name}" for name in ("kv", "rr")}
@@ -70,8 +66,7 @@ def apps(tmp_path_factory):
             assert wait_healthy(base, 180), base
         yield bases
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        delete_apps("kv", "rr")
 
 
 def shared_prefix_workload(seed: int) -> list[list[int]]:
