@@ -1,5 +1,6 @@
-# Sourced on a lent GPU: carried wheels (scripts/device_wheels.sh downloads them into .whl here) and the project installed offline; FlashInfer's JIT cache in
-# .ficache, so a warm machine reuses it and a copy can travel to the next machine.
+# Sourced on a lent GPU: carried wheels (scripts/device_wheels.sh downloads them into .whl here) and the
+# project installed offline; FlashInfer's JIT cache in .ficache, so a warm machine reuses it and a copy can
+# travel to the next machine.
 export PYTHONUNBUFFERED=1
 # A call that carries no wheels (a vLLM batch fills the transfer) reuses those an earlier call on this
 # machine installed.
