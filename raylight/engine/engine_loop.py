@@ -42,7 +42,8 @@ class EngineLoop:
         self.wake = wake
         self.scheduled = scheduled
         self._targets: dict[str, Any] = {}  # admitted requests -> where their outputs go
-        # Requests whose grammar compiles: request_id -> (command, future, give-up time)
+        # Requests whose grammar compiles: request_id -> (command, future, submission time); the time cap
+        # counts from the later of submission and the vocabulary being ready (GrammarCompileService.deadline)
         self._compiling: dict[str, tuple[AddRequest, concurrent.futures.Future, float]] = {}
         self.last_progress = time.monotonic()  # last step end, or last idle turn
         self.last_step_time = 0.0
@@ -82,8 +83,10 @@ class EngineLoop:
             return IDLE_WAIT_S
         if self.wake is None:
             return COMPILE_POLL_S
-        give_up = min(c[2] for c in self._compiling.values())
-        return min(IDLE_WAIT_S, max(0.0, give_up - time.monotonic()) + 0.001)
+        deadlines = [self.engine.grammars.deadline(c[2]) for c in self._compiling.values()]
+        if None in deadlines:  # the vocabulary is being built: its caps start once it is ready
+            return COMPILE_POLL_S
+        return min(IDLE_WAIT_S, max(0.0, min(deadlines) - time.monotonic()) + 0.001)
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -103,7 +106,7 @@ class EngineLoop:
                 fut = self.engine.grammars.submit(spec)
                 if self.wake is not None:
                     fut.add_done_callback(lambda _: self.wake())
-                self._compiling[cmd.request_id] = (cmd, fut, time.monotonic() + self.engine.grammars.timeout_s)
+                self._compiling[cmd.request_id] = (cmd, fut, time.monotonic())
             else:
                 self._admit(cmd)
         elif isinstance(cmd, RemotePrefillFailed):
@@ -133,7 +136,8 @@ class EngineLoop:
 
     def _admit_compiled(self) -> None:
         now = time.monotonic()
-        for rid, (cmd, fut, give_up) in list(self._compiling.items()):
+        for rid, (cmd, fut, submitted) in list(self._compiling.items()):
+            give_up = self.engine.grammars.deadline(submitted)
             if fut.done():
                 del self._compiling[rid]
                 try:
@@ -142,7 +146,7 @@ class EngineLoop:
                     self.deliver([(cmd.ticket, e if isinstance(e, ValueError) else ValueError(str(e)))])
                     continue
                 self._admit(cmd)
-            elif now >= give_up:
+            elif give_up is not None and now >= give_up:
                 del self._compiling[rid]
                 fut.cancel()
                 self.deliver([(cmd.ticket, self.engine.grammars.timed_out(cmd.params.structured_outputs))])

@@ -28,6 +28,7 @@ logger = logging.getLogger("raylight.structured")
 
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_CACHE_BYTES = 256 * 1024**2
+VOCAB_POLL_S = 0.05  # how often a wait looks whether the vocabulary is ready (its cap starts then)
 # "[12:00:00] /project/cpp/regex_converter.cc:94: " in front of xgrammar's messages; "Check failed: (...) is false:".
 _NOISE = re.compile(r"\[[0-9:]+\]\s*\S+:\d+:\s*|Check failed: \(.*?\) is false:\s*")
 
@@ -59,6 +60,10 @@ class GrammarCompileService:
         self._lock = threading.Lock()
         self._compiler = None
         self._tokenizer_info = None
+        # When the vocabulary (xgrammar's TokenizerInfo and compiler) was ready, on time.monotonic()'s clock:
+        # built once, on the first compile, in 0.3-3 s by vocabulary size. The time cap counts from then, so
+        # the first request is not refused for the engine's one-time setup (see `deadline`).
+        self.vocab_ready_at: Optional[float] = None
         self.num_compiled = 0
         self.num_failed = 0
         self.num_timed_out = 0
@@ -77,6 +82,7 @@ class GrammarCompileService:
                 self._tokenizer_info = info
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True,
                                                      cache_limit_bytes=self.cache_bytes)
+                self.vocab_ready_at = time.monotonic()
                 logger.info("structured outputs: xgrammar %s, vocabulary of %d tokens ready in %.2fs "
                             "(compile cap %.1fs, cache %d MiB)", xgr.__version__ if hasattr(xgr, "__version__")
                             else "", self.vocab_size, time.perf_counter() - t0, self.timeout_s,
@@ -92,6 +98,7 @@ class GrammarCompileService:
             self._tokenizer_info = info
             self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True,
                                                  cache_limit_bytes=self.cache_bytes)
+            self.vocab_ready_at = time.monotonic()
 
     @property
     def tokenizer_info(self):
@@ -137,23 +144,48 @@ class GrammarCompileService:
         return ValueError(f"{spec.source}: the {spec.kind} did not compile within {self.timeout_s:g} s "
                           "(too complex); simplify it")
 
+    def deadline(self, submitted: float) -> Optional[float]:
+        """When a compile submitted at `submitted` (time.monotonic()) passes the time cap: `timeout_s` after
+        the later of its submission and the vocabulary being ready; None while the vocabulary is still being
+        built (the one-time setup does not count against a request's grammar)."""
+        if self.vocab_ready_at is None:
+            return None
+        return max(submitted, self.vocab_ready_at) + self.timeout_s
+
+    def _wait(self, fut: concurrent.futures.Future, submitted: float):
+        while True:
+            give_up = self.deadline(submitted)
+            wait = VOCAB_POLL_S if give_up is None else max(0.0, give_up - time.monotonic())
+            try:
+                return fut.result(timeout=wait)
+            except concurrent.futures.TimeoutError:
+                if give_up is not None and time.monotonic() >= give_up:
+                    raise
+
     def compile(self, spec: StructuredOutputsParams):
         """Blocking (offline use); raises ValueError on a bad spec or past the time cap."""
+        submitted = time.monotonic()
         fut = self.submit(spec)
         try:
-            return fut.result(timeout=self.timeout_s)
+            return self._wait(fut, submitted)
         except concurrent.futures.TimeoutError:
             fut.cancel()
             raise self.timed_out(spec) from None
 
     async def compile_async(self, spec: StructuredOutputsParams):
         """Awaitable on an event loop, which it never blocks; raises ValueError like `compile`."""
+        submitted = time.monotonic()
         fut = self.submit(spec)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), self.timeout_s)
-        except asyncio.TimeoutError:
-            fut.cancel()  # still queued: never runs; running: finishes in its thread, result dropped
-            raise self.timed_out(spec) from None
+        waiting = asyncio.wrap_future(fut)
+        while True:
+            give_up = self.deadline(submitted)
+            wait = VOCAB_POLL_S if give_up is None else max(0.0, give_up - time.monotonic())
+            done, _ = await asyncio.wait({waiting}, timeout=wait)
+            if done:
+                return waiting.result()
+            if give_up is not None and time.monotonic() >= give_up:
+                waiting.cancel()  # and `fut`: still queued, it never runs; running, it ends in its thread, dropped
+                raise self.timed_out(spec) from None
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

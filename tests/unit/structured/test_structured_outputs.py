@@ -170,3 +170,36 @@ def test_bad_specs_fail_alone_within_the_cap_and_the_cache_stays_bounded(llm):
         total, biggest = total + size, max(biggest, size)
         assert service.cache_size_bytes() <= limit + biggest  # evicted down to the limit after each insert
     assert total > 2 * limit and service.cache_size_bytes() > 0
+
+
+def test_the_time_cap_starts_once_the_vocabulary_is_ready(llm, monkeypatch):
+    """The vocabulary (xgrammar's TokenizerInfo) is built once, on the first compile: a cap shorter than
+    that build must not refuse the first request's grammar, sync or async; the cap still holds after."""
+    import asyncio
+
+    import xgrammar as xgr
+
+    from raylight.structured.compiler import GrammarCompileService
+
+    real = xgr.TokenizerInfo.from_huggingface
+
+    def slow_build(*a, **kw):
+        time.sleep(1.0)  # a large vocabulary on a slow host
+        return real(*a, **kw)
+
+    monkeypatch.setattr(xgr.TokenizerInfo, "from_huggingface", slow_build)
+    eng = llm.engine
+    choice = StructuredOutputsParams(choice=["red", "blue"])
+    for use_async in (False, True):
+        service = GrammarCompileService(eng.tokenizer, 49152, eng.eos_token_ids, timeout_s=0.3)
+        assert service.deadline(time.monotonic()) is None  # no vocabulary yet: no cap running
+        t0 = time.monotonic()
+        grammar = asyncio.run(service.compile_async(choice)) if use_async else service.compile(choice)
+        assert grammar is not None and time.monotonic() - t0 >= 1.0
+        submitted = time.monotonic()
+        assert service.deadline(submitted) == submitted + 0.3
+        assert service.deadline(service.vocab_ready_at - 5) == service.vocab_ready_at + 0.3
+        with pytest.raises(ValueError, match="did not compile within 0.3 s"):
+            slow = StructuredOutputsParams(regex="(.{1,100}){1,100}x")
+            asyncio.run(service.compile_async(slow)) if use_async else service.compile(slow)
+        service.shutdown()
