@@ -77,12 +77,8 @@ class GrammarCompileService:
                 import xgrammar as xgr
 
                 t0 = time.perf_counter()
-                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                          stop_token_ids=self.eos_token_ids or None)
-                self._tokenizer_info = info
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True,
-                                                     cache_limit_bytes=self.cache_bytes)
-                self.vocab_ready_at = time.monotonic()
+                self._install(xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                                 stop_token_ids=self.eos_token_ids or None))
                 logger.info("structured outputs: xgrammar %s, vocabulary of %d tokens ready in %.2fs "
                             "(compile cap %.1fs, cache %d MiB)", xgr.__version__ if hasattr(xgr, "__version__")
                             else "", self.vocab_size, time.perf_counter() - t0, self.timeout_s,
@@ -92,13 +88,17 @@ class GrammarCompileService:
     def use_tokenizer_info(self, info) -> None:
         """Compile against this xgrammar TokenizerInfo instead of one built from the tokenizer (benchmarks on
         dummy-weight presets, which have no tokenizer)."""
+        with self._lock:
+            self._install(info)
+
+    def _install(self, info) -> None:
+        """The compiler for this vocabulary (under `_lock`); the time cap counts from now (`deadline`)."""
         import xgrammar as xgr
 
-        with self._lock:
-            self._tokenizer_info = info
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True,
-                                                 cache_limit_bytes=self.cache_bytes)
-            self.vocab_ready_at = time.monotonic()
+        self._tokenizer_info = info
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True,
+                                             cache_limit_bytes=self.cache_bytes)
+        self.vocab_ready_at = time.monotonic()
 
     @property
     def tokenizer_info(self):
@@ -152,10 +152,15 @@ class GrammarCompileService:
             return None
         return max(submitted, self.vocab_ready_at) + self.timeout_s
 
+    def _next_wait(self, submitted: float) -> tuple[Optional[float], float]:
+        """(the deadline, how long to wait before looking again): until the deadline, or a poll while the
+        vocabulary is still being built."""
+        give_up = self.deadline(submitted)
+        return give_up, VOCAB_POLL_S if give_up is None else max(0.0, give_up - time.monotonic())
+
     def _wait(self, fut: concurrent.futures.Future, submitted: float):
         while True:
-            give_up = self.deadline(submitted)
-            wait = VOCAB_POLL_S if give_up is None else max(0.0, give_up - time.monotonic())
+            give_up, wait = self._next_wait(submitted)
             try:
                 return fut.result(timeout=wait)
             except concurrent.futures.TimeoutError:
@@ -178,8 +183,7 @@ class GrammarCompileService:
         fut = self.submit(spec)
         waiting = asyncio.wrap_future(fut)
         while True:
-            give_up = self.deadline(submitted)
-            wait = VOCAB_POLL_S if give_up is None else max(0.0, give_up - time.monotonic())
+            give_up, wait = self._next_wait(submitted)
             done, _ = await asyncio.wait({waiting}, timeout=wait)
             if done:
                 return waiting.result()
