@@ -109,8 +109,8 @@ case $stage in
   profb1tp*) python3 scripts/profile_steps.py --model-config llama-3.1-8b --num-requests 1 --input-len 128 \
           --gpu-memory-utilization 0.6 --tensor-parallel-size "${stage#profb1tp}" ${BENCH_EXTRA:-} --out "$OUT" 2>&1 | quiet ;;
   kbench) python3 scripts/bench_kernels.py --out "$OUT" 2>&1 | quiet ;;
-  gemv) python3 scripts/bench_gemv.py --out "$OUT" 2>&1 | quiet ;;
-  # GEMV_ROWS / GEMV_SHAPES narrow the few-row sweep (e.g. GEMV_SHAPES="tp1_o tp1_qkv" GEMV_ROWS="8 32")
+  # GEMV_SHAPES narrows either sweep, GEMV_ROWS the few-row one (e.g. GEMV_SHAPES="tp1_o tp1_qkv" GEMV_ROWS="8 32")
+  gemv) python3 scripts/bench_gemv.py ${GEMV_SHAPES:+--shapes $GEMV_SHAPES} --out "$OUT" 2>&1 | quiet ;;
   gemvrows) python3 scripts/bench_gemv.py --rows ${GEMV_ROWS:-8 32 64} ${GEMV_SHAPES:+--shapes $GEMV_SHAPES} \
               --out "$OUT" 2>&1 | quiet ;;
   ficache) tar czf - .ficache | split -b 15m - "$OUT/ficache.tar.gz." && ls -la "$OUT" ;;
