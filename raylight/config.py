@@ -118,6 +118,10 @@ class EngineArgs(BaseModel):
         "the configured shapes use is compiled or loaded from its cache and the allocator holds its working set: a "
         "user's first request never waits for a compiler. Leaves no trace (blocks, prefix cache, KV events, "
         "metrics). Default: on for CUDA.")
+    pipeline_cuda_graphs: bool = Field(
+        False, description="Under pipeline parallelism, replay decode steps from CUDA graphs on every stage (each "
+        "stage's layers captured per padded batch size; the hand-offs between stages stay outside the graphs). "
+        "Off until measured on GPUs; without it, pipelined steps launch eagerly.")
     max_cuda_graph_batch_size: Optional[int] = Field(
         None, ge=1, description="Largest decode batch replayed from a CUDA graph (default: min(max_num_seqs, 512)); "
         "larger decode batches run eagerly.")

@@ -4,7 +4,8 @@
 * batch-1 decode latency per token, llama-3.1-8b shapes (dummy weights), 128 prompt tokens, 256
   output tokens: TP=1 vs TP=2;
 * W1 throughput (256 requests x 512 prompt tokens x 256 output tokens, llama-3.2-1b shapes):
-  TP=1, TP=2, PP=2 (PP keeps pipeline_parallel_size micro-batches in flight);
+  TP=1, TP=2, PP=2 (PP keeps pipeline_parallel_size micro-batches in flight), eagerly and with each
+  stage's decode steps in CUDA graphs (layout `1x2g`: pipeline_cuda_graphs);
 * NCCL all-reduce time at the activation sizes of those steps ([tokens, hidden] bf16, two per
   layer per step under TP) and at 256 MiB for the bus bandwidth, plus the gloo broadcast that
   carries each step's inputs to the other ranks, all measured on the same GPUs in the same run.
@@ -52,7 +53,8 @@ def run_engine(cfg: dict) -> dict:
     llm = LLM(cfg["model"], load_format="dummy", device=cfg.get("device", "cuda"), tensor_parallel_size=cfg["tp"],
               pipeline_parallel_size=cfg["pp"], max_model_len=cfg["max_model_len"], max_num_seqs=cfg["max_num_seqs"],
               max_num_batched_tokens=cfg["max_num_batched_tokens"], attention_backend=cfg["attention_backend"],
-              gpu_memory_utilization=cfg["gpu_memory_utilization"], enforce_eager=cfg["enforce_eager"])
+              gpu_memory_utilization=cfg["gpu_memory_utilization"], enforce_eager=cfg["enforce_eager"],
+              pipeline_cuda_graphs=cfg.get("pipeline_cuda_graphs", False))
     ready_s = time.perf_counter() - t0
     try:
         e = llm.engine
@@ -244,7 +246,8 @@ def main(argv=None):
     p.add_argument("--skip-b1", action="store_true")
     p.add_argument("--skip-w1", action="store_true")
     p.add_argument("--skip-collectives", action="store_true")
-    p.add_argument("--w1-layouts", default="1x1,2x1,1x2", help="TPxPP layouts for W1")
+    p.add_argument("--w1-layouts", default="1x1,2x1,1x2,1x2g",
+                   help="TPxPP layouts for W1; a trailing g: the PP stages' decode steps in CUDA graphs")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (TP=1 and TP=2)")
     p.add_argument("--timeout-s", type=float, default=1200)
     p.add_argument("--child-engine", default=None, help=argparse.SUPPRESS)
@@ -272,8 +275,10 @@ def main(argv=None):
                   max_num_batched_tokens=2048, gpu_memory_utilization=0.9)
         record["w1_llama_3_2_1b"] = {}
         for layout in args.w1_layouts.split(","):
-            tp, pp = (int(v) for v in layout.split("x"))
-            record["w1_llama_3_2_1b"][f"tp{tp}-pp{pp}"] = spawn_engine(dict(w1, tp=tp, pp=pp), args.timeout_s)
+            graphs = layout.endswith("g")
+            tp, pp = (int(v) for v in layout.rstrip("g").split("x"))
+            record["w1_llama_3_2_1b"][f"tp{tp}-pp{pp}" + ("-graphs" if graphs else "")] = spawn_engine(
+                dict(w1, tp=tp, pp=pp, pipeline_cuda_graphs=graphs), args.timeout_s)
     if not args.skip_collectives:
         print("--- collectives (NCCL all-reduce, gloo step broadcast) on GPUs 0 and 1", flush=True)
         coll = measure_collectives(activation_sizes())

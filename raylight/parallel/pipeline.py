@@ -70,17 +70,22 @@ class StageModel:
         self._pending: Optional[PendingSend] = None
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, attn_meta):
-        g = self.groups
-        intermediate = None
-        if not g.is_first_stage:
-            intermediate = recv_intermediate(g, positions.shape[0], self.config.hidden_size, self.dtype,
-                                             self.device)
-        out = self.model(input_ids, positions, kv_caches, attn_meta, intermediate)
-        if g.is_last_stage:
+        out = self.model(input_ids, positions, kv_caches, attn_meta, self.receive(positions.shape[0]))
+        if self.groups.is_last_stage:
             return out
-        self.wait()
-        self._pending = send_intermediate(g, *out, async_op=True)
+        self.send(*out)
         return None
+
+    def receive(self, num_tokens: int) -> Optional[Intermediate]:
+        """The previous stage's (hidden, residual) for a step of `num_tokens` tokens; None on the first stage."""
+        if self.groups.is_first_stage:
+            return None
+        return recv_intermediate(self.groups, num_tokens, self.config.hidden_size, self.dtype, self.device)
+
+    def send(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        """Hands this stage's output to the next stage, asynchronously (after this stage's previous send)."""
+        self.wait()
+        self._pending = send_intermediate(self.groups, hidden, residual, async_op=True)
 
     def compute_logits(self, hidden: torch.Tensor, gather_all: bool = False,
                        float32: bool = True) -> Optional[torch.Tensor]:

@@ -24,9 +24,10 @@ from raylight.kernels.attention import CommonAttentionMetadata
 from raylight.kernels.attention.torch_ref import TorchAttentionBackend
 from raylight.parallel.layers import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead,
                                       QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding)
-from raylight.parallel.pipeline import recv_intermediate, send_intermediate
+from raylight.parallel.pipeline import StageModel, recv_intermediate, send_intermediate
 from raylight.parallel.state import ParallelConfig, ParallelGroups, init_distributed, shard_range
 from raylight.utils.ports import free_port
+from raylight.workers.cuda_graphs import CudaGraphRunner
 
 
 # ---------------------------------------------------------------- launcher
@@ -231,11 +232,62 @@ def _counting_iter(real_iter, path, dtype):
         yield name, _CountingTensor(t)
 
 
-def build_rank_model(path: str, groups: ParallelGroups, block_size: int):
+class _GraphSlot:
+    """A decode graph's persistent attention metadata, as far as the torch reference has one."""
+    built = None
+
+
+class GraphTorchAttentionBackend(TorchAttentionBackend):
+    """The torch reference with the CUDA-graph metadata calls (make/fill_graph_metadata), so that
+    CudaGraphRunner's host side runs on CPU with `ReplayingGraphRunner`."""
+    supports_cuda_graphs = True
+
+    def make_graph_metadata(self, batch_size: int, max_blocks: int) -> _GraphSlot:
+        return _GraphSlot()
+
+    def fill_graph_metadata(self, meta: _GraphSlot, common: CommonAttentionMetadata) -> None:
+        meta.built = self.build(common)
+
+    def forward(self, q, k, v, kv_cache, meta, scale, out=None):
+        return super().forward(q, k, v, kv_cache, meta.built if isinstance(meta, _GraphSlot) else meta, scale, out)
+
+
+class _Replay:
+    """Stands in for a captured CUDA graph on CPU: `replay` runs the captured forward again and writes
+    its outputs into the tensors the capture returned, as a real replay overwrites them."""
+
+    def __init__(self, forward, out):
+        self.forward, self.out = forward, out
+
+    def replay(self) -> None:
+        new = self.forward()
+        pairs = zip(self.out, new) if isinstance(self.out, tuple) else [(self.out, new)]
+        for dst, src in pairs:
+            dst.copy_(src)
+
+    def reset(self) -> None:
+        pass
+
+
+class ReplayingGraphRunner(CudaGraphRunner):
+    """CudaGraphRunner whose graphs re-run their forward on replay (`_Replay`): padding, persistent
+    inputs and a pipeline stage's hand-offs around each replay, tested without a GPU."""
+
+    def capture(self) -> float:
+        self._capture_all(None, None)
+        return 0.0
+
+    def _record(self, forward, pool, stream):
+        out = forward()
+        return _Replay(forward, out), out
+
+
+def build_rank_model(path: str, groups: ParallelGroups, block_size: int, graphs: bool = False):
     from raylight.models import loader
 
     resolved = loader.resolve_model(path)
-    backend = TorchAttentionBackend(block_size, resolved.arch.sliding_window, torch.device("cpu"))
+    backend_cls = GraphTorchAttentionBackend if graphs else TorchAttentionBackend
+    backend = backend_cls(block_size, resolved.arch.sliding_window, torch.device("cpu"))
     _CountingTensor.read_elements = 0
     real_iter = loader.iter_safetensors
     loader.iter_safetensors = functools.partial(_counting_iter, real_iter)
@@ -248,15 +300,24 @@ def build_rank_model(path: str, groups: ParallelGroups, block_size: int):
 
 @torch.inference_mode()
 def greedy_generate(model, backend, groups: ParallelGroups, prompts: list[list[int]], max_new: int,
-                    block_size: int) -> list[list[int]]:
+                    block_size: int, graph_batch: int = 0) -> list[list[int]]:
     """Prefills every prompt in two chunks (the second one attends to cached context), then decodes
-    `max_new - 1` steps, every request in every step; the sampling rank's tokens are broadcast to all."""
+    `max_new - 1` steps, every request in every step; the sampling rank's tokens are broadcast to all.
+    `graph_batch` > 0: the decode steps run through a ReplayingGraphRunner of that largest batch (the
+    backend must be a GraphTorchAttentionBackend), under PP its stage hand-offs included."""
     cfg = model.config
     max_len = max(len(p) for p in prompts) + max_new
     blocks_per_req = -(-max_len // block_size)
-    kv_caches = [torch.zeros(model.kv_cache_shape(blocks_per_req * len(prompts), block_size))
+    num_blocks = blocks_per_req * len(prompts)
+    kv_caches = [torch.zeros(model.kv_cache_shape(num_blocks + 1, block_size))  # + the graphs' scratch block
                  for _ in range(model.num_local_layers)]
-    tables = np.arange(blocks_per_req * len(prompts), dtype=np.int64).reshape(len(prompts), blocks_per_req)
+    tables = np.arange(num_blocks, dtype=np.int64).reshape(len(prompts), blocks_per_req)
+    graphs = None
+    if graph_batch:
+        stage = StageModel(model, groups) if groups.pp_size > 1 else None
+        graphs = ReplayingGraphRunner(model, backend, kv_caches, graph_batch, blocks_per_req, scratch_block=num_blocks,
+                                      block_size=block_size, device=torch.device("cpu"), stage=stage)
+        graphs.capture()
     tokens = [list(p) for p in prompts]
     computed = [0] * len(prompts)
     out: list[list[int]] = [[] for _ in prompts]
@@ -273,14 +334,21 @@ def greedy_generate(model, backend, groups: ParallelGroups, prompts: list[list[i
         common = CommonAttentionMetadata(num_decodes=int((n == 1).sum()) if (n == 1).all() else 0,
                                          query_start_loc=qsl, seq_lens=done + n, block_tables=tables,
                                          slot_mapping=torch.from_numpy(slots))
-        meta = backend.build(common)
-        positions = torch.from_numpy(pos)
-        inter = None
-        if not groups.is_first_stage:
-            inter = recv_intermediate(groups, int(qsl[-1]), cfg.hidden_size, torch.float32, torch.device("cpu"))
-        hidden = model(torch.tensor(ids) if groups.is_first_stage else None, positions, kv_caches, meta, inter)
-        if not groups.is_last_stage:
-            send_intermediate(groups, *hidden)
+        if graphs is not None and (n == 1).all():
+            hidden = graphs.run(np.array(ids, dtype=np.int64), pos, done + n, tables, slots)
+            if groups.is_last_stage:
+                assert hidden is not None and hidden.shape[0] == len(n)
+            else:
+                assert hidden is None  # sent on by the runner
+        else:
+            meta = backend.build(common)
+            positions = torch.from_numpy(pos)
+            inter = None
+            if not groups.is_first_stage:
+                inter = recv_intermediate(groups, int(qsl[-1]), cfg.hidden_size, torch.float32, torch.device("cpu"))
+            hidden = model(torch.tensor(ids) if groups.is_first_stage else None, positions, kv_caches, meta, inter)
+            if not groups.is_last_stage:
+                send_intermediate(groups, *hidden)
         for i in range(len(n)):
             computed[i] += num_new[i]
         if not sample:
@@ -301,17 +369,21 @@ def greedy_generate(model, backend, groups: ParallelGroups, prompts: list[list[i
     step([len(p) - f for p, f in zip(prompts, first)], sample=True)
     for _ in range(max_new - 1):
         step([1] * len(prompts), sample=True)
+    if graphs is not None:
+        assert graphs.num_replays == max_new - 1
+        if graphs.stage is not None:
+            graphs.stage.wait()  # its last send
     return out
 
 
 def sharded_greedy(rank: int, world_size: int, tp: int, pp: int, split, models: list[tuple[str, list[list[int]]]],
-                   max_new: int, block_size: int) -> list[dict]:
+                   max_new: int, block_size: int, graph_batch: int = 0) -> list[dict]:
     groups = groups_for(tp, pp, split)
     results = []
     for path, prompts in models:
-        model, backend, read = build_rank_model(path, groups, block_size)
+        model, backend, read = build_rank_model(path, groups, block_size, graphs=graph_batch > 0)
         results.append(dict(
-            tokens=greedy_generate(model, backend, groups, prompts, max_new, block_size),
+            tokens=greedy_generate(model, backend, groups, prompts, max_new, block_size, graph_batch),
             numel={k: p.numel() for k, p in model.named_parameters()},
             read_elements=read, layers=model.layer_range,
         ))

@@ -8,6 +8,12 @@ metadata in place, and one `replay()` runs every layer.
 
 Padding rows decode token 0 at position 0 against a scratch KV block that the block pool
 never hands out, so they cannot disturb real sequences.
+
+Under pipeline parallelism (`stage`: this rank's StageModel) each stage captures its own layers: a
+later stage's graph reads the previous stage's (hidden, residual) from persistent input buffers,
+and an earlier stage's graph leaves its (hidden, residual) in its output buffers. The hand-offs
+themselves stay outside the graph (point-to-point sends are not captured): `run` receives into the
+input buffers before the replay and sends the outputs after it.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -40,13 +46,16 @@ def capture_sizes(max_batch_size: int) -> list[int]:
 class _Graph:
     graph: torch.cuda.CUDAGraph
     meta: object  # the backend's persistent metadata for this batch size
-    hidden: torch.Tensor  # [batch_size, hidden] output written by every replay
+    # [batch_size, hidden] output written by every replay; (hidden, residual) on a stage before the last
+    hidden: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
 
 class CudaGraphRunner:
     def __init__(self, model: torch.nn.Module, backend, kv_caches: list[torch.Tensor], max_batch_size: int,
-                 max_blocks_per_seq: int, scratch_block: int, block_size: int, device: torch.device):
-        self.model = model
+                 max_blocks_per_seq: int, scratch_block: int, block_size: int, device: torch.device,
+                 stage=None):
+        self.model = model  # the model itself (under PP this stage's layers, not the StageModel)
+        self.stage = stage  # StageModel under pipeline parallelism: the hand-offs around each replay
         self.backend = backend
         self.kv_caches = kv_caches
         self.max_batch_size = max_batch_size
@@ -57,6 +66,10 @@ class CudaGraphRunner:
         self.sizes = capture_sizes(max_batch_size)
         self.input_ids = torch.zeros(max_batch_size, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch_size, dtype=torch.long, device=device)
+        self.intermediate = None  # a later PP stage's (hidden, residual) inputs, [max_batch_size, hidden] each
+        if stage is not None and not stage.groups.is_first_stage:
+            h = torch.zeros(max_batch_size, stage.config.hidden_size, dtype=stage.dtype, device=device)
+            self.intermediate = (h, torch.zeros_like(h))
         self.graphs: dict[int, _Graph] = {}
         self.num_replays = 0
 
@@ -95,16 +108,28 @@ class CudaGraphRunner:
         for bs in reversed(self.sizes):
             meta = self.backend.make_graph_metadata(bs, self.max_blocks)
             self.backend.fill_graph_metadata(meta, self._padded(np.zeros(0, np.int64), np.zeros((0, 1), np.int64), bs))
-            ids, pos = self.input_ids[:bs], self.positions[:bs]
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up outside the graph: lazy inits, autotuning, workspace growth
-                    self.model(ids, pos, self.kv_caches, meta)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                hidden = self.model(ids, pos, self.kv_caches, meta)
-            self.graphs[bs] = _Graph(graph, meta, hidden)
+            graph, out = self._record(self._forward_of(bs, meta), pool, stream)
+            self.graphs[bs] = _Graph(graph, meta, out)
+
+    def _forward_of(self, bs: int, meta):
+        """The forward a graph of `bs` rows captures: the persistent inputs in, its outputs out."""
+        ids, pos = self.input_ids[:bs], self.positions[:bs]
+        if self.intermediate is None:
+            return lambda: self.model(ids, pos, self.kv_caches, meta)
+        inter = (self.intermediate[0][:bs], self.intermediate[1][:bs])
+        return lambda: self.model(ids, pos, self.kv_caches, meta, inter)
+
+    def _record(self, forward, pool, stream):
+        """Captures `forward` into a CUDA graph; returns the graph and the outputs its replays overwrite."""
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph: lazy inits, autotuning, workspace growth
+                forward()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            out = forward()
+        return graph, out
 
     def _padded(self, seq_lens: np.ndarray, block_tables: np.ndarray, bs: int,
                 slot_mapping: np.ndarray | None = None) -> CommonAttentionMetadata:
@@ -123,12 +148,17 @@ class CudaGraphRunner:
     def run(self, input_ids: np.ndarray, positions: np.ndarray, seq_lens: np.ndarray, block_tables: np.ndarray,
             slot_mapping: np.ndarray, staged: Optional[torch.cuda.Event] = None,
             fill_ids: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        """One decode step of len(seq_lens) rows; returns their final hidden states. `staged` is
+        """One decode step of len(seq_lens) rows; returns their final hidden states (None on a PP stage
+        before the last, which sends its output on instead). `staged` is
         recorded once the step's inputs are queued for the device, before the replay; `fill_ids`
         (positions, device ids) overwrite input ids on the device (positions None: all of them)."""
         n = len(seq_lens)
         bs = next(s for s in self.sizes if s >= n)
         g = self.graphs[bs]
+        if self.intermediate is not None:  # padding rows keep whatever an earlier step left there
+            hidden, residual = self.stage.receive(n)
+            self.intermediate[0][:n].copy_(hidden)
+            self.intermediate[1][:n].copy_(residual)
         # Padding rows decode whatever id their buffer row holds (any id is a valid token) at position 0.
         # Built in page-locked memory, so copy_to queues it as it is (no second host copy).
         pos = torch.zeros(bs, dtype=torch.long, pin_memory=self.device.type == "cuda")
@@ -146,4 +176,7 @@ class CudaGraphRunner:
             staged.record()
         g.graph.replay()
         self.num_replays += 1
+        if isinstance(g.hidden, tuple):  # a PP stage before the last: on to the next stage
+            self.stage.send(g.hidden[0][:n], g.hidden[1][:n])
+            return None
         return g.hidden[:n]

@@ -102,10 +102,12 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
     elem = torch.empty((), dtype=dtype).element_size()
     bytes_per_block = model.num_local_layers * 2 * bs * kv_heads * arch.head_dim * elem
 
-    # PP stages hand activations over outside the model, which a captured graph cannot do (yet).
-    use_graphs = (device.type == "cuda" and not args.enforce_eager and groups.pp_size == 1
+    # Under PP the decode graphs hold each stage's layers, the hand-offs stay outside them (opt-in until
+    # measured on GPUs: `pipeline_cuda_graphs`); the piecewise graphs are for one stage only.
+    use_graphs = (device.type == "cuda" and not args.enforce_eager
+                  and (groups.pp_size == 1 or args.pipeline_cuda_graphs)
                   and getattr(backend, "supports_cuda_graphs", False))
-    piecewise_tokens = piecewise_graph_tokens(args, model) if use_graphs else 0
+    piecewise_tokens = piecewise_graph_tokens(args, model) if use_graphs and groups.pp_size == 1 else 0
     max_graph_bs = (args.max_cuda_graph_batch_size or min(args.max_num_seqs, 512)) if use_graphs else 0
     piecewise, capture_s = None, 0.0
     if piecewise_tokens:
@@ -144,6 +146,7 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
             model.compute_logits(hidden[:n])
     if device.type == "cuda" and getattr(model, "moe_blocks", None):  # the MoE kernels likewise (all layers share them)
         model.moe_blocks[0].experts.warmup(args.max_num_batched_tokens or 8192)
+    stage = model if groups.pp_size == 1 else StageModel(model, groups)
     graphs = None
     if use_graphs:
         from raylight.workers.cuda_graphs import CudaGraphRunner
@@ -155,9 +158,8 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
             ep.ll_max_tokens = max(ep.ll_max_tokens, -(-max_graph_bs // ep.ep_size))
         max_blocks = min(-(-max_model_len // bs), num_blocks)
         graphs = CudaGraphRunner(model, backend, kv_caches, max_graph_bs, max_blocks, scratch_block=num_blocks,
-                                 block_size=bs, device=device)
+                                 block_size=bs, device=device, stage=stage if stage is not model else None)
         capture_s += graphs.capture()
-    stage = model if groups.pp_size == 1 else StageModel(model, groups)
     endpoint, sender = _kv_transfer(args, arch, groups, model, kv_caches, device, dtype)
     return RankModel(groups, model, stage, backend, kv_caches, num_blocks, bs, bytes_per_block, device, graphs,
                      capture_s, endpoint, sender, _eplb_state(args, model, groups), piecewise)

@@ -29,8 +29,9 @@ pytestmark = [pytest.mark.gpu,
 
 ENGINE = dict(dtype="bfloat16", device="cuda", num_kv_blocks=1024, max_num_batched_tokens=64, distributed_timeout_s=60,
               max_cuda_graph_batch_size=16)
-# (tp, pp, enforce_eager); PP runs eagerly in any case (no graphs across stage hand-offs yet)
-LAYOUTS = {"tp2-graphs": (2, 1, False), "tp2-eager": (2, 1, True), "pp2": (1, 2, True), "tp2xpp2": (2, 2, True)}
+# (tp, pp, enforce_eager); under PP graphs only with pipeline_cuda_graphs (each stage's decode steps)
+LAYOUTS = {"tp2-graphs": (2, 1, False), "tp2-eager": (2, 1, True), "pp2": (1, 2, True), "pp2-graphs": (1, 2, False),
+           "tp2xpp2": (2, 2, True), "tp2xpp2-graphs": (2, 2, False)}
 NEAR_TIE = 1e-2  # the GPU issue's bound on a mismatch's logit gap (or bf16's own error, if larger)
 MEAN_LOGPROB_DIFF = 0.05  # same token, parallel vs TP=1: bf16 rounding only, on average
 
@@ -59,11 +60,12 @@ def test_parallel_bf16_agrees_with_tp1(model_dir, reference, layout):
         pytest.skip(f"needs {tp * pp} GPUs")
     prompts = random_prompts(13, 512, 5, 60, seed=2)
     max_tokens = [48 - 3 * (i % 4) for i in range(len(prompts))]
-    llm = LLM(model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp, enforce_eager=eager, **ENGINE)
+    llm = LLM(model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp, enforce_eager=eager,
+              pipeline_cuda_graphs=not eager, **ENGINE)
     try:
         assert dist.get_backend() == "nccl" and dist.get_world_size() == tp * pp
         graphs = llm.engine.runner.graphs
-        assert (graphs is not None) == (not eager and pp == 1)
+        assert (graphs is not None) == (not eager)
         params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, logprobs=0) for m in max_tokens]
         outs = llm.generate(prompts, params, use_tqdm=False)
         if graphs is not None:

@@ -108,3 +108,20 @@ def _smollm2_reference(path, prompts):
     if path not in _SMOLLM2_REF:
         _SMOLLM2_REF[path] = _single_process(path, prompts)
     return _SMOLLM2_REF[path]
+
+
+@pytest.mark.parametrize("layout", ["one", "pp2", "tp2xpp2"])
+def test_decode_graphs_match_single_process(random_models, layout):
+    """Decode steps through CudaGraphRunner (graphs that re-run their forward on CPU: the host side, with
+    a PP stage's persistent (hidden, residual) inputs and its hand-offs around each replay) give the eager
+    single-process model's tokens; three requests run padded to a captured batch of 4."""
+    tp, pp, split = LAYOUTS.get(layout, (1, 1, None))
+    path, prompts, *_ = random_models[0]
+    prompts = prompts[:3]
+    ref = _single_process(path, prompts)[0]
+    if layout == "one":
+        out = [workers.sharded_greedy(0, 1, 1, 1, None, [(path, prompts)], MAX_NEW, BLOCK, 4)]
+    else:
+        out = workers.run_ranks(workers.sharded_greedy, tp * pp, tp, pp, split, [(path, prompts)], MAX_NEW, BLOCK, 4)
+    for r in out:
+        assert r[0]["tokens"] == ref, layout
