@@ -24,7 +24,7 @@ from raylight.kernels.attention import CommonAttentionMetadata
 from raylight.kernels.attention.torch_ref import TorchAttentionBackend
 from raylight.parallel.layers import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead,
                                       QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding)
-from raylight.parallel.pipeline import StageModel, recv_intermediate, send_intermediate
+from raylight.parallel.pipeline import StageModel
 from raylight.parallel.state import ParallelConfig, ParallelGroups, init_distributed, shard_range
 from raylight.utils.ports import free_port
 from raylight.workers.cuda_graphs import CudaGraphRunner
@@ -305,16 +305,15 @@ def greedy_generate(model, backend, groups: ParallelGroups, prompts: list[list[i
     `max_new - 1` steps, every request in every step; the sampling rank's tokens are broadcast to all.
     `graph_batch` > 0: the decode steps run through a ReplayingGraphRunner of that largest batch (the
     backend must be a GraphTorchAttentionBackend), under PP its stage hand-offs included."""
-    cfg = model.config
     max_len = max(len(p) for p in prompts) + max_new
     blocks_per_req = -(-max_len // block_size)
     num_blocks = blocks_per_req * len(prompts)
     kv_caches = [torch.zeros(model.kv_cache_shape(num_blocks + 1, block_size))  # + the graphs' scratch block
                  for _ in range(model.num_local_layers)]
     tables = np.arange(num_blocks, dtype=np.int64).reshape(len(prompts), blocks_per_req)
+    stage = StageModel(model, groups) if groups.pp_size > 1 else None  # the hand-offs between stages
     graphs = None
     if graph_batch:
-        stage = StageModel(model, groups) if groups.pp_size > 1 else None
         graphs = ReplayingGraphRunner(model, backend, kv_caches, graph_batch, blocks_per_req, scratch_block=num_blocks,
                                       block_size=block_size, device=torch.device("cpu"), stage=stage)
         graphs.capture()
@@ -341,14 +340,7 @@ def greedy_generate(model, backend, groups: ParallelGroups, prompts: list[list[i
             else:
                 assert hidden is None  # sent on by the runner
         else:
-            meta = backend.build(common)
-            positions = torch.from_numpy(pos)
-            inter = None
-            if not groups.is_first_stage:
-                inter = recv_intermediate(groups, int(qsl[-1]), cfg.hidden_size, torch.float32, torch.device("cpu"))
-            hidden = model(torch.tensor(ids) if groups.is_first_stage else None, positions, kv_caches, meta, inter)
-            if not groups.is_last_stage:
-                send_intermediate(groups, *hidden)
+            hidden = (stage or model)(torch.tensor(ids), torch.from_numpy(pos), kv_caches, backend.build(common))
         for i in range(len(n)):
             computed[i] += num_new[i]
         if not sample:
@@ -371,8 +363,8 @@ def greedy_generate(model, backend, groups: ParallelGroups, prompts: list[list[i
         step([1] * len(prompts), sample=True)
     if graphs is not None:
         assert graphs.num_replays == max_new - 1
-        if graphs.stage is not None:
-            graphs.stage.wait()  # its last send
+    if stage is not None:
+        stage.wait()  # its last send
     return out
 
 

@@ -158,7 +158,7 @@ def build_rank(args: EngineArgs, resolved: ResolvedModel, groups: ParallelGroups
             ep.ll_max_tokens = max(ep.ll_max_tokens, -(-max_graph_bs // ep.ep_size))
         max_blocks = min(-(-max_model_len // bs), num_blocks)
         graphs = CudaGraphRunner(model, backend, kv_caches, max_graph_bs, max_blocks, scratch_block=num_blocks,
-                                 block_size=bs, device=device, stage=stage if stage is not model else None)
+                                 block_size=bs, device=device, stage=None if groups.pp_size == 1 else stage)
         capture_s += graphs.capture()
     endpoint, sender = _kv_transfer(args, arch, groups, model, kv_caches, device, dtype)
     return RankModel(groups, model, stage, backend, kv_caches, num_blocks, bs, bytes_per_block, device, graphs,
